@@ -1,0 +1,248 @@
+"""Reading Meta-layout checkpoint folders: params.json and consolidated.NN.pth shards.
+
+Any shard count loads on any number of processes: each rank assembles exactly its own
+slice of every weight from the shards that hold it (`ShardPlan`), so fewer processes
+than shards merge, more processes split. Shards are opened with
+`torch.load(mmap=True, weights_only=True)`: nothing is unpickled but tensors, and only
+the bytes of the slices a rank needs are read from disk.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+from .model import ModelArgs
+
+log = logging.getLogger("llama_cli")
+
+# How Meta's (fairscale) checkpoints split each weight: the dimension, or None if replicated.
+COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+          "feed_forward.w1.weight", "feed_forward.w3.weight")
+ROW = ("attention.wo.weight", "feed_forward.w2.weight")
+IGNORED = ("rope.freqs",)  # Llama 2 checkpoints carry precomputed rotary tables; we compute our own.
+
+
+def split_dim(name: str) -> Optional[int]:
+    """The dimension our model splits `name` along (tok_embeddings: the embedding dim)."""
+    if name.endswith(COLUMN) or name == "output.weight":
+        return 0
+    if name.endswith(ROW) or name == "tok_embeddings.weight":
+        return 1
+    return None
+
+
+def find_checkpoint(ckpt_dir) -> tuple[list[str], str]:
+    """The sorted shard files and the params.json path of a checkpoint folder."""
+    if ckpt_dir is None or str(ckpt_dir).strip() == "":
+        raise UserError("no checkpoint folder given; pass --ckpt_dir DIR (a folder with consolidated.00.pth and params.json)")
+    ckpt_dir = os.fspath(ckpt_dir)
+    if not os.path.exists(ckpt_dir):
+        raise UserError(f"checkpoint folder {ckpt_dir} does not exist; pass --ckpt_dir with the folder that holds "
+                        "consolidated.00.pth and params.json")
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"--ckpt_dir {ckpt_dir} is a file; pass the folder that holds it and params.json")
+    if not os.listdir(ckpt_dir):
+        raise UserError(f"checkpoint folder {ckpt_dir} is empty; it should hold consolidated.NN.pth shards and "
+                        "params.json (download or convert a model into it)")
+    files = sorted(glob.glob(os.path.join(ckpt_dir, "*.pth")))
+    if not files:
+        raise UserError(f"no *.pth files in {ckpt_dir}; a Meta checkpoint folder holds consolidated.00.pth "
+                        "(and .01, ... when sharded) next to params.json")
+    params_path = os.path.join(ckpt_dir, "params.json")
+    if not os.path.isfile(params_path):
+        raise UserError(f"{ckpt_dir} has no params.json; it comes with the checkpoint and describes the model "
+                        "(dim, n_layers, n_heads, ...)")
+    return files, params_path
+
+
+def read_params(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore it from the original download") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must hold a JSON object with the model's dimensions, not {type(params).__name__}")
+    return params
+
+
+def load_args(params_path: str, **limits) -> ModelArgs:
+    params = read_params(params_path)
+    args, unknown = ModelArgs.from_params(params, **limits)
+    if unknown:
+        log.warning("params.json: ignoring unknown keys %s", ", ".join(unknown))
+    return args
+
+
+def open_shard(path: str) -> dict:
+    """Memory-map one shard; only tensors are unpickled."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"cannot read checkpoint shard {path} ({_first_line(e)}); the file is damaged or not "
+                        "a PyTorch checkpoint: download it again") from None
+    except Exception as e:  # weights_only refuses arbitrary objects with an UnpicklingError
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else _first_line(e)
+        raise UserError(f"refusing to load {path}: it holds a pickled Python object ({what}), not only tensors; "
+                        "only plain tensor checkpoints are loaded") from None
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} holds a {type(sd).__name__}, not a dict of named tensors")
+    return sd
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which part of each weight a rank needs, for n_shards on disk and world_size processes."""
+    n_shards: int
+    world_size: int
+    rank: int
+
+    def range(self, length: int) -> tuple[int, int]:
+        """This rank's [start, end) of a dimension of global size `length`."""
+        per = length // self.world_size
+        return self.rank * per, (self.rank + 1) * per
+
+    def shards_for(self, start: int, end: int, length: int) -> list[tuple[int, int, int]]:
+        """(shard index, offset inside that shard, count) covering [start, end) of a split dimension."""
+        per = length // self.n_shards
+        pieces = []
+        for s in range(start // per, (end - 1) // per + 1):
+            lo, hi = max(start, s * per), min(end, (s + 1) * per)
+            pieces.append((s, lo - s * per, hi - lo))
+        return pieces
+
+    def needed_shards(self) -> list[int]:
+        """The shards holding anything of this rank's slice (for an evenly split weight)."""
+        lo, hi = self.rank * self.n_shards, (self.rank + 1) * self.n_shards  # in units of 1/(W*S)
+        return [s for s in range(self.n_shards) if s * self.world_size < hi and (s + 1) * self.world_size > lo]
+
+
+class CheckpointReader:
+    """Assembles any rank's state dict from the shards of one checkpoint."""
+
+    def __init__(self, files: list[str], args: ModelArgs):
+        self.files, self.args = files, args
+        self._open: dict[int, dict] = {}
+
+    def shard(self, index: int) -> dict:
+        if index not in self._open:
+            self._open[index] = open_shard(self.files[index])
+        return self._open[index]
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full (unsplit) shapes implied by params.json."""
+        a = self.args
+        hd, kv = a.head_dim, a.n_kv_heads
+        shapes = {"tok_embeddings.weight": (a.vocab_size, a.dim), "norm.weight": (a.dim,),
+                  "output.weight": (a.vocab_size, a.dim)}
+        for i in range(a.n_layers):
+            p = f"layers.{i}."
+            shapes.update({
+                p + "attention.wq.weight": (a.n_heads * hd, a.dim), p + "attention.wk.weight": (kv * hd, a.dim),
+                p + "attention.wv.weight": (kv * hd, a.dim), p + "attention.wo.weight": (a.dim, a.n_heads * hd),
+                p + "feed_forward.w1.weight": (a.hidden_dim, a.dim), p + "feed_forward.w3.weight": (a.hidden_dim, a.dim),
+                p + "feed_forward.w2.weight": (a.dim, a.hidden_dim),
+                p + "attention_norm.weight": (a.dim,), p + "ffn_norm.weight": (a.dim,),
+            })
+        return shapes
+
+    def _source_dim(self, name: str, full: tuple[int, ...]) -> Optional[int]:
+        """The dimension the checkpoint split `name` along, read from shard 0's shape."""
+        n = len(self.files)
+        shape = tuple(self.shard(0)[name].shape)
+        if n == 1:
+            return None if shape == full else -1
+        for d in range(len(full)):
+            if shape[d] * n == full[d] and shape[:d] + shape[d + 1:] == full[:d] + full[d + 1:]:
+                return d
+        if shape == full:
+            return None
+        return -1  # matches no split: reported by the caller
+
+    def _check(self, name: str, full: tuple[int, ...]) -> Optional[int]:
+        """Check `name` exists with a shape that fits params.json in every shard it is needed from."""
+        if name not in self.shard(0):
+            raise UserError(f"checkpoint {self.files[0]} has no tensor '{name}' that params.json "
+                            f"(n_layers={self.args.n_layers}) calls for; the weights and params.json do not match")
+        src = self._source_dim(name, full)
+        if src == -1:
+            got = tuple(self.shard(0)[name].shape)
+            raise UserError(
+                f"tensor '{name}' has shape {list(got)} in {os.path.basename(self.files[0])}, but params.json implies "
+                f"{list(full)} for the whole model in {len(self.files)} shard(s); the weights and params.json do not match")
+        return src
+
+    def read(self, name: str, full: tuple[int, ...], dim: Optional[int], start: int, end: int,
+             source: Optional[str] = None) -> torch.Tensor:
+        """Rows/columns [start, end) of the whole tensor `source or name` along `dim`."""
+        source = source or name
+        src = self._check(source, full)
+        if src is None:
+            t = self.shard(0)[source]
+            return t if dim is None else t.narrow(dim, start, end - start)
+        if dim == src:
+            plan = ShardPlan(len(self.files), 1, 0)
+            pieces = [self._tensor(s, source, full).narrow(dim, off, cnt)
+                      for s, off, cnt in plan.shards_for(start, end, full[dim])]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+        whole = torch.cat([self._tensor(s, source, full) for s in range(len(self.files))], src)
+        return whole if dim is None else whole.narrow(dim, start, end - start)
+
+    def _tensor(self, s: int, name: str, full) -> torch.Tensor:
+        sd = self.shard(s)
+        if name not in sd:
+            raise UserError(f"checkpoint shard {self.files[s]} has no tensor '{name}'; the shards do not belong together")
+        t = sd[name]
+        want = tuple(self.shard(0)[name].shape)
+        if tuple(t.shape) != want:
+            raise UserError(f"tensor '{name}' has shape {list(t.shape)} in {os.path.basename(self.files[s])} but "
+                            f"{list(want)} in {os.path.basename(self.files[0])}; the shards do not belong together")
+        return t
+
+    def rank_state_dict(self, world_size: int, rank: int, dtype: torch.dtype,
+                        device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
+        """The state dict of `Transformer(args, ModelParallel(world_size, rank))`."""
+        a = self.args
+        plan = ShardPlan(len(self.files), world_size, rank)
+        shapes = self.expected_shapes()
+        first = self.shard(plan.needed_shards()[0])
+        self._check_extra_keys(first, shapes)
+        tied = "output.weight" not in first and "tok_embeddings.weight" in first
+        out = {}
+        for name, full in shapes.items():
+            dim = split_dim(name)
+            if dim is None or world_size == 1:
+                start, end = 0, full[dim] if dim is not None else 0
+            elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and world_size > a.n_kv_heads:
+                head = rank // (world_size // a.n_kv_heads)  # repeated KV head: whole heads per rank
+                start, end = head * a.head_dim, (head + 1) * a.head_dim
+            else:
+                start, end = plan.range(full[dim])
+            source = "tok_embeddings.weight" if name == "output.weight" and tied else None
+            t = self.read(name, full, dim if world_size > 1 else None, start, end, source=source)
+            out[name] = t.to(device=device, dtype=dtype).contiguous()
+        return out
+
+    def _check_extra_keys(self, sd: dict, shapes: dict) -> None:
+        extra = sorted(k for k in sd if k not in shapes and k not in IGNORED)
+        if extra:
+            raise UserError(f"checkpoint holds tensor '{extra[0]}' (and {len(extra) - 1} more) that params.json "
+                            f"(n_layers={self.args.n_layers}) has no place for; the weights and params.json do not match")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,0 +1,19 @@
+"""The two kinds of failure the command line tells apart.
+
+`UserError` is something the user can fix (a flag, a path, a file): exit code 2.
+`RuntimeFailure` is something that went wrong while running (out of memory, a peer
+process died): exit code 1. Both carry a one-line message that says what is wrong
+and what to do; the CLI prints it without a traceback unless `--debug` is given.
+"""
+
+
+class LlamaCliError(Exception):
+    exit_code = 1
+
+
+class UserError(LlamaCliError, ValueError):
+    exit_code = 2
+
+
+class RuntimeFailure(LlamaCliError, RuntimeError):
+    exit_code = 1

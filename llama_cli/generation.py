@@ -1,0 +1,190 @@
+"""`Llama`: Meta's public API (build / generate / text_completion), on any device and world size."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, List, Optional, TypedDict, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, distributed, memory
+from .errors import UserError
+from .model import Transformer, check_parallel
+from .tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("llama_cli")
+
+PAD = -1  # internal padding id; never fed to the model
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # decoded pieces, present when logprobs=True
+    logprobs: List[float]  # present when logprobs=True
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_sampling(temperature, top_p, top_k=None) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise UserError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise UserError(f"top_k must be a non-negative integer (0 or unset: no limit), got {top_k!r}")
+
+
+class Llama:
+    @staticmethod
+    def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
+              model_parallel_size: Optional[int] = None, seed: int = 1,
+              device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None) -> "Llama":
+        """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
+
+        Works on CPU or GPU, in one process or under torchrun with any number of processes
+        that the model's heads divide into. device/dtype default to this rank's GPU in bf16
+        (fp16 where bf16 is unsupported), else CPU in fp32.
+        """
+        start = time.perf_counter()
+        _positive_int("max_seq_len", max_seq_len)
+        _positive_int("max_batch_size", max_batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"seed must be an integer, got {seed!r}")
+        world_size, rank, local_rank = distributed.world()
+        device = distributed.pick_device(device, local_rank)
+        dtype = distributed.pick_dtype(device, dtype)
+
+        files, params_path = checkpoint.find_checkpoint(ckpt_dir)
+        args = checkpoint.load_args(params_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        tokenizer = load_tokenizer(tokenizer_path)
+        if args.vocab_size == -1:
+            args.vocab_size = tokenizer.n_words
+        elif args.vocab_size != tokenizer.n_words:
+            raise UserError(f"params.json says vocab_size={args.vocab_size} but {tokenizer_path} has "
+                            f"{tokenizer.n_words} tokens; use the tokenizer that came with this checkpoint")
+        check_parallel(args, world_size)
+        memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len)
+        mp = distributed.setup(device, model_parallel_size)
+
+        reader = checkpoint.CheckpointReader(files, args)
+        state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device)
+        reader.close()
+        with torch.device("meta"):
+            model = Transformer(args, mp)
+        model.load_state_dict(state, assign=True, strict=True)
+        model.requires_grad_(False)
+        model.setup_caches(max_batch_size, max_seq_len)
+        log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
+                 device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
+        return Llama(model, tokenizer, seed=seed)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.tok_embeddings.weight.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self._stop = torch.tensor(sorted(tokenizer.stop_ids), device=self.device)
+
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,
+                 on_step: Optional[Callable[[List[int]], None]] = None):
+        """Meta's token-level generation: returns (tokens, logprobs or None), one list per prompt.
+
+        Prompts are batched max_batch_size at a time. on_step, if given, receives the token
+        chosen for each row at every decoding step (for streaming).
+        """
+        check_sampling(temperature, top_p, top_k)
+        _positive_int("max_gen_len", max_gen_len)
+        bs = self.model.params.max_batch_size
+        out_tokens, out_logprobs = [], []
+        for i in range(0, len(prompt_tokens), bs):
+            toks, probs = self._generate_batch(prompt_tokens[i:i + bs], max_gen_len, temperature, top_p,
+                                               logprobs, echo, top_k, on_step)
+            out_tokens += toks
+            out_logprobs += probs
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _generate_batch(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k, on_step):
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        lengths = [len(t) for t in prompt_tokens]
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise UserError(f"prompt {i} is empty; give at least one token")
+            if n > params.max_seq_len:
+                raise UserError(f"prompt {i} has {n} tokens but max_seq_len is {params.max_seq_len}; "
+                                f"raise --max_seq_len or shorten the prompt")
+        min_len, max_len = min(lengths), max(lengths)
+        total_len = min(params.max_seq_len, max_gen_len + max_len)
+
+        tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=self.device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, :len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
+        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=self.device) if logprobs else None
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        input_text_mask = tokens != PAD
+        check_every = 1 if self.device.type == "cpu" else 8  # host syncs are costly on accelerators
+
+        prev_pos = 0
+        if min_len == total_len and logprobs:
+            logits = self.model(tokens, prev_pos)
+            token_logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none", ignore_index=PAD)
+        for cur_pos in range(min_len, total_len):
+            need_all = logprobs
+            last = None if need_all else torch.full((bsz,), cur_pos - prev_pos - 1, device=self.device)
+            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, output_index=last)
+            next_token = self._sample(logits[:, -1], temperature, top_p, top_k)
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1:cur_pos + 1] = -F.cross_entropy(
+                    logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none", ignore_index=PAD)
+            eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_token, self._stop)
+            prev_pos = cur_pos
+            if on_step is not None:
+                on_step(next_token.tolist())
+            if (cur_pos - min_len) % check_every == check_every - 1 and bool(eos_reached.all()):
+                break
+
+        all_logprobs = token_logprobs.tolist() if logprobs else None
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            start = 0 if echo else lengths[i]
+            toks = toks[start:lengths[i] + max_gen_len]
+            probs = all_logprobs[i][start:lengths[i] + max_gen_len] if logprobs else []
+            for j, t in enumerate(toks[lengths[i] - start:], lengths[i] - start):
+                if t in self.tokenizer.stop_ids or t == PAD:
+                    toks, probs = toks[:j], probs[:j]
+                    break
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, out_logprobs
+
+    def _sample(self, logits, temperature, top_p, top_k):
+        from .sampling import sample
+
+        return sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=self.generator)
+
+    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
+                        top_k: Optional[int] = None) -> List[CompletionPrediction]:
+        """Complete each prompt; returns [{"generation", and with logprobs "tokens", "logprobs"}]."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise UserError(f"prompt {i} is a {type(p).__name__}, not text")
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        gen_tokens, gen_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p,
+                                                 logprobs=logprobs, echo=echo, top_k=top_k)
+        if logprobs:
+            return [{"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t],
+                     "logprobs": lp} for t, lp in zip(gen_tokens, gen_logprobs)]
+        return [{"generation": self.tokenizer.decode(t)} for t in gen_tokens]

@@ -1,0 +1,77 @@
+"""Memory pre-flight: estimate what a rank will allocate and compare it with what is free."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+from .model import ModelArgs
+
+GiB = 1024 ** 3
+
+
+def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one rank's weights."""
+    a, elt = args, torch.finfo(dtype).bits // 8
+    kv_heads = max(1, a.n_kv_heads // world_size)
+    per_layer = (a.dim * a.head_dim * (2 * a.n_heads // world_size + 2 * kv_heads)
+                 + 3 * a.dim * a.hidden_dim // world_size + 2 * a.dim)
+    return elt * (a.n_layers * per_layer + 2 * a.vocab_size * a.dim // world_size + a.dim)
+
+
+def kv_cache_bytes(args: ModelArgs, world_size: int, max_batch_size: int, max_seq_len: int,
+                   dtype: torch.dtype) -> int:
+    """Bytes of one rank's static KV cache."""
+    kv_heads = max(1, args.n_kv_heads // world_size)
+    elt = torch.finfo(dtype).bits // 8
+    return 2 * args.n_layers * max_batch_size * max_seq_len * kv_heads * args.head_dim * elt
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on the device (host memory for CPU), or None when it cannot be told."""
+    if device.type != "cpu":
+        module = torch.get_device_module(device.type)
+        if hasattr(module, "mem_get_info"):
+            return module.mem_get_info(device)[0]
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype,
+              max_batch_size: int, max_seq_len: int, free: Optional[int] = None) -> None:
+    """Raise UserError, with the numbers and what to lower, when this rank would not fit."""
+    free = free_bytes(device) if free is None else free
+    if free is None:
+        return
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    weights = weight_bytes(args, world_size, dtype)
+    kv = kv_cache_bytes(args, world_size, max_batch_size, max_seq_len, dtype)
+    need = (weights + kv) * sharing
+    if need <= free:
+        return
+    where = f"{device}" + (f" for {sharing} processes" if sharing > 1 else "")
+    if weights * sharing > free:
+        raise UserError(
+            f"the weights need {weights / GiB:.2f} GiB per process but only {free / GiB:.2f} GiB is free on {where}; "
+            f"use more GPUs (torchrun --nproc_per_node N) or a smaller --dtype")
+    per_row = kv / max_batch_size
+    fits = int((free / sharing - weights) // per_row)
+    hint = (f"--max_batch_size {fits}" if fits >= 1 else
+            f"--max_seq_len {int((free / sharing - weights) // (per_row / max_seq_len))}")
+    raise UserError(
+        f"the KV cache needs {kv / GiB:.2f} GiB (max_batch_size={max_batch_size} x max_seq_len={max_seq_len}) "
+        f"on top of {weights / GiB:.2f} GiB of weights per process, but only {free / GiB:.2f} GiB is free on {where}; "
+        f"lower --max_batch_size or --max_seq_len (e.g. {hint})")

@@ -1,0 +1,310 @@
+"""The LLaMA transformer: math only.
+
+No file or network I/O and no process-group calls live here: the model-parallel layers
+take their communication context (`parallel.ModelParallel`) as an argument, so the model
+can be built and run in a single process without `torch.distributed` being initialised.
+
+Layouts follow Meta's checkpoints: rotary embeddings rotate interleaved pairs
+(x[2i], x[2i+1]); `wq, wk, wv, w1, w3, output` are column-parallel, `wo, w2`
+row-parallel, `tok_embeddings` split along the embedding dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .parallel import ColumnParallelLinear, ModelParallel, ParallelEmbedding, RowParallelLinear
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False
+    # Not in Meta's params.json: an explicit FFN width, for checkpoints converted from
+    # formats that state it (Meta's rule below cannot produce every width).
+    ffn_hidden_dim: Optional[int] = None
+    # Run limits, not part of the checkpoint.
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    # Derived in __post_init__.
+    head_dim: int = field(init=False)
+    hidden_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"params.json: '{name}' must be a positive integer, got {getattr(self, name)}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise UserError("params.json: 'norm_eps' and 'rope_theta' must be positive")
+        if self.dim % self.n_heads:
+            raise UserError(f"params.json: dim={self.dim} is not a multiple of n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"params.json: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise UserError(f"params.json: the head size dim/n_heads={self.head_dim} must be even for rotary embeddings")
+        self.hidden_dim = self.ffn_hidden_dim or ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    # Keys a params.json may carry, with the Python types each accepts.
+    _TYPES = {
+        "dim": (int,), "n_layers": (int,), "n_heads": (int,), "n_kv_heads": (int, type(None)),
+        "vocab_size": (int,), "multiple_of": (int,), "ffn_dim_multiplier": (int, float, type(None)),
+        "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
+        "ffn_hidden_dim": (int, type(None)),
+    }
+
+    @classmethod
+    def from_params(cls, params: dict, **limits) -> tuple["ModelArgs", list[str]]:
+        """Build from a params.json dict; returns (args, unknown keys). Wrong types raise UserError."""
+        if not isinstance(params, dict):
+            raise UserError("params.json must hold a JSON object like {\"dim\": 4096, \"n_layers\": 32, ...}")
+        known = {f.name for f in fields(cls) if f.init} - {"max_batch_size", "max_seq_len"}
+        unknown = sorted(k for k in params if k not in known)
+        kwargs = {}
+        for key in known & params.keys():
+            value = params[key]
+            types = cls._TYPES[key]
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise UserError(f"params.json: '{key}' must be {want}, got {json.dumps(value)}")
+            kwargs[key] = value
+        for key in ("dim", "n_layers", "n_heads"):
+            if key not in kwargs:
+                raise UserError(f"params.json has no '{key}'; a Meta params.json names dim, n_layers, n_heads, ...")
+        return cls(**kwargs, **limits), unknown
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's SwiGLU width rule: 2/3 of 4*dim, scaled, rounded up to a multiple."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1's long-context scaling if asked."""
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64) / args.head_dim))
+    if args.use_scaled_rope:
+        freqs = scale_rope_frequencies(freqs)
+    return freqs.float()
+
+
+def scale_rope_frequencies(freqs: torch.Tensor, factor: float = 8.0, low_freq_factor: float = 1.0,
+                           high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
+    """Llama 3.1 rope scaling: long wavelengths slowed by `factor`, short ones kept, smooth between."""
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > low_freq_wavelen, freqs / factor, smoothed)
+    return torch.where(wavelen < high_freq_wavelen, freqs, out)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs. x: (bsz, seqlen, heads, head_dim); cos/sin: (bsz, seqlen, head_dim/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, mp: ModelParallel):
+        super().__init__()
+        self.n_local_heads = args.n_heads // mp.world_size
+        # With more ranks than KV heads, each rank holds one (repeated) KV head.
+        self.n_local_kv_heads = max(1, args.n_kv_heads // mp.world_size)
+        self.head_dim = args.head_dim
+        hd = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, self.n_local_heads * hd, mp)
+        self.wk = ColumnParallelLinear(args.dim, self.n_local_kv_heads * hd, mp)
+        self.wv = ColumnParallelLinear(args.dim, self.n_local_kv_heads * hd, mp)
+        self.wo = RowParallelLinear(self.n_local_heads * hd, args.dim, mp)
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def forward(self, x, cos, sin, ctx: "_StepContext") -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        # Cache layout: (max_batch, n_local_kv_heads, max_seq_len, head_dim), written in place.
+        if ctx.start is not None and ctx.rows is None:
+            self.cache_k[:bsz, :, ctx.start:ctx.start + seqlen] = k.transpose(1, 2)
+            self.cache_v[:bsz, :, ctx.start:ctx.start + seqlen] = v.transpose(1, 2)
+            keys = self.cache_k[:bsz, :, :ctx.kv_len]  # (bsz, n_local_kv_heads, kv_len, head_dim)
+            values = self.cache_v[:bsz, :, :ctx.kv_len]
+        else:
+            rows = ctx.rows if ctx.rows is not None else torch.arange(bsz, device=x.device)
+            self.cache_k[rows[:, None], :, ctx.positions] = k  # indexed shape (bsz, seqlen, kv_heads, head_dim)
+            self.cache_v[rows[:, None], :, ctx.positions] = v
+            if ctx.rows is None:
+                keys, values = self.cache_k[:bsz, :, :ctx.kv_len], self.cache_v[:bsz, :, :ctx.kv_len]
+            else:
+                keys, values = self.cache_k[rows, :, :ctx.kv_len], self.cache_v[rows, :, :ctx.kv_len]
+
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values,  # (bsz, heads, seqlen, head_dim)
+            attn_mask=ctx.mask, is_causal=ctx.is_causal,
+            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, mp: ModelParallel):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim // mp.world_size, mp)
+        self.w2 = RowParallelLinear(args.hidden_dim // mp.world_size, args.dim, mp)
+        self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim // mp.world_size, mp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, mp: ModelParallel):
+        super().__init__()
+        self.attention = Attention(args, mp)
+        self.feed_forward = FeedForward(args, mp)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, ctx) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclass
+class _StepContext:
+    """What every layer needs to know about one forward step."""
+    positions: torch.Tensor  # (bsz, seqlen) absolute positions of the new tokens
+    start: Optional[int]  # a shared start position, when all rows share one
+    rows: Optional[torch.Tensor]  # cache rows the batch writes to (None: rows 0..bsz-1)
+    kv_len: int  # how much of the cache to attend over
+    mask: Optional[torch.Tensor]  # (bsz, 1, seqlen, kv_len) bool, or None
+    is_causal: bool
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, mp: Optional[ModelParallel] = None):
+        super().__init__()
+        mp = mp or ModelParallel()
+        check_parallel(args, mp.world_size)
+        self.params = args
+        self.mp = mp
+        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, mp)
+        self.layers = nn.ModuleList(TransformerBlock(args, mp) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size // mp.world_size, mp, gather_output=True)
+        self.rope_cos: Optional[torch.Tensor] = None
+        self.rope_sin: Optional[torch.Tensor] = None
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate the static KV caches and rotary tables on the weights' device."""
+        weight = self.tok_embeddings.weight
+        dtype = dtype or weight.dtype
+        self.params.max_batch_size, self.params.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            attn = layer.attention
+            shape = (max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
+            attn.cache_k = torch.zeros(shape, dtype=dtype, device=weight.device)
+            attn.cache_v = torch.zeros(shape, dtype=dtype, device=weight.device)
+        freqs = rope_frequencies(self.params, device=weight.device)
+        angles = torch.outer(torch.arange(max_seq_len, device=weight.device, dtype=torch.float32), freqs)
+        self.rope_cos, self.rope_sin = torch.cos(angles), torch.sin(angles)  # (max_seq_len, head_dim/2)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos, *, rows: Optional[torch.Tensor] = None,
+                kv_len: Optional[int] = None, output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (fp32) for `tokens` (bsz, seqlen) placed at `start_pos` in the cache.
+
+        start_pos: an int shared by all rows, or a (bsz,) tensor of per-row start positions.
+        rows: which cache rows the batch uses (default 0..bsz-1).
+        kv_len: how many cache positions to attend over (default: just enough, or the whole
+            cache when start_pos is a tensor, which keeps shapes static for compilation).
+        output_index: (bsz,) index into seqlen; when given, only those positions get logits,
+            shape (bsz, 1, vocab); otherwise (bsz, seqlen, vocab).
+        """
+        if self.rope_cos is None:
+            raise RuntimeError("call setup_caches() before forward()")
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        steps = torch.arange(seqlen, device=device)
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(device)[:, None] + steps  # (bsz, seqlen)
+            start = None
+            kv_len = kv_len or self.params.max_seq_len
+        else:
+            positions = (start_pos + steps)[None, :].expand(bsz, seqlen)
+            start = int(start_pos)
+            kv_len = kv_len or start + seqlen
+        is_causal, mask = False, None
+        if start == 0 and kv_len == seqlen and seqlen > 1:
+            is_causal = True
+        elif not (start is not None and seqlen == 1 and kv_len == start + 1):
+            key_pos = torch.arange(kv_len, device=device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (bsz, 1, seqlen, kv_len)
+        ctx = _StepContext(positions, start, rows, kv_len, mask, is_causal)
+
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (bsz, seqlen, head_dim/2)
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, ctx)
+        h = self.norm(h)
+        if output_index is not None:
+            h = h[torch.arange(bsz, device=device), output_index.to(device)][:, None]  # (bsz, 1, dim)
+        return self.output(h).float()
+
+
+def check_parallel(args: ModelArgs, world_size: int) -> None:
+    """Refuse model-parallel sizes that would split a head or a weight unevenly."""
+    if world_size == 1:
+        return
+    if not _divides(args, world_size):
+        ok = [n for n in range(1, args.n_heads + 1) if _divides(args, n)]
+        raise UserError(
+            f"this model cannot be split over {world_size} processes (n_heads={args.n_heads}, "
+            f"n_kv_heads={args.n_kv_heads}, dim={args.dim}, vocab_size={args.vocab_size}); "
+            f"run with one of these process counts: {', '.join(map(str, ok))}")
+
+
+def _divides(args: ModelArgs, n: int) -> bool:
+    kv_ok = args.n_kv_heads % n == 0 or n % args.n_kv_heads == 0
+    return (args.n_heads % n == 0 and kv_ok and args.dim % n == 0
+            and args.hidden_dim % n == 0 and args.vocab_size % n == 0)

@@ -1,0 +1,76 @@
+"""Model-parallel layers with explicit communication context.
+
+Each layer holds only its rank's slice of the weight, laid out as Meta's (fairscale)
+checkpoints are split: column-parallel layers split the output features (dim 0),
+row-parallel layers split the input features (dim 1) and all-reduce their outputs, the
+embedding splits the embedding dimension (dim 1) and all-gathers. Unlike fairscale's own
+layers, nothing here reads distributed global state in a constructor: the process group
+arrives in a `ModelParallel`, and a world of one needs no process group at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelParallel:
+    world_size: int = 1
+    rank: int = 0
+    group: Optional[Any] = None  # a torch.distributed ProcessGroup when world_size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's x along the last dimension, in rank order."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split on dim 0: (out_local, in). Output stays split unless gathered."""
+
+    def __init__(self, in_features: int, out_local: int, mp: ModelParallel, gather_output: bool = False):
+        super().__init__()
+        self.mp, self.gather_output = mp, gather_output
+        self.weight = nn.Parameter(torch.empty(out_local, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return self.mp.all_gather_last(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r W_r^T with W split on dim 1: (out, in_local)."""
+
+    def __init__(self, in_local: int, out_features: int, mp: ModelParallel):
+        super().__init__()
+        self.mp = mp
+        self.weight = nn.Parameter(torch.empty(out_features, in_local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mp.all_reduce(F.linear(x, self.weight))
+
+
+class ParallelEmbedding(nn.Module):
+    """Embedding table split on the embedding dimension: (vocab, dim / world_size)."""
+
+    def __init__(self, vocab_size: int, dim: int, mp: ModelParallel):
+        super().__init__()
+        self.mp = mp
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim // mp.world_size))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mp.all_gather_last(F.embedding(tokens, self.weight))

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything the tests need, then run them.
+# Usage: bash scripts/test.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first, pinned: an unpinned torch (pulled in by fairscale) would fetch a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+exec python -m pytest -q "$@"

@@ -1,0 +1,18 @@
+"""Run under torchrun (or plain python) by the tests: greedy-generate and write the tokens as JSON."""
+import json
+import sys
+
+import torch.distributed as dist
+
+from llama_cli import Llama
+
+ckpt, tokenizer, out = sys.argv[1:4]
+prompts = sys.argv[4:] or ["Hello world", "The cat sleeps under the tree because", "42"]
+llama = Llama.build(ckpt, tokenizer, max_seq_len=96, max_batch_size=4)
+ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+tokens, _ = llama.generate(ids, max_gen_len=24, temperature=0)
+sampled, _ = llama.generate(ids, max_gen_len=12, temperature=0.9, top_p=0.9)
+rank = dist.get_rank() if dist.is_initialized() else 0
+world = dist.get_world_size() if dist.is_initialized() else 1
+with open(f"{out}.{rank}", "w") as f:
+    json.dump({"greedy": tokens, "sampled": sampled, "world": world}, f)

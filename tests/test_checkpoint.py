@@ -1,0 +1,260 @@
+"""Loading checkpoints: any shard count on any world size, and clear errors for broken folders."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, TINY, make_model_folder, subprocess_env
+from llama_cli import Llama
+from llama_cli.checkpoint import ShardPlan
+from llama_cli.errors import UserError
+
+PROMPTS = ["Hello world", "The cat sleeps under the tree because", "42"]
+
+
+def greedy(folder, **kw):
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=96, max_batch_size=4, **kw)
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    return llama.generate(ids, max_gen_len=24, temperature=0)[0]
+
+
+def test_two_shards_on_one_process_equal_one_shard(tiny_ckpt, tiny_ckpt2):
+    assert greedy(tiny_ckpt[0]) == greedy(tiny_ckpt2[0])
+
+
+def test_four_shards_on_one_process(tmp_path, spm_path, tiny_ckpt):
+    folder, _ = make_model_folder(tmp_path / "four", spm_path, TINY, n_shards=4)
+    assert greedy(folder) == greedy(tiny_ckpt[0])
+
+
+def run_torchrun(n_procs, folder, out):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}",
+           str(REPO / "tests" / "gen_worker.py"), str(folder), str(folder / "tokenizer.model"), str(out)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = [json.loads(open(f"{out}.{r}").read()) for r in range(n_procs)]
+    assert all(r["world"] == n_procs for r in results)
+    assert all(r == results[0] for r in results), "ranks disagree"
+    return results[0]
+
+
+@pytest.mark.parametrize("shards,procs", [(2, 2), (1, 2), (4, 2), (2, 4)])
+def test_torchrun_gloo_matches_single_process(tmp_path, spm_path, tiny_ckpt, shards, procs):
+    folder, _ = make_model_folder(tmp_path / "ck", spm_path, TINY, n_shards=shards)
+    single = greedy(tiny_ckpt[0])
+    got = run_torchrun(procs, folder, tmp_path / "out")
+    assert got["greedy"] == single
+
+
+def test_sampling_identical_across_ranks_and_to_single_process(tmp_path, tiny_ckpt2):
+    folder = tiny_ckpt2[0]
+    got = run_torchrun(2, folder, tmp_path / "out")
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=96, max_batch_size=4)
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    llama.generate(ids, max_gen_len=24, temperature=0)
+    assert got["sampled"] == llama.generate(ids, max_gen_len=12, temperature=0.9, top_p=0.9)[0]
+
+
+def test_heads_that_do_not_divide_are_refused(tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match=r"cannot be split over 3 processes.*1, 2, 4"):
+        greedy(tiny_ckpt[0])
+
+
+def test_more_ranks_than_kv_heads_repeat_heads(tmp_path, spm_path):
+    params = {**TINY, "n_kv_heads": 1}
+    folder, _ = make_model_folder(tmp_path / "mqa1", spm_path, params, n_shards=1, seed=4)
+    folder2, _ = make_model_folder(tmp_path / "mqa2", spm_path, params, n_shards=1, seed=4)
+    assert run_torchrun(2, folder2, tmp_path / "out")["greedy"] == greedy(folder)
+
+
+def test_shard_plan():
+    assert ShardPlan(2, 1, 0).needed_shards() == [0, 1]
+    assert ShardPlan(4, 2, 1).needed_shards() == [2, 3]
+    assert ShardPlan(2, 4, 3).needed_shards() == [1]
+    assert ShardPlan(1, 4, 2).needed_shards() == [0]
+    assert ShardPlan(2, 4, 1).range(64) == (16, 32)
+    assert ShardPlan(2, 1, 0).shards_for(16, 48, 64) == [(0, 16, 16), (1, 0, 16)]
+
+
+def test_rank_slices_cover_the_whole_weight(tiny_ckpt2):
+    from llama_cli.checkpoint import CheckpointReader, find_checkpoint, load_args
+
+    folder, weights = tiny_ckpt2
+    files, params = find_checkpoint(folder)
+    args = load_args(params)
+    args.vocab_size = weights["output.weight"].shape[0]
+    reader = CheckpointReader(files, args)
+    parts = [reader.rank_state_dict(4, r, torch.float32) for r in range(4)]
+    assert torch.equal(torch.cat([p["layers.1.attention.wq.weight"] for p in parts], 0),
+                       weights["layers.1.attention.wq.weight"])
+    assert torch.equal(torch.cat([p["layers.0.feed_forward.w2.weight"] for p in parts], 1),
+                       weights["layers.0.feed_forward.w2.weight"])
+    assert torch.equal(torch.cat([p["tok_embeddings.weight"] for p in parts], 1), weights["tok_embeddings.weight"])
+    # 2 KV heads over 4 ranks: ranks 0,1 hold head 0 and ranks 2,3 head 1
+    wk = weights["layers.0.attention.wk.weight"]
+    assert torch.equal(parts[1]["layers.0.attention.wk.weight"], wk[:16])
+    assert torch.equal(parts[2]["layers.0.attention.wk.weight"], wk[16:])
+    assert torch.equal(parts[3]["norm.weight"], weights["norm.weight"])
+
+
+def test_tied_embeddings_without_output_weight(tmp_path, spm_path):
+    folder, weights = make_model_folder(tmp_path / "tied", spm_path, TINY, n_shards=1, seed=5)
+    sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    del sd["output.weight"]
+    torch.save(sd, folder / "consolidated.00.pth")
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 32, 1)
+    assert torch.equal(llama.model.output.weight, weights["tok_embeddings.weight"])
+
+
+def test_rope_freqs_key_is_ignored(tmp_path, spm_path, tiny_ckpt):
+    folder, _ = make_model_folder(tmp_path / "rf", spm_path, TINY, n_shards=1)
+    sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    sd["rope.freqs"] = torch.ones(8)
+    torch.save(sd, folder / "consolidated.00.pth")
+    assert greedy(folder) == greedy(tiny_ckpt[0])
+
+
+def test_unknown_params_keys_warn_once(tmp_path, spm_path, caplog):
+    folder, _ = make_model_folder(tmp_path / "unk", spm_path, {**TINY, "some_future_key": 3, "another": "x"})
+    with caplog.at_level("WARNING", logger="llama_cli"):
+        Llama.build(str(folder), str(folder / "tokenizer.model"), 32, 1)
+    warnings = [r.getMessage() for r in caplog.records if "unknown" in r.getMessage()]
+    assert len(warnings) == 1 and "some_future_key" in warnings[0] and "another" in warnings[0]
+
+
+def build_err(folder, tokenizer=None, **kw):
+    with pytest.raises(UserError) as e:
+        Llama.build(str(folder), str(tokenizer or folder / "tokenizer.model"), 32, 1, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_error_missing_folder(tmp_path, spm_path):
+    assert "does not exist" in build_err(tmp_path / "nope", spm_path)
+
+
+def test_error_empty_folder(tmp_path, spm_path):
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in build_err(tmp_path / "empty", spm_path)
+
+
+def test_error_no_pth(tmp_path, spm_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "params.json").write_text("{}")
+    assert "no *.pth" in build_err(tmp_path / "x", spm_path)
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "has no params.json"), ("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+    (json.dumps({**TINY, "dim": "64"}), "'dim' must be int"), (json.dumps({**TINY, "n_layers": 2.5}), "'n_layers'"),
+    (json.dumps({**TINY, "use_scaled_rope": "yes"}), "'use_scaled_rope' must be bool"),
+    (json.dumps({"dim": 64}), "no 'n_layers'"), (json.dumps({**TINY, "n_heads": 5}), "not a multiple"),
+])
+def test_error_bad_params(tmp_path, spm_path, content, match):
+    folder, _ = make_model_folder(tmp_path / "p", spm_path, TINY)
+    if content is None:
+        (folder / "params.json").unlink()
+    else:
+        (folder / "params.json").write_text(content)
+    assert match in build_err(folder)
+
+
+def test_error_weights_do_not_match_params(tmp_path, spm_path):
+    folder, _ = make_model_folder(tmp_path / "w", spm_path, TINY)
+    (folder / "params.json").write_text(json.dumps({**TINY, "dim": 128}))
+    msg = build_err(folder)
+    assert "tok_embeddings.weight" in msg and "[320, 64]" in msg and "[320, 128]" in msg
+
+
+def test_error_more_layers_in_weights_than_params(tmp_path, spm_path):
+    folder, _ = make_model_folder(tmp_path / "l", spm_path, TINY)
+    (folder / "params.json").write_text(json.dumps({**TINY, "n_layers": 1}))
+    assert "layers.1." in build_err(folder)
+
+
+def test_error_fewer_layers_in_weights_than_params(tmp_path, spm_path):
+    folder, _ = make_model_folder(tmp_path / "l", spm_path, TINY)
+    (folder / "params.json").write_text(json.dumps({**TINY, "n_layers": 3}))
+    assert "layers.2.attention.wq.weight" in build_err(folder)
+
+
+def test_error_damaged_shard(tmp_path, spm_path):
+    folder, _ = make_model_folder(tmp_path / "d", spm_path, TINY)
+    (folder / "consolidated.00.pth").write_bytes(b"garbage" * 10)
+    assert "damaged" in build_err(folder)
+
+
+def test_error_pickled_objects_are_refused(tmp_path, spm_path):
+    from helpers import NotATensor
+
+    folder, _ = make_model_folder(tmp_path / "pk", spm_path, TINY)
+    sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    torch.save({**sd, "evil": NotATensor()}, folder / "consolidated.00.pth")
+    msg = build_err(folder)
+    assert "refusing" in msg and "NotATensor" in msg
+
+
+@pytest.mark.parametrize("kind,match", [("missing", "does not exist"), ("dir", "is a folder"), ("empty", "is empty"),
+                                        ("garbage", "not a readable tokenizer"), ("json", "tokenizer.json"),
+                                        ("tiktoken", "tiktoken")])
+def test_error_bad_tokenizer(tmp_path, tiny_ckpt, kind, match):
+    path = tmp_path / "tok"
+    if kind == "dir":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"\x00\x01 this is not a tokenizer" * 20)
+    elif kind == "json":
+        path.write_text('{"model": {"type": "BPE"}}')
+    elif kind == "tiktoken":
+        path.write_text("IQ== 0\nIg== 1\n")
+    assert match in build_err(tiny_ckpt[0], path)
+
+
+def test_error_vocab_size_disagrees_with_tokenizer(tmp_path, spm_path):
+    folder, _ = make_model_folder(tmp_path / "v", spm_path, TINY)
+    (folder / "params.json").write_text(json.dumps({**TINY, "vocab_size": 32000}))
+    msg = build_err(folder)
+    assert "vocab_size=32000" in msg and "320 tokens" in msg
+
+
+def test_shards_that_do_not_belong_together(tmp_path, spm_path):
+    folder, _ = make_model_folder(tmp_path / "s", spm_path, TINY, n_shards=2)
+    sd = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    sd["layers.0.attention.wq.weight"] = sd["layers.0.attention.wq.weight"][:8]
+    torch.save(sd, folder / "consolidated.01.pth")
+    assert "do not belong together" in build_err(folder)
+
+
+def test_model_parallel_size_must_match_world(tiny_ckpt):
+    assert "model_parallel_size=2" in build_err(tiny_ckpt[0], model_parallel_size=2)
+
+
+def test_bad_limits(tiny_ckpt):
+    folder = tiny_ckpt[0]
+    with pytest.raises(UserError, match="max_seq_len"):
+        Llama.build(str(folder), str(folder / "tokenizer.model"), 0, 1)
+    with pytest.raises(UserError, match="max_batch_size"):
+        Llama.build(str(folder), str(folder / "tokenizer.model"), 16, -2)
+
+
+def test_kv_cache_that_does_not_fit_is_refused_before_allocation(tiny_ckpt):
+    folder = tiny_ckpt[0]
+    with pytest.raises(UserError, match=r"KV cache needs .* GiB.*max_batch_size"):
+        Llama.build(str(folder), str(folder / "tokenizer.model"), 1_000_000, 100_000)
+
+
+def test_device_not_available(tiny_ckpt):
+    folder = tiny_ckpt[0]
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator")
+    assert "not available" in build_err(folder, device="cuda")
+    assert "unknown device" in build_err(folder, device="gpu0")
+    assert "unknown dtype" in build_err(folder, dtype="fp8")
