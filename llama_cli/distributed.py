@@ -8,7 +8,10 @@ NCCL when the device is a CUDA GPU and NCCL is built, gloo otherwise.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
 import os
+import sys
 from typing import Optional, Union
 
 import torch
@@ -101,7 +104,8 @@ def setup(device: torch.device, model_parallel_size: Optional[int] = None) -> Mo
     from fairscale.nn.model_parallel import initialize as fs
 
     if not fs.model_parallel_is_initialized():
-        fs.initialize_model_parallel(world_size)
+        with contextlib.redirect_stdout(sys.stderr):  # fairscale prints progress; stdout is for results
+            fs.initialize_model_parallel(world_size)
     return ModelParallel(world_size=world_size, rank=fs.get_model_parallel_rank(), group=fs.get_model_parallel_group())
 
 
@@ -111,3 +115,21 @@ def teardown() -> None:
 
         fs.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def broadcast_json(obj, device: torch.device):
+    """Rank 0's JSON-serialisable `obj`, on every rank (no pickling)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    if backend_for(device) != "nccl":
+        device = torch.device("cpu")
+    if dist.get_rank() == 0:
+        data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+        size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    else:
+        size = torch.zeros(1, dtype=torch.long, device=device)
+    dist.broadcast(size, src=0)
+    if dist.get_rank() != 0:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=0)
+    return json.loads(bytes(data.cpu().tolist()).decode("utf-8"))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from . import checkpoint, distributed, memory
 from .errors import UserError
 from .model import Transformer, check_parallel
+from .sampling import sample, sample_rows
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("llama_cli")
@@ -100,18 +101,28 @@ class Llama:
         Prompts are batched max_batch_size at a time. on_step, if given, receives the token
         chosen for each row at every decoding step (for streaming).
         """
-        check_sampling(temperature, top_p, top_k)
-        _positive_int("max_gen_len", max_gen_len)
+        n = len(prompt_tokens)
+        return self.generate_rows(prompt_tokens, [max_gen_len] * n, [temperature] * n, [top_p] * n,
+                                  logprobs=logprobs, echo=echo, top_k=top_k, on_step=on_step)
+
+    def generate_rows(self, prompt_tokens: List[List[int]], max_gen_lens: List[int], temperatures: List[float],
+                      top_ps: List[float], *, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,
+                      on_step: Optional[Callable[[List[int]], None]] = None):
+        """`generate` with a max_gen_len, temperature and top_p per prompt."""
+        for t, p, g in zip(temperatures, top_ps, max_gen_lens):
+            check_sampling(t, p, top_k)
+            _positive_int("max_gen_len", g)
         bs = self.model.params.max_batch_size
         out_tokens, out_logprobs = [], []
         for i in range(0, len(prompt_tokens), bs):
-            toks, probs = self._generate_batch(prompt_tokens[i:i + bs], max_gen_len, temperature, top_p,
-                                               logprobs, echo, top_k, on_step)
+            part = slice(i, i + bs)
+            toks, probs = self._generate_batch(prompt_tokens[part], max_gen_lens[part], temperatures[part],
+                                               top_ps[part], logprobs, echo, top_k, on_step)
             out_tokens += toks
             out_logprobs += probs
         return out_tokens, (out_logprobs if logprobs else None)
 
-    def _generate_batch(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k, on_step):
+    def _generate_batch(self, prompt_tokens, max_gen_lens, temperatures, top_ps, logprobs, echo, top_k, on_step):
         params = self.model.params
         bsz = len(prompt_tokens)
         lengths = [len(t) for t in prompt_tokens]
@@ -121,15 +132,20 @@ class Llama:
             if n > params.max_seq_len:
                 raise UserError(f"prompt {i} has {n} tokens but max_seq_len is {params.max_seq_len}; "
                                 f"raise --max_seq_len or shorten the prompt")
-        min_len, max_len = min(lengths), max(lengths)
-        total_len = min(params.max_seq_len, max_gen_len + max_len)
+        ends = [n + g for n, g in zip(lengths, max_gen_lens)]  # where each row stops, exclusive
+        min_len = min(lengths)
+        total_len = min(params.max_seq_len, max(ends))
 
         tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=self.device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, :len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
         token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=self.device) if logprobs else None
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        row_end = torch.tensor(ends, device=self.device)
         input_text_mask = tokens != PAD
+        uniform = len(set(temperatures)) == 1 and len(set(top_ps)) == 1
+        temps = torch.tensor(temperatures, dtype=torch.float, device=self.device)
+        tops = torch.tensor(top_ps, dtype=torch.float, device=self.device)
         check_every = 1 if self.device.type == "cpu" else 8  # host syncs are costly on accelerators
 
         prev_pos = 0
@@ -137,28 +153,32 @@ class Llama:
             logits = self.model(tokens, prev_pos)
             token_logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none", ignore_index=PAD)
         for cur_pos in range(min_len, total_len):
-            need_all = logprobs
-            last = None if need_all else torch.full((bsz,), cur_pos - prev_pos - 1, device=self.device)
+            last = None if logprobs else torch.full((bsz,), cur_pos - prev_pos - 1, device=self.device)
             logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, output_index=last)
-            next_token = self._sample(logits[:, -1], temperature, top_p, top_k)
+            if uniform:
+                next_token = sample(logits[:, -1], temperature=temperatures[0], top_p=top_ps[0], top_k=top_k,
+                                    generator=self.generator)
+            else:
+                next_token = sample_rows(logits[:, -1], temps, tops, top_k=top_k, generator=self.generator)
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if logprobs:
                 token_logprobs[:, prev_pos + 1:cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none", ignore_index=PAD)
-            eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_token, self._stop)
+            done |= ~input_text_mask[:, cur_pos] & torch.isin(next_token, self._stop)
+            done |= row_end <= cur_pos + 1
             prev_pos = cur_pos
             if on_step is not None:
                 on_step(next_token.tolist())
-            if (cur_pos - min_len) % check_every == check_every - 1 and bool(eos_reached.all()):
+            if (cur_pos - min_len) % check_every == check_every - 1 and bool(done.all()):
                 break
 
         all_logprobs = token_logprobs.tolist() if logprobs else None
         out_tokens, out_logprobs = [], []
         for i, toks in enumerate(tokens.tolist()):
             start = 0 if echo else lengths[i]
-            toks = toks[start:lengths[i] + max_gen_len]
-            probs = all_logprobs[i][start:lengths[i] + max_gen_len] if logprobs else []
+            toks = toks[start:ends[i]]
+            probs = all_logprobs[i][start:ends[i]] if logprobs else []
             for j, t in enumerate(toks[lengths[i] - start:], lengths[i] - start):
                 if t in self.tokenizer.stop_ids or t == PAD:
                     toks, probs = toks[:j], probs[:j]
@@ -166,11 +186,6 @@ class Llama:
             out_tokens.append(toks)
             out_logprobs.append(probs)
         return out_tokens, out_logprobs
-
-    def _sample(self, logits, temperature, top_p, top_k):
-        from .sampling import sample
-
-        return sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=self.generator)
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,

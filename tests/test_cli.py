@@ -1,0 +1,317 @@
+"""The llama-cli command, in-process and as a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, TINY, make_model_folder, subprocess_env
+from llama_cli.cli import cli
+
+BASE = ["--max_seq_len", "64", "--max_gen_len", "8", "--temperature", "0"]
+
+
+def run_cli(capsys, *args):
+    code = cli([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_proc(*args, stdin=None, env=None, timeout=120):
+    cmd = [sys.executable, "-m", "llama_cli", *[str(a) for a in args]]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env={**subprocess_env(), **(env or {})}, cwd=REPO)
+
+
+def jsonl(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, spm_path):
+    return make_model_folder(tmp_path_factory.mktemp("cli"), spm_path, TINY)[0]
+
+
+def test_text_output_keeps_prompts_as_text(capsys, ckpt):
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "42", "--prompt", "True", "--prompt",
+                             "hello, world", *BASE)
+    assert code == 0
+    blocks = out.split("\n\n")
+    assert blocks[0].startswith("42") and blocks[1].startswith("True") and blocks[2].startswith("hello, world")
+    assert "tokens/s" in err  # timing goes to stderr, not stdout
+    assert "tokens/s" not in out
+
+
+def test_jsonl_output_line_by_line(capsys, ckpt, tmp_path):
+    f = tmp_path / "p.jsonl"
+    rows = [{"prompt": "Hello world", "id": "a"}, {"prompt": "The dog", "id": 7, "max_gen_len": 3},
+            {"prompt": "42"}, {"prompt": "Why", "temperature": 0.9, "top_p": 0.5}, {"prompt": "Ok then"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--logprobs",
+                             "--max_batch_size", "2", *BASE)
+    assert code == 0
+    recs = jsonl(out)
+    assert [r["index"] for r in recs] == [0, 1, 2, 3, 4]
+    assert [r.get("id") for r in recs] == ["a", 7, None, None, None]
+    for rec, row in zip(recs, rows):
+        assert set(rec) >= {"prompt", "generation", "tokens", "logprobs"}
+        assert rec["prompt"] == row["prompt"]
+        assert all(isinstance(t, int) for t in rec["tokens"]) and len(rec["logprobs"]) == len(rec["tokens"])
+        assert all(lp <= 0 for lp in rec["logprobs"])
+        assert len(rec["tokens"]) <= row.get("max_gen_len", 8)
+    assert len(recs[1]["tokens"]) <= 3
+
+
+def test_batches_equal_one_at_a_time(capsys, ckpt, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("Hello world\nThe cat sleeps under the tree\n\n42\nA\nRed green blue\n")
+    _, batched, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl",
+                            "--max_batch_size", "4", *BASE)
+    _, single, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl",
+                           "--max_batch_size", "1", *BASE)
+    assert [r["prompt"] for r in jsonl(batched)] == ["Hello world", "The cat sleeps under the tree", "42", "A",
+                                                     "Red green blue"]
+    assert [r["tokens"] for r in jsonl(batched)] == [r["tokens"] for r in jsonl(single)]
+
+
+def test_stream_prints_the_same_text(capsys, ckpt):
+    _, plain, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", *BASE)
+    _, streamed, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", "--stream", *BASE)
+    assert streamed.strip("\n") == plain.strip("\n")
+
+
+def test_quiet_and_progress(capsys, ckpt, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a\nb\nc\n")
+    _, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--max_batch_size", "1", *BASE)
+    assert "3/3 prompts" in err and "ETA" in err
+    _, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--quiet", *BASE)
+    assert err == ""
+
+
+def test_stdin_prompts_and_python_m(ckpt):
+    proc = run_proc("--ckpt_dir", ckpt, "--output", "jsonl", *BASE, stdin="Hello world\nThe cat\n")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["prompt"] for r in jsonl(proc.stdout)] == ["Hello world", "The cat"]
+
+
+def test_console_script_help_is_fast():
+    exe = os.path.join(os.path.dirname(sys.executable), "llama-cli")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "llama_cli"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert proc.returncode == 0
+    assert "--prompts_file" in proc.stdout and "--max_batch_size" in proc.stdout
+    assert time.perf_counter() - start < 5  # generous for CI; scripts/bench.py measures the real figure
+    probe = subprocess.run([sys.executable, "-c", "import sys, llama_cli.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, env=subprocess_env())
+    assert probe.stdout.strip() == "False"  # --help never imports torch
+
+
+def test_output_file_and_resume_after_kill(ckpt, tmp_path):
+    n = 40
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Prompt number {i} says hello", "id": f"p{i}"}) + "\n"
+                         for i in range(n)))
+    out = tmp_path / "out.jsonl"
+    args = ["--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--output_file", out,
+            "--max_batch_size", "1", "--max_seq_len", "128", "--max_gen_len", "48", "--temperature", "0", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cli", *map(str, args)], env=subprocess_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    partial = out.read_text().count("\n")
+    assert 5 <= partial < n, "the run should have been killed midway"
+    with open(out, "a") as fh:
+        fh.write('{"index": 99, "prompt": "cut sh')  # a line cut short by the kill
+    resumed = run_proc(*args[:-1], "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(jsonl(resumed.stdout)) == n - partial  # stdout shows only the new results
+    recs = jsonl(out.read_text())
+    assert [r["index"] for r in recs] == list(range(n))  # each prompt exactly once, in order
+    assert [r["id"] for r in recs] == [f"p{i}" for i in range(n)]
+    fresh = run_proc(*[a if a != out else tmp_path / "fresh.jsonl" for a in args])
+    assert [r["tokens"] for r in jsonl(fresh.stdout)] == [r["tokens"] for r in recs]
+    again = run_proc(*args[:-1], "--resume")  # nothing left to do
+    assert again.returncode == 0 and again.stdout == ""
+
+
+def test_long_prompt_in_file_gets_an_error_entry_and_the_rest_continue(capsys, ckpt, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("short one\n" + "word " * 200 + "\nanother short\n")
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", *BASE)
+    recs = jsonl(out)
+    assert code == 1
+    assert [("error" in r) for r in recs] == [False, True, False]
+    assert "max_seq_len" in recs[1]["error"]
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--strict", *BASE)
+    assert code == 2 and "prompt 2" in err and out == ""
+
+
+def test_existing_output_file_is_not_overwritten(capsys, ckpt, tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"index": 0, "prompt": "x", "generation": "y", "tokens": []}\n')
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output", "jsonl", "--output_file", out,
+                           *BASE)
+    assert code == 2 and "--resume" in err
+    assert out.read_text().count("\n") == 1
+
+
+def test_resume_refuses_a_file_for_other_prompts(capsys, ckpt, tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"index": 0, "prompt": "something else", "generation": "y", "tokens": []}\n')
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output", "jsonl", "--output_file", out,
+                           "--resume", *BASE)
+    assert code == 2 and "not prompt 1 of this input" in err
+
+
+# --- bad input: one line on stderr, the right exit code, no traceback --------------------------------
+
+def bad_folder(tmp_path, spm_path, kind):
+    folder, _ = make_model_folder(tmp_path / kind, spm_path, TINY)
+    if kind == "no_pth":
+        (folder / "consolidated.00.pth").unlink()
+    elif kind == "no_params":
+        (folder / "params.json").unlink()
+    elif kind == "params_not_json":
+        (folder / "params.json").write_text("{oops")
+    elif kind == "params_wrong_types":
+        (folder / "params.json").write_text(json.dumps({**TINY, "n_heads": "four"}))
+    elif kind == "weights_mismatch":
+        (folder / "params.json").write_text(json.dumps({**TINY, "dim": 96, "n_heads": 4}))
+    elif kind == "no_tokenizer":
+        (folder / "tokenizer.model").unlink()
+    elif kind == "not_a_tokenizer":
+        (folder / "tokenizer.model").write_bytes(b"\x00garbage" * 100)
+    elif kind == "vocab_mismatch":
+        (folder / "params.json").write_text(json.dumps({**TINY, "vocab_size": 1000}))
+    return folder
+
+
+def assert_one_line_error(code, err, want_code, *needles):
+    assert code == want_code, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("llama-cli: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err  # log lines may come before it, nothing after
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("no_pth", "no *.pth"), ("no_params", "params.json"), ("params_not_json", "not valid JSON"),
+    ("params_wrong_types", "'n_heads' must be int"), ("weights_mismatch", "do not match"),
+    ("no_tokenizer", "does not exist"), ("not_a_tokenizer", "not a readable tokenizer"),
+    ("vocab_mismatch", "vocab_size=1000"),
+])
+def test_bad_checkpoint_folders(capsys, tmp_path, spm_path, kind, needle):
+    folder = bad_folder(tmp_path, spm_path, kind)
+    code, out, err = run_cli(capsys, "--ckpt_dir", folder, "--prompt", "Hi", *BASE)
+    assert_one_line_error(code, err, 2, needle)
+    assert out == ""
+
+
+def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--prompt", "Hi")
+    assert_one_line_error(code, err, 2, "--ckpt_dir")
+    code, _, err = run_cli(capsys, "--ckpt_dir", tmp_path / "none", "--prompt", "Hi")
+    assert_one_line_error(code, err, 2, "does not exist")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "--ckpt_dir", tmp_path / "empty", "--prompt", "Hi", "--tokenizer_path",
+                           tmp_path / "t")
+    assert_one_line_error(code, err, 2, "is empty")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature", "-0.5"], "--temperature"), (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"),
+    (["--max_gen_len", "0"], "--max_gen_len"), (["--max_gen_len", "ten"], "--max_gen_len"),
+    (["--max_batch_size", "0"], "--max_batch_size"), (["--output", "xml"], "--output"),
+    (["--prompt", "   "], "empty"), (["--bogus", "1"], "unknown flag --bogus"), (["--resume"], "--output_file"),
+    (["--stream", "--prompt", "two"], "--stream"),
+    (["--prompt", "word " * 100], "max_seq_len"),
+    (["--max_seq_len", "100000000", "--max_batch_size", "100000"], "KV cache needs"),
+])
+def test_bad_flags(capsys, ckpt, args, needle):
+    base = ["--max_seq_len", "64", "--max_gen_len", "8"]
+    argv = ["--ckpt_dir", ckpt, "--prompt", "Hi", *base, *args]
+    code, out, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, 2, needle)
+    assert out == ""
+
+
+def test_bad_prompt_files(capsys, ckpt, tmp_path):
+    cases = {
+        "latin1.txt": (b"hello\ncaf\xe9\n", "line 2 is not UTF-8"),
+        "bad.jsonl": (b'{"prompt": "ok"}\n{"prompt": "x",}\n', "line 2 is not valid JSON"),
+        "noprompt.jsonl": (b'{"prompt": "ok"}\n\n{"text": "x"}\n', 'line 3 has no "prompt"'),
+        "badtype.jsonl": (b'{"prompt": "ok", "max_gen_len": "many"}\n', '"max_gen_len" must be a number'),
+        "empty.txt": (b"\n\n", "holds no prompts"),
+    }
+    for name, (content, needle) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", tmp_path / name, *BASE)
+        assert_one_line_error(code, err, 2, needle)
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", tmp_path / "missing.txt", *BASE)
+    assert_one_line_error(code, err, 2, "does not exist")
+
+
+def test_unwritable_output_file(capsys, ckpt, tmp_path):
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output_file",
+                           tmp_path / "no" / "such" / "dir.jsonl", *BASE)
+    assert_one_line_error(code, err, 2, "cannot write --output_file")
+
+
+def test_world_size_the_heads_do_not_divide(ckpt):
+    proc = run_proc("--ckpt_dir", ckpt, "--prompt", "Hi", *BASE, env={"WORLD_SIZE": "3", "RANK": "0"})
+    assert_one_line_error(proc.returncode, proc.stderr, 2, "cannot be split over 3", "1, 2, 4")
+
+
+def test_subprocess_error_has_no_traceback_and_debug_shows_it(tmp_path):
+    proc = run_proc("--ckpt_dir", tmp_path / "none", "--prompt", "Hi")
+    assert_one_line_error(proc.returncode, proc.stderr, 2, "does not exist")
+    proc = run_proc("--ckpt_dir", tmp_path / "none", "--prompt", "Hi", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+# --- torchrun ------------------------------------------------------------------------------------------
+
+def torchrun(*args, launcher_args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "llama_cli", *map(str, args)]
+    return subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_torchrun_two_processes(tmp_path, spm_path):
+    folder, _ = make_model_folder(tmp_path / "two", spm_path, TINY, n_shards=2)
+    args = ["--ckpt_dir", folder, "--prompt", "Hello world", "--prompt", "The cat", "--output", "jsonl", *BASE]
+    p = torchrun(*args, launcher_args=["--standalone", "--nproc_per_node", "2"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    single = run_proc(*args)
+    recs = jsonl(out)
+    assert len(recs) == 2  # only rank 0 prints
+    assert recs == jsonl(single.stdout)
+
+
+def test_two_launchers_multi_node_on_loopback(tmp_path, spm_path):
+    from helpers import free_port
+
+    folder, _ = make_model_folder(tmp_path / "mn", spm_path, TINY, n_shards=2)
+    args = ["--ckpt_dir", folder, "--prompt", "Hello world", "--output", "jsonl", *BASE]
+    port = free_port()
+    common = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+              f"127.0.0.1:{port}", "--rdzv_id", "llama-cli-test"]
+    nodes = [torchrun(*args, launcher_args=common + ["--node_rank", str(r)]) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-3000:]
+    single = run_proc(*args)
+    printed = [jsonl(out) for out, _ in outs]
+    assert sorted(len(x) for x in printed) == [0, 1]  # exactly one node (global rank 0) prints
+    assert [x for x in printed if x][0] == jsonl(single.stdout)
