@@ -134,6 +134,13 @@ class CheckpointReader:
     def __init__(self, files: list[str], args: ModelArgs):
         self.files, self.args = files, args
         self._open: dict[int, dict] = {}
+        self._shapes0: dict[str, tuple] = {}  # shard 0's tensor shapes, kept without its mapping
+
+    def shape0(self, name: str) -> tuple:
+        """The shape of `name` in shard 0, or None when shard 0 lacks it."""
+        if not self._shapes0:
+            self._shapes0 = {k: tuple(v.shape) for k, v in self.shard(0).items() if hasattr(v, "shape")}
+        return self._shapes0.get(name)
 
     def shard(self, index: int) -> dict:
         if index not in self._open:
@@ -163,7 +170,7 @@ class CheckpointReader:
     def _source_dim(self, name: str, full: tuple[int, ...]) -> Optional[int]:
         """The dimension the checkpoint split `name` along, read from shard 0's shape."""
         n = len(self.files)
-        shape = tuple(self.shard(0)[name].shape)
+        shape = self.shape0(name)
         if n == 1:
             return None if shape == full else -1
         for d in range(len(full)):
@@ -175,39 +182,23 @@ class CheckpointReader:
 
     def _check(self, name: str, full: tuple[int, ...]) -> Optional[int]:
         """Check `name` exists with a shape that fits params.json in every shard it is needed from."""
-        if name not in self.shard(0):
+        if self.shape0(name) is None:
             raise UserError(f"checkpoint {self.files[0]} has no tensor '{name}' that params.json "
                             f"(n_layers={self.args.n_layers}) calls for; the weights and params.json do not match")
         src = self._source_dim(name, full)
         if src == -1:
-            got = tuple(self.shard(0)[name].shape)
+            got = self.shape0(name)
             raise UserError(
                 f"tensor '{name}' has shape {list(got)} in {os.path.basename(self.files[0])}, but params.json implies "
                 f"{list(full)} for the whole model in {len(self.files)} shard(s); the weights and params.json do not match")
         return src
-
-    def read(self, name: str, full: tuple[int, ...], dim: Optional[int], start: int, end: int,
-             source: Optional[str] = None) -> torch.Tensor:
-        """Rows/columns [start, end) of the whole tensor `source or name` along `dim`."""
-        source = source or name
-        src = self._check(source, full)
-        if src is None:
-            t = self.shard(0)[source]
-            return t if dim is None else t.narrow(dim, start, end - start)
-        if dim == src:
-            plan = ShardPlan(len(self.files), 1, 0)
-            pieces = [self._tensor(s, source, full).narrow(dim, off, cnt)
-                      for s, off, cnt in plan.shards_for(start, end, full[dim])]
-            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
-        whole = torch.cat([self._tensor(s, source, full) for s in range(len(self.files))], src)
-        return whole if dim is None else whole.narrow(dim, start, end - start)
 
     def _tensor(self, s: int, name: str, full) -> torch.Tensor:
         sd = self.shard(s)
         if name not in sd:
             raise UserError(f"checkpoint shard {self.files[s]} has no tensor '{name}'; the shards do not belong together")
         t = sd[name]
-        want = tuple(self.shard(0)[name].shape)
+        want = self.shape0(name)
         if tuple(t.shape) != want:
             raise UserError(f"tensor '{name}' has shape {list(t.shape)} in {os.path.basename(self.files[s])} but "
                             f"{list(want)} in {os.path.basename(self.files[0])}; the shards do not belong together")
@@ -215,27 +206,75 @@ class CheckpointReader:
 
     def rank_state_dict(self, world_size: int, rank: int, dtype: torch.dtype,
                         device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
-        """The state dict of `Transformer(args, ModelParallel(world_size, rank))`."""
+        """The state dict of `Transformer(args, ModelParallel(world_size, rank))`.
+
+        Goes shard by shard: each shard's pieces of this rank's slices are copied into place and
+        the shard is unmapped before the next is opened, so peak memory stays near the size of
+        this rank's slice. A slice that is exactly one shard's tensor (as many processes as
+        shards, same dtype) is used in place, straight from the memory map.
+        """
         a = self.args
         plan = ShardPlan(len(self.files), world_size, rank)
+        needed = plan.needed_shards()
         shapes = self.expected_shapes()
-        first = self.shard(plan.needed_shards()[0])
-        self._check_extra_keys(first, shapes)
-        tied = "output.weight" not in first and "tok_embeddings.weight" in first
-        out = {}
+        self._check_extra_keys(self.shard(needed[0]), shapes)
+        tied = self.shape0("output.weight") is None and self.shape0("tok_embeddings.weight") is not None
+        specs = {}
         for name, full in shapes.items():
-            dim = split_dim(name)
-            if dim is None or world_size == 1:
-                start, end = 0, full[dim] if dim is not None else 0
+            dim = split_dim(name) if world_size > 1 else None
+            if dim is None:
+                start, end = 0, 0
             elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and world_size > a.n_kv_heads:
                 head = rank // (world_size // a.n_kv_heads)  # repeated KV head: whole heads per rank
                 start, end = head * a.head_dim, (head + 1) * a.head_dim
             else:
                 start, end = plan.range(full[dim])
-            source = "tok_embeddings.weight" if name == "output.weight" and tied else None
-            t = self.read(name, full, dim if world_size > 1 else None, start, end, source=source)
-            out[name] = t.to(device=device, dtype=dtype).contiguous()
-        return out
+            source = "tok_embeddings.weight" if name == "output.weight" and tied else name
+            src = self._check(source, full)
+            if src is not None and src != dim:
+                needed = sorted(set(needed) | set(range(len(self.files))))  # stored split another way
+            specs[name] = (full, dim, start, end, source, src)
+
+        out: dict[str, torch.Tensor] = {}
+        # Keep views into the map only when one shard holds this rank's whole slice: a view of a
+        # shard that is also copied from would keep all of that shard's touched pages resident.
+        in_place = len(needed) == 1
+        for s in needed:
+            self._copy_shard(s, needed[0], specs, out, dtype, device, in_place)
+            self._open.pop(s, None)  # unmap this shard's pages (views kept in `out` stay valid)
+        self._open.clear()
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def _copy_shard(self, s, first, specs, out, dtype, device, in_place) -> None:
+        """Copy shard s's pieces of every target slice into `out` (no reference to s survives)."""
+        for name, (full, dim, start, end, source, src) in specs.items():
+            for piece, dst_dim, dst_off in self._pieces(s, first, full, dim, start, end, source, src):
+                shape = list(full)
+                if dim is not None:
+                    shape[dim] = end - start
+                if list(piece.shape) == shape:
+                    moved = piece.to(device=device, dtype=dtype)
+                    out[name] = moved if in_place or moved is not piece else moved.clone()
+                    continue
+                if name not in out:
+                    out[name] = torch.empty(shape, dtype=dtype, device=device)
+                out[name].narrow(dst_dim, dst_off, piece.shape[dst_dim]).copy_(piece)
+
+    def _pieces(self, s, first, full, dim, start, end, source, src):
+        """(part of shard s's tensor, target dim, offset in the target) for one target slice."""
+        if src is None:  # replicated, or a single shard: read it from one shard only
+            if s != first:
+                return []
+            t = self.shard(s)[source]
+            return [(t if dim is None else t.narrow(dim, start, end - start), 0, 0)]
+        t = self._tensor(s, source, full)
+        per = t.shape[src]
+        if src == dim:
+            lo, hi = max(start, s * per), min(end, (s + 1) * per)
+            return [(t.narrow(dim, lo - s * per, hi - lo), dim, lo - start)] if lo < hi else []
+        if dim is not None:
+            t = t.narrow(dim, start, end - start)
+        return [(t, src, s * per)]
 
     def _check_extra_keys(self, sd: dict, shapes: dict) -> None:
         extra = sorted(k for k in sd if k not in shapes and k not in IGNORED)

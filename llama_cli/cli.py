@@ -307,7 +307,7 @@ def setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
-def literal_args(argv: list[str], fn=None) -> list[str]:
+def literal_args(argv: list[str], fn=None, str_flags=_STR_FLAGS) -> list[str]:
     """Check argv against fn's flags and rewrite it so fire takes text as text.
 
     fire types every value by its look (`--prompt 42` arrives as an int, `--prompt "a, b"`
@@ -347,7 +347,7 @@ def literal_args(argv: list[str], fn=None) -> list[str]:
             i += 1
         if name == "prompt":
             prompts.append(value)
-        elif name in _STR_FLAGS:
+        elif name in str_flags:
             rest += [f"--{name}", repr(value)]
         else:
             rest += [f"--{name}", value]
@@ -368,9 +368,11 @@ def cli(argv: Optional[list[str]] = None) -> int:
     try:
         if argv and argv[0] in _subcommands():
             name, argv = argv[0], argv[1:]
-            fn = _subcommands()[name]
-            if argv and argv[0] in ("--help", "-h"):
+            fn, str_flags = _subcommands()[name]
+            if any(a in ("--help", "-h") for a in argv):
                 return _help(fn, f"llama-cli {name}")
+            setup_logging(quiet="--quiet" in argv)
+            argv = literal_args([a for a in argv if a not in ("--debug", "--quiet")], fn, str_flags)
         else:
             if any(a in ("--help", "-h") for a in argv):
                 return _help(complete, "llama-cli")
@@ -425,5 +427,7 @@ def _silence_stdout() -> None:
 
 
 def _subcommands() -> dict:
-    """Subcommands, imported only when used."""
-    return {}
+    """name -> (function, its text flags); imported only when used."""
+    from .reshard import reshard
+
+    return {"reshard": (reshard, ("ckpt_dir", "out", "dtype", "tokenizer_path"))}

@@ -1,0 +1,70 @@
+"""`llama-cli reshard` and checkpoints stored in other split layouts."""
+
+import torch
+
+from helpers import TINY, make_model_folder
+from llama_cli.checkpoint import CheckpointReader, find_checkpoint, load_args
+from llama_cli.cli import cli
+from test_checkpoint import greedy, run_torchrun
+
+
+def test_reshard_round_trip(tmp_path, spm_path, tiny_ckpt, capsys):
+    folder, weights = make_model_folder(tmp_path / "src", spm_path, TINY, n_shards=2)
+    assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(tmp_path / "one"), "--shards", "1"]) == 0
+    assert cli(["reshard", "--ckpt_dir", str(tmp_path / "one"), "--out", str(tmp_path / "two"), "--shards", "2",
+                "--dtype", "bf16"]) == 0
+    one = torch.load(tmp_path / "one" / "consolidated.00.pth", weights_only=True)
+    assert set(one) == set(weights)
+    assert all(torch.equal(one[k], weights[k]) for k in weights)
+    two = [torch.load(tmp_path / "two" / f"consolidated.0{i}.pth", weights_only=True) for i in range(2)]
+    assert two[0]["layers.0.feed_forward.w2.weight"].dtype == torch.bfloat16
+    assert two[0]["layers.0.feed_forward.w2.weight"].shape[1] * 2 == weights["layers.0.feed_forward.w2.weight"].shape[1]
+    assert (tmp_path / "two" / "tokenizer.model").exists()
+    assert greedy(tmp_path / "one") == greedy(tiny_ckpt[0])
+
+
+def test_reshard_refusals(tmp_path, tiny_ckpt, capsys):
+    folder = tiny_ckpt[0]
+    assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(tmp_path / "x"), "--shards", "3"]) == 2
+    assert "cannot be split over 3" in capsys.readouterr().err
+    assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(tmp_path / "x"), "--shards", "4"]) == 2
+    assert "2 KV heads" in capsys.readouterr().err
+    assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(folder), "--shards", "1"]) == 2
+    assert "different folder" in capsys.readouterr().err
+    assert cli(["reshard", "--ckpt_dir", str(folder), "--shards", "1"]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_vocab_parallel_embeddings_are_read_too(tmp_path, spm_path, tiny_ckpt):
+    """Llama 3 checkpoints split tok_embeddings by vocabulary (dim 0), not by embedding (dim 1)."""
+    folder, weights = make_model_folder(tmp_path / "l3", spm_path, TINY, n_shards=2)
+    for s in range(2):
+        path = folder / f"consolidated.0{s}.pth"
+        sd = torch.load(path, weights_only=True)
+        sd["tok_embeddings.weight"] = weights["tok_embeddings.weight"].chunk(2, dim=0)[s].clone()
+        torch.save(sd, path)
+    assert greedy(folder) == greedy(tiny_ckpt[0])
+    files, params = find_checkpoint(folder)
+    args = load_args(params)
+    args.vocab_size = weights["tok_embeddings.weight"].shape[0]
+    parts = [CheckpointReader(files, args).rank_state_dict(2, r, torch.float32) for r in range(2)]
+    assert torch.equal(torch.cat([p["tok_embeddings.weight"] for p in parts], 1), weights["tok_embeddings.weight"])
+
+
+def test_one_process_per_shard_uses_the_memory_map_in_place(tiny_ckpt2):
+    folder, weights = tiny_ckpt2
+    files, params = find_checkpoint(folder)
+    args = load_args(params)
+    args.vocab_size = weights["tok_embeddings.weight"].shape[0]
+    reader = CheckpointReader(files, args)
+    sd = reader.rank_state_dict(2, 1, torch.float32)
+    # a file mapping (not resizable), not a fresh copy (resizable)
+    assert not sd["layers.0.attention.wq.weight"].untyped_storage().resizable()
+    assert torch.equal(sd["layers.0.attention.wq.weight"], weights["layers.0.attention.wq.weight"][32:])
+    merged = reader.rank_state_dict(1, 0, torch.float32)
+    assert merged["layers.0.attention.wq.weight"].untyped_storage().resizable()
+
+
+def test_reshard_then_torchrun(tmp_path, tiny_ckpt, capsys):
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(tmp_path / "r2"), "--shards", "2"]) == 0
+    assert run_torchrun(2, tmp_path / "r2", tmp_path / "out")["greedy"] == greedy(tiny_ckpt[0])
