@@ -41,11 +41,24 @@ def check_sampling(temperature, top_p, top_k=None) -> None:
         raise UserError(f"top_k must be a non-negative integer (0 or unset: no limit), got {top_k!r}")
 
 
+def decide_compile(compile: Union[str, bool], device: torch.device) -> bool:
+    """--compile: on, off, or auto (on for GPUs; on CPU the one-time compilation, about 30 s for a
+    135M model on 2 cores, pays off only for long jobs, so auto leaves it off there)."""
+    if isinstance(compile, bool):
+        return compile
+    if compile not in ("auto", "on", "off"):
+        raise UserError(f"compile must be auto, on or off, got {compile!r}")
+    if compile == "auto":
+        return device.type == "cuda"
+    return compile == "on"
+
+
 class Llama:
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
               model_parallel_size: Optional[int] = None, seed: int = 1,
-              device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None) -> "Llama":
+              device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
+              compile: Union[str, bool] = "auto") -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
@@ -80,18 +93,51 @@ class Llama:
             model = Transformer(args, mp)
         model.load_state_dict(state, assign=True, strict=True)
         model.requires_grad_(False)
+        model.fuse()
         model.setup_caches(max_batch_size, max_seq_len)
+        compiled = decide_compile(compile, device)
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
                  device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
-        return Llama(model, tokenizer, seed=seed)
+        return Llama(model, tokenizer, seed=seed, compile=compiled)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._stop = torch.tensor(sorted(tokenizer.stop_ids), device=self.device)
+        self._compiled = None
+        self._compiled_sizes: set[int] = set()
+        if compile:
+            # One decode step = one graph (a CUDA-graph replay on GPUs); prefill stays eager.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+        """Logits (n, vocab) for one new token per row: tokens (n, 1) at per-row positions (n,),
+        cache rows 0..n-1. Compiled: rows are padded to a power of two (few graphs to compile);
+        padding rows write only to cache rows >= n at position 0, which no live row uses."""
+        n = tokens.shape[0]
+        if self._compiled is None:
+            return self.model(tokens, positions, kv_len=kv_len)[:, -1]
+        size = min(self.model.params.max_batch_size, 1 << (n - 1).bit_length())
+        if size > n:
+            tokens = torch.cat([tokens, tokens.new_zeros(size - n, 1)])
+            positions = torch.cat([positions, positions.new_zeros(size - n)])
+        if size not in self._compiled_sizes:
+            start = time.perf_counter()
+            out = self._compiled(tokens, positions)
+            self._compiled_sizes.add(size)
+            log.info("compiled the decode step for batch %d in %.1f s (once per batch size; cached on disk)",
+                     size, time.perf_counter() - start)
+        else:
+            out = self._compiled(tokens, positions)
+        return out[:n].clone() if self.device.type == "cuda" else out[:n]
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,
@@ -153,8 +199,12 @@ class Llama:
             logits = self.model(tokens, prev_pos)
             token_logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none", ignore_index=PAD)
         for cur_pos in range(min_len, total_len):
-            last = None if logprobs else torch.full((bsz,), cur_pos - prev_pos - 1, device=self.device)
-            logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, output_index=last)
+            if self.compiled and cur_pos - prev_pos == 1:
+                positions = torch.full((bsz,), prev_pos, dtype=torch.long, device=self.device)
+                logits = self.decode(tokens[:, prev_pos:cur_pos], positions)[:, None]  # (bsz, 1, vocab)
+            else:
+                last = None if logprobs else torch.full((bsz,), cur_pos - prev_pos - 1, device=self.device)
+                logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos, output_index=last)
             if uniform:
                 next_token = sample(logits[:, -1], temperature=temperatures[0], top_p=top_ps[0], top_k=top_k,
                                     generator=self.generator)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .parallel import ColumnParallelLinear, ModelParallel, ParallelEmbedding, RowParallelLinear
+from .parallel import ColumnParallelLinear, ModelParallel, ParallelEmbedding, RowParallelLinear, linear
 
 
 @dataclass
@@ -153,14 +153,21 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, self.n_local_kv_heads * hd, mp)
         self.wv = ColumnParallelLinear(args.dim, self.n_local_kv_heads * hd, mp)
         self.wo = RowParallelLinear(self.n_local_heads * hd, args.dim, mp)
-        self.cache_k: Optional[torch.Tensor] = None
-        self.cache_v: Optional[torch.Tensor] = None
+        self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv stacked by fuse(): one matmul instead of three
+        # Registered (not saved) so .to() moves them and torch.compile treats them as module state.
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
 
     def forward(self, x, cos, sin, ctx: "_StepContext") -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            nq, nkv = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
+            q, k, v = linear(x, self.wqkv).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         # Cache layout: (max_batch, n_local_kv_heads, max_seq_len, head_dim), written in place.
@@ -192,8 +199,12 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim // mp.world_size, mp)
         self.w2 = RowParallelLinear(args.hidden_dim // mp.world_size, args.dim, mp)
         self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim // mp.world_size, mp)
+        self.w13: Optional[torch.Tensor] = None  # w1 and w3 stacked by fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -232,8 +243,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, mp) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size // mp.world_size, mp, gather_output=True)
-        self.rope_cos: Optional[torch.Tensor] = None
-        self.rope_sin: Optional[torch.Tensor] = None
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> None:
         """Allocate the static KV caches and rotary tables on the weights' device."""
@@ -249,7 +260,38 @@ class Transformer(nn.Module):
         angles = torch.outer(torch.arange(max_seq_len, device=weight.device, dtype=torch.float32), freqs)
         self.rope_cos, self.rope_sin = torch.cos(angles), torch.sin(angles)  # (max_seq_len, head_dim/2)
 
-    @torch.inference_mode()
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Stack wq/wk/wv and w1/w3 into one weight each (fewer, larger matmuls). The separate
+        weights become views into the stacked ones, so no memory is added."""
+        def stack(mods):
+            fused = torch.cat([m.weight for m in mods])
+            offset = 0
+            for m in mods:
+                n = m.weight.shape[0]
+                m.weight = nn.Parameter(fused[offset:offset + n], requires_grad=False)
+                offset += n
+            return fused
+
+        for layer in self.layers:
+            a, f = layer.attention, layer.feed_forward
+            a.wqkv = stack([a.wq, a.wk, a.wv])
+            f.w13 = stack([f.w1, f.w3])
+
+    @torch.no_grad()
+    def move_cache_row(self, src: int, dst: int) -> None:
+        """Copy one batch row of every layer's KV cache to another row (to keep live rows packed)."""
+        for layer in self.layers:
+            layer.attention.cache_k[dst].copy_(layer.attention.cache_k[src])
+            layer.attention.cache_v[dst].copy_(layer.attention.cache_v[src])
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decoding step with static shapes, for torch.compile: tokens (bsz, 1) written at
+        per-row `positions` (bsz,) of cache rows 0..bsz-1, attending over the whole cache
+        (masked). Returns fp32 logits (bsz, vocab)."""
+        return self.forward(tokens, positions, kv_len=self.params.max_seq_len)[:, -1]
+
+    @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start_pos, *, rows: Optional[torch.Tensor] = None,
                 kv_len: Optional[int] = None, output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (fp32) for `tokens` (bsz, seqlen) placed at `start_pos` in the cache.

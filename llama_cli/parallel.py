@@ -19,6 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+GEMV_MAX_ROWS = 2  # up to this many rows, compiled code computes x @ W.T as a fused multiply-and-sum
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. Under torch.compile, a few rows (batch-1 decoding) are written as a
+    multiply-and-sum, which inductor turns into one streaming pass over the weight: on CPU
+    about 3x the bandwidth of the BLAS matrix-vector product."""
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() <= GEMV_MAX_ROWS:
+        return (x.unsqueeze(-2) * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+    return F.linear(x, weight)
+
+
 @dataclass(frozen=True)
 class ModelParallel:
     world_size: int = 1
@@ -48,7 +60,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_local, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         return self.mp.all_gather_last(y) if self.gather_output else y
 
 
@@ -61,7 +73,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mp.all_reduce(F.linear(x, self.weight))
+        return self.mp.all_reduce(linear(x, self.weight))
 
 
 class ParallelEmbedding(nn.Module):

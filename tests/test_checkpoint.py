@@ -30,10 +30,10 @@ def test_four_shards_on_one_process(tmp_path, spm_path, tiny_ckpt):
     assert greedy(folder) == greedy(tiny_ckpt[0])
 
 
-def run_torchrun(n_procs, folder, out):
+def run_torchrun(n_procs, folder, out, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}",
            str(REPO / "tests" / "gen_worker.py"), str(folder), str(folder / "tokenizer.model"), str(out)]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     results = [json.loads(open(f"{out}.{r}").read()) for r in range(n_procs)]
     assert all(r["world"] == n_procs for r in results)

@@ -1,0 +1,118 @@
+"""Continuous batching: same output as each prompt alone, any finish order, per-prompt settings."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from helpers import TINY, make_model_folder
+from llama_cli import Llama
+from llama_cli.cli import cli
+from llama_cli.prompts import PromptRequest
+from llama_cli.scheduler import Defaults, run_continuous, run_static
+
+TIE = 1e-3  # relative to the logit scale: closer than this, either token is a right answer
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, spm_path):
+    folder, _ = make_model_folder(tmp_path_factory.mktemp("sched"), spm_path, {**TINY, "n_layers": 3}, seed=11)
+    return Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=224, max_batch_size=4)
+
+
+def solo(llama, ids, max_gen):
+    return llama.generate([ids], max_gen_len=max_gen, temperature=0)[0][0]
+
+
+def assert_same_or_near_tie(llama, ids, got, want):
+    """got == want, or they part at a step where the two tokens' logits are a near-tie."""
+    eos = llama.tokenizer.eos_id  # a shorter output stopped there: compare as if EOS was chosen
+    got, want = got + [eos], want + [eos]
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if k is None:
+        assert len(got) == len(want), (got, want)  # both stopped by max_gen_len, or both by EOS
+        return
+    with torch.no_grad():
+        logits = llama.model(torch.tensor([ids + want[:k]]), 0)[0, -1]
+    gap = abs(logits[got[k]] - logits[want[k]]).item()
+    assert gap <= TIE * logits.abs().max().item(), f"step {k}: {got[k]} vs {want[k]} differ by {gap:.3g}: wrong token"
+
+
+def make_requests(n, seed=0):
+    rng = random.Random(seed)
+    words = "the cat dog sun moon red blue runs jumps under over hello world 42 and".split()
+    reqs = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 5, 9, 14, 20])))
+        reqs.append(PromptRequest(i, prompt, id=f"q{i}", max_gen_len=rng.choice([1, 2, 7, 20, 45, 90])))
+    return reqs
+
+
+def test_continuous_equals_one_at_a_time(llama):
+    reqs = make_requests(26)  # over six batches of 4, rows ending at very different steps
+    results = []
+    run_continuous(llama, reqs, Defaults(max_gen_len=8, temperature=0.0, top_p=1.0), results.append)
+    assert sorted(r.request.index for r in results) == list(range(len(reqs)))  # complete, once each
+    finish_order = [r.request.index for r in results]
+    assert finish_order != sorted(finish_order)  # short jobs overtook long ones: slots were refilled
+    for r in results:
+        ids = llama.tokenizer.encode(r.request.prompt, bos=True, eos=False)
+        want = solo(llama, ids, r.request.max_gen_len)
+        assert len(r.tokens) <= r.request.max_gen_len
+        assert_same_or_near_tie(llama, ids, r.tokens, want)
+
+
+def test_static_and_continuous_agree(llama):
+    reqs = make_requests(10, seed=1)
+    a, b = [], []
+    run_continuous(llama, reqs, Defaults(max_gen_len=8, temperature=0.0, top_p=1.0), a.append)
+    run_static(llama, reqs, Defaults(max_gen_len=8, temperature=0.0, top_p=1.0), b.append)
+    a = {r.request.index: r.tokens for r in a}
+    for r in b:
+        ids = llama.tokenizer.encode(r.request.prompt, bos=True, eos=False)
+        assert_same_or_near_tie(llama, ids, a[r.request.index], r.tokens)
+
+
+def test_per_prompt_temperature_inside_one_batch(llama):
+    reqs = make_requests(8, seed=2)
+    for r in reqs:
+        r.max_gen_len = 12
+        r.temperature = 0.0 if r.index % 2 == 0 else 1.5
+    results = {}
+    run_continuous(llama, reqs, Defaults(max_gen_len=8, temperature=0.6, top_p=1.0),
+                   lambda r: results.__setitem__(r.request.index, r))
+    for r in reqs[0::2]:  # greedy rows are unaffected by sampled neighbours
+        ids = llama.tokenizer.encode(r.prompt, bos=True, eos=False)
+        assert_same_or_near_tie(llama, ids, results[r.index].tokens, solo(llama, ids, 12))
+    sampled = [results[r.index].tokens for r in reqs[1::2]]
+    greedy = [solo(llama, llama.tokenizer.encode(r.prompt, bos=True, eos=False), 12) for r in reqs[1::2]]
+    assert sampled != greedy  # temperature 1.5 rows really sampled
+
+
+def test_logprobs_and_echo_match_static(llama):
+    reqs = [PromptRequest(0, "the cat runs", max_gen_len=6), PromptRequest(1, "hello", max_gen_len=3)]
+    a, b = [], []
+    d = Defaults(max_gen_len=6, temperature=0.0, top_p=1.0, logprobs=True, echo=True)
+    run_continuous(llama, reqs, d, a.append)
+    run_static(llama, reqs, d, b.append)
+    a = sorted(a, key=lambda r: r.request.index)
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens
+        assert len(x.logprobs) == len(x.tokens)
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4)
+
+
+def test_cli_file_gets_finish_order_stdout_gets_input_order(tmp_path, spm_path, capsys):
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=3)
+    rows = [{"prompt": "long one", "max_gen_len": 40}] + [{"prompt": f"short {i}", "max_gen_len": 1} for i in range(5)]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o.jsonl"
+    code = cli(["--ckpt_dir", str(folder), "--prompts_file", str(f), "--output", "jsonl", "--output_file", str(out),
+                "--max_batch_size", "2", "--temperature", "0", "--max_seq_len", "96", "-q"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert [json.loads(x)["index"] for x in stdout.splitlines()] == list(range(6))
+    file_order = [json.loads(x)["index"] for x in out.read_text().splitlines()]
+    assert sorted(file_order) == list(range(6)) and file_order != list(range(6))
