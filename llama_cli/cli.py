@@ -19,6 +19,7 @@ from typing import Optional
 import fire
 
 from .errors import LlamaCliError, UserError
+from .tokenizer import find_tokenizer
 
 log = logging.getLogger("llama_cli")
 
@@ -82,9 +83,7 @@ def make_config(ckpt_dir, tokenizer_path, prompts, prompts_file, temperature, to
         raise UserError("--ckpt_dir is required: the folder with consolidated.NN.pth and params.json")
     ckpt_dir = str(ckpt_dir)
     if tokenizer_path is None:
-        candidates = [os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(os.path.dirname(
-            os.path.abspath(ckpt_dir)), "tokenizer.model")]
-        tokenizer_path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
+        tokenizer_path = find_tokenizer(ckpt_dir)
     temperature, top_p = _num("temperature", temperature), _num("top_p", top_p)
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature:g}")
@@ -145,7 +144,8 @@ def complete(ckpt_dir=None, tokenizer_path=None, prompt=None, prompts_file=None,
 
     Args:
       ckpt_dir: folder with consolidated.NN.pth shards and params.json (any shard count, any process count).
-      tokenizer_path: tokenizer file; default: tokenizer.model in ckpt_dir or its parent folder.
+      tokenizer_path: tokenizer file; default: tokenizer.json or tokenizer.model in ckpt_dir, else
+        tokenizer.model in its parent folder.
       prompt: text to complete; repeat --prompt for several. Always taken as text (42 stays "42").
       prompts_file: .txt (one prompt per line) or .jsonl (objects with "prompt" and optional "id",
         "max_gen_len", "temperature", "top_p"); "-" reads standard input. Without --prompt or
@@ -442,6 +442,8 @@ def _silence_stdout() -> None:
 
 def _subcommands() -> dict:
     """name -> (function, its text flags); imported only when used."""
+    from .convert import convert
     from .reshard import reshard
 
-    return {"reshard": (reshard, ("ckpt_dir", "out", "dtype", "tokenizer_path"))}
+    return {"reshard": (reshard, ("ckpt_dir", "out", "dtype", "tokenizer_path")),
+            "convert": (convert, ("src", "out", "dtype"))}

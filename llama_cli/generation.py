@@ -123,6 +123,8 @@ class Llama:
         cache rows 0..n-1. Compiled: rows are padded to a power of two (few graphs to compile);
         padding rows write only to cache rows >= n at position 0, which no live row uses."""
         n = tokens.shape[0]
+        # contiguous: a strided view would fail the compiled graph's guards and recompile
+        tokens, positions = tokens.contiguous(), positions.contiguous()
         if self._compiled is None:
             return self.model(tokens, positions, kv_len=kv_len)[:, -1]
         size = min(self.model.params.max_batch_size, 1 << (n - 1).bit_length())
@@ -246,7 +248,7 @@ class Llama:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise UserError(f"prompt {i} is a {type(p).__name__}, not text")
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
         gen_tokens, gen_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p,
                                                  logprobs=logprobs, echo=echo, top_k=top_k)
         if logprobs:

@@ -36,6 +36,9 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False
+    # Not in Meta's params.json: Llama 3.x rope scaling values other than 3.1's (factor 8, low and
+    # high frequency factors 1 and 4, original context 8192), as converted from HF configs.
+    rope_scaling: Optional[dict] = None
     # Not in Meta's params.json: an explicit FFN width, for checkpoints converted from
     # formats that state it (Meta's rule below cannot produce every width).
     ffn_hidden_dim: Optional[int] = None
@@ -68,7 +71,7 @@ class ModelArgs:
         "dim": (int,), "n_layers": (int,), "n_heads": (int,), "n_kv_heads": (int, type(None)),
         "vocab_size": (int,), "multiple_of": (int,), "ffn_dim_multiplier": (int, float, type(None)),
         "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
-        "ffn_hidden_dim": (int, type(None)),
+        "ffn_hidden_dim": (int, type(None)), "rope_scaling": (dict, type(None)),
     }
 
     @classmethod
@@ -105,7 +108,11 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), with Llama 3.1's long-context scaling if asked."""
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64) / args.head_dim))
     if args.use_scaled_rope:
-        freqs = scale_rope_frequencies(freqs)
+        sc = args.rope_scaling or {}
+        freqs = scale_rope_frequencies(freqs, factor=sc.get("factor", 8.0),
+                                       low_freq_factor=sc.get("low_freq_factor", 1.0),
+                                       high_freq_factor=sc.get("high_freq_factor", 4.0),
+                                       old_context_len=sc.get("original_max_position_embeddings", 8192))
     return freqs.float()
 
 

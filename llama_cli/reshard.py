@@ -36,7 +36,7 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
     from . import checkpoint
     from .distributed import pick_dtype
     from .model import check_parallel
-    from .tokenizer import load_tokenizer
+    from .tokenizer import find_tokenizer, load_tokenizer
 
     if out is None:
         raise UserError("--out is required: the folder to write the resharded checkpoint to")
@@ -49,10 +49,9 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
         raise UserError("--out must be a different folder from --ckpt_dir")
     if os.path.isdir(out) and any(f.endswith(".pth") or f == "params.json" for f in os.listdir(out)):
         raise UserError(f"{out} already holds a checkpoint; choose an empty or new folder")
-    tokenizer_path = tokenizer_path or next(
-        (p for p in (os.path.join(ckpt_dir, "tokenizer.model"),
-                     os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model"))
-         if os.path.isfile(p)), None)
+    tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
+    if not os.path.isfile(tokenizer_path):
+        tokenizer_path = None
     if args.vocab_size == -1:
         if tokenizer_path is None:
             raise UserError("params.json has vocab_size -1 and no tokenizer.model was found; pass --tokenizer_path")
@@ -74,8 +73,9 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
         log.info("wrote %s", path)
     with open(os.path.join(out, "params.json"), "w", encoding="utf-8") as f:
         json.dump(params, f, indent=2)
-    if tokenizer_path and os.path.dirname(os.path.abspath(tokenizer_path)) == os.path.abspath(ckpt_dir):
-        shutil.copyfile(tokenizer_path, os.path.join(out, os.path.basename(tokenizer_path)))
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(ckpt_dir, name)):
+            shutil.copyfile(os.path.join(ckpt_dir, name), os.path.join(out, name))
     log.info("resharded %s (%d shard(s)) into %s (%d shard(s), %s)", ckpt_dir, len(files), out, shards,
              str(target).replace("torch.", ""))
     return 0

@@ -34,7 +34,7 @@ def prepare(llama, requests: list[PromptRequest], d: Defaults) -> tuple[list, li
     ready, failed = [], []
     max_seq_len = llama.model.params.max_seq_len
     for req in requests:
-        ids = llama.tokenizer.encode(req.prompt, bos=True, eos=False)
+        ids = llama.tokenizer.encode(req.prompt, bos=llama.tokenizer.add_bos, eos=False)
         if len(ids) >= max_seq_len:
             msg = (f"has {len(ids)} tokens but max_seq_len is {max_seq_len}, leaving no room to generate; "
                    f"raise --max_seq_len or shorten the prompt")

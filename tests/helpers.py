@@ -27,14 +27,16 @@ def corpus(n: int = 3000, seed: int = 0) -> list[str]:
 
 
 def train_sentencepiece(path: Path, vocab_size: int = 320) -> Path:
-    """A tiny BPE SentencePiece model with Llama's special ids (unk 0, bos 1, eos 2) and byte fallback."""
+    """A tiny BPE SentencePiece model set up like Llama's: special ids unk 0, bos 1, eos 2, byte
+    fallback, identity normalization keeping whitespace as it is."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1,
+        hard_vocab_limit=False, minloglevel=2, num_threads=1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True,
     )
     path.write_bytes(buf.getvalue())
     return path

@@ -202,7 +202,7 @@ def test_error_pickled_objects_are_refused(tmp_path, spm_path):
 
 @pytest.mark.parametrize("kind,match", [("missing", "does not exist"), ("dir", "is a folder"), ("empty", "is empty"),
                                         ("garbage", "not a readable tokenizer"), ("json", "tokenizer.json"),
-                                        ("tiktoken", "tiktoken")])
+                                        ("tiktoken", "line 2 is not 'base64-token rank'")])
 def test_error_bad_tokenizer(tmp_path, tiny_ckpt, kind, match):
     path = tmp_path / "tok"
     if kind == "dir":
@@ -214,7 +214,7 @@ def test_error_bad_tokenizer(tmp_path, tiny_ckpt, kind, match):
     elif kind == "json":
         path.write_text('{"model": {"type": "BPE"}}')
     elif kind == "tiktoken":
-        path.write_text("IQ== 0\nIg== 1\n")
+        path.write_text("IQ== 0\nnot-base64!! x\n")
     assert match in build_err(tiny_ckpt[0], path)
 
 

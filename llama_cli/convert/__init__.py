@@ -1,0 +1,59 @@
+"""`llama-cli convert`: HuggingFace Llama folders and GGUF files into Meta's checkpoint layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ..errors import UserError
+
+log = logging.getLogger("llama_cli")
+
+
+def convert(src=None, out=None, shards=1, dtype=None):
+    """Convert a HuggingFace Llama folder or a llama GGUF file into a Meta checkpoint folder.
+
+    Examples:
+      llama-cli convert --src SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/smollm2-135m
+      llama-cli convert --src Llama-3.2-1B/ --out checkpoints/llama-3.2-1b --shards 2 --dtype bf16
+
+    Args:
+      src: a HuggingFace model folder (config.json, *.safetensors or *.bin, tokenizer files), or a
+        GGUF file of architecture llama (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, ... dequantized).
+      out: the folder to write consolidated.NN.pth, params.json and the tokenizer into.
+      shards: how many shards to write (for that many model-parallel processes).
+      dtype: precision to store: fp32, bf16 or fp16. Default: as stored for HF folders, fp32 for GGUF
+        (dequantized values are exact in fp32; bf16 halves the size).
+    """
+    import torch
+
+    from ..distributed import pick_dtype
+    from .writer import CheckpointWriter
+
+    if src is None or out is None:
+        raise UserError("convert needs --src (HF folder or .gguf file) and --out (the folder to write)")
+    src, out = str(src), str(out)
+    target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else None
+
+    def factory(args, dt):
+        return CheckpointWriter(out, shards, dt, args)
+
+    start = time.perf_counter()
+    if os.path.isdir(src):
+        from . import hf
+
+        params, n = hf.convert_hf(src, factory, target)
+        copied = hf.copy_tokenizer(src, out)
+    elif os.path.isfile(src):
+        from . import gguf
+
+        if not gguf.is_gguf(src):
+            raise UserError(f"{src} is neither a GGUF file nor a HuggingFace model folder")
+        params, n = gguf.convert_gguf(src, factory, target)
+        copied = gguf.write_tokenizer(src, out)
+    else:
+        raise UserError(f"--src {src} does not exist")
+    log.info("converted %s into %s: %d tensors in %d shard(s), %s, in %.1f s", src, out, n, shards,
+             ", ".join(copied), time.perf_counter() - start)
+    return 0

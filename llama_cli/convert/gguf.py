@@ -1,0 +1,219 @@
+"""GGUF (llama.cpp) file of architecture `llama` -> Meta layout.
+
+Weights are dequantized with the `gguf` package, one tensor at a time. llama.cpp already
+stores wq/wk in Meta's interleaved rotary layout, so no permutation is needed. The
+tokenizer is rebuilt from the GGUF vocabulary: SentencePiece-style `llama` vocabularies
+become a SentencePiece tokenizer.model, byte-level BPE `gpt2` vocabularies a HuggingFace
+tokenizer.json with a tokenizer_config.json carrying BOS/EOS and add_bos_token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..model import ModelArgs, ffn_hidden_dim
+from ..tokenizer import LLAMA3_PATTERN
+
+log = logging.getLogger("llama_cli")
+
+LAYER_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+               "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+               "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+FIXED_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+               "output.weight": "output.weight"}
+
+
+def is_gguf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def open_gguf(path: str):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError and struct errors on damaged files
+        raise UserError(f"cannot read GGUF file {path} ({e}); the file is damaged or not GGUF") from None
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def params_from_gguf(reader, path: str) -> dict:
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path} is a GGUF of architecture '{arch}'; only 'llama' converts")
+    try:
+        dim = int(field(reader, "llama.embedding_length"))
+        params = {"dim": dim, "n_layers": int(field(reader, "llama.block_count")),
+                  "n_heads": int(field(reader, "llama.attention.head_count")),
+                  "n_kv_heads": int(field(reader, "llama.attention.head_count_kv",
+                                          field(reader, "llama.attention.head_count"))),
+                  "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+                  "multiple_of": 256,
+                  "norm_eps": float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                  "rope_theta": float(field(reader, "llama.rope.freq_base", 10000.0))}
+        hidden = int(field(reader, "llama.feed_forward_length"))
+    except (TypeError, KeyError) as e:
+        raise UserError(f"{path} lacks model metadata ({e}); not a complete llama GGUF") from None
+    if ffn_hidden_dim(dim, 256, None) != hidden:
+        params["ffn_hidden_dim"] = hidden
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        params["use_scaled_rope"] = True  # llama.cpp keeps Llama 3.1's rope scaling as a tensor
+    return params
+
+
+def meta_name(name: str) -> str | None:
+    if name in FIXED_NAMES:
+        return FIXED_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in LAYER_NAMES:
+        return f"layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.weight"
+    if name == "rope_freqs.weight":
+        return None
+    raise UserError(f"unexpected tensor '{name}' in the GGUF file; not a plain llama model")
+
+
+def dequantize(t) -> torch.Tensor:
+    """One GGUF tensor as float32, in PyTorch's (rows, cols) order."""
+    from gguf import GGMLQuantizationType, quants
+
+    try:
+        data = quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UserError(f"tensor '{t.name}' is stored as {t.tensor_type.name}, which the gguf package cannot "
+                        "dequantize; convert from a file with another quantization") from None
+    shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
+    if t.tensor_type == GGMLQuantizationType.F32 and data.dtype != np.float32:
+        data = data.astype(np.float32)
+    data = np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
+    return torch.from_numpy(data if data.flags.writeable else data.copy())
+
+
+def check_rope_freqs(reader, args: ModelArgs) -> None:
+    """A rope_freqs tensor must be what Llama 3.1's scaling gives, which is what we compute."""
+    from ..model import rope_frequencies
+
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return
+    factors = dequantize(t).flatten()
+    plain = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    ours = plain.float() / rope_frequencies(args)
+    if factors.shape != ours.shape or not torch.allclose(factors, ours, rtol=1e-3):
+        raise UserError("the GGUF's rope_freqs differ from Llama 3.1's rope scaling; this rope scaling is not "
+                        "supported")
+
+
+def convert_gguf(path: str, writer_factory, dtype) -> tuple[dict, int]:
+    reader = open_gguf(path)
+    params = params_from_gguf(reader, path)
+    args, _ = ModelArgs.from_params(params)
+    check_rope_freqs(reader, args)
+    writer = writer_factory(args, dtype or torch.float32)
+    count = 0
+    try:
+        for t in reader.tensors:
+            name = meta_name(t.name)
+            if name is None:
+                continue
+            writer.add(name, dequantize(t))
+            count += 1
+        writer.finish(params)
+    except BaseException:
+        writer.abort()
+        raise
+    return params, count
+
+
+def write_tokenizer(path: str, out: str) -> list[str]:
+    """Rebuild the GGUF's tokenizer in `out`; returns the files written."""
+    reader = open_gguf(path)
+    model = field(reader, "tokenizer.ggml.model")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise UserError(f"{path} carries no tokenizer vocabulary (tokenizer.ggml.tokens)")
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
+    if model == "llama":
+        scores = field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        _write_sentencepiece(os.path.join(out, "tokenizer.model"), tokens, scores, types, bos, eos,
+                             field(reader, "tokenizer.ggml.unknown_token_id", 0),
+                             field(reader, "tokenizer.ggml.add_space_prefix", True))
+        return ["tokenizer.model"]
+    if model == "gpt2":
+        merges = field(reader, "tokenizer.ggml.merges") or []
+        _write_hf_bpe(out, tokens, merges, types, bos, eos, field(reader, "tokenizer.ggml.add_bos_token", False),
+                      field(reader, "tokenizer.ggml.pre", "default"))
+        return ["tokenizer.json", "tokenizer_config.json"]
+    raise UserError(f"{path} has a '{model}' tokenizer; only 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) "
+                    "vocabularies convert")
+
+
+def _write_sentencepiece(path, tokens, scores, types, bos, eos, unk, add_space_prefix) -> None:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(tokens)
+    m.trainer_spec.byte_fallback = any(t == 6 for t in types)
+    m.trainer_spec.unk_id = unk if unk is not None else 0
+    m.trainer_spec.bos_id = bos if bos is not None else -1
+    m.trainer_spec.eos_id = eos if eos is not None else -1
+    m.trainer_spec.pad_id = -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = bool(add_space_prefix)
+    m.normalizer_spec.remove_extra_whitespaces = False
+    kinds = {1: pb.ModelProto.SentencePiece.NORMAL, 2: pb.ModelProto.SentencePiece.UNKNOWN,
+             3: pb.ModelProto.SentencePiece.CONTROL, 4: pb.ModelProto.SentencePiece.USER_DEFINED,
+             5: pb.ModelProto.SentencePiece.UNUSED, 6: pb.ModelProto.SentencePiece.BYTE}
+    for tok, score, kind in zip(tokens, scores, types):
+        piece = m.pieces.add()
+        piece.piece, piece.score = tok, float(score)
+        piece.type = kinds.get(int(kind), pb.ModelProto.SentencePiece.NORMAL)
+    with open(path, "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def _write_hf_bpe(out, tokens, merges, types, bos, eos, add_bos, pre) -> None:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre == "llama-bpe"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "llama-bpe":  # Llama 3's split pattern, then bytes
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "smollm":  # digits one by one, then GPT-2's pattern
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        if pre not in ("default", "gpt2", None):
+            log.warning("GGUF pre-tokenizer '%s' is not known here; using GPT-2's byte-level pattern", pre)
+        tk.pre_tokenizer = byte_level
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(tok, special=True, normalized=False)
+                           for tok, kind in zip(tokens, types) if int(kind) in (3, 4)])
+    tk.save(os.path.join(out, "tokenizer.json"))
+    config = {"add_bos_token": bool(add_bos), "tokenizer_class": "PreTrainedTokenizerFast"}
+    if bos is not None and 0 <= bos < len(tokens):
+        config["bos_token"] = tokens[bos]
+    if eos is not None and 0 <= eos < len(tokens):
+        config["eos_token"] = tokens[eos]
+    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

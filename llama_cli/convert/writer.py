@@ -1,0 +1,67 @@
+"""Writing a Meta-layout checkpoint folder one tensor at a time.
+
+Each incoming (whole) tensor is cast, split for the target shard count the way fairscale
+splits it, and staged into a file-backed tensor in a temporary folder beside the output, so
+the converter's own memory stays near the largest single tensor; each shard is then saved
+with torch.save from those staged tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from ..checkpoint import split_dim
+from ..errors import UserError
+from ..model import ModelArgs, check_parallel
+
+
+class CheckpointWriter:
+    def __init__(self, out: str, n_shards: int, dtype: torch.dtype, args: ModelArgs):
+        if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+            raise UserError(f"--shards must be a positive integer, got {n_shards!r}")
+        check_parallel(args, n_shards)
+        if n_shards > args.n_kv_heads:
+            raise UserError(f"cannot write {n_shards} shards: the model has {args.n_kv_heads} KV heads and a shard "
+                            f"must hold whole ones; write at most {args.n_kv_heads} shards")
+        if os.path.isdir(out) and any(f.endswith(".pth") or f == "params.json" for f in os.listdir(out)):
+            raise UserError(f"{out} already holds a checkpoint; choose an empty or new folder")
+        try:
+            os.makedirs(out, exist_ok=True)
+            self.staging = tempfile.mkdtemp(prefix=".convert-", dir=out)
+        except OSError as e:
+            raise UserError(f"cannot write to {out}: {e.strerror}") from None
+        self.out, self.n_shards, self.dtype, self.args = out, n_shards, dtype, args
+        self.shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+        self._count = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Stage one whole tensor (any float dtype) under its Meta name."""
+        dim = split_dim(name) if self.n_shards > 1 else None
+        parts = [tensor] if dim is None else tensor.chunk(self.n_shards, dim=dim)
+        for s in range(self.n_shards):
+            part = parts[0] if dim is None else parts[s]
+            path = os.path.join(self.staging, f"{self._count}.bin")
+            self._count += 1
+            staged = torch.from_file(path, shared=True, size=part.numel(), dtype=self.dtype).view(part.shape)
+            staged.copy_(part)
+            self.shards[s][name] = staged
+
+    def finish(self, params: dict) -> None:
+        """Save every shard and params.json; remove the staging files."""
+        try:
+            for s, sd in enumerate(self.shards):
+                torch.save(sd, os.path.join(self.out, f"consolidated.{s:02d}.pth"))
+                sd.clear()
+            with open(os.path.join(self.out, "params.json"), "w", encoding="utf-8") as f:
+                json.dump(params, f, indent=2)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self.shards = [{} for _ in range(self.n_shards)]
+        shutil.rmtree(self.staging, ignore_errors=True)

