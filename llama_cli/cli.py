@@ -171,8 +171,9 @@ def complete(ckpt_dir=None, tokenizer_path=None, prompt=None, prompts_file=None,
       debug: show the Python traceback on errors.
       schedule: continuous (a finished prompt's batch slot is refilled at once: best for prompt
         files) or static (Meta's: each batch runs until its longest completion ends).
-      compile: compile the decoding step with torch.compile: on, off, or auto (on for GPUs; on CPU
-        only for jobs of 4096+ tokens, since compiling takes ~30 s there; cached on disk after).
+      compile: compile the decoding step with torch.compile: on, off, or auto (on for GPUs; on the CPU,
+        where it speeds up only 1-2 rows and takes ~30 s to compile, for --max_batch_size 1-2 and
+        jobs of 4096+ tokens). Compiled kernels are cached on disk.
 
     Exit codes: 0 done; 2 bad usage or input; 1 failure while running, or some prompts got error entries.
     Multi-node: torchrun --nnodes N --node_rank R --nproc_per_node G --rdzv_backend c10d
@@ -207,9 +208,8 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
 
     t0 = time.perf_counter()
     work = sum((r.max_gen_len or cfg.max_gen_len) for r in requests if r.index not in done)
-    compile = "on" if cfg.compile == "auto" and work >= 4096 else cfg.compile  # pays off on any device
     llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size, seed=cfg.seed,
-                        device=cfg.device, dtype=cfg.dtype, compile=compile)
+                        device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, expected_tokens=work or None)
     load_s = time.perf_counter() - t0
     pending = [r.to_json() for r in requests if r.index not in done]
     pending = [PromptRequest(**r) for r in distributed.broadcast_json(pending, llama.device)]

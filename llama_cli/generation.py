@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from . import checkpoint, distributed, memory
 from .errors import UserError
 from .model import Transformer, check_parallel
+from .parallel import GEMV_MAX_ROWS
 from .sampling import sample, sample_rows
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -41,15 +42,20 @@ def check_sampling(temperature, top_p, top_k=None) -> None:
         raise UserError(f"top_k must be a non-negative integer (0 or unset: no limit), got {top_k!r}")
 
 
-def decide_compile(compile: Union[str, bool], device: torch.device) -> bool:
-    """--compile: on, off, or auto (on for GPUs; on CPU the one-time compilation, about 30 s for a
-    135M model on 2 cores, pays off only for long jobs, so auto leaves it off there)."""
+def decide_compile(compile: Union[str, bool], device: torch.device, max_batch_size: int,
+                   expected_tokens: Optional[int] = None) -> bool:
+    """--compile: on, off, or auto. Measured (docs/benchmarks.md): on GPUs the compiled step (one
+    CUDA-graph replay) wins; on the CPU it wins only for 1-2 rows (the fused matrix-vector product,
+    about 2.8x eager for SmolLM2-135M) and costs ~30 s to compile, so auto compiles there only for
+    max_batch_size <= 2 and jobs of 4096+ tokens."""
     if isinstance(compile, bool):
         return compile
     if compile not in ("auto", "on", "off"):
         raise UserError(f"compile must be auto, on or off, got {compile!r}")
     if compile == "auto":
-        return device.type == "cuda"
+        if device.type != "cpu":
+            return device.type == "cuda"
+        return max_batch_size <= GEMV_MAX_ROWS and (expected_tokens or 0) >= 4096
     return compile == "on"
 
 
@@ -58,12 +64,13 @@ class Llama:
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
               model_parallel_size: Optional[int] = None, seed: int = 1,
               device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
-              compile: Union[str, bool] = "auto") -> "Llama":
+              compile: Union[str, bool] = "auto", expected_tokens: Optional[int] = None) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
         that the model's heads divide into. device/dtype default to this rank's GPU in bf16
-        (fp16 where bf16 is unsupported), else CPU in fp32.
+        (fp16 where bf16 is unsupported), else CPU in fp32. compile: "on", "off" or "auto" (see
+        decide_compile; expected_tokens, the job's total tokens to generate, informs it on CPU).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -73,6 +80,7 @@ class Llama:
         world_size, rank, local_rank = distributed.world()
         device = distributed.pick_device(device, local_rank)
         dtype = distributed.pick_dtype(device, dtype)
+        compiled = decide_compile(compile, device, max_batch_size, expected_tokens)
 
         files, params_path = checkpoint.find_checkpoint(ckpt_dir)
         args = checkpoint.load_args(params_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
@@ -95,7 +103,6 @@ class Llama:
         model.requires_grad_(False)
         model.fuse()
         model.setup_caches(max_batch_size, max_seq_len)
-        compiled = decide_compile(compile, device)
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
                  device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer, seed=seed, compile=compiled)
@@ -112,6 +119,8 @@ class Llama:
         if compile:
             # One decode step = one graph (a CUDA-graph replay on GPUs); prefill stays eager.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
+            # one graph per padded batch size and model shape; several models in one process are fine
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
 
     @property
@@ -120,13 +129,15 @@ class Llama:
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """Logits (n, vocab) for one new token per row: tokens (n, 1) at per-row positions (n,),
-        cache rows 0..n-1. Compiled: rows are padded to a power of two (few graphs to compile);
+        cache rows 0..n-1. Compiled (GPUs; CPU for 1-2 rows): rows are padded to a power of two;
         padding rows write only to cache rows >= n at position 0, which no live row uses."""
         n = tokens.shape[0]
-        # contiguous: a strided view would fail the compiled graph's guards and recompile
-        tokens, positions = tokens.contiguous(), positions.contiguous()
-        if self._compiled is None:
+        if self._compiled is None or (self.device.type == "cpu" and n > GEMV_MAX_ROWS):
+            # on the CPU the compiled step only wins for a row or two (the fused matrix-vector product)
             return self.model(tokens, positions, kv_len=kv_len)[:, -1]
+        # fresh standard strides: a view (even a "contiguous" one) fails the compiled graph's guards
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        positions = positions.clone(memory_format=torch.contiguous_format)
         size = min(self.model.params.max_batch_size, 1 << (n - 1).bit_length())
         if size > n:
             tokens = torch.cat([tokens, tokens.new_zeros(size - n, 1)])

@@ -28,8 +28,8 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
       out: the folder to write; must not already hold a checkpoint.
       shards: how many shards to write (the number of processes the copy is meant for).
       dtype: precision to store (fp32, bf16, fp16); default: as stored in ckpt_dir.
-      tokenizer_path: tokenizer to check vocab_size against and copy; default: tokenizer.model
-        in ckpt_dir or its parent folder.
+      tokenizer_path: tokenizer to take vocab_size from when params.json says -1; default: the one
+        in ckpt_dir or its parent folder. Tokenizer files in ckpt_dir are copied to --out.
     """
     import torch
 
@@ -54,7 +54,7 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
         tokenizer_path = None
     if args.vocab_size == -1:
         if tokenizer_path is None:
-            raise UserError("params.json has vocab_size -1 and no tokenizer.model was found; pass --tokenizer_path")
+            raise UserError("params.json has vocab_size -1 and no tokenizer was found; pass --tokenizer_path")
         args.vocab_size = load_tokenizer(tokenizer_path).n_words
     check_parallel(args, shards)
     if shards > args.n_kv_heads:

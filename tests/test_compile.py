@@ -26,8 +26,8 @@ def test_compiled_continuous_batching_equals_eager(tiny_ckpt):
 
     folder = tiny_ckpt[0]
     tok = str(folder / "tokenizer.model")
-    eager = Llama.build(str(folder), tok, max_seq_len=64, max_batch_size=4, compile="off")
-    compiled = Llama.build(str(folder), tok, max_seq_len=64, max_batch_size=4, compile="on")
+    eager = Llama.build(str(folder), tok, max_seq_len=64, max_batch_size=2, compile="off")
+    compiled = Llama.build(str(folder), tok, max_seq_len=64, max_batch_size=2, compile="on")
     reqs = [PromptRequest(i, p, max_gen_len=g) for i, (p, g) in enumerate(
         [("Hello", 20), ("The cat", 3), ("42", 9), ("Red green blue", 30), ("a", 1), ("Why", 12)])]
     d = Defaults(max_gen_len=8, temperature=0.0, top_p=1.0)
@@ -42,5 +42,18 @@ def test_compiled_continuous_batching_equals_eager(tiny_ckpt):
 def test_compiled_model_parallel_under_torchrun(tmp_path, tiny_ckpt2, tiny_ckpt):
     from test_checkpoint import greedy, run_torchrun
 
-    got = run_torchrun(2, tiny_ckpt2[0], tmp_path / "out", env={"GEN_COMPILE": "on"})
+    # batch 1: on the CPU the compiled step serves 1-2 rows (larger batches stay eager there)
+    got = run_torchrun(2, tiny_ckpt2[0], tmp_path / "out", env={"GEN_COMPILE": "on", "GEN_BATCH": "1"})
     assert got["greedy"] == greedy(tiny_ckpt[0])
+
+
+def test_compile_auto_follows_the_measurements():
+    import torch
+
+    from llama_cli.generation import decide_compile
+
+    cpu = torch.device("cpu")
+    assert decide_compile("auto", cpu, 1, expected_tokens=10_000) is True
+    assert decide_compile("auto", cpu, 1, expected_tokens=100) is False  # compiling would cost more
+    assert decide_compile("auto", cpu, 16, expected_tokens=10_000) is False  # eager is faster at batch 16
+    assert decide_compile("on", cpu, 16) is True and decide_compile("off", cpu, 1, 10_000) is False
