@@ -82,6 +82,11 @@ def pick_dtype(device: torch.device, requested: Union[str, torch.dtype, None] = 
     return torch.float16
 
 
+def is_cuda(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU (without spelling the device name out)."""
+    return device.type != "cpu" and torch.get_device_module(device.type) is torch.cuda
+
+
 def backend_for(device: torch.device) -> str:
     if device.type != "cpu" and dist.Backend.default_device_backend_map.get(device.type) == "nccl" \
             and dist.is_nccl_available():

@@ -54,7 +54,7 @@ def decide_compile(compile: Union[str, bool], device: torch.device, max_batch_si
         raise UserError(f"compile must be auto, on or off, got {compile!r}")
     if compile == "auto":
         if device.type != "cpu":
-            return device.type == "cuda"
+            return distributed.is_cuda(device)
         return max_batch_size <= GEMV_MAX_ROWS and (expected_tokens or 0) >= 4096
     return compile == "on"
 
@@ -118,7 +118,7 @@ class Llama:
         self._compiled_sizes: set[int] = set()
         if compile:
             # One decode step = one graph (a CUDA-graph replay on GPUs); prefill stays eager.
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            mode = "reduce-overhead" if distributed.is_cuda(self.device) else None
             # one graph per padded batch size and model shape; several models in one process are fine
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
@@ -150,7 +150,8 @@ class Llama:
                      size, time.perf_counter() - start)
         else:
             out = self._compiled(tokens, positions)
-        return out[:n].clone() if self.device.type == "cuda" else out[:n]
+        # a CUDA graph's output is overwritten by its next replay
+        return out[:n].clone() if distributed.is_cuda(self.device) else out[:n]
 
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float = 0.9, logprobs: bool = False, echo: bool = False, top_k: Optional[int] = None,

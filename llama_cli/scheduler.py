@@ -46,16 +46,21 @@ def prepare(llama, requests: list[PromptRequest], d: Defaults) -> tuple[list, li
     return ready, failed
 
 
-def run_static(llama, requests: list[PromptRequest], d: Defaults, on_result: Callable[[Result], None],
-               on_progress: Optional[Callable[[Stats], None]] = None,
-               on_step: Optional[Callable[[list[int]], None]] = None) -> Stats:
-    """Meta's static batching: max_batch_size prompts at a time, each batch run to its longest row."""
-    stats = Stats()
-    start = time.perf_counter()
+def _begin(llama, requests, d: Defaults, on_result) -> tuple[Stats, float, list]:
+    """Start a run: report prompts that cannot run; returns (stats, start time, runnable prompts)."""
+    stats, start = Stats(), time.perf_counter()
     ready, failed = prepare(llama, requests, d)
     for r in failed:
         stats.errors += 1
         on_result(r)
+    return stats, start, ready
+
+
+def run_static(llama, requests: list[PromptRequest], d: Defaults, on_result: Callable[[Result], None],
+               on_progress: Optional[Callable[[Stats], None]] = None,
+               on_step: Optional[Callable[[list[int]], None]] = None) -> Stats:
+    """Meta's static batching: max_batch_size prompts at a time, each batch run to its longest row."""
+    stats, start, ready = _begin(llama, requests, d, on_result)
     bs = llama.model.params.max_batch_size
 
     def step_hook(tokens):
@@ -107,12 +112,7 @@ def run_continuous(llama, requests: list[PromptRequest], d: Defaults, on_result:
 
     from .sampling import sample_rows
 
-    stats = Stats()
-    start = time.perf_counter()
-    ready, failed = prepare(llama, requests, d)
-    for r in failed:
-        stats.errors += 1
-        on_result(r)
+    stats, start, ready = _begin(llama, requests, d, on_result)
     model, device = llama.model, llama.device
     bs, max_seq_len = model.params.max_batch_size, model.params.max_seq_len
     stop_ids = llama.tokenizer.stop_ids

@@ -34,26 +34,20 @@ def convert(src=None, out=None, shards=1, dtype=None):
     if src is None or out is None:
         raise UserError("convert needs --src (HF folder or .gguf file) and --out (the folder to write)")
     src, out = str(src), str(out)
-    target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else None
-
-    def factory(args, dt):
-        return CheckpointWriter(out, shards, dt, args)
-
     start = time.perf_counter()
     if os.path.isdir(src):
-        from . import hf
-
-        params, n = hf.convert_hf(src, factory, target)
-        copied = hf.copy_tokenizer(src, out)
+        from . import hf as source
     elif os.path.isfile(src):
-        from . import gguf
+        from . import gguf as source
 
-        if not gguf.is_gguf(src):
+        if not source.is_gguf(src):
             raise UserError(f"{src} is neither a GGUF file nor a HuggingFace model folder")
-        params, n = gguf.convert_gguf(src, factory, target)
-        copied = gguf.write_tokenizer(src, out)
     else:
         raise UserError(f"--src {src} does not exist")
+    params, args, stored, tensors = source.read(src)
+    target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
+    n = CheckpointWriter(out, shards, target, args).write(tensors, params)
+    copied = source.write_tokenizer(src, out)
     log.info("converted %s into %s: %d tensors in %d shard(s), %s, in %.1f s", src, out, n, shards,
              ", ".join(copied), time.perf_counter() - start)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -119,25 +120,20 @@ def check_rope_freqs(reader, args: ModelArgs) -> None:
                         "supported")
 
 
-def convert_gguf(path: str, writer_factory, dtype) -> tuple[dict, int]:
+def read(path: str) -> tuple[dict, ModelArgs, torch.dtype, Iterator[tuple[str, torch.Tensor]]]:
+    """(params, args, fp32, (Meta name, dequantized tensor) one at a time) of a llama GGUF file."""
     reader = open_gguf(path)
     params = params_from_gguf(reader, path)
     args, _ = ModelArgs.from_params(params)
     check_rope_freqs(reader, args)
-    writer = writer_factory(args, dtype or torch.float32)
-    count = 0
-    try:
+
+    def converted():
         for t in reader.tensors:
             name = meta_name(t.name)
-            if name is None:
-                continue
-            writer.add(name, dequantize(t))
-            count += 1
-        writer.finish(params)
-    except BaseException:
-        writer.abort()
-        raise
-    return params, count
+            if name is not None:
+                yield name, dequantize(t)
+
+    return params, args, torch.float32, converted()
 
 
 def write_tokenizer(path: str, out: str) -> list[str]:

@@ -125,16 +125,15 @@ def meta_name(hf: str) -> str | None:
     raise UserError(f"unexpected tensor '{hf}' in the HF weights; not a plain Llama model")
 
 
-def convert_hf(src: str, writer_factory, dtype) -> tuple[dict, int]:
-    """Stream every tensor into a writer made by writer_factory(args); returns (params, tensor count)."""
+def read(src: str) -> tuple[dict, ModelArgs, torch.dtype, Iterator[tuple[str, torch.Tensor]]]:
+    """(params, args, stored dtype, (Meta name, tensor) one at a time) of a HF Llama folder."""
     cfg = read_config(src)
     params = params_from_config(cfg)
     args, _ = ModelArgs.from_params(params)
     tied = bool(cfg.get("tie_word_embeddings", False))
-    first = next(tensors(src))[1]
-    writer = writer_factory(args, dtype or first.dtype)
-    count = 0
-    try:
+    stored = next(tensors(src))[1].dtype
+
+    def converted():
         for name, t in tensors(src):
             meta = meta_name(name)
             if meta is None or (tied and meta == "output.weight"):
@@ -143,16 +142,12 @@ def convert_hf(src: str, writer_factory, dtype) -> tuple[dict, int]:
                 t = unpermute(t, args.n_heads)
             elif meta.endswith("attention.wk.weight"):
                 t = unpermute(t, args.n_kv_heads)
-            writer.add(meta, t)
-            count += 1
-        writer.finish(params)
-    except BaseException:
-        writer.abort()
-        raise
-    return params, count
+            yield meta, t
+
+    return params, args, stored, converted()
 
 
-def copy_tokenizer(src: str, out: str) -> list[str]:
+def write_tokenizer(src: str, out: str) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         path = os.path.join(src, name)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Iterable
 
 import torch
 
@@ -50,6 +51,20 @@ class CheckpointWriter:
             staged = torch.from_file(path, shared=True, size=part.numel(), dtype=self.dtype).view(part.shape)
             staged.copy_(part)
             self.shards[s][name] = staged
+
+    def write(self, tensors: Iterable[tuple[str, torch.Tensor]], params: dict) -> int:
+        """Stage every (Meta name, whole tensor) and save the shards; returns the tensor count.
+        Nothing is left behind if it fails."""
+        count = 0
+        try:
+            for name, t in tensors:
+                self.add(name, t)
+                count += 1
+            self.finish(params)
+        except BaseException:
+            self.abort()
+            raise
+        return count
 
     def finish(self, params: dict) -> None:
         """Save every shard and params.json; remove the staging files."""
