@@ -100,8 +100,12 @@ class Llama:
         with torch.device("meta"):
             model = Transformer(args, mp)
         model.load_state_dict(state, assign=True, strict=True)
+        del state  # the model holds the tensors now
         model.requires_grad_(False)
-        model.fuse()
+        if device.type != "cpu":
+            # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
+            # measured no faster and would copy weights that are otherwise used in place from the map.
+            model.fuse()
         model.setup_caches(max_batch_size, max_seq_len)
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
                  device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
@@ -127,13 +131,17 @@ class Llama:
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    def uses_compiled(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows runs compiled: always on GPUs; on the CPU only for
+        a row or two (the fused matrix-vector product), since eager measured faster beyond."""
+        return self._compiled is not None and (distributed.is_cuda(self.device) or rows <= GEMV_MAX_ROWS)
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """Logits (n, vocab) for one new token per row: tokens (n, 1) at per-row positions (n,),
         cache rows 0..n-1. Compiled (GPUs; CPU for 1-2 rows): rows are padded to a power of two;
         padding rows write only to cache rows >= n at position 0, which no live row uses."""
         n = tokens.shape[0]
-        if self._compiled is None or (self.device.type == "cpu" and n > GEMV_MAX_ROWS):
-            # on the CPU the compiled step only wins for a row or two (the fused matrix-vector product)
+        if not self.uses_compiled(n):
             return self.model(tokens, positions, kv_len=kv_len)[:, -1]
         # fresh standard strides: a view (even a "contiguous" one) fails the compiled graph's guards
         tokens = tokens.clone(memory_format=torch.contiguous_format)
@@ -213,7 +221,7 @@ class Llama:
             logits = self.model(tokens, prev_pos)
             token_logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none", ignore_index=PAD)
         for cur_pos in range(min_len, total_len):
-            if self.compiled and cur_pos - prev_pos == 1:
+            if cur_pos - prev_pos == 1 and self.uses_compiled(bsz):
                 positions = torch.full((bsz,), prev_pos, dtype=torch.long, device=self.device)
                 logits = self.decode(tokens[:, prev_pos:cur_pos], positions)[:, None]  # (bsz, 1, vocab)
             else:

@@ -144,3 +144,15 @@ def test_bf16_greedy_close_to_fp32(tiny_ckpt):
     ga, _ = a.generate(ids, 4, temperature=0)
     gb, _ = b.generate(ids, 4, temperature=0)
     assert ga[0][:2] == gb[0][:2]
+
+
+def test_fused_weights_give_the_same_logits():
+    """fuse() (used on GPUs) stacks wq/wk/wv and w1/w3 without changing the result."""
+    vocab = 320
+    weights = random_weights(TINY, vocab, seed=4)
+    plain, fused = build_local(TINY, weights, vocab), build_local(TINY, weights, vocab)
+    fused.fuse()
+    assert fused.layers[0].attention.wqkv is not None and fused.layers[0].feed_forward.w13 is not None
+    assert fused.layers[0].attention.wk.weight.data_ptr() != weights["layers.0.attention.wk.weight"].data_ptr()
+    seq = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert rel_err(fused(seq, 0), plain(seq, 0)) < 1e-6
