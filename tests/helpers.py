@@ -149,6 +149,16 @@ def make_model_folder(root: Path, tokenizer: Path, params: dict | None = None, n
     return folder, weights
 
 
+def reader_for(folder: Path, vocab_size: int):
+    """A CheckpointReader for a test checkpoint folder (its params say vocab_size -1)."""
+    from llama_cli.checkpoint import CheckpointReader, find_checkpoint, load_args
+
+    files, params = find_checkpoint(folder)
+    args = load_args(params)
+    args.vocab_size = vocab_size
+    return CheckpointReader(files, args)
+
+
 class NotATensor:
     """Pickled into a checkpoint by a test: loading must refuse it, not run it."""
 

@@ -82,13 +82,10 @@ def test_shard_plan():
 
 
 def test_rank_slices_cover_the_whole_weight(tiny_ckpt2):
-    from llama_cli.checkpoint import CheckpointReader, find_checkpoint, load_args
+    from helpers import reader_for
 
     folder, weights = tiny_ckpt2
-    files, params = find_checkpoint(folder)
-    args = load_args(params)
-    args.vocab_size = weights["output.weight"].shape[0]
-    reader = CheckpointReader(files, args)
+    reader = reader_for(folder, weights["output.weight"].shape[0])
     parts = [reader.rank_state_dict(4, r, torch.float32) for r in range(4)]
     assert torch.equal(torch.cat([p["layers.1.attention.wq.weight"] for p in parts], 0),
                        weights["layers.1.attention.wq.weight"])

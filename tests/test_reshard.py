@@ -2,8 +2,7 @@
 
 import torch
 
-from helpers import TINY, make_model_folder
-from llama_cli.checkpoint import CheckpointReader, find_checkpoint, load_args
+from helpers import TINY, make_model_folder, reader_for
 from llama_cli.cli import cli
 from test_checkpoint import greedy, run_torchrun
 
@@ -44,19 +43,14 @@ def test_vocab_parallel_embeddings_are_read_too(tmp_path, spm_path, tiny_ckpt):
         sd["tok_embeddings.weight"] = weights["tok_embeddings.weight"].chunk(2, dim=0)[s].clone()
         torch.save(sd, path)
     assert greedy(folder) == greedy(tiny_ckpt[0])
-    files, params = find_checkpoint(folder)
-    args = load_args(params)
-    args.vocab_size = weights["tok_embeddings.weight"].shape[0]
-    parts = [CheckpointReader(files, args).rank_state_dict(2, r, torch.float32) for r in range(2)]
+    reader = reader_for(folder, weights["tok_embeddings.weight"].shape[0])
+    parts = [reader.rank_state_dict(2, r, torch.float32) for r in range(2)]
     assert torch.equal(torch.cat([p["tok_embeddings.weight"] for p in parts], 1), weights["tok_embeddings.weight"])
 
 
 def test_one_process_per_shard_uses_the_memory_map_in_place(tiny_ckpt2):
     folder, weights = tiny_ckpt2
-    files, params = find_checkpoint(folder)
-    args = load_args(params)
-    args.vocab_size = weights["tok_embeddings.weight"].shape[0]
-    reader = CheckpointReader(files, args)
+    reader = reader_for(folder, weights["tok_embeddings.weight"].shape[0])
     sd = reader.rank_state_dict(2, 1, torch.float32)
     # a file mapping (not resizable), not a fresh copy (resizable)
     assert not sd["layers.0.attention.wq.weight"].untyped_storage().resizable()
