@@ -312,8 +312,9 @@ class Transformer(nn.Module):
         """
         if self.rope_cos is None:
             raise RuntimeError("call setup_caches() before forward()")
+        device = self.tok_embeddings.weight.device
+        tokens = tokens.to(device)  # inputs follow the weights: no "tensors on different devices"
         bsz, seqlen = tokens.shape
-        device = tokens.device
         steps = torch.arange(seqlen, device=device)
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos.to(device)[:, None] + steps  # (bsz, seqlen)
@@ -329,6 +330,7 @@ class Transformer(nn.Module):
         elif not (start is not None and seqlen == 1 and kv_len == start + 1):
             key_pos = torch.arange(kv_len, device=device)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (bsz, 1, seqlen, kv_len)
+        rows = rows.to(device) if rows is not None else None
         ctx = _StepContext(positions, start, rows, kv_len, mask, is_causal)
 
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (bsz, seqlen, head_dim/2)

@@ -156,3 +156,4 @@ def test_fused_weights_give_the_same_logits():
     assert fused.layers[0].attention.wk.weight.data_ptr() != weights["layers.0.attention.wk.weight"].data_ptr()
     seq = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(5))
     assert rel_err(fused(seq, 0), plain(seq, 0)) < 1e-6
+
