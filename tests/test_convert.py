@@ -313,3 +313,59 @@ def test_smollm2_matches_transformers_and_reads_as_english(smollm2, monkeypatch)
     common = {"the", "a", "and", "of", "to", "is", "was", "in", "red", "blue", "yellow", "she", "he", "there"}
     assert sum(w.strip(".,!").lower() in common for w in words) >= 5, texts
     assert sum(c.isascii() for c in "".join(texts)) / len("".join(texts)) > 0.95
+
+
+# K-quants: the gguf package dequantizes them but cannot quantize to them, so the test writes valid
+# blocks from random bytes, with sane fp16 scale fields (their byte offsets inside each block below).
+K_SCALE_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("qname", sorted(K_SCALE_FIELDS))
+def test_gguf_k_quants(tmp_path, spm_path, qname):
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    qtype = getattr(Q, qname)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    params = {**TINY, "dim": 256, "multiple_of": 256, "vocab_size": 320, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    weights = random_weights(params, 320, seed=8)
+    rng = np.random.default_rng(0)
+    scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for key, value in (("block_count", 2), ("embedding_length", 256), ("feed_forward_length", 768),
+                       ("head_count", 4), ("head_count_kv", 2)):
+        getattr(w, f"add_{key}")(value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(320)])
+    w.add_token_scores([sp.get_score(i) for i in range(320)])
+    w.add_token_types([3 if sp.is_control(i) else 6 if sp.is_byte(i) else 2 if sp.is_unknown(i) else 1
+                       for i in range(320)])
+    held = {}
+    for name, t in weights.items():
+        if t.ndim == 1:
+            w.add_tensor(gguf_name(name), t.numpy())
+            held[name] = t
+            continue
+        rows, cols = t.shape
+        raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+        for off in K_SCALE_FIELDS[qname]:
+            raw[..., off:off + 2] = scale
+        raw = raw.reshape(rows, -1)
+        w.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+        held[name] = torch.from_numpy(quants.dequantize(raw, qtype).astype(np.float32)).reshape(rows, cols)
+        assert torch.isfinite(held[name]).all()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert cli(["convert", "--src", str(tmp_path / "k.gguf"), "--out", str(tmp_path / "out")]) == 0
+    sd = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
+    for name, t in held.items():
+        assert torch.equal(sd[name], t), name
+    greedy_vs_hf(tmp_path / "out", to_hf(params, held, 320))
