@@ -4,7 +4,8 @@ Every tokenizer offers `encode(text, *, bos, eos)`, `decode(ids)`, `bos_id`, `eo
 `pad_id`, `stop_ids` (ids that end a generation), `n_words` and `add_bos` (whether a
 prompt starts with the BOS token, from the tokenizer's own settings).
 
-- SentencePiece `tokenizer.model` (Llama 1/2, and rebuilt from GGUF "llama" vocabularies);
+- SentencePiece `tokenizer.model` (Llama 1/2, and rebuilt from GGUF "llama" vocabularies; BOS is
+  prepended unless a `tokenizer_config.json` beside it says `"add_bos_token": false`);
 - tiktoken BPE `tokenizer.model` (Llama 3: base64 token + rank per line, plus 256 special tokens);
 - HuggingFace `tokenizer.json` (through the `tokenizers` library), with BOS/EOS and
   `add_bos_token` from `tokenizer_config.json` and extra stop ids from `generation_config.json`
@@ -39,8 +40,6 @@ class Tokenizer(Protocol):
 
 
 class SentencePieceTokenizer:
-    add_bos = True
-
     def __init__(self, path: str):
         from sentencepiece import SentencePieceProcessor
 
@@ -54,6 +53,9 @@ class SentencePieceTokenizer:
         if self.eos_id < 0:
             raise UserError(f"{path} defines no end-of-sequence token; a LLaMA tokenizer needs one")
         self.stop_ids = frozenset({self.eos_id})
+        # Meta's models always start with BOS; a converted model may say otherwise beside the file
+        config = _read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json"))
+        self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id >= 0
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         if not isinstance(text, str):

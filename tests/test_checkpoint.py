@@ -255,3 +255,15 @@ def test_device_not_available(tiny_ckpt):
     assert "not available" in build_err(folder, device="cuda")
     assert "unknown device" in build_err(folder, device="gpu0")
     assert "unknown dtype" in build_err(folder, dtype="fp8")
+
+
+def test_weights_that_do_not_fit_are_refused_with_numbers():
+    from llama_cli.memory import preflight
+    from llama_cli.model import ModelArgs
+
+    args, _ = ModelArgs.from_params({"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000})
+    with pytest.raises(UserError, match=r"weights need 12\.\d\d GiB per process but only 8\.00 GiB.*nproc_per_node"):
+        preflight(args, 1, torch.device("cpu"), torch.bfloat16, 1, 64, free=8 * 1024 ** 3)
+    preflight(args, 2, torch.device("cpu"), torch.bfloat16, 1, 64, free=8 * 1024 ** 3)  # half fits
+    with pytest.raises(UserError, match=r"KV cache needs 8\.00 GiB .*6\.28 GiB of weights.*--max_batch_size 30\)"):
+        preflight(args, 2, torch.device("cpu"), torch.bfloat16, 32, 1024, free=14 * 1024 ** 3)

@@ -214,10 +214,44 @@ def test_gguf_sentencepiece_vocab_is_rebuilt(tmp_path, spm_path):
     write_gguf(tmp_path / "m.gguf", params, random_weights(params, 320), Q.F32, "llama", spm_path)
     assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
     rebuilt, original = load_tokenizer(tmp_path / "out" / "tokenizer.model"), load_tokenizer(spm_path)
+    assert rebuilt.add_bos is True and rebuilt.stop_ids == {2}
     for text in corpus(50, seed=9) + ["  two  spaces", "emoji ✓ and 中文", "\ttab"]:
         assert rebuilt.encode(text, bos=True, eos=False) == original.encode(text, bos=True, eos=False), text
         ids = original.encode(text, bos=False, eos=False)
         assert rebuilt.decode(ids) == original.decode(ids)
+
+
+def test_gguf_add_bos_setting_is_carried_over(tmp_path, spm_path):
+    import gguf
+
+    from llama_cli.tokenizer import load_tokenizer
+
+    params = {**TINY, "vocab_size": 320, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    path = tmp_path / "m.gguf"
+    write_gguf(path, params, random_weights(params, 320), gguf.GGMLQuantizationType.F32, "llama", spm_path)
+    # the same file, saying not to prepend BOS
+    r = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "nobos.gguf"), "llama")
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value, vtype = f.contents(), f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
+    w.add_add_bos_token(False)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert cli(["convert", "--src", str(tmp_path / "nobos.gguf"), "--out", str(tmp_path / "out")]) == 0
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.model")
+    assert tok.add_bos is False
+    llama = Llama.build(str(tmp_path / "out"), str(tmp_path / "out" / "tokenizer.model"), 32, 1)
+    assert llama.text_completion(["Hello"], temperature=0, max_gen_len=1)  # runs without BOS
 
 
 def test_gguf_rebuilds_metas_llama2_tokenizer(tmp_path, llama2_tokenizer):

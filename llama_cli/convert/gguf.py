@@ -150,7 +150,9 @@ def write_tokenizer(path: str, out: str) -> list[str]:
         _write_sentencepiece(os.path.join(out, "tokenizer.model"), tokens, scores, types, bos, eos,
                              field(reader, "tokenizer.ggml.unknown_token_id", 0),
                              field(reader, "tokenizer.ggml.add_space_prefix", True))
-        return ["tokenizer.model"]
+        with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", True))}, f)
+        return ["tokenizer.model", "tokenizer_config.json"]
     if model == "gpt2":
         merges = field(reader, "tokenizer.ggml.merges") or []
         _write_hf_bpe(out, tokens, merges, types, bos, eos, field(reader, "tokenizer.ggml.add_bos_token", False),
