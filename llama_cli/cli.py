@@ -218,8 +218,9 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
         return 0
 
     sink = stdout if rank == 0 else open(os.devnull, "w")
-    writer = ResultWriter(cfg.output, sink, cfg.output_file if rank == 0 else None, cfg.echo,
-                          [r.index for r in pending])
+    # with --stream the text goes out as it is made; the writer then keeps only --output_file
+    writer = ResultWriter(cfg.output, None if cfg.stream else sink, cfg.output_file if rank == 0 else None,
+                          cfg.echo, [r.index for r in pending])
     progress = Progress(len(pending), enabled=rank == 0 and not cfg.quiet and not cfg.stream and len(pending) > 1)
     streamer = Streamer(llama.tokenizer, pending[0], sink, cfg.echo) if cfg.stream else None
     # A prompt given on the command line that cannot run is a usage error; in a file it gets an error entry.
@@ -228,8 +229,13 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     t1 = time.perf_counter()
     try:
         schedule = run_continuous if cfg.schedule == "continuous" else run_static
-        stats = schedule(llama, pending, defaults, on_result=streamer.finish if streamer else writer.add,
-                           on_progress=progress.update, on_step=streamer.step if streamer else None)
+        def on_result(result):
+            if streamer is not None:
+                streamer.finish(result)
+            writer.add(result)
+
+        stats = schedule(llama, pending, defaults, on_result=on_result, on_progress=progress.update,
+                         on_step=streamer.step if streamer else None)
     finally:
         writer.close()
     gen_s = time.perf_counter() - t1

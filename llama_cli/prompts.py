@@ -170,9 +170,10 @@ def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:
 
 
 class ResultWriter:
-    """Writes results to stdout in input order and, as they finish, to an output file."""
+    """Writes results to stdout (if given) in input order and, as they finish, to an output file."""
 
-    def __init__(self, fmt: str, stdout: IO, output_file: Optional[str], echo: bool, expected: list[int]):
+    def __init__(self, fmt: str, stdout: Optional[IO], output_file: Optional[str], echo: bool,
+                 expected: list[int]):
         self.fmt, self.stdout, self.echo = fmt, stdout, echo
         self.file = open(output_file, "a", encoding="utf-8") if output_file else None
         self.expected = list(expected)  # indices to print, in order
@@ -188,7 +189,9 @@ class ResultWriter:
         self.pending[result.request.index] = result
         while self.next < len(self.expected) and self.expected[self.next] in self.pending:
             r = self.pending.pop(self.expected[self.next])
-            if r.error is not None and self.fmt == "text":
+            if self.stdout is None:
+                pass
+            elif r.error is not None and self.fmt == "text":
                 print(f"llama-cli: prompt {r.request.index + 1}: {r.error}", file=sys.stderr)
             else:
                 self.stdout.write(self.format(r))

@@ -77,10 +77,12 @@ def test_batches_equal_one_at_a_time(capsys, ckpt, tmp_path):
     assert [r["tokens"] for r in jsonl(batched)] == [r["tokens"] for r in jsonl(single)]
 
 
-def test_stream_prints_the_same_text(capsys, ckpt):
+def test_stream_prints_the_same_text(capsys, ckpt, tmp_path):
     _, plain, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", *BASE)
-    _, streamed, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", "--stream", *BASE)
+    _, streamed, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", "--stream", "--output_file",
+                             tmp_path / "o.txt", *BASE)
     assert streamed.strip("\n") == plain.strip("\n")
+    assert (tmp_path / "o.txt").read_text().strip("\n") == plain.strip("\n")  # the file still gets it
 
 
 def test_quiet_and_progress(capsys, ckpt, tmp_path):
