@@ -133,15 +133,16 @@ def _parse_jsonl(line: str, name: str, lineno: int, index: int) -> PromptRequest
 
 
 def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:
-    """Indices already answered in a JSONL output file. A last line cut short by a killed run
-    is removed from the file, so that prompt is done again."""
+    """Indices already answered in a JSONL output file. Error entries (a prompt that could not
+    run, e.g. too long for --max_seq_len) and a last line cut short by a killed run are removed
+    from the file (rewritten atomically), so those prompts are tried again."""
     done: set[int] = set()
     if not os.path.exists(path):
         return done
     with open(path, "rb") as f:
         data = f.read()
     lines = data.splitlines(keepends=True)
-    good_end = 0
+    keep = []
     for n, raw in enumerate(lines, 1):
         try:
             rec = json.loads(raw.decode("utf-8")) if raw.strip() else None
@@ -153,19 +154,26 @@ def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:
         if not ok:
             raise UserError(f"{path} line {n} is not JSON; it is not an output file of llama-cli --output jsonl; "
                             "choose another --output_file")
-        if rec is not None:
-            if not isinstance(rec, dict) or not isinstance(rec.get("index"), int):
-                raise UserError(f"{path} line {n} has no result index; it was not written by llama-cli "
-                                "--output jsonl; choose another --output_file")
-            i = rec["index"]
-            if i >= len(requests) or requests[i].prompt != rec.get("prompt"):
-                raise UserError(f"{path} line {n} answers a prompt that is not prompt {i + 1} of this input; "
-                                "use another --output_file, or the prompts it was written for")
+        if rec is None:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("index"), int):
+            raise UserError(f"{path} line {n} has no result index; it was not written by llama-cli "
+                            "--output jsonl; choose another --output_file")
+        i = rec["index"]
+        if i >= len(requests) or requests[i].prompt != rec.get("prompt"):
+            raise UserError(f"{path} line {n} answers a prompt that is not prompt {i + 1} of this input; "
+                            "use another --output_file, or the prompts it was written for")
+        if "error" not in rec:
             done.add(i)
-        good_end += len(raw)
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
+            keep.append(raw)
+    kept = b"".join(keep)
+    if kept != data:
+        tmp = path + ".resume-tmp"
+        with open(tmp, "wb") as f:
+            f.write(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return done
 
 
@@ -179,7 +187,6 @@ class ResultWriter:
         self.expected = list(expected)  # indices to print, in order
         self.next = 0
         self.pending: dict[int, Result] = {}
-        self.written = 0
 
     def add(self, result: Result) -> None:
         if self.file is not None:
@@ -189,15 +196,14 @@ class ResultWriter:
         self.pending[result.request.index] = result
         while self.next < len(self.expected) and self.expected[self.next] in self.pending:
             r = self.pending.pop(self.expected[self.next])
+            self.next += 1
             if self.stdout is None:
-                pass
-            elif r.error is not None and self.fmt == "text":
+                continue
+            if r.error is not None and self.fmt == "text":
                 print(f"llama-cli: prompt {r.request.index + 1}: {r.error}", file=sys.stderr)
             else:
                 self.stdout.write(self.format(r))
                 self.stdout.flush()
-            self.next += 1
-        self.written += 1
 
     def format(self, r: Result) -> str:
         if self.fmt == "jsonl":

@@ -156,6 +156,22 @@ def test_long_prompt_in_file_gets_an_error_entry_and_the_rest_continue(capsys, c
     assert code == 2 and "prompt 2" in err and out == ""
 
 
+def test_resume_retries_error_entries(capsys, ckpt, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("short one\n" + "word " * 30 + "\nanother short\n")
+    out = tmp_path / "o.jsonl"
+    args = ["--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--output_file", out,
+            "--max_gen_len", "4", "--temperature", "0", "-q"]
+    code, _, _ = run_cli(capsys, *args, "--max_seq_len", "64")
+    first = sorted(jsonl(out.read_text()), key=lambda r: r["index"])  # the file is in finish order
+    assert code == 1 and ["error" in r for r in first] == [False, True, False]
+    code, stdout, _ = run_cli(capsys, *args, "--max_seq_len", "512", "--resume")  # room for it now
+    assert code == 0
+    assert [r["index"] for r in jsonl(stdout)] == [1]  # only the prompt that had failed ran again
+    recs = jsonl(out.read_text())
+    assert sorted(r["index"] for r in recs) == [0, 1, 2] and not any("error" in r for r in recs)
+
+
 def test_existing_output_file_is_not_overwritten(capsys, ckpt, tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"index": 0, "prompt": "x", "generation": "y", "tokens": []}\n')
