@@ -46,7 +46,9 @@ def main() -> None:
             subprocess.run([sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), "--out", ckpt,
                             "--dim", str(a.dim), "--n_layers", str(a.n_layers), "--n_heads", "8", "--n_kv_heads", "4",
                             "--dtype", "fp32"], check=True)
-    llama = Llama.build(ckpt, os.path.join(ckpt, "tokenizer.model"), max_seq_len=200 + 256, max_batch_size=a.batch,
+    from llama_cli.tokenizer import find_tokenizer
+
+    llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256, max_batch_size=a.batch,
                         device=a.device, dtype=a.dtype)
     rng = random.Random(a.seed)
     vocab = llama.tokenizer.n_words
