@@ -36,7 +36,7 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
     from . import checkpoint
     from .distributed import pick_dtype
     from .model import check_parallel
-    from .tokenizer import find_tokenizer, load_tokenizer
+    from .tokenizer import TOKENIZER_FILES, find_tokenizer, load_tokenizer
 
     if out is None:
         raise UserError("--out is required: the folder to write the resharded checkpoint to")
@@ -73,7 +73,7 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
         log.info("wrote %s", path)
     with open(os.path.join(out, "params.json"), "w", encoding="utf-8") as f:
         json.dump(params, f, indent=2)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(ckpt_dir, name)):
             shutil.copyfile(os.path.join(ckpt_dir, name), os.path.join(out, name))
     log.info("resharded %s (%d shard(s)) into %s (%d shard(s), %s)", ckpt_dir, len(files), out, shards,

@@ -22,6 +22,10 @@ from typing import Protocol, Sequence
 
 from .errors import UserError
 
+# The files that make up a tokenizer in a model folder (copied along by reshard and convert).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json")
+
 ACCEPTED = ("a SentencePiece tokenizer.model (Llama 1/2), a tiktoken tokenizer.model (Llama 3) "
             "or a HuggingFace tokenizer.json")
 

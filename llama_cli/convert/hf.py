@@ -19,11 +19,9 @@ import torch
 from ..checkpoint import open_shard
 from ..errors import UserError
 from ..model import ModelArgs, ffn_hidden_dim
+from ..tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("llama_cli")
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json")
 
 
 def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
