@@ -270,8 +270,9 @@ class CheckpointReader:
         t = self._tensor(s, source, full)
         per = t.shape[src]
         if src == dim:
-            lo, hi = max(start, s * per), min(end, (s + 1) * per)
-            return [(t.narrow(dim, lo - s * per, hi - lo), dim, lo - start)] if lo < hi else []
+            plan = ShardPlan(len(self.files), 1, 0)
+            return [(t.narrow(dim, off, cnt), dim, s * per + off - start)
+                    for shard, off, cnt in plan.shards_for(start, end, full[dim]) if shard == s]
         if dim is not None:
             t = t.narrow(dim, start, end - start)
         return [(t, src, s * per)]

@@ -150,14 +150,12 @@ class Llama:
         if size > n:
             tokens = torch.cat([tokens, tokens.new_zeros(size - n, 1)])
             positions = torch.cat([positions, positions.new_zeros(size - n)])
-        if size not in self._compiled_sizes:
-            start = time.perf_counter()
-            out = self._compiled(tokens, positions)
+        start = time.perf_counter()
+        out = self._compiled(tokens, positions)
+        if size not in self._compiled_sizes:  # the first call for a size compiles it
             self._compiled_sizes.add(size)
             log.info("compiled the decode step for batch %d in %.1f s (once per batch size; cached on disk)",
                      size, time.perf_counter() - start)
-        else:
-            out = self._compiled(tokens, positions)
         # a CUDA graph's output is overwritten by its next replay
         return out[:n].clone() if distributed.is_cuda(self.device) else out[:n]
 
