@@ -31,6 +31,62 @@ COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
 ROW = ("attention.wo.weight", "feed_forward.w2.weight")
 IGNORED = ("rope.freqs",)  # Llama 2 checkpoints carry precomputed rotary tables; we compute our own.
 
+# params.json: the keys it may carry, with the Python types each accepts.
+PARAM_TYPES = {
+    "dim": (int,), "n_layers": (int,), "n_heads": (int,), "n_kv_heads": (int, type(None)),
+    "vocab_size": (int,), "multiple_of": (int,), "ffn_dim_multiplier": (int, float, type(None)),
+    "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
+    "ffn_hidden_dim": (int, type(None)), "rope_scaling": (dict, type(None)),
+}
+
+
+def args_from_params(params: dict) -> tuple[ModelArgs, list[str]]:
+    """ModelArgs from a params.json dict; returns (args, unknown keys). Wrong types raise UserError."""
+    if not isinstance(params, dict):
+        raise UserError("params.json must hold a JSON object like {\"dim\": 4096, \"n_layers\": 32, ...}")
+    unknown = sorted(k for k in params if k not in PARAM_TYPES)
+    kwargs = {}
+    for key in PARAM_TYPES.keys() & params.keys():
+        value, types = params[key], PARAM_TYPES[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise UserError(f"params.json: '{key}' must be {want}, got {json.dumps(value)}")
+        kwargs[key] = value
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in kwargs:
+            raise UserError(f"params.json has no '{key}'; a Meta params.json names dim, n_layers, n_heads, ...")
+    return ModelArgs(**kwargs), unknown
+
+
+def resolve_vocab_size(args: ModelArgs, n_words: int, tokenizer_path: str) -> None:
+    """params.json's vocab_size -1 means the tokenizer's size; any other value must equal it."""
+    if args.vocab_size == -1:
+        args.vocab_size = n_words
+    elif args.vocab_size != n_words:
+        raise UserError(f"params.json says vocab_size={args.vocab_size} but {tokenizer_path} has "
+                        f"{n_words} tokens; use the tokenizer that came with this checkpoint")
+
+
+def weight_table(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
+    """Every weight of the model: name -> (full unsplit shape, the dimension Meta's checkpoints split it
+    along, None where replicated). The one list of names and shapes: the reader, the memory estimate,
+    the writers and the tests' random checkpoints all use it."""
+    a = args
+    hd, kv = a.head_dim, a.n_kv_heads
+    table = {"tok_embeddings.weight": ((a.vocab_size, a.dim), 1), "norm.weight": ((a.dim,), None),
+             "output.weight": ((a.vocab_size, a.dim), 0)}
+    for i in range(a.n_layers):
+        p = f"layers.{i}."
+        table.update({
+            p + "attention.wq.weight": ((a.n_heads * hd, a.dim), 0), p + "attention.wk.weight": ((kv * hd, a.dim), 0),
+            p + "attention.wv.weight": ((kv * hd, a.dim), 0), p + "attention.wo.weight": ((a.dim, a.n_heads * hd), 1),
+            p + "feed_forward.w1.weight": ((a.hidden_dim, a.dim), 0),
+            p + "feed_forward.w3.weight": ((a.hidden_dim, a.dim), 0),
+            p + "feed_forward.w2.weight": ((a.dim, a.hidden_dim), 1),
+            p + "attention_norm.weight": ((a.dim,), None), p + "ffn_norm.weight": ((a.dim,), None),
+        })
+    return table
+
 
 def split_dim(name: str) -> Optional[int]:
     """The dimension our model splits `name` along (tok_embeddings: the embedding dim)."""
@@ -39,6 +95,11 @@ def split_dim(name: str) -> Optional[int]:
     if name.endswith(ROW) or name == "tok_embeddings.weight":
         return 1
     return None
+
+
+def _convert_hint(src: str) -> str:
+    out = os.path.join("checkpoints", os.path.splitext(os.path.basename(os.path.normpath(src)))[0] or "model")
+    return f"convert it first: llama-cli convert --src {src} --out {out}, then pass --ckpt_dir {out}"
 
 
 def find_checkpoint(ckpt_dir) -> tuple[list[str], str]:
@@ -50,7 +111,14 @@ def find_checkpoint(ckpt_dir) -> tuple[list[str], str]:
         raise UserError(f"checkpoint folder {ckpt_dir} does not exist; pass --ckpt_dir with the folder that holds "
                         "consolidated.00.pth and params.json")
     if not os.path.isdir(ckpt_dir):
+        with open(ckpt_dir, "rb") as f:
+            if f.read(4) == b"GGUF":
+                raise UserError(f"--ckpt_dir {ckpt_dir} is a GGUF file, not a Meta checkpoint folder; "
+                                + _convert_hint(ckpt_dir))
         raise UserError(f"--ckpt_dir {ckpt_dir} is a file; pass the folder that holds it and params.json")
+    if os.path.isfile(os.path.join(ckpt_dir, "config.json")) and not glob.glob(os.path.join(ckpt_dir, "*.pth")):
+        raise UserError(f"{ckpt_dir} is a HuggingFace model folder (config.json), not a Meta checkpoint; "
+                        + _convert_hint(ckpt_dir))
     if not os.listdir(ckpt_dir):
         raise UserError(f"checkpoint folder {ckpt_dir} is empty; it should hold consolidated.NN.pth shards and "
                         "params.json (download or convert a model into it)")
@@ -76,9 +144,9 @@ def read_params(path: str) -> dict:
     return params
 
 
-def load_args(params_path: str, **limits) -> ModelArgs:
+def load_args(params_path: str) -> ModelArgs:
     params = read_params(params_path)
-    args, unknown = ModelArgs.from_params(params, **limits)
+    args, unknown = args_from_params(params)
     if unknown:
         log.warning("params.json: ignoring unknown keys %s", ", ".join(unknown))
     return args
@@ -152,20 +220,27 @@ class CheckpointReader:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Full (unsplit) shapes implied by params.json."""
-        a = self.args
-        hd, kv = a.head_dim, a.n_kv_heads
-        shapes = {"tok_embeddings.weight": (a.vocab_size, a.dim), "norm.weight": (a.dim,),
-                  "output.weight": (a.vocab_size, a.dim)}
-        for i in range(a.n_layers):
-            p = f"layers.{i}."
-            shapes.update({
-                p + "attention.wq.weight": (a.n_heads * hd, a.dim), p + "attention.wk.weight": (kv * hd, a.dim),
-                p + "attention.wv.weight": (kv * hd, a.dim), p + "attention.wo.weight": (a.dim, a.n_heads * hd),
-                p + "feed_forward.w1.weight": (a.hidden_dim, a.dim), p + "feed_forward.w3.weight": (a.hidden_dim, a.dim),
-                p + "feed_forward.w2.weight": (a.dim, a.hidden_dim),
-                p + "attention_norm.weight": (a.dim,), p + "ffn_norm.weight": (a.dim,),
-            })
-        return shapes
+        return {name: shape for name, (shape, _) in weight_table(self.args).items()}
+
+    @property
+    def tied(self) -> bool:
+        """Whether the checkpoint has no output.weight (the embeddings serve as the output layer)."""
+        return self.shape0("output.weight") is None and self.shape0("tok_embeddings.weight") is not None
+
+    def full_tensors(self, dtype: Optional[torch.dtype] = None):
+        """(name, whole unsplit tensor) for every weight the checkpoint stores (a tied output layer is
+        not repeated), one at a time: each is assembled from the shards that hold pieces of it."""
+        shapes = self.expected_shapes()
+        self._check_extra_keys(self.shard(0), shapes)
+        for name, full in shapes.items():
+            if name == "output.weight" and self.tied:
+                continue
+            src = self._check(name, full)
+            if src is None:
+                t = self.shard(0)[name]
+            else:
+                t = torch.cat([self._tensor(s, name, full) for s in range(len(self.files))], dim=src)
+            yield name, t.to(dtype) if dtype is not None else t
 
     def _source_dim(self, name: str, full: tuple[int, ...]) -> Optional[int]:
         """The dimension the checkpoint split `name` along, read from shard 0's shape."""
@@ -218,7 +293,7 @@ class CheckpointReader:
         needed = plan.needed_shards()
         shapes = self.expected_shapes()
         self._check_extra_keys(self.shard(needed[0]), shapes)
-        tied = self.shape0("output.weight") is None and self.shape0("tok_embeddings.weight") is not None
+        tied = self.tied
         specs = {}
         for name, full in shapes.items():
             dim = split_dim(name) if world_size > 1 else None

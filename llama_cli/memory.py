@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -14,12 +15,19 @@ GiB = 1024 ** 3
 
 
 def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one rank's weights."""
-    a, elt = args, torch.finfo(dtype).bits // 8
-    kv_heads = max(1, a.n_kv_heads // world_size)
-    per_layer = (a.dim * a.head_dim * (2 * a.n_heads // world_size + 2 * kv_heads)
-                 + 3 * a.dim * a.hidden_dim // world_size + 2 * a.dim)
-    return elt * (a.n_layers * per_layer + 2 * a.vocab_size * a.dim // world_size + a.dim)
+    """Bytes of one rank's weights (the output layer counted even when tied: it is the bound)."""
+    from .checkpoint import weight_table
+
+    kv_heads = max(1, args.n_kv_heads // world_size)
+    total = 0
+    for name, (shape, dim) in weight_table(args).items():
+        n = math.prod(shape)
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            n = kv_heads * args.head_dim * args.dim  # with more ranks than KV heads, a head is repeated
+        elif dim is not None:
+            n //= world_size
+        total += n
+    return total * (torch.finfo(dtype).bits // 8)
 
 
 def kv_cache_bytes(args: ModelArgs, world_size: int, max_batch_size: int, max_seq_len: int,

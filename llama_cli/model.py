@@ -11,9 +11,8 @@ row-parallel, `tok_embeddings` split along the embedding dimension.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,11 +25,13 @@ from .parallel import ColumnParallelLinear, ModelParallel, ParallelEmbedding, Ro
 
 @dataclass
 class ModelArgs:
+    """The model's dimensions, as params.json gives them (read by checkpoint.args_from_params). Run
+    limits (batch size, sequence length) are not part of it: the decode engine's cache owns them."""
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None
-    vocab_size: int = -1
+    vocab_size: int = -1  # -1: the tokenizer's size (checkpoint.resolve_vocab_size)
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
@@ -42,9 +43,6 @@ class ModelArgs:
     # Not in Meta's params.json: an explicit FFN width, for checkpoints converted from
     # formats that state it (Meta's rule below cannot produce every width).
     ffn_hidden_dim: Optional[int] = None
-    # Run limits, not part of the checkpoint.
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
     # Derived in __post_init__.
     head_dim: int = field(init=False)
     hidden_dim: int = field(init=False)
@@ -52,7 +50,7 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
             if getattr(self, name) < 1:
                 raise UserError(f"params.json: '{name}' must be a positive integer, got {getattr(self, name)}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
@@ -65,34 +63,6 @@ class ModelArgs:
         if self.head_dim % 2:
             raise UserError(f"params.json: the head size dim/n_heads={self.head_dim} must be even for rotary embeddings")
         self.hidden_dim = self.ffn_hidden_dim or ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-
-    # Keys a params.json may carry, with the Python types each accepts.
-    _TYPES = {
-        "dim": (int,), "n_layers": (int,), "n_heads": (int,), "n_kv_heads": (int, type(None)),
-        "vocab_size": (int,), "multiple_of": (int,), "ffn_dim_multiplier": (int, float, type(None)),
-        "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
-        "ffn_hidden_dim": (int, type(None)), "rope_scaling": (dict, type(None)),
-    }
-
-    @classmethod
-    def from_params(cls, params: dict, **limits) -> tuple["ModelArgs", list[str]]:
-        """Build from a params.json dict; returns (args, unknown keys). Wrong types raise UserError."""
-        if not isinstance(params, dict):
-            raise UserError("params.json must hold a JSON object like {\"dim\": 4096, \"n_layers\": 32, ...}")
-        known = {f.name for f in fields(cls) if f.init} - {"max_batch_size", "max_seq_len"}
-        unknown = sorted(k for k in params if k not in known)
-        kwargs = {}
-        for key in known & params.keys():
-            value = params[key]
-            types = cls._TYPES[key]
-            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-                want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-                raise UserError(f"params.json: '{key}' must be {want}, got {json.dumps(value)}")
-            kwargs[key] = value
-        for key in ("dim", "n_layers", "n_heads"):
-            if key not in kwargs:
-                raise UserError(f"params.json has no '{key}'; a Meta params.json names dim, n_layers, n_heads, ...")
-        return cls(**kwargs, **limits), unknown
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -129,7 +99,13 @@ def scale_rope_frequencies(freqs: torch.Tensor, factor: float = 8.0, low_freq_fa
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x: (bsz, seqlen, heads, head_dim); cos/sin: (bsz, seqlen, head_dim/2)."""
+    """Rotate interleaved pairs. x: (bsz, seqlen, heads, head_dim); cos/sin: (bsz, seqlen, head_dim/2).
+
+    Eager, as one complex multiplication (3 kernels instead of a dozen: the eager step is
+    launch-bound); compiled, in real arithmetic, which inductor fuses into its neighbours."""
+    if not torch.compiler.is_compiling():
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (bsz, seqlen, heads, head_dim/2)
+        return torch.view_as_real(xc * torch.complex(cos, sin)[:, :, None, :]).flatten(-2).type_as(x)
     xf = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -144,8 +120,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Meta's RMSNorm: normalised in fp32, cast back, then scaled."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 class Attention(nn.Module):
@@ -160,12 +141,15 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, self.n_local_kv_heads * hd, mp)
         self.wv = ColumnParallelLinear(args.dim, self.n_local_kv_heads * hd, mp)
         self.wo = RowParallelLinear(self.n_local_heads * hd, args.dim, mp)
-        self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv stacked by fuse(): one matmul instead of three
-        # Registered (not saved) so .to() moves them and torch.compile treats them as module state.
+        # wq, wk, wv stacked by fuse(): one matmul instead of three (a buffer, so that a compiled layer
+        # sees it as an input like the other weights, not as a constant of one layer)
+        self.register_buffer("wqkv", None, persistent=False)
+        # The KV cache, allocated by the decode engine (engine.py). Registered (not saved) so .to()
+        # moves them and torch.compile treats them as module state.
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
-    def forward(self, x, cos, sin, ctx: "_StepContext") -> torch.Tensor:
+    def forward(self, x, cos, sin, ctx: "StepContext") -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
             nq, nkv = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
@@ -177,26 +161,24 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        # Cache layout: (max_batch, n_local_kv_heads, max_seq_len, head_dim), written in place.
-        if ctx.start is not None and ctx.rows is None:
-            self.cache_k[:bsz, :, ctx.start:ctx.start + seqlen] = k.transpose(1, 2)
-            self.cache_v[:bsz, :, ctx.start:ctx.start + seqlen] = v.transpose(1, 2)
-            keys = self.cache_k[:bsz, :, :ctx.kv_len]  # (bsz, n_local_kv_heads, kv_len, head_dim)
-            values = self.cache_v[:bsz, :, :ctx.kv_len]
+        # The one cache write: row r, position p <- the new key/value. Cache layout:
+        # (max_batch, n_local_kv_heads, max_seq_len, head_dim).
+        rows = ctx.rows[:, None]  # (bsz, 1)
+        self.cache_k[rows, :, ctx.positions] = k  # indexed shape (bsz, seqlen, kv_heads, head_dim)
+        self.cache_v[rows, :, ctx.positions] = v
+        gqa = self.n_local_heads != self.n_local_kv_heads
+        if ctx.prefill:
+            # a prompt from position 0: attend over its own keys, causally (padding sits after each row's end)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=seqlen > 1, enable_gqa=gqa)
         else:
-            rows = ctx.rows if ctx.rows is not None else torch.arange(bsz, device=x.device)
-            self.cache_k[rows[:, None], :, ctx.positions] = k  # indexed shape (bsz, seqlen, kv_heads, head_dim)
-            self.cache_v[rows[:, None], :, ctx.positions] = v
-            if ctx.rows is None:
-                keys, values = self.cache_k[:bsz, :, :ctx.kv_len], self.cache_v[:bsz, :, :ctx.kv_len]
-            else:
-                keys, values = self.cache_k[rows, :, :ctx.kv_len], self.cache_v[rows, :, :ctx.kv_len]
-
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values,  # (bsz, heads, seqlen, head_dim)
-            attn_mask=ctx.mask, is_causal=ctx.is_causal,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )
+            # one token per row, rows 0..bsz-1, over the first kv_len cache positions (read off the
+            # mask's shape when there is one, so that a compiled layer keeps it symbolic)
+            kv_len = ctx.kv_len if ctx.mask is None else ctx.mask.shape[-1]
+            keys = self.cache_k[:bsz, :, :kv_len]  # (bsz, n_local_kv_heads, kv_len, head_dim)
+            values = self.cache_v[:bsz, :, :kv_len]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask,
+                                                 enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -206,7 +188,7 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim // mp.world_size, mp)
         self.w2 = RowParallelLinear(args.hidden_dim // mp.world_size, args.dim, mp)
         self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim // mp.world_size, mp)
-        self.w13: Optional[torch.Tensor] = None  # w1 and w3 stacked by fuse()
+        self.register_buffer("w13", None, persistent=False)  # w1 and w3 stacked by fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
@@ -229,17 +211,30 @@ class TransformerBlock(nn.Module):
 
 
 @dataclass
-class _StepContext:
+class StepContext:
     """What every layer needs to know about one forward step."""
     positions: torch.Tensor  # (bsz, seqlen) absolute positions of the new tokens
-    start: Optional[int]  # a shared start position, when all rows share one
-    rows: Optional[torch.Tensor]  # cache rows the batch writes to (None: rows 0..bsz-1)
-    kv_len: int  # how much of the cache to attend over
-    mask: Optional[torch.Tensor]  # (bsz, 1, seqlen, kv_len) bool, or None
-    is_causal: bool
+    rows: torch.Tensor  # (bsz,) the cache row each batch row writes to
+    prefill: bool  # tokens from position 0, attending over themselves (else: one token per row)
+    kv_len: int = 0  # decode: how many cache positions to attend over
+    mask: Optional[torch.Tensor] = None  # decode: (bsz, 1, 1, kv_len) bool, or None for all of them
+
+
+def run_block(block: TransformerBlock, x, cos, sin, ctx) -> torch.Tensor:
+    """One layer (a plain function, so the decode engine can compile it once for every layer)."""
+    return block(x, cos, sin, ctx)
+
+
+def run_head(model: "Transformer", h: torch.Tensor) -> torch.Tensor:
+    """Final norm and output layer: fp32 logits."""
+    return model.output(model.norm(h)).float()
 
 
 class Transformer(nn.Module):
+    """The model. Forward passes come in two kinds, both writing the KV cache that the decode engine
+    allocated with `allocate_cache`: `prefill` (whole prompts from position 0, any cache rows) and
+    `decode` (one token per row at its own position, rows 0..n-1)."""
+
     def __init__(self, args: ModelArgs, mp: Optional[ModelParallel] = None):
         super().__init__()
         mp = mp or ModelParallel()
@@ -252,12 +247,14 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(args.dim, args.vocab_size // mp.world_size, mp, gather_output=True)
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
+        # the decode step's layer and output functions; the engine may swap in compiled versions
+        self.decode_block_fn = run_block
+        self.decode_head_fn = run_head
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> None:
+    def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> None:
         """Allocate the static KV caches and rotary tables on the weights' device."""
         weight = self.tok_embeddings.weight
         dtype = dtype or weight.dtype
-        self.params.max_batch_size, self.params.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
             attn = layer.attention
             shape = (max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
@@ -287,60 +284,59 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def move_cache_row(self, src: int, dst: int) -> None:
-        """Copy one batch row of every layer's KV cache to another row (to keep live rows packed)."""
+        """Copy one batch row of every layer's KV cache to another row."""
         for layer in self.layers:
             layer.attention.cache_k[dst].copy_(layer.attention.cache_k[src])
             layer.attention.cache_v[dst].copy_(layer.attention.cache_v[src])
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decoding step with static shapes, for torch.compile: tokens (bsz, 1) written at
-        per-row `positions` (bsz,) of cache rows 0..bsz-1, attending over the whole cache
-        (masked). Returns fp32 logits (bsz, vocab)."""
-        return self.forward(tokens, positions, kv_len=self.params.max_seq_len)[:, -1]
+    def _run(self, tokens: torch.Tensor, ctx: StepContext, block_fn=run_block) -> torch.Tensor:
+        cos, sin = self.rope_cos[ctx.positions], self.rope_sin[ctx.positions]  # (bsz, seqlen, head_dim/2)
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        for layer in self.layers:
+            h = block_fn(layer, h, cos, sin, ctx)
+        return h
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, start_pos, *, rows: Optional[torch.Tensor] = None,
-                kv_len: Optional[int] = None, output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (fp32) for `tokens` (bsz, seqlen) placed at `start_pos` in the cache.
-
-        start_pos: an int shared by all rows, or a (bsz,) tensor of per-row start positions.
-        rows: which cache rows the batch uses (default 0..bsz-1).
-        kv_len: how many cache positions to attend over (default: just enough, or the whole
-            cache when start_pos is a tensor, which keeps shapes static for compilation).
-        output_index: (bsz,) index into seqlen; when given, only those positions get logits,
-            shape (bsz, 1, vocab); otherwise (bsz, seqlen, vocab).
-        """
+    def prefill(self, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prompts from position 0: tokens (bsz, seqlen), right-padded where rows differ in length,
+        written to cache `rows` (default 0..bsz-1). Returns fp32 logits (bsz, seqlen, vocab), or
+        (bsz, vocab) at index `last` (bsz,) of each row (its last real token) when given."""
         if self.rope_cos is None:
-            raise RuntimeError("call setup_caches() before forward()")
+            raise RuntimeError("allocate_cache() before prefill()")
         device = self.tok_embeddings.weight.device
         tokens = tokens.to(device)  # inputs follow the weights: no "tensors on different devices"
         bsz, seqlen = tokens.shape
-        steps = torch.arange(seqlen, device=device)
-        if isinstance(start_pos, torch.Tensor):
-            positions = start_pos.to(device)[:, None] + steps  # (bsz, seqlen)
-            start = None
-            kv_len = kv_len or self.params.max_seq_len
-        else:
-            positions = (start_pos + steps)[None, :].expand(bsz, seqlen)
-            start = int(start_pos)
-            kv_len = kv_len or start + seqlen
-        is_causal, mask = False, None
-        if start == 0 and kv_len == seqlen and seqlen > 1:
-            is_causal = True
-        elif not (start is not None and seqlen == 1 and kv_len == start + 1):
-            key_pos = torch.arange(kv_len, device=device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (bsz, 1, seqlen, kv_len)
-        rows = rows.to(device) if rows is not None else None
-        ctx = _StepContext(positions, start, rows, kv_len, mask, is_causal)
+        rows = torch.arange(bsz, device=device) if rows is None else rows.to(device)
+        positions = torch.arange(seqlen, device=device)[None, :].expand(bsz, seqlen)
+        h = self._run(tokens, StepContext(positions, rows, prefill=True))
+        if last is not None:
+            h = h[torch.arange(bsz, device=device), last.to(device)]  # (bsz, dim)
+        return run_head(self, h)
 
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (bsz, seqlen, head_dim/2)
-        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        h = self.norm(h)
-        if output_index is not None:
-            h = h[torch.arange(bsz, device=device), output_index.to(device)][:, None]  # (bsz, 1, dim)
-        return self.output(h).float()
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+               masked: bool = True) -> torch.Tensor:
+        """One token per row: tokens (bsz,) written at per-row `positions` (bsz,) of cache rows
+        0..bsz-1, each attending over cache positions <= its own, within the first kv_len (which
+        must exceed every position). masked=False when every row is at kv_len - 1 (no mask needed).
+        Static shapes for a given (bsz, kv_len): the step CUDA graphs capture. fp32 logits (bsz, vocab)."""
+        device = self.tok_embeddings.weight.device
+        bsz = tokens.shape[0]
+        positions = positions.to(device)
+        mask = None
+        if masked:
+            mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+            if self.decode_block_fn is not run_block:
+                torch._dynamo.maybe_mark_dynamic(mask, 3)  # one compiled layer for every kv_len
+        ctx = StepContext(positions[:, None], torch.arange(bsz, device=device), prefill=False,
+                          kv_len=0 if masked else kv_len, mask=mask)
+        h = self._run(tokens.to(device)[:, None], ctx, self.decode_block_fn)
+        return self.decode_head_fn(self, h[:, 0])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab) for whole sequences from position 0 (cache rows 0..bsz-1)."""
+        return self.prefill(tokens)
 
 
 def check_parallel(args: ModelArgs, world_size: int) -> None:

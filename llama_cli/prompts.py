@@ -1,7 +1,7 @@
 """Prompts in (flags, .txt/.jsonl files, stdin) and results out (stdout and --output_file).
 
 A prompt file is read and checked whole before any model is loaded, so a bad line is
-reported at once with its line number. Results go to --output_file as soon as each is
+reported at once with its line number (and each prompt's settings resolved, settings.py). Results go to --output_file as soon as each is
 finished (appended and flushed), and to stdout in input order. With --resume, prompts
 whose results are already in the output file are skipped; a line cut short by a killed
 run is dropped and redone.
@@ -10,27 +10,35 @@ run is dropped and redone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Optional
 
 from .errors import UserError
+from .settings import KEYS, Settings, resolve
 
-OVERRIDES = {"max_gen_len": (int,), "temperature": (int, float), "top_p": (int, float)}
+log = logging.getLogger("llama_cli")
+_warned: set = set()
 
 
 @dataclass
 class PromptRequest:
     index: int  # position in the input, 0-based
     prompt: str
+    settings: Settings = field(default_factory=Settings)  # flags + this prompt's overrides, checked
     id: Any = None
-    max_gen_len: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {"index": self.index, "prompt": self.prompt, "settings": self.settings.to_json()}
+        if self.id is not None:
+            out["id"] = self.id
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PromptRequest":
+        return cls(d["index"], d["prompt"], Settings.from_json(d["settings"]), d.get("id"))
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Result:
     tokens: list = field(default_factory=list)
     logprobs: Optional[list] = None
     error: Optional[str] = None
+    finish_reason: Optional[str] = None  # "stop", "length" or "max_seq_len"
 
     def record(self) -> dict:
         out = {}
@@ -54,32 +63,36 @@ class Result:
         out["tokens"] = self.tokens
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        out["finish_reason"] = self.finish_reason
         return out
 
 
-def read_prompts(prompts: Optional[list], prompts_file: Optional[str], stdin: IO = None) -> list[PromptRequest]:
-    """Prompts from --prompt, else --prompts_file, else a piped stdin (one prompt per line)."""
+def read_prompts(prompts: Optional[list], prompts_file: Optional[str], stdin: IO = None,
+                 defaults: Settings = Settings()) -> list[PromptRequest]:
+    """Prompts from --prompt, else --prompts_file, else a piped stdin. Each gets its settings:
+    `defaults` (the flags) with the prompt's own overrides, checked here, before any model loads."""
     if prompts and prompts_file:
         raise UserError("give prompts with --prompt or --prompts_file, not both")
     if prompts:
         for i, p in enumerate(prompts):
             if p.strip() == "":
                 raise UserError(f"prompt {i + 1} is empty; give some text to complete")
-        return [PromptRequest(i, p) for i, p in enumerate(prompts)]
-    if prompts_file:
-        if prompts_file == "-":
-            return _read_lines(_stdin_lines(stdin), "<stdin>", jsonl=False)
+        return [PromptRequest(i, p, defaults) for i, p in enumerate(prompts)]
+    if prompts_file and prompts_file != "-":
         if os.path.isdir(prompts_file):
-            raise UserError(f"--prompts_file {prompts_file} is a folder; give a .txt or .jsonl file")
+            raise UserError(f"--prompts_file {prompts_file} is a folder; give a .txt, .jsonl or .json file")
         if not os.path.isfile(prompts_file):
             raise UserError(f"prompts file {prompts_file} does not exist")
+        lower = prompts_file.lower()
+        if lower.endswith(".json"):
+            return _read_json_array(prompts_file, defaults)
         with open(prompts_file, "rb") as f:
-            return _read_lines(f, prompts_file, jsonl=prompts_file.lower().endswith(".jsonl"))
+            return _read_lines(f, prompts_file, "jsonl" if lower.endswith(".jsonl") else "text", defaults)
     stdin = stdin if stdin is not None else sys.stdin
-    if stdin is None or stdin.isatty():
-        raise UserError("no prompt given; pass --prompt TEXT, --prompts_file FILE (.txt or .jsonl), "
+    if not prompts_file and (stdin is None or stdin.isatty()):
+        raise UserError("no prompt given; pass --prompt TEXT, --prompts_file FILE (.txt, .jsonl or .json), "
                         "or pipe prompts on standard input")
-    return _read_lines(_stdin_lines(stdin), "<stdin>", jsonl=False)
+    return _read_lines(_stdin_lines(stdin), "<stdin>", "auto", defaults)
 
 
 def _stdin_lines(stdin) -> Iterable[bytes]:
@@ -87,7 +100,20 @@ def _stdin_lines(stdin) -> Iterable[bytes]:
     return getattr(stdin, "buffer", stdin)
 
 
-def _read_lines(lines: Iterable, name: str, jsonl: bool) -> list[PromptRequest]:
+def _looks_like_jsonl(line: str) -> bool:
+    """A line that is a JSON object with a "prompt": standard input then carries JSONL."""
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "prompt" in obj
+
+
+def _read_lines(lines: Iterable, name: str, kind: str, defaults: Settings) -> list[PromptRequest]:
+    """kind: "text" (one prompt per line), "jsonl", or "auto" (standard input: JSONL when its first
+    line is a JSON object with a "prompt", else text)."""
     out = []
     for lineno, raw in enumerate(lines, 1):
         if isinstance(raw, bytes):
@@ -102,19 +128,54 @@ def _read_lines(lines: Iterable, name: str, jsonl: bool) -> list[PromptRequest]:
             line = line.lstrip("\ufeff")
         if not line.strip():
             continue
-        out.append(_parse_jsonl(line, name, lineno, len(out)) if jsonl else PromptRequest(len(out), line))
+        if kind == "auto":
+            kind = "jsonl" if _looks_like_jsonl(line) else "text"
+        where = f"{name} line {lineno}"
+        if kind == "jsonl":
+            out.append(_from_object(_parse_json_line(line, where), where, len(out), defaults))
+        else:
+            out.append(PromptRequest(len(out), line, defaults))
     if not out:
         raise UserError(f"{name} holds no prompts")
     return out
 
 
-def _parse_jsonl(line: str, name: str, lineno: int, index: int) -> PromptRequest:
-    where = f"{name} line {lineno}"
+def _read_json_array(path: str, defaults: Settings) -> list[PromptRequest]:
+    """A .json file: an array of prompts, each a string or an object like a JSONL line."""
     try:
-        obj = json.loads(line)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save the file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{where} is not valid JSON ({e.msg} at column {e.colno}); "
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); a .json prompts "
+                        'file holds an array like ["first prompt", {"prompt": "second", "max_gen_len": 32}]') from None
+    if not isinstance(data, list):
+        raise UserError(f'{path} must hold a JSON array of prompts like ["first prompt", {{"prompt": "second"}}], '
+                        f"not {type(data).__name__}; for one object per line use a .jsonl file")
+    out = []
+    for i, item in enumerate(data):
+        where = f"{path} item {i + 1}"
+        if isinstance(item, str):
+            if not item.strip():
+                raise UserError(f"{where} is an empty prompt; give some text to complete")
+            out.append(PromptRequest(len(out), item, defaults))
+        else:
+            out.append(_from_object(item, where, len(out), defaults))
+    if not out:
+        raise UserError(f"{path} holds no prompts")
+    return out
+
+
+def _parse_json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); "
                         'each line must be an object like {"prompt": "..."}') from None
+
+
+def _from_object(obj, where: str, index: int, defaults: Settings) -> PromptRequest:
     if not isinstance(obj, dict):
         raise UserError(f'{where} must be a JSON object like {{"prompt": "..."}}, not {type(obj).__name__}')
     prompt = obj.get("prompt")
@@ -122,14 +183,13 @@ def _parse_jsonl(line: str, name: str, lineno: int, index: int) -> PromptRequest
         raise UserError(f'{where} has no "prompt" text' + ("" if prompt is None else f" (got {json.dumps(prompt)})"))
     if not prompt.strip():
         raise UserError(f"{where} has an empty prompt; give some text to complete")
-    req = PromptRequest(index, prompt, id=obj.get("id"))
-    for key, types in OVERRIDES.items():
-        if key in obj and obj[key] is not None:
-            value = obj[key]
-            if isinstance(value, bool) or not isinstance(value, types):
-                raise UserError(f'{where}: "{key}" must be a number, got {json.dumps(value)}')
-            setattr(req, key, value)
-    return req
+    unknown = sorted(k for k in obj if k not in KEYS and k not in ("prompt", "id") and k not in _warned)
+    if unknown:  # extra fields are fine (metadata); say once that they are not settings, in case of a typo
+        _warned.update(unknown)
+        log.warning("%s: ignoring key(s) %s (the settings a prompt may carry: %s)", where,
+                    ", ".join(json.dumps(k) for k in unknown), ", ".join(KEYS))
+    settings = resolve(defaults, {k: obj[k] for k in KEYS if k in obj}, where)
+    return PromptRequest(index, prompt, settings, id=obj.get("id"))
 
 
 def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:

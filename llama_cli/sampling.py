@@ -1,45 +1,141 @@
-"""Choosing the next token from logits, on the logits' device."""
+"""Choosing the next token from logits, on the logits' device, each row with its own settings.
+
+The order, as in HF transformers' `generate` (so its logits processors are the reference):
+  1. repetition_penalty (HF's definition): the logit of every token already in the prompt or the
+     generation is divided by the penalty when positive, multiplied by it when negative;
+  2. frequency_penalty and presence_penalty (OpenAI's definitions): logit -= count * frequency_penalty
+     + (count > 0) * presence_penalty, counting the tokens generated so far;
+  3. temperature 0: the most likely token (greedy); otherwise logits / temperature, then
+  4. top_k: only the k most likely tokens (0: all);
+  5. top_p: the smallest set of most likely tokens whose probability reaches top_p (the nucleus);
+  6. min_p: only tokens at least min_p times as likely as the most likely one;
+  7. a draw from what is left, renormalised, with the run's seeded generator.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
+
+from .settings import Settings
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids (bsz,) from logits (bsz, vocab). Temperature 0 is greedy (argmax)."""
+    """Next token ids (bsz,) from logits (bsz, vocab), one setting for all rows. Temperature 0 is greedy."""
     if temperature <= 0:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return sample_top_p(probs, top_p, top_k=top_k, generator=generator)
 
 
-def sample_top_p(probs: torch.Tensor, p: Union[float, torch.Tensor], *, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Draw from the smallest set of most likely tokens whose mass reaches p (the nucleus),
-    optionally also limited to the top_k most likely, renormalised. p: a float or (bsz,)."""
+def filtered_probs(probs: torch.Tensor, p: Union[float, torch.Tensor], *, top_k=None, min_p=None):
+    """(sorted probabilities with the excluded ones zeroed and the rest renormalised, their token ids).
+    p, top_k, min_p: a number for all rows or a (bsz,) tensor; top_k 0 and min_p 0 are off."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab)
+    bsz, vocab = probs.shape
     if isinstance(p, torch.Tensor):
         p = p.to(probs.device, probs.dtype)[:, None]
     # A token is outside the nucleus when the mass before it already reaches p.
     outside = torch.cumsum(probs_sort, dim=-1) - probs_sort > p
-    if top_k is not None and top_k > 0:
-        outside[..., top_k:] = True
+    if top_k is not None:
+        k = torch.as_tensor(top_k, device=probs.device).reshape(-1, 1).expand(bsz, 1)
+        k = torch.where(k > 0, k, vocab)
+        outside |= torch.arange(vocab, device=probs.device)[None, :] >= k
+    if min_p is not None:
+        m = torch.as_tensor(min_p, device=probs.device, dtype=probs.dtype).reshape(-1, 1)
+        outside |= probs_sort < m * probs_sort[:, :1]
+    outside[:, 0] = False  # the most likely token always stays
     probs_sort = probs_sort.masked_fill(outside, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    return probs_sort / probs_sort.sum(dim=-1, keepdim=True), probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, p: Union[float, torch.Tensor], *, top_k=None, min_p=None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw from the nucleus (and top_k / min_p where given), renormalised. p: a float or (bsz,)."""
+    probs_sort, probs_idx = filtered_probs(probs, p, top_k=top_k, min_p=min_p)
     choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1)
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, *,
-                top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Like `sample` with a temperature and top_p per row (bsz,); rows at temperature 0 are greedy."""
-    greedy = torch.argmax(logits, dim=-1)
-    t = temperature.to(logits.device, torch.float32)
-    if not bool((t > 0).any()):
-        return greedy
-    probs = torch.softmax(logits.float() / t.clamp_min(1e-6)[:, None], dim=-1)
-    drawn = sample_top_p(probs, top_p, top_k=top_k, generator=generator)
-    return torch.where(t > 0, drawn, greedy)
+def apply_penalties(logits: torch.Tensor, seen: Optional[torch.Tensor], counts: Optional[torch.Tensor],
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Steps 1-2 above. logits (bsz, vocab); seen (bsz, vocab) bool: in the prompt or generated;
+    counts (bsz, vocab): times generated; the penalties (bsz,)."""
+    logits = logits.float()
+    if seen is not None:
+        r = repetition[:, None]
+        penalized = torch.where(logits < 0, logits * r, logits / r)
+        logits = torch.where(seen, penalized, logits)
+    if counts is not None:
+        logits = logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
+    return logits
+
+
+class Sampler:
+    """The next token for each row of a batch, with per-row settings and the token history the
+    penalties need. Rows are cache rows: `set_row` when a prompt starts in one, `accept` after each
+    step, `move_row` when the scheduler packs rows."""
+
+    def __init__(self, n_rows: int, vocab: int, device: torch.device, generator: Optional[torch.Generator] = None):
+        self.n, self.vocab, self.device, self.generator = n_rows, vocab, device, generator
+        self.temperature = torch.zeros(n_rows, device=device)
+        self.top_p = torch.ones(n_rows, device=device)
+        self.top_k = torch.zeros(n_rows, dtype=torch.long, device=device)
+        self.min_p = torch.zeros(n_rows, device=device)
+        self.repetition = torch.ones(n_rows, device=device)
+        self.presence = torch.zeros(n_rows, device=device)
+        self.frequency = torch.zeros(n_rows, device=device)
+        self.settings: list[Optional[Settings]] = [None] * n_rows
+        self.seen: Optional[torch.Tensor] = None  # allocated when a row uses a penalty
+        self.counts: Optional[torch.Tensor] = None
+
+    def set_row(self, i: int, s: Settings, prompt: Sequence[int]) -> None:
+        self.settings[i] = s
+        self.temperature[i], self.top_p[i], self.top_k[i], self.min_p[i] = s.temperature, s.top_p, s.top_k, s.min_p
+        self.repetition[i], self.presence[i], self.frequency[i] = (s.repetition_penalty, s.presence_penalty,
+                                                                   s.frequency_penalty)
+        if s.penalized and self.seen is None:
+            self.seen = torch.zeros(self.n, self.vocab, dtype=torch.bool, device=self.device)
+            self.counts = torch.zeros(self.n, self.vocab, device=self.device)
+        if self.seen is not None:
+            self.seen[i] = False
+            self.counts[i] = 0
+            if prompt:
+                self.seen[i, torch.as_tensor(list(prompt), device=self.device)] = True
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t in (self.temperature, self.top_p, self.top_k, self.min_p, self.repetition, self.presence,
+                  self.frequency) + ((self.seen, self.counts) if self.seen is not None else ()):
+            t[dst] = t[src]
+        self.settings[dst] = self.settings[src]
+
+    def accept(self, tokens: torch.Tensor, forced: Optional[torch.Tensor] = None,
+               rows: Optional[torch.Tensor] = None) -> None:
+        """Record the tokens just placed in rows 0..n-1, or in `rows` (forced: rows whose token came
+        from the prompt, which count as seen but not as generated)."""
+        if self.seen is None:
+            return
+        n = tokens.shape[0]
+        rows = torch.arange(n, device=self.device) if rows is None else rows
+        self.seen[rows, tokens] = True
+        gen = torch.ones(n, device=self.device) if forced is None else (~forced).float()
+        self.counts[rows, tokens] += gen
+
+    def sample(self, logits: torch.Tensor, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Token ids (n,) from logits (n, vocab) of rows 0..n-1, or of the given rows."""
+        n = logits.shape[0]
+        idx = slice(0, n) if rows is None else torch.as_tensor(list(rows), device=self.device)
+        live = [s for s in (self.settings[:n] if rows is None else [self.settings[r] for r in rows]) if s is not None]
+        if self.seen is not None and any(s.penalized for s in live):
+            logits = apply_penalties(logits, self.seen[idx], self.counts[idx], self.repetition[idx],
+                                     self.presence[idx], self.frequency[idx])
+        greedy = torch.argmax(logits, dim=-1)
+        if all(s.greedy for s in live):
+            return greedy
+        t = self.temperature[idx]
+        probs = torch.softmax(logits.float() / t.clamp_min(1e-6)[:, None], dim=-1)
+        drawn = sample_top_p(probs, self.top_p[idx], top_k=self.top_k[idx], min_p=self.min_p[idx],
+                             generator=self.generator)
+        return torch.where(t > 0, drawn, greedy)

@@ -1,9 +1,17 @@
-"""Running many prompt requests through a `Llama`, batch by batch, reporting each result."""
+"""Running many prompt requests through a `Llama`, reporting each result as it finishes.
+
+Two schedules over the same decode engine (engine.py), both reading each prompt's resolved
+settings (settings.py) and nothing else:
+- `run_static`: Meta's, max_batch_size prompts at a time, each batch run to its longest row
+  (`Llama.generate_settings`);
+- `run_continuous`: every batch slot holds one prompt at its own cache position and is refilled
+  as soon as its prompt ends; slots that free in the same step are prefilled together.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .errors import UserError
@@ -11,14 +19,11 @@ from .prompts import PromptRequest, Result
 
 
 @dataclass
-class Defaults:
-    max_gen_len: int
-    temperature: float
-    top_p: float
-    top_k: Optional[int] = None
+class Options:
+    """Run-wide choices (the per-prompt ones are in each request's settings)."""
     logprobs: bool = False
     echo: bool = False
-    strict: bool = False
+    strict: bool = False  # a prompt that cannot run stops the run instead of getting an error entry
 
 
 @dataclass
@@ -27,18 +32,18 @@ class Stats:
     tokens: int = 0
     errors: int = 0
     first_token_s: Optional[float] = None
+    cut_by_max_seq_len: int = 0  # prompts that ran into max_seq_len before their max_gen_len
 
 
-def prepare(llama, requests: list[PromptRequest], d: Defaults) -> tuple[list, list[Result]]:
+def prepare(llama, requests: list[PromptRequest], opts: Options) -> tuple[list, list[Result]]:
     """Tokenise; prompts that leave no room to generate become error results (or fail with --strict)."""
     ready, failed = [], []
-    max_seq_len = llama.model.params.max_seq_len
     for req in requests:
         ids = llama.tokenizer.encode(req.prompt, bos=llama.tokenizer.add_bos, eos=False)
-        if len(ids) >= max_seq_len:
-            msg = (f"has {len(ids)} tokens but max_seq_len is {max_seq_len}, leaving no room to generate; "
+        if len(ids) >= llama.max_seq_len:
+            msg = (f"has {len(ids)} tokens but max_seq_len is {llama.max_seq_len}, leaving no room to generate; "
                    f"raise --max_seq_len or shorten the prompt")
-            if d.strict:
+            if opts.strict:
                 raise UserError(f"prompt {req.index + 1}: {msg}")
             failed.append(Result(req, error=msg))
         else:
@@ -46,161 +51,161 @@ def prepare(llama, requests: list[PromptRequest], d: Defaults) -> tuple[list, li
     return ready, failed
 
 
-def _begin(llama, requests, d: Defaults, on_result) -> tuple[Stats, float, list]:
-    """Start a run: report prompts that cannot run; returns (stats, start time, runnable prompts)."""
-    stats, start = Stats(), time.perf_counter()
-    ready, failed = prepare(llama, requests, d)
-    for r in failed:
-        stats.errors += 1
-        on_result(r)
-    return stats, start, ready
+class _Run:
+    """What both schedules share: the stats, the clock, and turning an outcome into a Result."""
+
+    def __init__(self, llama, requests, opts, on_result, on_progress, on_step):
+        self.llama, self.opts = llama, opts
+        self.on_result, self.on_progress, self.on_step = on_result, on_progress, on_step
+        self.stats, self.start = Stats(), time.perf_counter()
+        self.ready, failed = prepare(llama, requests, opts)
+        for r in failed:
+            self.stats.errors += 1
+            on_result(r)
+
+    def token(self, tokens: list[int]) -> None:
+        if self.stats.first_token_s is None:
+            self.stats.first_token_s = time.perf_counter() - self.start
+        if self.on_step is not None:
+            self.on_step(tokens)
+
+    def report(self, req: PromptRequest, tokens: list[int], logprobs, reason: str, n_generated: int,
+               text: Optional[str] = None) -> None:
+        self.stats.prompts += 1
+        self.stats.tokens += n_generated
+        self.stats.cut_by_max_seq_len += reason == "max_seq_len"
+        text = self.llama.tokenizer.decode(tokens) if text is None else text
+        self.on_result(Result(req, generation=text, tokens=tokens, logprobs=logprobs, finish_reason=reason))
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
 
 
-def run_static(llama, requests: list[PromptRequest], d: Defaults, on_result: Callable[[Result], None],
+def run_static(llama, requests: list[PromptRequest], opts: Options, on_result: Callable[[Result], None],
                on_progress: Optional[Callable[[Stats], None]] = None,
                on_step: Optional[Callable[[list[int]], None]] = None) -> Stats:
     """Meta's static batching: max_batch_size prompts at a time, each batch run to its longest row."""
-    stats, start, ready = _begin(llama, requests, d, on_result)
-    bs = llama.model.params.max_batch_size
-
-    def step_hook(tokens):
-        if stats.first_token_s is None:
-            stats.first_token_s = time.perf_counter() - start
-        if on_step is not None:
-            on_step(tokens)
-
-    for i in range(0, len(ready), bs):
-        batch = ready[i:i + bs]
-        reqs = [r for r, _ in batch]
-        tokens, logprobs = llama.generate_rows(
-            [ids for _, ids in batch],
-            [r.max_gen_len or d.max_gen_len for r in reqs],
-            [d.temperature if r.temperature is None else r.temperature for r in reqs],
-            [d.top_p if r.top_p is None else r.top_p for r in reqs],
-            logprobs=d.logprobs, echo=d.echo, top_k=d.top_k, on_step=step_hook)
-        for j, (req, toks) in enumerate(zip(reqs, tokens)):
-            stats.prompts += 1
-            stats.tokens += len(toks)
-            on_result(Result(req, generation=llama.tokenizer.decode(toks), tokens=toks,
-                             logprobs=logprobs[j] if logprobs else None))
-        if on_progress is not None:
-            on_progress(stats)
-    return stats
+    run = _Run(llama, requests, opts, on_result, on_progress, on_step)
+    bs = llama.max_batch_size
+    for i in range(0, len(run.ready), bs):
+        batch = run.ready[i:i + bs]
+        outs = llama.generate_settings([ids for _, ids in batch], [r.settings for r, _ in batch],
+                                       logprobs=opts.logprobs, echo=opts.echo, on_step=run.token)
+        for (req, ids), g in zip(batch, outs):
+            run.report(req, g.tokens, g.logprobs, g.finish_reason, len(g.tokens) - (len(ids) if opts.echo else 0),
+                       g.text)
+    return run.stats
 
 
 @dataclass
 class _Slot:
     request: PromptRequest
     ids: list  # prompt token ids
-    max_gen: int
-    temperature: float
-    top_p: float
-    pos: int = 0  # cache position the next fed token is written to
-    generated: list = None
-    logprobs: list = None
+    pos: int  # cache position the next fed token is written to
+    generated: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    watcher: object = None  # a StopText when the prompt has stop texts
 
 
-def run_continuous(llama, requests: list[PromptRequest], d: Defaults, on_result: Callable[[Result], None],
+def run_continuous(llama, requests: list[PromptRequest], opts: Options, on_result: Callable[[Result], None],
                    on_progress: Optional[Callable[[Stats], None]] = None,
                    on_step: Optional[Callable[[list[int]], None]] = None) -> Stats:
     """Continuous batching: each of max_batch_size slots holds one prompt at its own cache
-    position; a slot whose prompt finishes (stop token, its max_gen_len, or the end of the
+    position; a slot whose prompt ends (stop token or text, its max_gen_len, or the end of the
     cache) is refilled with the next prompt at once, so no slot idles while others run on.
     Results are reported as they finish (callers restore input order)."""
     import torch
     import torch.nn.functional as F
 
-    from .sampling import sample_rows
+    from .sampling import Sampler
+    from .stopping import StopText
 
-    stats, start, ready = _begin(llama, requests, d, on_result)
-    model, device = llama.model, llama.device
-    bs, max_seq_len = model.params.max_batch_size, model.params.max_seq_len
+    run = _Run(llama, requests, opts, on_result, on_progress, on_step)
+    engine, device = llama.engine, llama.device
+    bs, max_seq_len = engine.max_batch_size, engine.max_seq_len
     stop_ids = llama.tokenizer.stop_ids
     slots: list[Optional[_Slot]] = [None] * bs
-    queue = list(reversed(ready))  # pop() takes the next prompt in input order
+    queue = list(reversed(run.ready))  # pop() takes the next prompt in input order
     last = torch.zeros(bs, dtype=torch.long, device=device)  # the token each slot feeds next
-    temps = torch.zeros(bs, device=device)
-    tops = torch.ones(bs, device=device)
+    sampler = Sampler(bs, llama.model.params.vocab_size, device, llama.generator)
 
-    def finish(i: int) -> None:
+    def finish(i: int, reason: str) -> None:
         s = slots[i]
-        toks = s.generated
-        lps = s.logprobs if d.logprobs else None
-        if d.echo:
-            toks = s.ids + toks
-        stats.prompts += 1
-        stats.tokens += len(s.generated)
         slots[i] = None
-        on_result(Result(s.request, generation=llama.tokenizer.decode(toks), tokens=toks, logprobs=lps))
-        if on_progress is not None:
-            on_progress(stats)
+        tokens = s.ids + s.generated if opts.echo else s.generated
+        text = None
+        if s.watcher is not None and s.watcher.stopped:
+            text = (llama.tokenizer.decode(s.ids) if opts.echo else "") + s.watcher.text
+        run.report(s.request, tokens, s.logprobs if opts.logprobs else None, reason, len(s.generated), text)
 
     def accept(i: int, token: int, logprob: Optional[float]) -> None:
         """Record slot i's next token; finish the slot if that ends it."""
         s = slots[i]
-        if stats.first_token_s is None:
-            stats.first_token_s = time.perf_counter() - start
-        if on_step is not None:
-            on_step([token])
+        run.token([token])
         if token in stop_ids:
-            return finish(i)
+            return finish(i, "stop")
         s.generated.append(token)
-        if d.logprobs:
+        if opts.logprobs:
             s.logprobs.append(logprob)
+        if s.watcher is not None and s.watcher.update(s.generated):
+            return finish(i, "stop")
         # s.pos is where this token goes in the cache; stop when no room is left for the next one
-        if len(s.generated) >= s.max_gen or s.pos + 1 >= max_seq_len:
-            return finish(i)
+        if len(s.generated) >= s.request.settings.max_gen_len:
+            return finish(i, "length")
+        if s.pos + 1 >= max_seq_len:
+            return finish(i, "max_seq_len")
         last[i] = token
 
-    def refill(i: int) -> None:
-        req, ids = queue.pop()
-        s = _Slot(req, ids, req.max_gen_len or d.max_gen_len,
-                  d.temperature if req.temperature is None else req.temperature,
-                  d.top_p if req.top_p is None else req.top_p, pos=len(ids), generated=[], logprobs=[])
-        slots[i] = s
-        temps[i], tops[i] = s.temperature, s.top_p
-        tokens = torch.tensor([ids], dtype=torch.long, device=device)
-        rows = torch.tensor([i], device=device)
-        if d.echo and d.logprobs:  # log-probabilities of the prompt's own tokens too
-            logits = model(tokens, 0, rows=rows)
-            prompt_lp = -F.cross_entropy(logits[0, :-1], tokens[0, 1:], reduction="none")
-            s.logprobs = [0.0] + prompt_lp.tolist()
-            logits = logits[:, -1:]
+    def refill(free: list[int]) -> None:
+        """Start the next prompts in the free slots, their prompts prefilled together."""
+        take = [(i, *queue.pop()) for i in free[:len(queue)]]
+        rows, ids = [i for i, _, _ in take], [p for _, _, p in take]
+        for i, req, p in take:
+            watcher = StopText(llama.tokenizer, req.settings.stop) if req.settings.stop else None
+            slots[i] = _Slot(req, p, pos=len(p), watcher=watcher)
+            sampler.set_row(i, req.settings, p)
+        if opts.echo and opts.logprobs:  # log-probabilities of the prompts' own tokens too
+            per_row = engine.prefill(rows, ids, all_logits=True)
+            for (i, _, p), lg in zip(take, per_row):
+                pt = torch.as_tensor(p, device=lg.device)
+                slots[i].logprobs = [0.0] + (-F.cross_entropy(lg[:-1], pt[1:], reduction="none")).tolist()
+            logits = torch.stack([lg[-1] for lg in per_row])
         else:
-            logits = model(tokens, 0, rows=rows, output_index=torch.tensor([len(ids) - 1], device=device))
-        tok = sample_rows(logits[:, -1], temps[i:i + 1], tops[i:i + 1], top_k=d.top_k, generator=llama.generator)
-        lp = torch.log_softmax(logits[0, -1], -1)[tok].item() if d.logprobs else None
-        accept(i, int(tok), lp)
+            logits = engine.prefill(rows, ids)
+        tok = sampler.sample(logits, rows=rows)
+        sampler.accept(tok, rows=torch.as_tensor(rows, device=device))
+        lps = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0].tolist() if opts.logprobs else None
+        for k, (i, t) in enumerate(zip(rows, tok.tolist())):
+            accept(i, t, lps[k] if lps else None)
 
     def pack() -> None:
         """Once no prompts are left to start, move live slots down into free ones, so each step
-        runs only over rows 0..n-1 (a view of the cache, no gather)."""
+        runs only over rows 0..n-1."""
         for i in range(bs):
             if slots[i] is None:
                 j = max((k for k in range(i + 1, bs) if slots[k] is not None), default=None)
                 if j is None:
                     return
-                model.move_cache_row(j, i)
+                engine.move_row(j, i)
+                sampler.move_row(j, i)
                 slots[i], slots[j] = slots[j], None
-                last[i], temps[i], tops[i] = last[j], temps[j], tops[j]
+                last[i] = last[j]
 
     while queue or any(slots):
-        for i in range(bs):
-            while slots[i] is None and queue:  # a prompt may finish at its first token
-                refill(i)
-        if not queue:
-            pack()
+        free = [i for i in range(bs) if slots[i] is None]
+        if free and queue:
+            refill(free)
+            continue  # a prompt may end at its first token: fill again before decoding
+        pack()
         active = [i for i in range(bs) if slots[i] is not None]
         if not active:
             break
         n = active[-1] + 1
-        positions = torch.tensor([slots[i].pos if slots[i] else 0 for i in range(n)], device=device)
-        kv_len = max(slots[i].pos for i in active) + 1
-        logits = llama.decode(last[:n, None], positions, kv_len=kv_len)  # (n, vocab)
-        nxt = sample_rows(logits, temps[:n], tops[:n], top_k=d.top_k, generator=llama.generator)
-        lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0].tolist() if d.logprobs else None
+        logits = engine.decode(last[:n], [slots[i].pos if slots[i] else 0 for i in range(n)])  # (n, vocab)
+        nxt = sampler.sample(logits)
+        sampler.accept(nxt)
+        lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0].tolist() if opts.logprobs else None
         nxt_host = nxt.tolist()
         for i in active:
             slots[i].pos += 1
             accept(i, nxt_host[i], lps[i] if lps else None)
-    return stats
+    return run.stats

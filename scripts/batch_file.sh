@@ -3,6 +3,8 @@
 # Safe to kill and re-run: --resume skips prompts already in the output file.
 #   bash scripts/batch_file.sh CKPT_DIR prompts.jsonl results.jsonl
 set -euo pipefail
+# after scripts/quickstart.sh, llama-cli lives in the repository's .venv: use it when none is on PATH
+command -v llama-cli >/dev/null || PATH="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin:$PATH"
 CKPT=${1:?usage: batch_file.sh CKPT_DIR PROMPTS_FILE OUTPUT_FILE}
 PROMPTS=${2:?usage: batch_file.sh CKPT_DIR PROMPTS_FILE OUTPUT_FILE}
 OUT=${3:?usage: batch_file.sh CKPT_DIR PROMPTS_FILE OUTPUT_FILE}

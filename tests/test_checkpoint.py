@@ -1,24 +1,14 @@
 """Loading checkpoints: any shard count on any world size, and clear errors for broken folders."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO, TINY, make_model_folder, subprocess_env
+from helpers import PROMPTS, TINY, greedy, make_model_folder, model_args, run_torchrun
 from llama_cli import Llama
 from llama_cli.checkpoint import ShardPlan
 from llama_cli.errors import UserError
-
-PROMPTS = ["Hello world", "The cat sleeps under the tree because", "42"]
-
-
-def greedy(folder, **kw):
-    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=96, max_batch_size=4, **kw)
-    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
-    return llama.generate(ids, max_gen_len=24, temperature=0)[0]
 
 
 def test_two_shards_on_one_process_equal_one_shard(tiny_ckpt, tiny_ckpt2):
@@ -28,17 +18,6 @@ def test_two_shards_on_one_process_equal_one_shard(tiny_ckpt, tiny_ckpt2):
 def test_four_shards_on_one_process(tmp_path, spm_path, tiny_ckpt):
     folder, _ = make_model_folder(tmp_path / "four", spm_path, TINY, n_shards=4)
     assert greedy(folder) == greedy(tiny_ckpt[0])
-
-
-def run_torchrun(n_procs, folder, out, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}",
-           str(REPO / "tests" / "gen_worker.py"), str(folder), str(folder / "tokenizer.model"), str(out)]
-    proc = subprocess.run(cmd, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    results = [json.loads(open(f"{out}.{r}").read()) for r in range(n_procs)]
-    assert all(r["world"] == n_procs for r in results)
-    assert all(r == results[0] for r in results), "ranks disagree"
-    return results[0]
 
 
 @pytest.mark.parametrize("shards,procs", [(2, 2), (1, 2), (4, 2), (2, 4)])
@@ -259,9 +238,8 @@ def test_device_not_available(tiny_ckpt):
 
 def test_weights_that_do_not_fit_are_refused_with_numbers():
     from llama_cli.memory import preflight
-    from llama_cli.model import ModelArgs
 
-    args, _ = ModelArgs.from_params({"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000})
+    args = model_args({"dim": 4096, "n_layers": 32, "n_heads": 32}, 32000)
     with pytest.raises(UserError, match=r"weights need 12\.\d\d GiB per process but only 8\.00 GiB.*nproc_per_node"):
         preflight(args, 1, torch.device("cpu"), torch.bfloat16, 1, 64, free=8 * 1024 ** 3)
     preflight(args, 2, torch.device("cpu"), torch.bfloat16, 1, 64, free=8 * 1024 ** 3)  # half fits

@@ -268,7 +268,7 @@ def test_bad_prompt_files(capsys, ckpt, tmp_path):
         "latin1.txt": (b"hello\ncaf\xe9\n", "line 2 is not UTF-8"),
         "bad.jsonl": (b'{"prompt": "ok"}\n{"prompt": "x",}\n', "line 2 is not valid JSON"),
         "noprompt.jsonl": (b'{"prompt": "ok"}\n\n{"text": "x"}\n', 'line 3 has no "prompt"'),
-        "badtype.jsonl": (b'{"prompt": "ok", "max_gen_len": "many"}\n', '"max_gen_len" must be a number'),
+        "badtype.jsonl": (b'{"prompt": "ok", "max_gen_len": "many"}\n', '"max_gen_len" must be an integer >= 1'),
         "empty.txt": (b"\n\n", "holds no prompts"),
     }
     for name, (content, needle) in cases.items():
@@ -288,6 +288,17 @@ def test_unwritable_output_file(capsys, ckpt, tmp_path):
 def test_world_size_the_heads_do_not_divide(ckpt):
     proc = run_proc("--ckpt_dir", ckpt, "--prompt", "Hi", *BASE, env={"WORLD_SIZE": "3", "RANK": "0"})
     assert_one_line_error(proc.returncode, proc.stderr, 2, "cannot be split over 3", "1, 2, 4")
+    other = run_proc("--ckpt_dir", ckpt, "--prompt", "Hi", *BASE, env={"WORLD_SIZE": "3", "RANK": "2"})
+    assert other.returncode == 2 and "error" not in other.stderr  # said once, by rank 0
+
+
+def test_torchrun_with_a_count_the_heads_do_not_divide_says_it_once(ckpt):
+    p = torchrun("--ckpt_dir", ckpt, "--prompt", "Hi", *BASE, launcher_args=["--standalone", "--nproc_per_node", "3"])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert err.count("llama-cli: error: this model cannot be split over 3 processes") == 1, err
+    first = err.index("llama-cli: error:")
+    assert "Traceback" not in err[:first]  # our line comes before torchrun's report
 
 
 def test_subprocess_error_has_no_traceback_and_debug_shows_it(tmp_path):
@@ -315,6 +326,11 @@ def test_torchrun_two_processes(tmp_path, spm_path):
     recs = jsonl(out)
     assert len(recs) == 2  # only rank 0 prints
     assert recs == jsonl(single.stdout)
+    assert "initializing model parallel" in err
+    p = torchrun(*args, "--quiet", launcher_args=["--standalone", "--nproc_per_node", "2"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and jsonl(out) == recs
+    assert "initializing model parallel" not in err and "llama-cli:" not in err  # --quiet: fairscale's lines too
 
 
 def test_two_launchers_multi_node_on_loopback(tmp_path, spm_path):
@@ -333,3 +349,105 @@ def test_two_launchers_multi_node_on_loopback(tmp_path, spm_path):
     printed = [jsonl(out) for out, _ in outs]
     assert sorted(len(x) for x in printed) == [0, 1]  # exactly one node (global rank 0) prints
     assert [x for x in printed if x][0] == jsonl(single.stdout)
+
+
+# --- defects found on a newcomer's path (issue 10) ----------------------------------------------------
+
+def test_help_shows_every_flag_with_its_whole_text():
+    proc = run_proc("--help")
+    assert proc.returncode == 0
+    from llama_cli.config import RunConfig
+    import dataclasses
+
+    for f in dataclasses.fields(RunConfig):
+        assert f"--{f.name}" in proc.stdout, f.name
+    text = " ".join(proc.stdout.split())
+    assert "static (Meta's way, where each batch runs until its longest completion ends)" in text
+    assert "cuda_graphs" in text and "min_p" in text
+
+
+def test_version(capsys):
+    from llama_cli import __version__
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"llama-cli {__version__}"
+
+
+def test_summary_keeps_compile_time_out_of_the_rate():
+    from llama_cli.cli import summary
+    from llama_cli.scheduler import Stats
+
+    line = summary(Stats(prompts=1, tokens=128, first_token_s=45.0), gen_s=48.45, warmup_s=45.0, load_s=1.0)
+    assert "128 tokens in 48.45 s: 37.1 tokens/s generating" in line
+    assert "first token after 45.00 s" in line and "compiling/capturing the decode step 45.00 s" in line
+
+
+def test_interrupt_message_names_the_output_file_only_when_there_is_one(capsys, monkeypatch, ckpt, tmp_path):
+    import llama_cli.cli as cli_mod
+
+    def interrupted(cfg, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "run", interrupted)
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi")
+    assert code == 130 and "--output_file" not in err and "interrupted" in err
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output", "jsonl", "--output_file",
+                           tmp_path / "o.jsonl")
+    assert code == 130 and "--output_file are kept" in err
+
+
+def test_json_error_message_reads_well(capsys, ckpt, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "unterminated\n')
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, *BASE)
+    assert_one_line_error(code, err, 2, "line 1 is not valid JSON (Unterminated string starting at, column 12)")
+    words = err.split()
+    assert not any(a == b for a, b in zip(words, words[1:])), err  # no "at at"
+
+
+def test_ckpt_dir_that_needs_converting(capsys, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    code, _, err = run_cli(capsys, "--ckpt_dir", gguf, "--prompt", "Hi", "--tokenizer_path", gguf)
+    assert_one_line_error(code, err, 2, "is a GGUF file", f"llama-cli convert --src {gguf} --out checkpoints/model")
+    hf = tmp_path / "hf-model"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    code, _, err = run_cli(capsys, "--ckpt_dir", hf, "--prompt", "Hi", "--tokenizer_path", gguf)
+    assert_one_line_error(code, err, 2, "HuggingFace model folder", f"llama-cli convert --src {hf}")
+
+
+def test_json_prompts_file_and_jsonl_on_stdin(capsys, ckpt, tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(["Hello world", {"prompt": "The cat", "id": "c", "max_gen_len": 2}]))
+    code, out, _ = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", *BASE)
+    recs = jsonl(out)
+    assert code == 0 and [r["prompt"] for r in recs] == ["Hello world", "The cat"]
+    assert recs[1]["id"] == "c" and len(recs[1]["tokens"]) <= 2
+    lines = '{"prompt": "Hello world", "id": 1}\n{"prompt": "The cat", "max_gen_len": 2}\n'
+    proc = run_proc("--ckpt_dir", ckpt, "--output", "jsonl", *BASE, stdin=lines)
+    assert proc.returncode == 0, proc.stderr
+    recs2 = jsonl(proc.stdout)
+    assert [r["prompt"] for r in recs2] == ["Hello world", "The cat"] and recs2[0]["id"] == 1
+    assert recs2[0]["tokens"] == recs[0]["tokens"] and recs2[1]["tokens"] == recs[1]["tokens"]
+    f.write_text(json.dumps({"prompt": "not an array"}))
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", f, *BASE)
+    assert_one_line_error(code, err, 2, "must hold a JSON array")
+
+
+def test_logprobs_need_jsonl(capsys, ckpt):
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--logprobs", *BASE)
+    assert_one_line_error(code, err, 2, "--logprobs", "--output jsonl")
+
+
+@pytest.mark.parametrize("schedule", ["static", "continuous"])
+def test_generation_cut_by_max_seq_len_warns_once(capsys, ckpt, schedule):
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", "--prompt", "The cat",
+                             "--max_seq_len", "24", "--max_gen_len", "64", "--temperature", "0", "--output", "jsonl",
+                             "--schedule", schedule)
+    recs = jsonl(out)
+    assert code == 0, err
+    cut = [r for r in recs if r["finish_reason"] == "max_seq_len"]
+    assert cut and all(len(r["tokens"]) < 64 for r in cut)
+    assert err.count("ran into --max_seq_len") == 1 and f"{len(cut)} of 2 prompts" in err

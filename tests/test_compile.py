@@ -1,7 +1,14 @@
-"""Compiled decoding gives the same tokens as eager decoding (CPU; the GPU script checks CUDA)."""
+"""Compiled decoding gives the same tokens as eager decoding (CPU; scripts/gpu_check.py checks CUDA),
+and --compile auto follows the measurements and the persistent compile cache."""
 
+import os
+import subprocess
+import sys
+
+import torch
+
+from helpers import REPO, assert_same_or_near_tie, greedy, requests, run_torchrun, subprocess_env
 from llama_cli import Llama
-from test_scheduler import assert_same_or_near_tie
 
 
 def test_compiled_greedy_equals_eager(tiny_ckpt):
@@ -18,42 +25,62 @@ def test_compiled_greedy_equals_eager(tiny_ckpt):
     # batch of one uses the fused multiply-and-sum matrix-vector path
     c, _ = compiled.generate(prompts[:1], max_gen_len=24, temperature=0)
     assert_same_or_near_tie(eager, prompts[0], c[0], a[0])
+    assert compiled.engine.warmup_s > 0  # compile time is counted apart from generation
 
 
 def test_compiled_continuous_batching_equals_eager(tiny_ckpt):
-    from llama_cli.prompts import PromptRequest
-    from llama_cli.scheduler import Defaults, run_continuous
+    from llama_cli.scheduler import Options, run_continuous
 
     folder = tiny_ckpt[0]
     tok = str(folder / "tokenizer.model")
     eager = Llama.build(str(folder), tok, max_seq_len=64, max_batch_size=2, compile="off")
     compiled = Llama.build(str(folder), tok, max_seq_len=64, max_batch_size=2, compile="on")
-    reqs = [PromptRequest(i, p, max_gen_len=g) for i, (p, g) in enumerate(
-        [("Hello", 20), ("The cat", 3), ("42", 9), ("Red green blue", 30), ("a", 1), ("Why", 12)])]
-    d = Defaults(max_gen_len=8, temperature=0.0, top_p=1.0)
+    reqs = requests(["Hello", "The cat", "42", "Red green blue", "a", "Why"], temperature=0,
+                    max_gen_len=[20, 3, 9, 30, 1, 12])
     a, b = {}, {}
-    run_continuous(eager, reqs, d, lambda r: a.__setitem__(r.request.index, r.tokens))
-    run_continuous(compiled, reqs, d, lambda r: b.__setitem__(r.request.index, r.tokens))
+    run_continuous(eager, reqs, Options(), lambda r: a.__setitem__(r.request.index, r.tokens))
+    run_continuous(compiled, reqs, Options(), lambda r: b.__setitem__(r.request.index, r.tokens))
     for r in reqs:
         ids = eager.tokenizer.encode(r.prompt, bos=True, eos=False)
         assert_same_or_near_tie(eager, ids, b[r.index], a[r.index])
 
 
 def test_compiled_model_parallel_under_torchrun(tmp_path, tiny_ckpt2, tiny_ckpt):
-    from test_checkpoint import greedy, run_torchrun
-
     # batch 1: on the CPU the compiled step serves 1-2 rows (larger batches stay eager there)
     got = run_torchrun(2, tiny_ckpt2[0], tmp_path / "out", env={"GEN_COMPILE": "on", "GEN_BATCH": "1"})
     assert got["greedy"] == greedy(tiny_ckpt[0])
 
 
-def test_compile_auto_follows_the_measurements():
-    import torch
+def test_compile_auto_follows_the_measurements(tmp_path, monkeypatch):
+    from llama_cli.engine import decide_compile
 
-    from llama_cli.generation import decide_compile
-
+    monkeypatch.setenv("LLAMA_CLI_CACHE", str(tmp_path))
     cpu = torch.device("cpu")
-    assert decide_compile("auto", cpu, 1, expected_tokens=10_000) is True
-    assert decide_compile("auto", cpu, 1, expected_tokens=100) is False  # compiling would cost more
-    assert decide_compile("auto", cpu, 16, expected_tokens=10_000) is False  # eager is faster at batch 16
-    assert decide_compile("on", cpu, 16) is True and decide_compile("off", cpu, 1, 10_000) is False
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=10_000) is True
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=100) is False  # compiling would cost more
+    assert decide_compile("auto", cpu, 16, key="k", expected_tokens=10_000) is False  # eager is faster at 16
+    assert decide_compile("on", cpu, 16) is True and decide_compile("off", cpu, 1, "k", 10_000) is False
+    from llama_cli import compiled
+
+    compiled.mark_warm("k")  # compiled before (e.g. by llama-cli compile): even a short job uses it
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=100) is True
+
+
+def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
+    """llama-cli compile leaves the step on disk; a later separate run with --compile auto (a short job,
+    which would otherwise stay eager) starts with it, and says how long loading it took."""
+    env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path / "cache")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    folder = tiny_ckpt[0]
+    cmd = [sys.executable, "-m", "llama_cli"]
+    proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "cache" / "compiled").glob("*.json"))
+    assert list((tmp_path / "cache" / "inductor").iterdir())  # inductor's artifacts kept under our cache
+    proc = subprocess.run(cmd + ["--ckpt_dir", str(folder), "--prompt", "Hello", "--max_gen_len", "4",
+                                 "--max_batch_size", "1", "--temperature", "0"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled the decode step for 1 row(s)" in proc.stderr
+    assert "compiling/capturing the decode step" in proc.stderr

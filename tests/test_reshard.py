@@ -2,9 +2,8 @@
 
 import torch
 
-from helpers import TINY, make_model_folder, reader_for
+from helpers import TINY, greedy, make_model_folder, reader_for, run_torchrun
 from llama_cli.cli import cli
-from test_checkpoint import greedy, run_torchrun
 
 
 def test_reshard_round_trip(tmp_path, spm_path, tiny_ckpt, capsys):
@@ -62,3 +61,35 @@ def test_one_process_per_shard_uses_the_memory_map_in_place(tiny_ckpt2):
 def test_reshard_then_torchrun(tmp_path, tiny_ckpt, capsys):
     assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(tmp_path / "r2"), "--shards", "2"]) == 0
     assert run_torchrun(2, tmp_path / "r2", tmp_path / "out")["greedy"] == greedy(tiny_ckpt[0])
+
+
+def _tensor_bytes(path):
+    sd = torch.load(path, weights_only=True, mmap=True)
+    return sum(t.numel() * t.element_size() for t in sd.values()), sd
+
+
+def test_reshard_files_hold_only_their_tensors_and_tied_stays_tied(tmp_path, spm_path):
+    """Each written shard is about the size of the tensors it holds (narrowed views would save their whole
+    storage), and a checkpoint without output.weight (tied) gets none added."""
+    folder, weights = make_model_folder(tmp_path / "src", spm_path, TINY, n_shards=1)
+    sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    del sd["output.weight"]
+    torch.save(sd, folder / "consolidated.00.pth")
+    assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(tmp_path / "two"), "--shards", "2"]) == 0
+    assert cli(["reshard", "--ckpt_dir", str(tmp_path / "two"), "--out", str(tmp_path / "one"), "--shards", "1"]) == 0
+    for path in [tmp_path / "two" / "consolidated.00.pth", tmp_path / "two" / "consolidated.01.pth",
+                 tmp_path / "one" / "consolidated.00.pth"]:
+        held, shard = _tensor_bytes(path)
+        assert "output.weight" not in shard  # still tied
+        assert path.stat().st_size < held * 1.05 + 64 * 1024, (path, path.stat().st_size, held)
+    _, one = _tensor_bytes(tmp_path / "one" / "consolidated.00.pth")
+    assert all(torch.equal(one[k], sd[k]) for k in sd)
+    assert (tmp_path / "one" / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
+    assert greedy(tmp_path / "one") == greedy(folder)
+
+
+def test_reshard_into_a_folder_holding_a_checkpoint_is_refused(tmp_path, tiny_ckpt, capsys):
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(tmp_path / "o"), "--shards", "1"]) == 0
+    capsys.readouterr()
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(tmp_path / "o"), "--shards", "1"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from llama_cli.generation import Llama
-from llama_cli.sampling import sample, sample_rows, sample_top_p
+from llama_cli.sampling import Sampler, sample, sample_top_p
+from llama_cli.settings import Settings
 
 
 def probs_row():
@@ -55,9 +56,10 @@ def test_same_seed_same_sample():
 
 def test_per_row_settings():
     logits = torch.tensor([[0.0, 5.0, 4.9, 0.0]] * 2000)
-    t = torch.tensor([0.0, 1.0] * 1000)
-    p = torch.tensor([1.0, 0.5] * 1000)
-    out = sample_rows(logits, t, p, generator=torch.Generator().manual_seed(0))
+    s = Sampler(2000, 4, torch.device("cpu"), torch.Generator().manual_seed(0))
+    for i in range(2000):
+        s.set_row(i, Settings(temperature=0.0) if i % 2 == 0 else Settings(temperature=1.0, top_p=0.5), [])
+    out = s.sample(logits)
     assert set(out[0::2].tolist()) == {1}  # greedy rows
     assert set(out[1::2].tolist()) == {1}  # nucleus 0.5 holds only the top token
 

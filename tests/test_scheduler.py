@@ -6,13 +6,10 @@ import random
 import pytest
 import torch
 
-from helpers import TINY, make_model_folder
+from helpers import TINY, assert_same_or_near_tie, make_model_folder, requests
 from llama_cli import Llama
 from llama_cli.cli import cli
-from llama_cli.prompts import PromptRequest
-from llama_cli.scheduler import Defaults, run_continuous, run_static
-
-TIE = 1e-3  # relative to the logit scale: closer than this, either token is a right answer
+from llama_cli.scheduler import Options, run_continuous, run_static
 
 
 @pytest.fixture(scope="module")
@@ -25,63 +22,47 @@ def solo(llama, ids, max_gen):
     return llama.generate([ids], max_gen_len=max_gen, temperature=0)[0][0]
 
 
-def assert_same_or_near_tie(llama, ids, got, want):
-    """got == want, or they part at a step where the two tokens' logits are a near-tie."""
-    eos = llama.tokenizer.eos_id  # a shorter output stopped there: compare as if EOS was chosen
-    got, want = got + [eos], want + [eos]
-    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    if k is None:
-        assert len(got) == len(want), (got, want)  # both stopped by max_gen_len, or both by EOS
-        return
-    with torch.no_grad():
-        logits = llama.model(torch.tensor([ids + want[:k]]), 0)[0, -1]
-    gap = abs(logits[got[k]] - logits[want[k]]).item()
-    assert gap <= TIE * logits.abs().max().item(), f"step {k}: {got[k]} vs {want[k]} differ by {gap:.3g}: wrong token"
-
-
 def make_requests(n, seed=0):
     rng = random.Random(seed)
     words = "the cat dog sun moon red blue runs jumps under over hello world 42 and".split()
-    reqs = []
-    for i in range(n):
-        prompt = " ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 5, 9, 14, 20])))
-        reqs.append(PromptRequest(i, prompt, id=f"q{i}", max_gen_len=rng.choice([1, 2, 7, 20, 45, 90])))
-    return reqs
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 5, 9, 14, 20]))) for _ in range(n)]
+    return requests(prompts, temperature=0, max_gen_len=[rng.choice([1, 2, 7, 20, 45, 90]) for _ in range(n)])
 
 
 def test_continuous_equals_one_at_a_time(llama):
     reqs = make_requests(26)  # over six batches of 4, rows ending at very different steps
     results = []
-    run_continuous(llama, reqs, Defaults(max_gen_len=8, temperature=0.0, top_p=1.0), results.append)
+    run_continuous(llama, reqs, Options(), results.append)
     assert sorted(r.request.index for r in results) == list(range(len(reqs)))  # complete, once each
     finish_order = [r.request.index for r in results]
     assert finish_order != sorted(finish_order)  # short jobs overtook long ones: slots were refilled
     for r in results:
         ids = llama.tokenizer.encode(r.request.prompt, bos=True, eos=False)
-        want = solo(llama, ids, r.request.max_gen_len)
-        assert len(r.tokens) <= r.request.max_gen_len
+        want = solo(llama, ids, r.request.settings.max_gen_len)
+        assert len(r.tokens) <= r.request.settings.max_gen_len
+        assert r.finish_reason == ("length" if len(r.tokens) == r.request.settings.max_gen_len else "stop")
         assert_same_or_near_tie(llama, ids, r.tokens, want)
 
 
 def test_static_and_continuous_agree(llama):
     reqs = make_requests(10, seed=1)
     a, b = [], []
-    run_continuous(llama, reqs, Defaults(max_gen_len=8, temperature=0.0, top_p=1.0), a.append)
-    run_static(llama, reqs, Defaults(max_gen_len=8, temperature=0.0, top_p=1.0), b.append)
-    a = {r.request.index: r.tokens for r in a}
+    run_continuous(llama, reqs, Options(), a.append)
+    run_static(llama, reqs, Options(), b.append)
+    a = {r.request.index: r for r in a}
+    assert sorted(a) == sorted(r.request.index for r in b) == list(range(10))
     for r in b:
         ids = llama.tokenizer.encode(r.request.prompt, bos=True, eos=False)
-        assert_same_or_near_tie(llama, ids, a[r.request.index], r.tokens)
+        assert_same_or_near_tie(llama, ids, a[r.request.index].tokens, r.tokens)
+        if a[r.request.index].tokens == r.tokens:
+            assert a[r.request.index].finish_reason == r.finish_reason
 
 
 def test_per_prompt_temperature_inside_one_batch(llama):
-    reqs = make_requests(8, seed=2)
-    for r in reqs:
-        r.max_gen_len = 12
-        r.temperature = 0.0 if r.index % 2 == 0 else 1.5
+    prompts = [r.prompt for r in make_requests(8, seed=2)]
+    reqs = requests(prompts, max_gen_len=12, top_p=1.0, temperature=[0.0 if i % 2 == 0 else 1.5 for i in range(8)])
     results = {}
-    run_continuous(llama, reqs, Defaults(max_gen_len=8, temperature=0.6, top_p=1.0),
-                   lambda r: results.__setitem__(r.request.index, r))
+    run_continuous(llama, reqs, Options(), lambda r: results.__setitem__(r.request.index, r))
     for r in reqs[0::2]:  # greedy rows are unaffected by sampled neighbours
         ids = llama.tokenizer.encode(r.prompt, bos=True, eos=False)
         assert_same_or_near_tie(llama, ids, results[r.index].tokens, solo(llama, ids, 12))
@@ -91,9 +72,9 @@ def test_per_prompt_temperature_inside_one_batch(llama):
 
 
 def test_logprobs_and_echo_match_static(llama):
-    reqs = [PromptRequest(0, "the cat runs", max_gen_len=6), PromptRequest(1, "hello", max_gen_len=3)]
+    reqs = requests(["the cat runs", "hello"], temperature=0, max_gen_len=[6, 3])
     a, b = [], []
-    d = Defaults(max_gen_len=6, temperature=0.0, top_p=1.0, logprobs=True, echo=True)
+    d = Options(logprobs=True, echo=True)
     run_continuous(llama, reqs, d, a.append)
     run_static(llama, reqs, d, b.append)
     a = sorted(a, key=lambda r: r.request.index)

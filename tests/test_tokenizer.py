@@ -86,7 +86,7 @@ def test_hf_tokenizer_json(tmp_path):
     path2 = make_hf_tokenizer(tmp_path / "hf2", add_bos=True)
     tok2 = load_tokenizer(path2)
     assert tok2.add_bos is True and tok2.stop_ids == {2}
-    assert path.exists()
+    assert tok2.encode("x", bos=tok2.add_bos, eos=False)[0] == 1  # now prompts start with BOS
 
 
 def test_hf_tokenizer_without_eos_is_refused(tmp_path):

@@ -28,7 +28,7 @@ def convert(src=None, out=None, shards=1, dtype=None):
     """
     import torch
 
-    from ..distributed import pick_dtype
+    from ..devices import pick_dtype
     from .writer import CheckpointWriter
 
     if src is None or out is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..checkpoint import args_from_params
 from ..model import ModelArgs, ffn_hidden_dim
 from ..tokenizer import LLAMA3_PATTERN
 
@@ -124,7 +125,7 @@ def read(path: str) -> tuple[dict, ModelArgs, torch.dtype, Iterator[tuple[str, t
     """(params, args, fp32, (Meta name, dequantized tensor) one at a time) of a llama GGUF file."""
     reader = open_gguf(path)
     params = params_from_gguf(reader, path)
-    args, _ = ModelArgs.from_params(params)
+    args, _ = args_from_params(params)
     check_rope_freqs(reader, args)
 
     def converted():

@@ -11,15 +11,14 @@ import glob
 import json
 import logging
 import os
-import shutil
 from typing import Iterator
 
 import torch
 
 from ..checkpoint import open_shard
 from ..errors import UserError
+from ..checkpoint import args_from_params
 from ..model import ModelArgs, ffn_hidden_dim
-from ..tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("llama_cli")
 
@@ -127,7 +126,7 @@ def read(src: str) -> tuple[dict, ModelArgs, torch.dtype, Iterator[tuple[str, to
     """(params, args, stored dtype, (Meta name, tensor) one at a time) of a HF Llama folder."""
     cfg = read_config(src)
     params = params_from_config(cfg)
-    args, _ = ModelArgs.from_params(params)
+    args, _ = args_from_params(params)
     tied = bool(cfg.get("tie_word_embeddings", False))
     stored = next(tensors(src))[1].dtype
 
@@ -146,12 +145,9 @@ def read(src: str) -> tuple[dict, ModelArgs, torch.dtype, Iterator[tuple[str, to
 
 
 def write_tokenizer(src: str, out: str) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(out, name))
-            copied.append(name)
+    from .writer import copy_tokenizer_files
+
+    copied = copy_tokenizer_files(src, out)
     if not any(n in copied for n in ("tokenizer.model", "tokenizer.json")):
         raise UserError(f"{src} has neither tokenizer.model nor tokenizer.json to go with the weights")
     return copied

@@ -1,4 +1,5 @@
-"""Writing a Meta-layout checkpoint folder one tensor at a time.
+"""Writing a Meta-layout checkpoint folder one tensor at a time: the one writer behind `convert`
+(HF folders, GGUF files) and `reshard` (Meta folders).
 
 Each incoming (whole) tensor is cast, split for the target shard count the way fairscale
 splits it, and staged into a file-backed tensor in a temporary folder beside the output, so
@@ -19,6 +20,18 @@ import torch
 from ..checkpoint import split_dim
 from ..errors import UserError
 from ..model import ModelArgs, check_parallel
+from ..tokenizer import TOKENIZER_FILES
+
+
+def copy_tokenizer_files(src_dir: str, out: str) -> list[str]:
+    """Copy the tokenizer files found in src_dir into out; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out, name))
+            copied.append(name)
+    return copied
 
 
 class CheckpointWriter:
@@ -28,7 +41,8 @@ class CheckpointWriter:
         check_parallel(args, n_shards)
         if n_shards > args.n_kv_heads:
             raise UserError(f"cannot write {n_shards} shards: the model has {args.n_kv_heads} KV heads and a shard "
-                            f"must hold whole ones; write at most {args.n_kv_heads} shards")
+                            f"must hold whole ones; write at most {args.n_kv_heads} shards, and run on {n_shards} "
+                            "processes directly (loading splits further on the fly)")
         if os.path.isdir(out) and any(f.endswith(".pth") or f == "params.json" for f in os.listdir(out)):
             raise UserError(f"{out} already holds a checkpoint; choose an empty or new folder")
         try:
@@ -45,6 +59,7 @@ class CheckpointWriter:
         dim = split_dim(name) if self.n_shards > 1 else None
         parts = [tensor] if dim is None else tensor.chunk(self.n_shards, dim=dim)
         for s in range(self.n_shards):
+            # a fresh file-backed tensor per part: a narrowed view would save its whole storage
             part = parts[0] if dim is None else parts[s]
             path = os.path.join(self.staging, f"{self._count}.bin")
             self._count += 1

@@ -1,0 +1,151 @@
+"""The flags of `llama-cli` (completion): one list, `RunConfig`, which checks itself.
+
+fire builds a RunConfig straight from the command line (its `--help` is this class's
+docstring), `__post_init__` checks every value, so a bad flag fails before any model loads.
+Adding a flag means adding one field here and one line to the docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import UserError
+from .settings import Settings, resolve
+
+
+@dataclass
+class RunConfig:
+    """Complete text prompts with a LLaMA model (a Meta checkpoint folder).
+
+    Examples:
+      llama-cli --ckpt_dir llama-2-7b --prompt "The capital of France is"
+      llama-cli --ckpt_dir llama-2-7b --prompts_file prompts.jsonl --output jsonl --output_file out.jsonl --resume
+      echo "Once upon a time" | llama-cli --ckpt_dir llama-2-7b --temperature 0
+      torchrun --nproc_per_node 2 -m llama_cli --ckpt_dir llama-2-13b --prompt "Hi"
+      llama-cli convert --help    (also reshard, compile)
+
+    Args:
+      ckpt_dir: folder with consolidated.NN.pth shards and params.json (any shard count, any process count).
+      tokenizer_path: tokenizer file. Default is tokenizer.json or tokenizer.model in ckpt_dir, else
+        tokenizer.model in its parent folder.
+      prompt: text to complete; repeat --prompt for several. Always taken as text (42 stays "42").
+      prompts_file: .txt (one prompt per line), .jsonl (one object per line with "prompt" and optional
+        "id" and per-prompt settings, any of max_gen_len, temperature, top_p, top_k, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, stop) or .json (an array of such
+        objects or of texts); "-" reads standard input. Without --prompt or --prompts_file, prompts are
+        read from a piped standard input, one per line (JSONL when its first line is such an object).
+      temperature: sampling temperature; 0 is greedy (deterministic).
+      top_p: nucleus sampling, drawing only from the most likely tokens that hold this much probability.
+      top_k: also limit sampling to the k most likely tokens (0 means no limit).
+      min_p: also drop tokens less than min_p times as likely as the most likely one (0 means off).
+      repetition_penalty: divide the logits of tokens already in the prompt or the generation by this
+        (multiply when negative), as HF transformers does; 1 means off.
+      presence_penalty: subtract this from the logits of tokens generated so far (OpenAI's), -2 to 2.
+      frequency_penalty: subtract this times each token's count so far (OpenAI's), -2 to 2.
+      stop: end the generation where this text appears (it is not part of the output); repeat for several.
+      max_seq_len: longest prompt + completion, in tokens (sizes the KV cache).
+      max_gen_len: most tokens to generate per prompt.
+      max_batch_size: prompts decoded together; prompt files run in batches of this size.
+      seed: random seed; the same seed gives the same samples.
+      logprobs: also report each generated token's log-probability (needs --output jsonl).
+      echo: include the prompt tokens in the generation (and its logprobs).
+      device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
+      dtype: fp32, bf16 or fp16. Default is bf16 on GPUs that support it, fp16 on others, fp32 on cpu.
+      output: text (each prompt followed by its completion) or jsonl (one object per prompt with id,
+        index, prompt, generation, tokens, finish_reason, and logprobs when asked).
+      output_file: also append each result to this file as soon as it is done (flushed).
+      resume: skip prompts whose results are already in --output_file (needs --output jsonl).
+      stream: print the completion token by token as it is generated (one prompt).
+      strict: stop at the first prompt that cannot run (too long) instead of writing an error entry.
+      quiet: no logs or progress on stderr, only errors.
+      debug: show the Python traceback on errors.
+      schedule: continuous (the default, where a finished prompt's batch slot is refilled at once, best
+        for prompt files) or static (Meta's way, where each batch runs until its longest completion ends).
+      compile: compile the decoding step with torch.compile, one of on, off, auto. auto compiles on the
+        CPU for --max_batch_size 1-2 when this model shape was compiled before (kept on disk, see
+        llama-cli compile) or the job is 1024+ tokens; on GPUs auto uses CUDA graphs instead.
+      cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
+
+    Exit codes are 0 when done, 2 for bad usage or input, 1 for a failure while running or when some
+    prompts got error entries, 130 when interrupted. Multi-node runs use torchrun --nnodes N --node_rank R
+    --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT -m llama_cli (see README).
+    """
+    ckpt_dir: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    prompt: list = field(default_factory=list)
+    prompts_file: Optional[str] = None
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list = field(default_factory=list)
+    max_seq_len: int = 512
+    max_gen_len: int = 64
+    max_batch_size: int = 4
+    seed: int = 1
+    logprobs: bool = False
+    echo: bool = False
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    output: str = "text"
+    output_file: Optional[str] = None
+    resume: bool = False
+    stream: bool = False
+    strict: bool = False
+    quiet: bool = False
+    debug: bool = False
+    schedule: str = "continuous"
+    compile: str = "auto"
+    cuda_graphs: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Check every flag; raise UserError naming the first bad one."""
+        from .tokenizer import find_tokenizer
+
+        if self.ckpt_dir is None:
+            raise UserError("--ckpt_dir is required: the folder with consolidated.NN.pth and params.json")
+        self.ckpt_dir = str(self.ckpt_dir)
+        if self.tokenizer_path is None:
+            self.tokenizer_path = find_tokenizer(self.ckpt_dir)
+        self.tokenizer_path = str(self.tokenizer_path)
+        self.prompt = list(self.prompt or [])
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.settings = resolve(Settings(), {"max_gen_len": self.max_gen_len, "temperature": self.temperature,
+                                             "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                                             "repetition_penalty": self.repetition_penalty,
+                                             "presence_penalty": self.presence_penalty,
+                                             "frequency_penalty": self.frequency_penalty, "stop": self.stop})
+        _int("max_seq_len", self.max_seq_len, minimum=2)
+        _int("max_batch_size", self.max_batch_size)
+        _int("seed", self.seed, minimum=0)
+        for name in ("logprobs", "echo", "resume", "stream", "strict", "quiet", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"--{name} is a switch: write --{name} or --no{name}, not --{name} "
+                                f"{getattr(self, name)!r}")
+        _choice("compile", self.compile, ("auto", "on", "off"))
+        _choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
+        _choice("schedule", self.schedule, ("continuous", "static"))
+        _choice("output", self.output, ("text", "jsonl"))
+        if self.resume and not self.output_file:
+            raise UserError("--resume needs --output_file: the file whose finished prompts should be skipped")
+        if self.resume and self.output != "jsonl":
+            raise UserError("--resume reads back the results, so it needs --output jsonl")
+        if self.stream and self.output != "text":
+            raise UserError("--stream prints text as it is generated; drop --output jsonl or --stream")
+        if self.logprobs and self.output != "jsonl":
+            raise UserError("--logprobs are reported in the JSONL records; add --output jsonl")
+
+
+def _int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise UserError(f"--{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")

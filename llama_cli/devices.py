@@ -1,0 +1,70 @@
+"""Which device and precision a process computes on (no process groups here: the offline tools
+`convert`, `reshard` and `quantize` use this without touching torch.distributed)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def pick_device(requested: Union[str, torch.device, None] = None, local_rank: int = 0) -> torch.device:
+    """The requested device, else this rank's accelerator (CUDA, MPS, ...) when there is one, else CPU."""
+    if requested is None or requested == "auto":
+        if not torch.accelerator.is_available():
+            return torch.device("cpu")
+        kind = torch.accelerator.current_accelerator().type
+        count = torch.accelerator.device_count()
+        device = torch.device(kind, local_rank % count) if count > 1 else torch.device(kind, 0)
+    else:
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, TypeError):
+            raise UserError(f"unknown device {requested!r}; use cpu, cuda, cuda:N or mps") from None
+        if device.type != "cpu":
+            acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+            if acc is None or acc.type != device.type:
+                raise UserError(f"device {requested!r} is not available on this machine; use --device cpu")
+            if device.index is None:
+                device = torch.device(device.type, local_rank % torch.accelerator.device_count())
+            elif device.index >= torch.accelerator.device_count():
+                raise UserError(f"device {requested!r} does not exist; this machine has "
+                                f"{torch.accelerator.device_count()} {device.type} device(s)")
+    if device.type != "cpu":
+        torch.get_device_module(device.type).set_device(device)
+    return device
+
+
+def pick_dtype(device: torch.device, requested: Union[str, torch.dtype, None] = None) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU, unless asked."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested is not None and requested != "auto":
+        try:
+            return DTYPES[str(requested).lower()]
+        except KeyError:
+            raise UserError(f"unknown dtype {requested!r}; use one of fp32, bf16, fp16") from None
+    if device.type == "cpu":
+        return torch.float32
+    module = torch.get_device_module(device.type)
+    if hasattr(module, "is_bf16_supported") and module.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def is_cuda(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU (without spelling the device name out)."""
+    return device.type != "cpu" and torch.get_device_module(device.type) is torch.cuda
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()

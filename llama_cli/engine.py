@@ -1,0 +1,222 @@
+"""The decode engine: owns the KV cache and runs the model's steps on it, as fast as the device allows.
+
+It offers the few verbs that `Llama.generate` and the continuous scheduler need, and nothing
+else touches the model or its cache rows:
+
+- `prefill(rows, prompts)`: whole prompts from position 0 into the given cache rows, together
+  in one padded batch (prompts of different lengths are right-padded; each row's padding sits
+  after its own end, where later steps overwrite or mask it);
+- `decode(tokens, positions)`: one token for each of rows 0..n-1, each at its own position;
+- `move_row(src, dst)`: copy a cache row (the scheduler packs live rows down).
+
+A decode step's cost follows the live tokens, not `max_seq_len`: it attends over the first
+`kv_len` cache positions, where kv_len is just past the furthest live row (eager and compiled
+CPU steps: exactly that; CUDA graphs, which need static shapes: the next length bucket, a power
+of two). Three ways to run the step, chosen per device (`--compile`, `--cuda_graphs`):
+
+- eager PyTorch;
+- CUDA graphs captured straight from the step (one per padded row count and length bucket,
+  captured on first use in well under a second each), so a token costs one graph replay;
+- torch.compile of one layer (`model.run_block`, the same graph serves every layer, its cache
+  length dynamic) and of the output layer: seconds to compile instead of minutes for the whole
+  model, and kept in a persistent cache (compiled.py) so later runs start at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from . import compiled as compile_cache
+from .devices import is_cuda
+from .errors import UserError
+from .model import Transformer, run_block, run_head
+from .parallel import GEMV_MAX_ROWS
+
+log = logging.getLogger("llama_cli")
+
+MIN_BUCKET = 256  # the shortest cache length a CUDA graph attends over
+
+
+def length_buckets(max_seq_len: int) -> list[int]:
+    """Cache lengths CUDA graphs are captured for: powers of two from MIN_BUCKET, and max_seq_len."""
+    out, n = [], MIN_BUCKET
+    while n < max_seq_len:
+        out.append(n)
+        n *= 2
+    return out + [max_seq_len]
+
+
+def _mode(name: str, value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value not in ("auto", "on", "off"):
+        raise UserError(f"{name} must be auto, on or off, got {value!r}")
+    return value
+
+
+def decide_compile(compile, device: torch.device, max_batch_size: int, key: Optional[str] = None,
+                   expected_tokens: Optional[int] = None) -> bool:
+    """--compile on/off/auto. auto (measured, docs/benchmarks.md): on the CPU the compiled step wins
+    for 1-2 rows (a fused matrix-vector product, about 2.5x eager for SmolLM2-135M); it is used when
+    this model shape was compiled before (the persistent cache makes that a start of a second or two,
+    see `llama-cli compile`), or when the job is long enough to pay for a first compile (1024+ tokens).
+    On CUDA the captured eager step needs no compiling, so auto leaves compiling off there."""
+    compile = _mode("--compile", compile)
+    if compile != "auto":
+        return compile == "on"
+    if device.type != "cpu" or max_batch_size > GEMV_MAX_ROWS:
+        return False
+    return (key is not None and compile_cache.is_warm(key)) or (expected_tokens or 0) >= 1024
+
+
+def decide_graphs(cuda_graphs, device: torch.device) -> bool:
+    """--cuda_graphs on/off/auto: auto (and on) capture the decode step on CUDA GPUs."""
+    cuda_graphs = _mode("--cuda_graphs", cuda_graphs)
+    if cuda_graphs == "on" and not is_cuda(device):
+        raise UserError(f"--cuda_graphs on needs a CUDA GPU; this run is on {device} (use --cuda_graphs auto)")
+    return cuda_graphs != "off" and is_cuda(device)
+
+
+class _Graph:
+    """One decode step for `size` rows attending over `kv_len` positions, with static input and output
+    buffers: captured as a CUDA graph on CUDA GPUs (one replay per token). Elsewhere the same buffers
+    and warm-up run eagerly, which is how the CPU tests check this logic."""
+
+    def __init__(self, model: Transformer, size: int, kv_len: int, pool=None):
+        device = model.tok_embeddings.weight.device
+        self.model, self.kv_len = model, kv_len
+        self.tokens = torch.zeros(size, dtype=torch.long, device=device)
+        # Warm-up runs really execute: they write at position kv_len - 1, where no live row has anything
+        # yet (a row at that position is this very step's, and its own write comes first).
+        self.positions = torch.full((size,), kv_len - 1, dtype=torch.long, device=device)
+        self.graph = None
+        if not is_cuda(device):
+            self.logits = model.decode(self.tokens, self.positions, kv_len)
+            return
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model.decode(self.tokens, self.positions, kv_len)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = model.decode(self.tokens, self.positions, kv_len)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        self.positions[n:].zero_()  # padding rows: cache rows >= n, which no live prompt uses
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.logits = self.model.decode(self.tokens, self.positions, self.kv_len)
+        return self.logits[:n].clone()  # the next replay overwrites the output
+
+
+class Engine:
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, *, compile: bool = False,
+                 cuda_graphs: bool = False, compile_key: Optional[str] = None):
+        self.model = model
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.device = model.tok_embeddings.weight.device
+        model.allocate_cache(max_batch_size, max_seq_len)
+        self.cuda_graphs = cuda_graphs
+        self.compiled = compile
+        self.compile_key = compile_key
+        self.warmup_s = 0.0  # seconds spent compiling and capturing (reported apart from generation)
+        self.buckets = length_buckets(max_seq_len)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+        self._compiled_sizes: set[int] = set()
+        if compile:
+            # one graph per distinct row count; several models in one process are fine
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compile_cache.setup()
+            for layer in model.layers:  # one compiled layer for any cache size
+                for buf in (layer.attention.cache_k, layer.attention.cache_v):
+                    torch._dynamo.maybe_mark_dynamic(buf, 0)
+                    torch._dynamo.maybe_mark_dynamic(buf, 2)
+            model.decode_block_fn = torch.compile(run_block, fullgraph=True)
+            model.decode_head_fn = torch.compile(run_head, fullgraph=True)
+
+    # -- the verbs ---------------------------------------------------------------------------------
+
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], all_logits: bool = False):
+        """Write whole prompts (each at least one token) into cache rows `rows`, in one batch.
+        Returns the logits of each prompt's last token (n, vocab), or with all_logits a list of
+        (len_i, vocab) logits for every position of each prompt."""
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        if longest > self.max_seq_len:
+            raise UserError(f"a prompt of {longest} tokens does not fit max_seq_len {self.max_seq_len}")
+        tokens = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        row_t = torch.as_tensor(list(rows), dtype=torch.long).to(self.device)
+        if all_logits:
+            logits = self.model.prefill(tokens, row_t)  # (n, longest, vocab)
+            return [logits[i, :n] for i, n in enumerate(lengths)]
+        last = torch.as_tensor([n - 1 for n in lengths], dtype=torch.long).to(self.device)
+        return self.model.prefill(tokens, row_t, last=last)
+
+    def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Logits (n, vocab) for one new token in each of cache rows 0..n-1: tokens (n,) on the device,
+        written at the host-side `positions` (one per row)."""
+        n = tokens.shape[0]
+        need = max(positions) + 1  # the furthest live row decides how much of the cache is read
+        pos_t = torch.as_tensor(list(positions), dtype=torch.long).to(self.device, non_blocking=True)
+        if self.cuda_graphs:
+            return self._graph_for(n, need).run(tokens, pos_t)
+        if self.compiled and n <= GEMV_MAX_ROWS:
+            return self._run_compiled(tokens, pos_t, need)
+        masked = any(p != need - 1 for p in positions)
+        return self._eager(tokens, pos_t, need, masked)
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.model.move_cache_row(src, dst)
+
+    # -- the ways to run a decode step -------------------------------------------------------------
+
+    def _eager(self, tokens, positions, kv_len, masked=True):
+        block, head = self.model.decode_block_fn, self.model.decode_head_fn
+        self.model.decode_block_fn, self.model.decode_head_fn = run_block, run_head
+        try:
+            return self.model.decode(tokens, positions, kv_len, masked=masked)
+        finally:
+            self.model.decode_block_fn, self.model.decode_head_fn = block, head
+
+    def _run_compiled(self, tokens, positions, kv_len):
+        n = tokens.shape[0]
+        # fresh standard strides: a view (even a "contiguous" one) fails the compiled graph's guards
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
+        start = time.perf_counter()
+        out = self.model.decode(tokens, positions, kv_len)
+        if n not in self._compiled_sizes:  # the first call for a row count compiles (or loads) it
+            self._compiled_sizes.add(n)
+            spent = time.perf_counter() - start
+            self.warmup_s += spent
+            if self.compile_key is not None:
+                compile_cache.mark_warm(self.compile_key)
+            log.info("compiled the decode step for %d row(s) in %.1f s (kept on disk for later runs)", n, spent)
+        return out
+
+    def _graph_for(self, n: int, need: int) -> _Graph:
+        size = min(self.max_batch_size, 1 << (n - 1).bit_length())  # rows padded to a power of two
+        kv_len = next(b for b in self.buckets if b >= need)
+        graph = self._graphs.get((size, kv_len))
+        if graph is None:
+            start = time.perf_counter()
+            if self._pool is None and is_cuda(self.device):
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = self._graphs[(size, kv_len)] = _Graph(self.model, size, kv_len, self._pool)
+            spent = time.perf_counter() - start
+            self.warmup_s += spent
+            log.debug("captured the decode step for %d rows over %d positions in %.2f s", size, kv_len, spent)
+        return graph

@@ -1,0 +1,113 @@
+"""Per-prompt generation settings, resolved and checked in one place.
+
+A prompt's effective settings are the flags' values (or the Python API's arguments) with the
+prompt's own overrides on top (JSONL keys of the same names). `resolve` makes that one checked
+record before any model is loaded; both schedules and `Llama.generate` read only the record.
+A bad value raises UserError naming where it came from (a flag, or a file and line), the key
+and the accepted range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_gen_len: int = 64
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0: no limit
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple = ()  # texts that end the generation (not part of the output)
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Settings":
+        return cls(**{k: tuple(v) if k == "stop" else v for k, v in d.items()})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> tuple[Callable[[Any], bool], str]:
+    def ok(v):
+        return (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+    if hi == math.inf:
+        text = f"a number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        text = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return ok, text
+
+
+def _integer(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= lo), f"an integer >= {lo}"
+
+
+def _stops(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(s, str) and s != "" for s in v)
+
+
+# key -> (check, the accepted values in words, what it does)
+SPEC: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_gen_len": _integer(1),
+    "temperature": _number(0, math.inf, False, False),
+    "top_p": _number(0, 1, True, False),
+    "top_k": _integer(0),
+    "min_p": _number(0, 1, False, True),
+    "repetition_penalty": _number(0, math.inf, True, False),
+    "presence_penalty": _number(-2, 2, False, False),
+    "frequency_penalty": _number(-2, 2, False, False),
+    "stop": (_stops, "a list of non-empty texts"),
+}
+KEYS = tuple(f.name for f in fields(Settings))
+
+
+def check(key: str, value, where: str):
+    """value, checked (and normalised: a single stop text becomes a one-item tuple); `where` names
+    its origin: "--top_p", or 'prompts.jsonl line 3: "top_p"'."""
+    if key == "stop" and isinstance(value, str):
+        value = [value]
+    ok, accepted = SPEC[key]
+    if not ok(value):
+        shown = json.dumps(value) if not isinstance(value, tuple) else json.dumps(list(value))
+        raise UserError(f"{where} must be {accepted}, got {shown}")
+    if key == "stop":
+        return tuple(value)
+    if key in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        return float(value)
+    return value
+
+
+def resolve(base: Settings, overrides: dict, where: str = "") -> Settings:
+    """`base` with `overrides` (key -> value, None meaning "not given") on top, every value checked.
+    Error messages read '{where}: "key" must be ...' (or '--key must be ...' when where is empty)."""
+    changes = {}
+    for key, value in overrides.items():
+        if key not in SPEC:
+            raise UserError(f"{where}: unknown setting {json.dumps(key)}; the settings are {', '.join(KEYS)}")
+        if value is None:
+            continue
+        changes[key] = check(key, value, f'{where}: "{key}"' if where else f"--{key}")
+    return replace(base, **changes)
+
+
+def from_flags(**flags) -> Settings:
+    """The flags' settings, checked (errors name the flag)."""
+    return resolve(Settings(), flags)

@@ -1,0 +1,125 @@
+"""The decode engine: cache writes and reads agree with recomputing from scratch, batched prefills
+agree with one at a time, steps cost what the live tokens need, and the static-buffer (CUDA graph)
+logic keeps live rows intact. All on the CPU; scripts/gpu_check.py runs the same on a GPU."""
+
+import pytest
+import torch
+
+from helpers import TINY, model_args, random_weights
+from llama_cli.engine import MIN_BUCKET, Engine, length_buckets
+from llama_cli.model import Transformer, apply_rotary
+
+VOCAB = 320
+
+
+def model(seed=2, **over):
+    params = {**TINY, **over}
+    with torch.device("meta"):
+        m = Transformer(model_args(params, VOCAB))
+    m.load_state_dict(random_weights(params, VOCAB, seed=seed), assign=True)
+    return m.requires_grad_(False)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture()
+def seq():
+    return torch.randint(3, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+
+
+def test_prefill_then_decode_equals_recompute(seq):
+    m = model()
+    eng = Engine(m, 4, 64)
+    full = m.prefill(seq)  # (3, 40, vocab) from scratch
+    eng.prefill([0, 1, 2], [s[:10].tolist() for s in seq])
+    for pos in range(10, 40):
+        step = eng.decode(seq[:, pos], [pos] * 3)
+        assert rel_err(step, full[:, pos]) < 1e-5, pos
+
+
+def test_rows_at_their_own_positions(seq):
+    """Continuous batching: rows hold prompts of different lengths, each decoding at its own position."""
+    m = model()
+    eng = Engine(m, 4, 64)
+    full = m.prefill(seq)
+    lengths = [7, 19, 12]
+    eng.prefill([0, 1, 2], [s[:n].tolist() for s, n in zip(seq, lengths)])  # one ragged batch
+    for k in range(15):
+        pos = [n + k for n in lengths]
+        step = eng.decode(torch.stack([seq[i, p] for i, p in enumerate(pos)]), pos)
+        for i, p in enumerate(pos):
+            assert rel_err(step[i], full[i, p]) < 1e-5
+
+
+def test_batched_ragged_prefill_equals_one_at_a_time(seq):
+    m = model()
+    eng = Engine(m, 4, 64)
+    prompts = [seq[0, :5].tolist(), seq[1, :23].tolist(), seq[2, :1].tolist()]
+    together = eng.prefill([3, 0, 2], prompts)
+    every = eng.prefill([3, 0, 2], prompts, all_logits=True)
+    for i, p in enumerate(prompts):
+        alone = m.prefill(torch.tensor([p]))[0]
+        assert rel_err(together[i], alone[-1]) < 1e-5
+        assert every[i].shape == alone.shape and rel_err(every[i], alone) < 1e-5
+    # the prefilled rows hold each prompt's cache: decoding the next token from row 3 continues prompt 0
+    ref = m.prefill(seq[:1, :6])[0, -1]
+    eng.move_row(3, 1)  # and a moved row carries its cache with it
+    step = eng.decode(torch.stack([seq[1, 23], seq[0, 5]]), [23, 5])
+    assert rel_err(step[1], ref) < 1e-5
+
+
+def test_decode_reads_only_the_live_part_of_the_cache(seq):
+    """A step attends over max(position) + 1 cache positions, whatever max_seq_len is: positions beyond
+    hold garbage here, and the result must not change."""
+    m = model()
+    eng = Engine(m, 2, 4096)
+    eng.prefill([0, 1], [s[:10].tolist() for s in seq[:2]])
+    for layer in m.layers:
+        layer.attention.cache_k[:, :, 11:].normal_()
+        layer.attention.cache_v[:, :, 11:].normal_()
+    step = eng.decode(seq[:2, 10], [10, 10])
+    assert rel_err(step, m.prefill(seq[:2, :11])[:, -1]) < 1e-5
+
+
+def test_length_buckets():
+    assert length_buckets(4096) == [256, 512, 1024, 2048, 4096]
+    assert length_buckets(300) == [256, 300]
+    assert length_buckets(100) == [100]
+    assert MIN_BUCKET == 256
+
+
+def test_static_buffer_steps_equal_eager_and_keep_live_rows(seq):
+    """The CUDA-graph logic (static buffers, rows padded to a power of two, a cache length bucket, warm-up
+    runs at the bucket's last position) run eagerly on the CPU: the same tokens as the eager engine, also
+    when a new bucket is captured while rows are live, and padding rows never touch live ones."""
+    seq = torch.randint(3, VOCAB, (3, 300), generator=torch.Generator().manual_seed(3))
+    a, b = model(), model()
+    eager, graphs = Engine(a, 4, 320), Engine(b, 4, 320, cuda_graphs=True)
+    lengths = [250, 240, 230]
+    for eng in (eager, graphs):
+        eng.prefill([0, 1, 2], [s[:n].tolist() for s, n in zip(seq, lengths)])
+    for k in range(30):  # rows cross position 256: a second bucket (320) is set up mid-run
+        pos = [n + k for n in lengths]
+        toks = torch.stack([seq[i, p] for i, p in enumerate(pos)])
+        x, y = eager.decode(toks, pos), graphs.decode(toks, pos)
+        assert rel_err(y, x) < 1e-5, k
+    assert set(graphs._graphs) == {(4, 256), (4, 320)}  # 3 rows padded to 4; two buckets
+    # two rows only: a graph of 2 rows, and row 2's cache untouched by it
+    before = b.layers[0].attention.cache_k[2].clone()
+    graphs.decode(seq[:2, 280], [280, 270])
+    assert (2, 320) in graphs._graphs
+    assert torch.equal(b.layers[0].attention.cache_k[2], before)
+
+
+def test_rotary_eager_and_compiled_forms_agree():
+    x = torch.randn(2, 5, 3, 8)
+    ang = torch.randn(2, 5, 4)
+    eager = apply_rotary(x, ang.cos(), ang.sin())
+    compiled = torch.compile(apply_rotary, fullgraph=True)(x, ang.cos(), ang.sin())
+    # the real form, by hand: pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = ang.cos()[:, :, None], ang.sin()[:, :, None]
+    want = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
+    assert rel_err(eager, want) < 1e-6 and rel_err(compiled, want) < 1e-6

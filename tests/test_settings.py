@@ -1,0 +1,86 @@
+"""Per-prompt settings: flags + each prompt's overrides, resolved and checked once, before any model loads."""
+
+import json
+
+import pytest
+
+from helpers import TINY, make_model_folder
+from llama_cli.cli import cli
+from llama_cli.errors import UserError
+from llama_cli.prompts import read_prompts
+from llama_cli.settings import Settings, resolve
+
+BAD = [  # (key, value, the accepted range in the message)
+    ("temperature", -1, "a number >= 0"),
+    ("top_p", 5, "a number in (0, 1]"),
+    ("top_p", 0, "a number in (0, 1]"),
+    ("max_gen_len", -5, "an integer >= 1"),
+    ("max_gen_len", 0, "an integer >= 1"),
+    ("max_gen_len", 2.5, "an integer >= 1"),
+    ("top_k", -1, "an integer >= 0"),
+    ("min_p", 1, "a number in [0, 1)"),
+    ("repetition_penalty", 0, "a number > 0"),
+    ("presence_penalty", 3, "a number in [-2, 2]"),
+    ("frequency_penalty", "high", "a number in [-2, 2]"),
+    ("stop", [""], "a list of non-empty texts"),
+    ("stop", 7, "a list of non-empty texts"),
+    ("temperature", True, "a number >= 0"),
+]
+
+
+@pytest.mark.parametrize("key,value,accepted", BAD)
+@pytest.mark.parametrize("schedule", ["continuous", "static"])
+def test_bad_prompt_file_value_fails_before_the_model_loads(capsys, tmp_path, key, value, accepted, schedule):
+    """The checkpoint folder here does not exist: the prompt file's error must come first, whichever schedule."""
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "fine"}) + "\n\n" + json.dumps({"prompt": "bad", key: value}) + "\n")
+    code = cli(["--ckpt_dir", str(tmp_path / "no-model"), "--prompts_file", str(f), "--schedule", schedule])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert f'{f} line 3: "{key}" must be {accepted}, got {json.dumps(value)}' in lines[0], lines[0]
+
+
+def test_flags_are_checked_the_same_way(capsys, tmp_path):
+    code = cli(["--ckpt_dir", str(tmp_path), "--prompt", "x", "--min_p", "1.5"])
+    assert code == 2 and "--min_p must be a number in [0, 1), got 1.5" in capsys.readouterr().err
+    code = cli(["--ckpt_dir", str(tmp_path), "--prompt", "x", "--stop", ""])
+    assert code == 2 and "--stop must be a list of non-empty texts" in capsys.readouterr().err
+
+
+def test_overrides_apply_on_top_of_the_flags(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "temperature": 0, "stop": "END", "max_gen_len": 1}) + "\n"
+                 + json.dumps({"prompt": "b", "top_k": 5, "extra": "metadata is fine"}) + "\n")
+    base = Settings(max_gen_len=32, temperature=0.7, top_p=0.8)
+    a, b = read_prompts(None, str(f), defaults=base)
+    assert a.settings == Settings(max_gen_len=1, temperature=0.0, top_p=0.8, stop=("END",))
+    assert b.settings == Settings(max_gen_len=32, temperature=0.7, top_p=0.8, top_k=5)
+
+
+def test_resolve_normalises_and_names_the_origin():
+    s = resolve(Settings(), {"temperature": 1, "stop": "x", "top_k": None}, "here")
+    assert s.temperature == 1.0 and isinstance(s.temperature, float) and s.stop == ("x",) and s.top_k == 0
+    with pytest.raises(UserError, match='here: unknown setting "temp"'):
+        resolve(Settings(), {"temp": 1}, "here")
+    with pytest.raises(UserError, match=r"^--top_p must be"):
+        resolve(Settings(), {"top_p": 2})
+
+
+def test_python_api_uses_the_same_checks(tmp_path, spm_path):
+    from llama_cli import Llama
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 32, 1)
+    with pytest.raises(UserError, match=r'generate\(\): "max_gen_len" must be an integer >= 1, got 0'):
+        llama.generate([[1, 5]], max_gen_len=0)
+    with pytest.raises(UserError, match=r'"top_p" must be a number in \(0, 1\]'):
+        llama.text_completion(["hi"], top_p=3)
+
+
+def test_settings_travel_to_other_ranks_as_json():
+    from llama_cli.prompts import PromptRequest
+
+    r = PromptRequest(3, "p", Settings(temperature=0.0, stop=("a", "b"), min_p=0.1), id="x")
+    assert PromptRequest.from_json(json.loads(json.dumps(r.to_json()))) == r
