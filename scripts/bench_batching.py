@@ -21,6 +21,54 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def make_requests(llama, n_prompts: int, seed: int = 0):
+    """n_prompts prompts of 4-200 tokens (built from token ids so lengths are exact), max_gen_len 8-256."""
+    from llama_cli.prompts import PromptRequest
+    from llama_cli.settings import Settings
+
+    rng = random.Random(seed)
+    vocab = llama.tokenizer.n_words
+    reqs = []
+    for i in range(n_prompts):
+        n = rng.randint(4, 200)
+        text = llama.tokenizer.decode([rng.randrange(3, vocab) for _ in range(n)])
+        while len(llama.tokenizer.encode(text, bos=True, eos=False)) > 200:
+            text = text[:-1]
+        reqs.append(PromptRequest(i, text, Settings(max_gen_len=rng.randint(8, 256), temperature=0.0)))
+    return reqs
+
+
+def compare(llama, n_prompts: int = 256, seed: int = 0) -> dict:
+    """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
+    its own max_gen_len in both."""
+    import torch
+
+    from llama_cli.scheduler import Options, run_continuous, run_static
+
+    reqs = make_requests(llama, n_prompts, seed)
+    stop, stop_t = llama.tokenizer.stop_ids, llama._stop
+    llama.tokenizer.stop_ids = frozenset()
+    llama._stop = torch.tensor([-1], device=llama.device)
+    rows = {}
+    try:
+        for name, fn in (("static", run_static), ("continuous", run_continuous)):
+            out = {}
+            warm0 = llama.engine.warmup_s
+            start = time.perf_counter()
+            stats = fn(llama, reqs, Options(), lambda r: out.__setitem__(r.request.index, r.tokens))
+            if llama.device.type != "cpu":
+                torch.accelerator.synchronize()
+            secs = time.perf_counter() - start - (llama.engine.warmup_s - warm0)  # graph capture excluded
+            rows[name] = (stats.tokens, secs, out)
+    finally:
+        llama.tokenizer.stop_ids, llama._stop = stop, stop_t
+    same = sum(rows["static"][2][i] == rows["continuous"][2][i] for i in range(len(reqs)))
+    rate = {k: v[0] / v[1] for k, v in rows.items()}
+    return {"prompts": len(reqs), "tokens": rows["static"][0], "static_s": rows["static"][1],
+            "continuous_s": rows["continuous"][1], "static_tok_s": rate["static"],
+            "continuous_tok_s": rate["continuous"], "ratio": rate["continuous"] / rate["static"], "identical": same}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt_dir", default=None)
@@ -36,8 +84,7 @@ def main() -> None:
     import torch
 
     from llama_cli import Llama
-    from llama_cli.prompts import PromptRequest
-    from llama_cli.scheduler import Defaults, run_continuous, run_static
+    from llama_cli.tokenizer import find_tokenizer
 
     ckpt = a.ckpt_dir
     if ckpt is None:
@@ -46,46 +93,19 @@ def main() -> None:
             subprocess.run([sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), "--out", ckpt,
                             "--dim", str(a.dim), "--n_layers", str(a.n_layers), "--n_heads", "8", "--n_kv_heads", "4",
                             "--dtype", "fp32"], check=True)
-    from llama_cli.tokenizer import find_tokenizer
-
     llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256, max_batch_size=a.batch,
                         device=a.device, dtype=a.dtype)
-    rng = random.Random(a.seed)
-    vocab = llama.tokenizer.n_words
-    reqs = []
-    for i in range(a.prompts):  # prompts of 4-200 tokens, built from token ids so lengths are exact
-        n = rng.randint(4, 200)
-        text = llama.tokenizer.decode([rng.randrange(3, vocab) for _ in range(n)])
-        while len(llama.tokenizer.encode(text, bos=True, eos=False)) > 200:
-            text = text[:-1]
-        reqs.append(PromptRequest(i, text, max_gen_len=rng.randint(8, 256)))
-    d = Defaults(max_gen_len=64, temperature=0.0, top_p=1.0)
-    # the stop token is masked out so every prompt runs to its own max_gen_len in both modes
-    stop = llama.tokenizer.stop_ids
-    llama.tokenizer.stop_ids = frozenset()
-    llama._stop = torch.tensor([-1], device=llama.device)
-    rows = {}
-    for name, fn in (("static", run_static), ("continuous", run_continuous)):
-        out = {}
-        start = time.perf_counter()
-        stats = fn(llama, reqs, d, lambda r: out.__setitem__(r.request.index, r.tokens))
-        if llama.device.type != "cpu":
-            torch.accelerator.synchronize()
-        secs = time.perf_counter() - start
-        rows[name] = (stats.tokens, secs, out)
-    llama.tokenizer.stop_ids = stop
-    same = sum(rows["static"][2][i] == rows["continuous"][2][i] for i in range(len(reqs)))
+    res = compare(llama, a.prompts, a.seed)
     dev = f"{llama.device} ({torch.cuda.get_device_name() if llama.device.type == 'cuda' else os.cpu_count()} " \
           f"{'GPU' if llama.device.type == 'cuda' else 'cores'})"
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
-          f"{str(llama.model.tok_embeddings.weight.dtype).replace('torch.', '')} on {dev}; {len(reqs)} prompts "
+          f"{str(llama.model.tok_embeddings.weight.dtype).replace('torch.', '')} on {dev}; {res['prompts']} prompts "
           f"(4-200 tokens), max_gen_len 8-256, max_batch_size {a.batch}, greedy\n")
     print("| schedule | generated tokens | seconds | tokens/s |")
     print("|---|---|---|---|")
-    for name, (toks, secs, _) in rows.items():
-        print(f"| {name} | {toks} | {secs:.1f} | {toks / secs:.1f} |")
-    ratio = (rows["continuous"][0] / rows["continuous"][1]) / (rows["static"][0] / rows["static"][1])
-    print(f"\ncontinuous / static: {ratio:.2f}x; identical outputs: {same}/{len(reqs)} prompts")
+    for name in ("static", "continuous"):
+        print(f"| {name} | {res['tokens']} | {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
+    print(f"\ncontinuous / static: {res['ratio']:.2f}x; identical outputs: {res['identical']}/{res['prompts']} prompts")
 
 
 if __name__ == "__main__":

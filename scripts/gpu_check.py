@@ -1,47 +1,85 @@
-"""One-call GPU check, for a machine with a CUDA GPU (prepared for the device lent to some issues).
+"""The one GPU call: checks and timings on a machine with a CUDA GPU, in one process (plus subprocesses
+for Meta's reference and the cold command line), printing PASS/FAIL lines and a table; exit 1 on a failure.
 
-    python scripts/gpu_check.py [--skip_7b]
+    python scripts/gpu_check.py [--meta PATH] [--tokenizer PATH] [--out DIR] [--skip_7b]
 
-1. NCCL: initialises a 1-process NCCL group through Llama.build (WORLD_SIZE=1 needs none, so the
-   check sets up torch.distributed itself with a loopback store) and runs an all_reduce.
-2. bf16 greedy on the GPU against fp32 greedy on the CPU, tiny random model: the first tokens agree.
-3. Compiled (reduce-overhead, CUDA graphs) greedy == eager greedy on the GPU.
-4. Unless --skip_7b: scripts/bench.py's Llama-2-7B-shape table (batch 1 and 16), one model load per mode.
-Prints PASS/FAIL lines; exit code 1 if any check fails.
+1. NCCL: the backend picked for a CUDA device, a 1-process NCCL group and an all_reduce.
+2. Tiny random model, bf16: greedy tokens of the eager, CUDA-graph and compiled+graph decode steps agree
+   (where they part, the two tokens must be a near-tie of the eager model's logits), and bf16 GPU greedy
+   starts like fp32 CPU greedy.
+3. Llama-2-7B shape, random bf16 weights made on the GPU: the copy bandwidth and the decode table at
+   batch 1 and 16 (16-token prompt, 256 greedy tokens, stop token masked) for llama-cli eager, CUDA graphs,
+   compiled + CUDA graphs, HF transformers eager and Meta's reference (its own loop, fp16, in a subprocess;
+   --meta names a folder holding Meta's `llama` package); decode at max_seq_len 256 vs 4096 (batch 1 and
+   16, static and continuous); continuous vs static batching on 64 mixed prompts; the one-prompt command
+   line from a fresh process (its wall time against load + 5 s + generation).
+Results also go to --out (gpu_check.json, gpu_check.log) when given.
 """
 
+from __future__ import annotations
+
 import argparse
+import gc
+import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+PROMPT_LEN, NEW = 16, 256
+# GPU_CHECK_DRY=1: the 7B part's plumbing on the CPU with a small shape (to check this script without a GPU)
+DRY = os.environ.get("GPU_CHECK_DRY") == "1"
+DEV = "cpu" if DRY else "cuda"
+SHAPE = ({"dim": 256, "n_layers": 2, "n_heads": 8, "multiple_of": 64} if DRY else
+         {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256})
+RESULTS: dict = {"checks": [], "table": [], "notes": {}}
+FAILURES = 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--skip_7b", action="store_true")
-    a = ap.parse_args()
+def say(*a):
+    print(*a, flush=True)
+
+
+def check(name, ok, detail=""):
+    global FAILURES
+    FAILURES += not ok
+    RESULTS["checks"].append({"name": name, "ok": bool(ok), "detail": str(detail)})
+    say(f"{'PASS' if ok else 'FAIL'} {name} {detail}")
+
+
+def section(fn):
+    """Run one part; an exception is a FAIL line, and the rest still runs."""
+    def run(*a, **k):
+        try:
+            return fn(*a, **k)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            check(f"{fn.__name__} ran", False, f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+    return run
+
+
+def sync():
+    import torch
+
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+@section
+def nccl():
     import torch
     import torch.distributed as dist
 
-    if not torch.cuda.is_available():
-        print("no CUDA GPU here: nothing to check")
-        return 0
-    from helpers import TINY, make_model_folder, train_sentencepiece
-    from llama_cli import Llama
     from llama_cli.distributed import backend_for
-
-    failures = 0
-
-    def check(name, ok, detail=""):
-        nonlocal failures
-        failures += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
 
     dev = torch.device("cuda", 0)
     check("backend for cuda is nccl", backend_for(dev) == "nccl", backend_for(dev))
@@ -54,27 +92,366 @@ def main() -> int:
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         os.environ.pop(k)
 
+
+@section
+def tiny_agreement(tmp: Path):
+    from helpers import TINY, make_model_folder, near_tie_gap, train_sentencepiece
+    from llama_cli import Llama
+
+    tok = train_sentencepiece(tmp / "tok.model")
+    folder, _ = make_model_folder(tmp / "tiny", tok, TINY)
+    prompts = ["Hello world", "The cat sleeps under the tree because", "42"]
+    runs, models = {}, {}
+    for name, kw in (("cpu-fp32", dict(device="cpu", dtype="fp32", compile="off")),
+                     ("eager", dict(dtype="bf16", compile="off", cuda_graphs="off")),
+                     ("graphs", dict(dtype="bf16", compile="off", cuda_graphs="on")),
+                     ("compiled+graphs", dict(dtype="bf16", compile="on", cuda_graphs="on"))):
+        llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 4, **kw)
+        ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        runs[name] = llama.generate(ids, max_gen_len=24, temperature=0)[0]
+        models[name] = llama
+    first = [r[:4] for r in runs["cpu-fp32"]]
+    check("bf16 GPU greedy starts like fp32 CPU greedy (4 tokens)", [r[:4] for r in runs["eager"]] == first)
+    eager = models["eager"]
+    for name in ("graphs", "compiled+graphs"):
+        worst = 0.0
+        for p, got, want in zip(prompts, runs[name], runs["eager"]):
+            ids = eager.tokenizer.encode(p, bos=True, eos=False)
+            k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+            if k is not None:
+                logits = eager.model(__import__("torch").tensor([ids + want[:k]]))[0, -1].float()
+                worst = max(worst, near_tie_gap(logits, got[k], want[k]))
+        # bf16 logits: a near-tie is within 1% of the logit scale (the CPU tests use 1e-3 in fp32)
+        check(f"{name} greedy == eager greedy, up to near-ties (GPU bf16)", worst <= 1e-2,
+              f"largest gap where they part: {worst:.2e} of the logit scale")
+
+
+def make_7b(folder: Path):
+    """Random Llama-2-7B-shape bf16 weights made on the GPU, saved as one Meta shard; returns them."""
+    import torch
+
+    from helpers import model_args
+    from llama_cli.checkpoint import weight_table
+
+    params = {**SHAPE, "norm_eps": 1e-5, "vocab_size": 32000}
+    args = model_args(params, 32000)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    w = {}
+    for name, (shape, _) in weight_table(args).items():
+        if len(shape) == 1:
+            w[name] = torch.ones(shape, dtype=torch.bfloat16, device=DEV)
+        else:
+            scale = 1.0 if name == "tok_embeddings.weight" else shape[-1] ** -0.5
+            w[name] = (torch.randn(shape, generator=g, device=DEV, dtype=torch.float32) * scale).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    torch.save({k: v.cpu() for k, v in w.items()}, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    say(f"wrote the 7B-shape checkpoint in {time.perf_counter() - t:.1f} s")
+    return params, w
+
+
+def copy_bandwidth() -> float:
+    import torch
+
+    src = torch.empty(1 << (24 if DRY else 28), dtype=torch.float32, device=DEV).fill_(1.0)  # 1 GiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        sync()
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def row(impl, batch, rate, ttft, wbytes, bw, extra=""):
+    gbs = wbytes * rate / batch / 1e9
+    RESULTS["table"].append({"impl": impl, "batch": batch, "tok_s": rate, "ttft_ms": ttft * 1e3,
+                             "pct_ceiling": 100 * gbs * 1e9 / bw, "extra": extra})
+    say(f"| {impl} | {batch} | {rate:.1f} | {100 * gbs * 1e9 / bw:.1f}% | {ttft * 1e3:.1f} | {extra} |")
+
+
+def time_generate(fn, batch, new):
+    """(ttft s, decode tok/s) of fn(max_gen_len): warm-up, then 1 token, then `new` tokens."""
+    fn(8)
+    sync()
+    t = time.perf_counter()
+    fn(1)
+    sync()
+    ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    fn(new)
+    sync()
+    total = time.perf_counter() - t
+    return ttft, batch * (new - 1) / max(total - ttft, 1e-9)
+
+
+def ours_engine(llama, max_batch, max_seq, graphs, compile):
+    import torch
+
+    from llama_cli.engine import Engine
+
+    llama.engine = None
+    gc.collect()
+    if not DRY:
+        torch.cuda.empty_cache()
+    llama.engine = Engine(llama.model, max_batch, max_seq, cuda_graphs=graphs, compile=compile)
+
+
+def quiet_stops(llama):
+    import torch
+
+    llama.tokenizer.stop_ids = frozenset()
+    llama._stop = torch.tensor([-1], device=llama.device)
+
+
+@section
+def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
+    import torch
+
+    from llama_cli import Llama
+
+    t = time.perf_counter()
+    llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 16, cuda_graphs="off", compile="off",
+                        dtype="bf16", device=DEV)
+    RESULTS["notes"]["our_load_s"] = time.perf_counter() - t
+    quiet_stops(llama)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, 32000, (16, PROMPT_LEN), generator=g).tolist()
+    out = {}
+    for impl, graphs, comp, new in (("llama-cli eager (no graphs)", False, False, 64),
+                                    ("llama-cli CUDA graphs", True, False, NEW),
+                                    ("llama-cli compiled + CUDA graphs", True, True, NEW)):
+        ours_engine(llama, 16, PROMPT_LEN + NEW + 8, graphs, comp)
+        for b in (1, 16):
+            ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, new)
+            out[(impl, b)] = rate
+            row(impl, b, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
+    check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling",
+          out[("llama-cli CUDA graphs", 1)] * wbytes / bw >= 0.85, f"{out[('llama-cli CUDA graphs', 1)]:.1f} tok/s")
+    best16 = max(out[("llama-cli CUDA graphs", 16)], out[("llama-cli compiled + CUDA graphs", 16)])
+    check("batch 16 >= 2,900 tok/s", best16 >= 2900, f"{best16:.0f} tok/s")
+    check("eager (no graphs) beats Meta's reference (28.3 tok/s measured before)",
+          out[("llama-cli eager (no graphs)", 1)] > 28.3, f"{out[('llama-cli eager (no graphs)', 1)]:.1f}")
+
+    # max_seq_len 256 vs 4096: a decode step's cost follows the live tokens
+    ours_engine(llama, 16, 256, True, False)
+    new = 224
+    rates = {}
+    for seq in (256, 4096):
+        ours_engine(llama, 16, seq, True, False)
+        for b in (1, 16):
+            _, rates[(seq, b, "static")] = time_generate(
+                lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, new)
+            rates[(seq, b, "continuous")] = continuous_rate(llama, prompts[:b], new)
+    for b in (1, 16):
+        for mode in ("static", "continuous"):
+            r256, r4k = rates[(256, b, mode)], rates[(4096, b, mode)]
+            check(f"max_seq_len 4096 decodes at >= 90% of 256 (batch {b}, {mode})", r4k >= 0.9 * r256,
+                  f"{r4k:.1f} vs {r256:.1f} tok/s ({100 * r4k / r256:.0f}%)")
+    RESULTS["notes"]["seq_len_rates"] = {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in rates.items()}
+
+    # continuous vs static on 64 mixed prompts (the batching bench's workload)
+    from bench_batching import compare
+
+    ours_engine(llama, 16, 200 + 256, True, False)
+    res = compare(llama, n_prompts=64, seed=0)
+    RESULTS["notes"]["batching"] = res
+    check("continuous >= 2x static on 64 mixed prompts (7B shape, batch 16)", res["ratio"] >= 2.0,
+          f"{res['ratio']:.2f}x ({res['static_tok_s']:.0f} -> {res['continuous_tok_s']:.0f} tok/s), "
+          f"identical {res['identical']}/{res['prompts']}")
+    del llama
+    gc.collect()
+    if not DRY:
+        torch.cuda.empty_cache()
+
+
+def continuous_rate(llama, prompts, new):
+    """Decode tok/s of the continuous schedule on token-id prompts (all the same max_gen_len)."""
+    from llama_cli.prompts import PromptRequest
+    from llama_cli.scheduler import Options, run_continuous
+    from llama_cli.settings import Settings
+
+    text = [llama.tokenizer.decode(p) for p in prompts]
+
+    def go(n):
+        reqs = [PromptRequest(i, t, Settings(max_gen_len=n, temperature=0.0)) for i, t in enumerate(text)]
+        run_continuous(llama, reqs, Options(), lambda r: None)
+
+    _, rate = time_generate(go, len(prompts), new)
+    return rate
+
+
+@section
+def hf_rows(params, w, wbytes, bw):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import model_args
+
+    a = model_args(params, 32000)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+                      num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, rms_norm_eps=1e-5,
+                      max_position_embeddings=4096, tie_word_embeddings=False)
+    with torch.device(DEV):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = LlamaForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+
+    def permute(x, n):
+        r, c = x.shape
+        return x.view(n, r // n // 2, 2, c).transpose(1, 2).reshape(r, c)
+
+    sd = {"model.embed_tokens.weight": w["tok_embeddings.weight"], "model.norm.weight": w["norm.weight"],
+          "lm_head.weight": w["output.weight"]}
+    for i in range(a.n_layers):
+        m, p = f"model.layers.{i}.", f"layers.{i}."
+        sd.update({m + "self_attn.q_proj.weight": permute(w[p + "attention.wq.weight"], a.n_heads),
+                   m + "self_attn.k_proj.weight": permute(w[p + "attention.wk.weight"], a.n_kv_heads),
+                   m + "self_attn.v_proj.weight": w[p + "attention.wv.weight"],
+                   m + "self_attn.o_proj.weight": w[p + "attention.wo.weight"],
+                   m + "mlp.gate_proj.weight": w[p + "feed_forward.w1.weight"],
+                   m + "mlp.up_proj.weight": w[p + "feed_forward.w3.weight"],
+                   m + "mlp.down_proj.weight": w[p + "feed_forward.w2.weight"],
+                   m + "input_layernorm.weight": w[p + "attention_norm.weight"],
+                   m + "post_attention_layernorm.weight": w[p + "ffn_norm.weight"]})
+    model.load_state_dict(sd, strict=False)
+    del sd
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32000, (16, PROMPT_LEN), generator=g).to(DEV)
+    for b in (1, 16):
+        def run(n):
+            with torch.inference_mode():
+                model.generate(ids[:b], max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        ttft, rate = time_generate(run, b, 128)
+        row("HF transformers eager bf16 (128 tokens)", b, rate, ttft, wbytes, bw)
+    del model
+    gc.collect()
+    if not DRY:
+        torch.cuda.empty_cache()
+
+
+META_BENCH = r'''
+import json, os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29544", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from llama import Llama
+t = time.time()
+llama = Llama.build(ckpt_dir=sys.argv[2], tokenizer_path=sys.argv[3], max_seq_len=16 + 256 + 8, max_batch_size=16)
+load = time.time() - t
+llama.tokenizer.eos_id = -5  # never stop early: every run makes all its tokens
+g = torch.Generator().manual_seed(1)
+prompts = torch.randint(3, 32000, (16, 16), generator=g).tolist()
+out = {"load_s": load}
+for b in (1, 16):
+    def run(n):
+        llama.generate(prompts[:b], max_gen_len=n, temperature=0)
+        torch.cuda.synchronize()
+    run(8)
+    t = time.perf_counter(); run(1); ttft = time.perf_counter() - t
+    t = time.perf_counter(); run(256); total = time.perf_counter() - t
+    out[b] = (ttft, b * 255 / (total - ttft))
+print("META" + json.dumps(out))
+'''
+
+
+@section
+def meta_rows(folder: Path, tok: str, meta: str, wbytes: int, bw: float):
+    proc = subprocess.run([sys.executable, "-c", META_BENCH, meta, str(folder), tok], capture_output=True, text=True,
+                          timeout=300)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("META")), None)
+    if line is None:
+        raise RuntimeError(f"Meta's reference did not run: {proc.stderr[-1500:]}")
+    res = json.loads(line[4:])
+    RESULTS["notes"]["meta_load_s"] = res["load_s"]
+    for b in ("1", "16"):
+        row("Meta reference (fp16, its loop)", int(b), res[b][1], res[b][0], wbytes, bw)
+
+
+@section
+def cold_cli(folder: Path, tok: str):
+    cmd = [sys.executable, "-m", "llama_cli", "--ckpt_dir", str(folder), "--tokenizer_path", tok, "--prompt",
+           "The capital of France is", "--max_gen_len", "256", "--temperature", "0", "--output", "jsonl"]
+    if DRY:
+        cmd += ["--dtype", "bf16"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    wall = time.perf_counter() - t
+    summary = [ln for ln in proc.stderr.splitlines() if "tokens in" in ln]
+    say("cold CLI:", proc.stderr.strip().splitlines()[-3:])
+    if proc.returncode != 0 or not summary:
+        raise RuntimeError(proc.stderr[-1500:])
+    import re
+
+    m = re.search(r"tokens in ([\d.]+) s.*?(?:compiling/capturing the decode step ([\d.]+) s.*?)?model load ([\d.]+) s",
+                  summary[0])
+    gen, capture, load = float(m.group(1)), float(m.group(2) or 0), float(m.group(3))
+    RESULTS["notes"]["cold_cli"] = {"wall_s": wall, "load_s": load, "generate_s": gen, "capture_s": capture,
+                                    "summary": summary[0]}
+    check("one-prompt command within load + 5 s + generation", wall <= load + 5 + (gen - capture),
+          f"wall {wall:.1f} s; load {load:.1f} s, generation {gen - capture:.1f} s, capture {capture:.1f} s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--meta", default=None, help="folder holding Meta's llama package (llama/model.py, ...)")
+    ap.add_argument("--tokenizer", default=None, help="a 32000-token SentencePiece tokenizer.model (Llama 2's)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip_7b", action="store_true")
+    a = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available() and not DRY:
+        print("no CUDA GPU here: nothing to check")
+        return 0
+    say(f"device: {torch.cuda.get_device_name() if not DRY else 'CPU (dry run)'}; torch {torch.__version__}")
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        tok = train_sentencepiece(Path(tmp) / "tok.model")
-        folder, _ = make_model_folder(Path(tmp) / "tiny", tok, TINY)
-        prompts = ["Hello world", "The cat sleeps under the tree because", "42"]
-        runs = {}
-        for name, kw in (("cpu-fp32", dict(device="cpu", dtype="fp32", compile="off")),
-                         ("gpu-bf16", dict(dtype="bf16", compile="off")),
-                         ("gpu-bf16-compiled", dict(dtype="bf16", compile="on"))):
-            llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 4, **kw)
-            ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-            runs[name] = llama.generate(ids, max_gen_len=16, temperature=0)[0]
-            check(f"{name} on {llama.device}", True, str(llama.model.tok_embeddings.weight.dtype))
-        first = [r[:4] for r in runs["cpu-fp32"]]
-        check("bf16 GPU greedy == fp32 CPU greedy (first 4 tokens)", [r[:4] for r in runs["gpu-bf16"]] == first,
-              f"{[r[:4] for r in runs['gpu-bf16']]} vs {first}")
-        check("compiled greedy == eager greedy (GPU bf16)", runs["gpu-bf16-compiled"] == runs["gpu-bf16"])
-    if not a.skip_7b:
-        rc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--shapes", "llama2-7b",
-                             "--batch", "1", "16", "--compile", "on"]).returncode
-        check("7B bench ran", rc == 0)
-    return 1 if failures else 0
+        tmp = Path(tmp)
+        if not DRY:
+            nccl()
+            tiny_agreement(tmp)
+        say(f"[{time.perf_counter() - start:.0f} s]")
+        if not a.skip_7b:
+            from llama_cli.memory import weight_bytes
+            from helpers import model_args
+
+            folder = tmp / "7b"
+            params, w = make_7b(folder)
+            tok = a.tokenizer
+            if tok is None or not os.path.isfile(tok):
+                raise SystemExit("--tokenizer (Llama 2's tokenizer.model, 32000 tokens) is needed for the 7B part")
+            wbytes = weight_bytes(model_args(params, 32000), 1, torch.bfloat16)
+            bw = copy_bandwidth()
+            RESULTS["notes"]["copy_bw_GBs"] = bw / 1e9
+            say(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write); weights {wbytes / 1e9:.2f} GB -> ceiling "
+                f"{bw / wbytes:.1f} tok/s at batch 1")
+            say("| impl | batch | tok/s | % of ceiling | TTFT ms | |")
+            say("|---|---|---|---|---|---|")
+            hf_rows(params, w, wbytes, bw)
+            del w
+            gc.collect()
+            if not DRY:
+                torch.cuda.empty_cache()
+            say(f"[{time.perf_counter() - start:.0f} s]")
+            decode_table(folder, tok, wbytes, bw)
+            say(f"[{time.perf_counter() - start:.0f} s]")
+            if a.meta and not DRY:
+                meta_rows(folder, tok, a.meta, wbytes, bw)
+            say(f"[{time.perf_counter() - start:.0f} s]")
+            cold_cli(folder, tok)
+    RESULTS["seconds"] = time.perf_counter() - start
+    say(f"done in {RESULTS['seconds']:.0f} s; {FAILURES} failure(s)")
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+    return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":
