@@ -98,14 +98,17 @@ def scale_rope_frequencies(freqs: torch.Tensor, factor: float = 8.0, low_freq_fa
     return torch.where(wavelen < high_freq_wavelen, freqs, out)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x: (bsz, seqlen, heads, head_dim); cos/sin: (bsz, seqlen, head_dim/2).
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rotate interleaved pairs. x: (bsz, seqlen, heads, head_dim); cos/sin: (bsz, seqlen, head_dim/2);
+    cis: cos + i sin, when the caller made it once for all layers.
 
     Eager, as one complex multiplication (3 kernels instead of a dozen: the eager step is
     launch-bound); compiled, in real arithmetic, which inductor fuses into its neighbours."""
     if not torch.compiler.is_compiling():
+        cis = torch.complex(cos, sin) if cis is None else cis
         xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (bsz, seqlen, heads, head_dim/2)
-        return torch.view_as_real(xc * torch.complex(cos, sin)[:, :, None, :]).flatten(-2).type_as(x)
+        return torch.view_as_real(xc * cis[:, :, None, :]).flatten(-2).type_as(x)
     xf = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -124,9 +127,9 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Meta's RMSNorm: normalised in fp32, cast back, then scaled."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    """Meta's RMSNorm: normalised in fp32, cast back, then scaled (the normalising is one fused kernel on
+    GPUs, where the eager step is launch-bound)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
 
 
 class Attention(nn.Module):
@@ -159,18 +162,22 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, ctx.cis), apply_rotary(k, cos, sin, ctx.cis)
 
-        # The one cache write: row r, position p <- the new key/value. Cache layout:
-        # (max_batch, n_local_kv_heads, max_seq_len, head_dim).
-        rows = ctx.rows[:, None]  # (bsz, 1)
-        self.cache_k[rows, :, ctx.positions] = k  # indexed shape (bsz, seqlen, kv_heads, head_dim)
-        self.cache_v[rows, :, ctx.positions] = v
+        # The cache writes: row r, position p <- the new key/value. Cache layout:
+        # (max_batch, n_local_kv_heads, max_seq_len, head_dim). One kernel each, no host sync.
+        if ctx.prefill:  # positions 0..seqlen-1 of the given rows
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (bsz, kv_heads, seqlen, head_dim)
+            self.cache_k[:, :, :seqlen].index_copy_(0, ctx.rows, k)
+            self.cache_v[:, :, :seqlen].index_copy_(0, ctx.rows, v)
+        else:  # rows 0..bsz-1, each at its own position (scatter_ would cost the whole cache on the CPU)
+            rows = torch.arange(bsz, device=x.device)[:, None]
+            self.cache_k[rows, :, ctx.positions] = k  # indexed shape (bsz, 1, kv_heads, head_dim)
+            self.cache_v[rows, :, ctx.positions] = v
         gqa = self.n_local_heads != self.n_local_kv_heads
         if ctx.prefill:
             # a prompt from position 0: attend over its own keys, causally (padding sits after each row's end)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=seqlen > 1, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=seqlen > 1, enable_gqa=gqa)
         else:
             # one token per row, rows 0..bsz-1, over the first kv_len cache positions (read off the
             # mask's shape when there is one, so that a compiled layer keeps it symbolic)
@@ -218,6 +225,7 @@ class StepContext:
     prefill: bool  # tokens from position 0, attending over themselves (else: one token per row)
     kv_len: int = 0  # decode: how many cache positions to attend over
     mask: Optional[torch.Tensor] = None  # decode: (bsz, 1, 1, kv_len) bool, or None for all of them
+    cis: Optional[torch.Tensor] = None  # eager: the rotary factors cos + i sin (bsz, seqlen, head_dim/2)
 
 
 def run_block(block: TransformerBlock, x, cos, sin, ctx) -> torch.Tensor:
@@ -291,6 +299,8 @@ class Transformer(nn.Module):
 
     def _run(self, tokens: torch.Tensor, ctx: StepContext, block_fn=run_block) -> torch.Tensor:
         cos, sin = self.rope_cos[ctx.positions], self.rope_sin[ctx.positions]  # (bsz, seqlen, head_dim/2)
+        if block_fn is run_block:
+            ctx.cis = torch.complex(cos, sin)  # once for every layer (a compiled layer uses cos and sin)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for layer in self.layers:
             h = block_fn(layer, h, cos, sin, ctx)

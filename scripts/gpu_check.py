@@ -173,10 +173,13 @@ def row(impl, batch, rate, ttft, wbytes, bw, extra=""):
     say(f"| {impl} | {batch} | {rate:.1f} | {100 * gbs * 1e9 / bw:.1f}% | {ttft * 1e3:.1f} | {extra} |")
 
 
-def time_generate(fn, batch, new):
-    """(ttft s, decode tok/s) of fn(max_gen_len): warm-up, then 1 token, then `new` tokens."""
-    fn(8)
+def time_generate(fn, batch, new, engine_of=None):
+    """(ttft s, decode tok/s) of fn(max_gen_len): a warm-up over the whole length (graphs for every length
+    bucket captured, compiling done), then 1 token, then `new` tokens; any capture still happening in the
+    timed runs is taken out (engine_of: returns the engine whose warmup_s counts it)."""
+    fn(new)
     sync()
+    w0 = engine_of().warmup_s if engine_of else 0.0
     t = time.perf_counter()
     fn(1)
     sync()
@@ -184,7 +187,7 @@ def time_generate(fn, batch, new):
     t = time.perf_counter()
     fn(new)
     sync()
-    total = time.perf_counter() - t
+    total = time.perf_counter() - t - ((engine_of().warmup_s - w0) if engine_of else 0.0)
     return ttft, batch * (new - 1) / max(total - ttft, 1e-9)
 
 
@@ -220,13 +223,21 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
     quiet_stops(llama)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 32000, (16, PROMPT_LEN), generator=g).tolist()
+    for n in (100, 100, 100):  # an eager prefill of one 100-token prompt (the continuous schedule's refill)
+        sync()
+        t = time.perf_counter()
+        llama.engine.prefill([0], [(prompts[0] * 7)[:n]])
+        sync()
+        RESULTS["notes"]["prefill_100_tokens_ms"] = (time.perf_counter() - t) * 1e3
+    say(f"eager prefill of a 100-token prompt: {RESULTS['notes']['prefill_100_tokens_ms']:.1f} ms")
     out = {}
     for impl, graphs, comp, new in (("llama-cli eager (no graphs)", False, False, 64),
                                     ("llama-cli CUDA graphs", True, False, NEW),
                                     ("llama-cli compiled + CUDA graphs", True, True, NEW)):
         ours_engine(llama, 16, PROMPT_LEN + NEW + 8, graphs, comp)
         for b in (1, 16):
-            ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, new)
+            ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, new,
+                                       lambda: llama.engine)
             out[(impl, b)] = rate
             row(impl, b, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
     check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling",
@@ -244,7 +255,7 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
         ours_engine(llama, 16, seq, True, False)
         for b in (1, 16):
             _, rates[(seq, b, "static")] = time_generate(
-                lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, new)
+                lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, new, lambda: llama.engine)
             rates[(seq, b, "continuous")] = continuous_rate(llama, prompts[:b], new)
     for b in (1, 16):
         for mode in ("static", "continuous"):
@@ -280,7 +291,7 @@ def continuous_rate(llama, prompts, new):
         reqs = [PromptRequest(i, t, Settings(max_gen_len=n, temperature=0.0)) for i, t in enumerate(text)]
         run_continuous(llama, reqs, Options(), lambda r: None)
 
-    _, rate = time_generate(go, len(prompts), new)
+    _, rate = time_generate(go, len(prompts), new, lambda: llama.engine)
     return rate
 
 
@@ -329,8 +340,8 @@ def hf_rows(params, w, wbytes, bw):
         def run(n):
             with torch.inference_mode():
                 model.generate(ids[:b], max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        ttft, rate = time_generate(run, b, 128)
-        row("HF transformers eager bf16 (128 tokens)", b, rate, ttft, wbytes, bw)
+        ttft, rate = time_generate(run, b, 64)
+        row("HF transformers eager bf16 (64 tokens)", b, rate, ttft, wbytes, bw)
     del model
     gc.collect()
     if not DRY:
@@ -346,14 +357,14 @@ t = time.time()
 llama = Llama.build(ckpt_dir=sys.argv[2], tokenizer_path=sys.argv[3], max_seq_len=16 + 256 + 8, max_batch_size=16)
 load = time.time() - t
 llama.tokenizer.eos_id = -5  # never stop early: every run makes all its tokens
-g = torch.Generator().manual_seed(1)
-prompts = torch.randint(3, 32000, (16, 16), generator=g).tolist()
+g = torch.Generator(device="cpu").manual_seed(1)
+prompts = torch.randint(3, 32000, (16, 16), generator=g, device="cpu").tolist()
 out = {"load_s": load}
 for b in (1, 16):
     def run(n):
         llama.generate(prompts[:b], max_gen_len=n, temperature=0)
         torch.cuda.synchronize()
-    run(8)
+    run(256)
     t = time.perf_counter(); run(1); ttft = time.perf_counter() - t
     t = time.perf_counter(); run(256); total = time.perf_counter() - t
     out[b] = (ttft, b * 255 / (total - ttft))
@@ -381,10 +392,23 @@ def cold_cli(folder: Path, tok: str):
     if DRY:
         cmd += ["--dtype", "bf16"]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    imp = subprocess.run([sys.executable, "-c", "import torch, llama_cli.cli, llama_cli.generation; "
+                          "torch.zeros(1, device='cuda')"], cwd=REPO, capture_output=True)
+    RESULTS["notes"]["import_and_cuda_init_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines = []
+    for ln in p.stderr:
+        lines.append(f"[{time.perf_counter() - t:6.2f} s] {ln.rstrip()}")
+    p.wait(timeout=300)
     wall = time.perf_counter() - t
+    lines.append(f"[{wall:6.2f} s] exit {p.returncode}")
+    say("cold CLI (python -c 'import torch, llama_cli...; cuda init' took "
+        f"{RESULTS['notes']['import_and_cuda_init_s']:.2f} s):\n  " + "\n  ".join(lines[-6:]))
+
+    class proc:  # noqa: N801 - what the code below reads
+        returncode, stderr = p.returncode, "\n".join(lines)
     summary = [ln for ln in proc.stderr.splitlines() if "tokens in" in ln]
-    say("cold CLI:", proc.stderr.strip().splitlines()[-3:])
     if proc.returncode != 0 or not summary:
         raise RuntimeError(proc.stderr[-1500:])
     import re
