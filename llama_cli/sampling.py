@@ -37,12 +37,17 @@ def filtered_probs(probs: torch.Tensor, p: Union[float, torch.Tensor], *, top_k=
     bsz, vocab = probs.shape
     if isinstance(p, torch.Tensor):
         p = p.to(probs.device, probs.dtype)[:, None]
-    # A token is outside the nucleus when the mass before it already reaches p.
-    outside = torch.cumsum(probs_sort, dim=-1) - probs_sort > p
-    if top_k is not None:
+    beyond_k = None
+    if top_k is not None:  # first the k most likely, renormalised (as HF's warpers do before top_p)
         k = torch.as_tensor(top_k, device=probs.device).reshape(-1, 1).expand(bsz, 1)
         k = torch.where(k > 0, k, vocab)
-        outside |= torch.arange(vocab, device=probs.device)[None, :] >= k
+        beyond_k = torch.arange(vocab, device=probs.device)[None, :] >= k
+        probs_sort = probs_sort.masked_fill(beyond_k, 0.0)
+        probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    # A token is outside the nucleus when the mass before it already reaches p.
+    outside = torch.cumsum(probs_sort, dim=-1) - probs_sort > p
+    if beyond_k is not None:
+        outside |= beyond_k
     if min_p is not None:
         m = torch.as_tensor(min_p, device=probs.device, dtype=probs.dtype).reshape(-1, 1)
         outside |= probs_sort < m * probs_sort[:, :1]

@@ -83,3 +83,160 @@ def test_bad_sampling_settings(tiny_ckpt, kw, match):
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 2)
     with pytest.raises(UserError, match=match):
         llama.text_completion(["Hello"], **{"max_gen_len": 4, **kw})
+
+
+# --- the samplers against independent implementations ------------------------------------------------
+
+def _history():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 40, generator=g) * 3
+    prompts = [[1, 5, 5, 9], [2], [7, 8]]
+    generated = [[5, 12, 12, 12], [3, 3], []]
+    return logits, prompts, generated
+
+
+def _sampler_with(settings, prompts, generated, vocab=40):
+    s = Sampler(len(prompts), vocab, torch.device("cpu"), torch.Generator().manual_seed(0))
+    for i, (p, gen) in enumerate(zip(prompts, generated)):
+        s.set_row(i, settings, p)
+        for t in gen:  # tokens generated one step at a time, in row i only
+            row_tokens = torch.zeros(len(prompts), dtype=torch.long)
+            s.seen[i, t] = True
+            s.counts[i, t] += 1
+    return s
+
+
+def test_repetition_penalty_is_hf_s():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from llama_cli.sampling import apply_penalties
+
+    logits, prompts, generated = _history()
+    s = _sampler_with(Settings(repetition_penalty=1.3), prompts, generated)
+    ours = apply_penalties(logits, s.seen, s.counts, s.repetition, s.presence, s.frequency)
+    hf = RepetitionPenaltyLogitsProcessor(1.3)
+    for i in range(3):
+        ids = torch.tensor([prompts[i] + generated[i]])
+        want = hf(ids, logits[i:i + 1].clone())[0]
+        assert torch.allclose(ours[i], want, atol=1e-6)
+
+
+def test_presence_and_frequency_penalties_are_openai_s():
+    """OpenAI: mu[j] - c[j] * frequency_penalty - float(c[j] > 0) * presence_penalty, c counting the
+    tokens generated so far (the prompt's do not count)."""
+    from llama_cli.sampling import apply_penalties
+
+    logits, prompts, generated = _history()
+    s = _sampler_with(Settings(presence_penalty=0.7, frequency_penalty=0.4), prompts, generated)
+    ours = apply_penalties(logits, None, s.counts, s.repetition, s.presence, s.frequency)
+    for i in range(3):
+        want = logits[i].clone()
+        for j in set(generated[i]):
+            c = generated[i].count(j)
+            want[j] -= c * 0.4 + 0.7
+        assert torch.allclose(ours[i], want, atol=1e-6)
+
+
+def test_min_p_top_k_top_p_keep_what_hf_s_warpers_keep():
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from llama_cli.sampling import filtered_probs
+
+    g = torch.Generator().manual_seed(9)
+    for trial in range(20):
+        logits = torch.randn(1, 60, generator=g) * 2
+        t, k, p, m = 0.8, [0, 5, 20][trial % 3], [1.0, 0.9, 0.6][trial % 3], [0.0, 0.05, 0.2][trial % 3]
+        scores = TemperatureLogitsWarper(t)(None, logits.clone())
+        if k:
+            scores = TopKLogitsWarper(k)(None, scores)
+        scores = TopPLogitsWarper(p)(None, scores)
+        if m:
+            scores = MinPLogitsWarper(m)(None, scores)
+        want = set(torch.nonzero(scores[0] > -float("inf")).flatten().tolist())
+        probs = torch.softmax(logits / t, -1)
+        kept, idx = filtered_probs(probs, p, top_k=k, min_p=m)
+        got = set(idx[0][kept[0] > 0].tolist())
+        assert got == want, (trial, got ^ want)
+        ref = torch.softmax(scores[0], -1)
+        assert torch.allclose(torch.zeros(60).scatter(0, idx[0], kept[0]), ref, atol=1e-6)
+
+
+def test_penalties_end_to_end_against_hf_generate(tiny_ckpt):
+    """Greedy with repetition_penalty through both schedules = HF generate with its processor (fp32)."""
+    from helpers import TINY, assert_same_or_near_tie, requests, to_hf
+    from llama_cli.scheduler import Options, run_continuous, run_static
+
+    folder, weights = tiny_ckpt
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 2)
+    hf = to_hf(TINY, weights, llama.tokenizer.n_words)
+    prompts = ["Hello world", "The cat sleeps"]
+    reqs = requests(prompts, temperature=0, max_gen_len=20, repetition_penalty=1.5)
+    for schedule in (run_static, run_continuous):
+        got = {}
+        schedule(llama, reqs, Options(), lambda r: got.__setitem__(r.request.index, r.tokens))
+        for i, p in enumerate(prompts):
+            ids = llama.tokenizer.encode(p, bos=True, eos=False)
+            with torch.no_grad():
+                want = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, repetition_penalty=1.5,
+                                   eos_token_id=llama.tokenizer.eos_id, pad_token_id=0)[0, len(ids):].tolist()
+            want = want[:want.index(llama.tokenizer.eos_id)] if llama.tokenizer.eos_id in want else want
+            assert got[i] == want, (schedule.__name__, got[i], want)
+            assert len(set(got[i])) > len(got[i]) // 2  # the penalty kept it from looping
+
+
+def test_sampling_with_settings_is_deterministic_under_a_seed(tiny_ckpt):
+    from helpers import requests
+    from llama_cli.scheduler import Options, run_continuous, run_static
+
+    folder, _ = tiny_ckpt
+    reqs = requests(["Hello", "The dog", "a"], temperature=1.0, top_p=0.95, min_p=0.05, frequency_penalty=0.5,
+                    max_gen_len=10)
+    for schedule in (run_static, run_continuous):
+        runs = []
+        for seed in (3, 3, 4):
+            llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 2, seed=seed)
+            out = {}
+            schedule(llama, reqs, Options(), lambda r: out.__setitem__(r.request.index, r.tokens))
+            runs.append(out)
+        assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_stop_text_ends_the_generation_and_is_not_shown(tiny_ckpt):
+    from helpers import requests
+    from llama_cli.scheduler import Options, run_continuous, run_static
+
+    folder, _ = tiny_ckpt
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 2)
+    free = {}
+    run_static(llama, requests(["Hello world"], temperature=0, max_gen_len=30), Options(),
+               lambda r: free.__setitem__(0, r))
+    text = free[0].generation
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop) == 3 and stop in text
+    for schedule in (run_static, run_continuous):
+        got = {}
+        schedule(llama, requests(["Hello world"], temperature=0, max_gen_len=30, stop=[[stop]]), Options(),
+                 lambda r: got.__setitem__(0, r))
+        r = got[0]
+        assert r.generation == text[:text.index(stop)], schedule.__name__
+        assert r.finish_reason == "stop"
+        assert len(r.tokens) < len(free[0].tokens)
+        assert stop in llama.tokenizer.decode(r.tokens)  # the tokens go up to the one that completed it
+
+
+def test_streaming_never_prints_part_of_a_stop_text():
+    from llama_cli.stopping import StopText
+
+    class Chars:  # each id is one character
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    w = StopText(Chars(), ["END"])
+    shown = []
+    for k, ch in enumerate("abcENxENDzz", 1):
+        w.update([ord(c) for c in "abcENxENDzz"[:k]])
+        shown.append(w.safe_text())
+    assert shown[3] == "abc" and shown[4] == "abc"  # "E", "EN" held back
+    assert shown[5] == "abcENx"  # released once it cannot be the stop text
+    assert shown[-1] == "abcENx" and w.stopped
