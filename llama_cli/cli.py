@@ -25,7 +25,7 @@ log = logging.getLogger("llama_cli")
 
 _LIST_FLAGS = ("prompt", "stop")  # repeatable: every occurrence is kept, in order
 _STR_FLAGS = ("ckpt_dir", "tokenizer_path", "prompts_file", "output", "output_file", "device", "dtype", "schedule",
-              "compile", "cuda_graphs")
+              "compile", "cuda_graphs", "chat_format", "system")
 
 
 def check_output_file(path: Optional[str], resume: bool) -> None:
@@ -59,6 +59,7 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
         if cfg.stream and len(requests) != 1:
             raise UserError(f"--stream prints one completion as it is generated; got {len(requests)} prompts")
         check_output_file(cfg.output_file, cfg.resume)
+        check_dialogs(requests, cfg.tokenizer_path, cfg.chat_format)
         if cfg.resume:
             done = scan_output(cfg.output_file, requests)
             log.info("resuming: %d of %d prompts already in %s", len(done), len(requests), cfg.output_file)
@@ -69,7 +70,7 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     work = sum(r.settings.max_gen_len for r in requests if r.index not in done)
     llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size, seed=cfg.seed,
                         device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
-                        expected_tokens=work or None)
+                        expected_tokens=work or None, chat_format=cfg.chat_format)
     load_s = time.perf_counter() - t0
     pending = [r.to_json() for r in requests if r.index not in done]
     pending = [PromptRequest.from_json(r) for r in distributed.broadcast_json(pending, llama.device)]
@@ -110,6 +111,24 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
         log.warning("%d of %d prompts could not run; see their error entries", stats.errors, len(pending))
         return 1
     return 0
+
+
+def check_dialogs(requests, tokenizer_path: str, chat_format: str) -> None:
+    """Render every dialog with the chat format now, before the model loads: a template that fails on a
+    line is reported with that line."""
+    dialogs = [r for r in requests if r.messages is not None]
+    if not dialogs:
+        return
+    from .chat import pick_format
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    fmt = pick_format(tokenizer, tokenizer_path, chat_format)
+    for r in dialogs:
+        try:
+            fmt.encode(r.messages, tokenizer)
+        except UserError as e:
+            raise UserError(f"{r.source or f'prompt {r.index + 1}'}: {e}") from None
 
 
 def summary(stats, gen_s: float, warmup_s: float, load_s: float) -> str:
@@ -166,7 +185,7 @@ class Streamer:
         self.ids: list[int] = []
         self.printed = ""
         self.stopped = False
-        self.out.write(request.prompt)
+        self.out.write(request.prompt if request.messages is None else "")
         self.out.flush()
 
     def step(self, tokens: list[int]) -> None:
@@ -337,8 +356,10 @@ def _subcommands() -> dict:
     """name -> (function, its text flags); imported only when used."""
     from .compile_step import compile_step
     from .convert import convert
+    from .converse import chat
     from .reshard import reshard
 
     return {"reshard": (reshard, ("ckpt_dir", "out", "dtype", "tokenizer_path")),
             "convert": (convert, ("src", "out", "dtype")),
-            "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype"))}
+            "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype")),
+            "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "device", "dtype"))}

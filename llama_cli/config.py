@@ -66,6 +66,9 @@ class RunConfig:
         CPU for --max_batch_size 1-2 when this model shape was compiled before (kept on disk, see
         llama-cli compile) or the job is 1024+ tokens; on GPUs auto uses CUDA graphs instead.
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
+      chat_format: how dialogs (JSONL lines with "messages") become tokens, one of auto, llama2, llama3,
+        template. auto takes the checkpoint's chat template (tokenizer_config.json), else Meta's Llama 3
+        format for tiktoken tokenizers and Meta's Llama 2 format for SentencePiece ones.
 
     Exit codes are 0 when done, 2 for bad usage or input, 1 for a failure while running or when some
     prompts got error entries, 130 when interrupted. Multi-node runs use torchrun --nnodes N --node_rank R
@@ -101,6 +104,7 @@ class RunConfig:
     schedule: str = "continuous"
     compile: str = "auto"
     cuda_graphs: str = "auto"
+    chat_format: str = "auto"
 
     def __post_init__(self) -> None:
         """Check every flag; raise UserError naming the first bad one."""
@@ -129,6 +133,7 @@ class RunConfig:
         _choice("compile", self.compile, ("auto", "on", "off"))
         _choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _choice("schedule", self.schedule, ("continuous", "static"))
+        _choice("chat_format", self.chat_format, ("auto", "llama2", "llama3", "template"))
         _choice("output", self.output, ("text", "jsonl"))
         if self.resume and not self.output_file:
             raise UserError("--resume needs --output_file: the file whose finished prompts should be skipped")

@@ -30,6 +30,12 @@ class CompletionPrediction(TypedDict, total=False):
     logprobs: List[float]  # present when logprobs=True
 
 
+class ChatPrediction(TypedDict, total=False):
+    generation: dict  # {"role": "assistant", "content": ...}
+    tokens: List[str]
+    logprobs: List[float]
+
+
 class Generated(NamedTuple):
     """One prompt's outcome: token ids (with the prompt's when echoed), their log-probabilities (or
     None), why it ended ("stop": a stop token or stop text, "length": max_gen_len, "max_seq_len": the
@@ -52,14 +58,16 @@ class Llama:
               model_parallel_size: Optional[int] = None, seed: int = 1,
               device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
               compile: Union[str, bool] = "auto", cuda_graphs: Union[str, bool] = "auto",
-              expected_tokens: Optional[int] = None) -> "Llama":
+              expected_tokens: Optional[int] = None, chat_format: str = "auto") -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
         that the model's heads divide into. device/dtype default to this rank's GPU in bf16
         (fp16 where bf16 is unsupported), else CPU in fp32. compile and cuda_graphs: "on", "off"
         or "auto" (see engine.decide_compile / decide_graphs; expected_tokens, the job's total
-        tokens to generate, informs compile on the CPU).
+        tokens to generate, informs compile on the CPU). chat_format: how chat_completion turns dialogs
+        into tokens (chat.py): auto (the checkpoint's template, else Meta's format for its tokenizer),
+        llama2, llama3 or template.
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -96,16 +104,54 @@ class Llama:
                         compile=decide_compile(compile, device, max_batch_size, key, expected_tokens))
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
                  device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
-        return Llama(model, tokenizer, engine, seed=seed)
+        return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, seed: int = 1,
+                 tokenizer_path: Optional[str] = None, chat_format: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
+        self.tokenizer_path, self._chat_choice, self._chat_format = tokenizer_path, chat_format, None
         self.engine = engine
         self.device = engine.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._stop = torch.tensor(sorted(tokenizer.stop_ids), device=self.device)
+
+    @property
+    def chat_format(self):
+        """The dialog format (chat.py), picked on first use: a checkpoint without one can still complete text."""
+        if self._chat_format is None:
+            from .chat import pick_format
+
+            self._chat_format = pick_format(self.tokenizer, self.tokenizer_path or "", self._chat_choice)
+        return self._chat_format
+
+    def encode_dialog(self, dialog, where: str = "dialog") -> List[int]:
+        from .chat import check_dialog
+
+        return self.chat_format.encode(check_dialog(dialog, where), self.tokenizer)
+
+    def chat_completion(self, dialogs: List[List[dict]], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False) -> List[ChatPrediction]:
+        """Meta's chat_completion: each dialog's assistant reply, [{"generation": {"role": "assistant",
+        "content": ...}}, and with logprobs "tokens" and "logprobs"}]. With the Llama 2 format, a message
+        holding its special tags gets Meta's error text as the reply instead."""
+        from .chat import UNSAFE_ERROR, Llama2Format, check_dialog
+
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        checked = [check_dialog(d, f"dialog {i}") for i, d in enumerate(dialogs)]
+        prompt_tokens = [self.chat_format.encode(d, self.tokenizer) for d in checked]
+        unsafe = [self.chat_format.name == "llama2" and Llama2Format.unsafe(d) for d in checked]
+        gen, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs=logprobs)
+        out = []
+        for i, t in enumerate(gen):
+            reply = {"role": "assistant", "content": UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)}
+            item = {"generation": reply}
+            if logprobs:
+                item.update(tokens=[self.tokenizer.decode([x]) for x in t], logprobs=lps[i])
+            out.append(item)
+        return out
 
     @property
     def max_batch_size(self) -> int:

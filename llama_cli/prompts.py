@@ -26,19 +26,29 @@ _warned: set = set()
 @dataclass
 class PromptRequest:
     index: int  # position in the input, 0-based
-    prompt: str
+    prompt: str  # the text to complete (for a dialog: its last user message, for display)
     settings: Settings = field(default_factory=Settings)  # flags + this prompt's overrides, checked
     id: Any = None
+    messages: Optional[list] = None  # a dialog (chat.py) instead of a text prompt
+    source: Optional[str] = field(default=None, compare=False)  # "file line N", for error messages
 
     def to_json(self) -> dict:
         out = {"index": self.index, "prompt": self.prompt, "settings": self.settings.to_json()}
         if self.id is not None:
             out["id"] = self.id
+        if self.messages is not None:
+            out["messages"] = self.messages
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> "PromptRequest":
-        return cls(d["index"], d["prompt"], Settings.from_json(d["settings"]), d.get("id"))
+        return cls(d["index"], d["prompt"], Settings.from_json(d["settings"]), d.get("id"), d.get("messages"))
+
+    def same_input(self, rec: dict) -> bool:
+        """Whether an output record answers this prompt (for --resume)."""
+        if self.messages is not None:
+            return rec.get("messages") == self.messages
+        return rec.get("prompt") == self.prompt
 
 
 @dataclass
@@ -55,11 +65,16 @@ class Result:
         if self.request.id is not None:
             out["id"] = self.request.id
         out["index"] = self.request.index
-        out["prompt"] = self.request.prompt
+        if self.request.messages is not None:
+            out["messages"] = self.request.messages
+        else:
+            out["prompt"] = self.request.prompt
         if self.error is not None:
             out["error"] = self.error
             return out
         out["generation"] = self.generation
+        if self.request.messages is not None:
+            out["message"] = {"role": "assistant", "content": self.generation}
         out["tokens"] = self.tokens
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
@@ -101,14 +116,14 @@ def _stdin_lines(stdin) -> Iterable[bytes]:
 
 
 def _looks_like_jsonl(line: str) -> bool:
-    """A line that is a JSON object with a "prompt": standard input then carries JSONL."""
+    """A line that is a JSON object with a "prompt" or "messages": standard input then carries JSONL."""
     if not line.lstrip().startswith("{"):
         return False
     try:
         obj = json.loads(line)
     except json.JSONDecodeError:
         return False
-    return isinstance(obj, dict) and "prompt" in obj
+    return isinstance(obj, dict) and ("prompt" in obj or "messages" in obj)
 
 
 def _read_lines(lines: Iterable, name: str, kind: str, defaults: Settings) -> list[PromptRequest]:
@@ -178,17 +193,25 @@ def _parse_json_line(line: str, where: str):
 def _from_object(obj, where: str, index: int, defaults: Settings) -> PromptRequest:
     if not isinstance(obj, dict):
         raise UserError(f'{where} must be a JSON object like {{"prompt": "..."}}, not {type(obj).__name__}')
+    settings = resolve(defaults, {k: obj[k] for k in KEYS if k in obj}, where)
+    if "messages" in obj:
+        from .chat import check_dialog
+
+        if "prompt" in obj:
+            raise UserError(f'{where} has both "prompt" and "messages"; give one')
+        messages = check_dialog(obj["messages"], where)
+        return PromptRequest(index, messages[-1]["content"], settings, id=obj.get("id"), messages=messages,
+                             source=where)
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
         raise UserError(f'{where} has no "prompt" text' + ("" if prompt is None else f" (got {json.dumps(prompt)})"))
     if not prompt.strip():
         raise UserError(f"{where} has an empty prompt; give some text to complete")
-    unknown = sorted(k for k in obj if k not in KEYS and k not in ("prompt", "id") and k not in _warned)
+    unknown = sorted(k for k in obj if k not in KEYS and k not in ("prompt", "id", "messages") and k not in _warned)
     if unknown:  # extra fields are fine (metadata); say once that they are not settings, in case of a typo
         _warned.update(unknown)
         log.warning("%s: ignoring key(s) %s (the settings a prompt may carry: %s)", where,
                     ", ".join(json.dumps(k) for k in unknown), ", ".join(KEYS))
-    settings = resolve(defaults, {k: obj[k] for k in KEYS if k in obj}, where)
     return PromptRequest(index, prompt, settings, id=obj.get("id"))
 
 
@@ -220,7 +243,7 @@ def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:
             raise UserError(f"{path} line {n} has no result index; it was not written by llama-cli "
                             "--output jsonl; choose another --output_file")
         i = rec["index"]
-        if i >= len(requests) or requests[i].prompt != rec.get("prompt"):
+        if i >= len(requests) or not requests[i].same_input(rec):
             raise UserError(f"{path} line {n} answers a prompt that is not prompt {i + 1} of this input; "
                             "use another --output_file, or the prompts it was written for")
         if "error" not in rec:
@@ -270,6 +293,8 @@ class ResultWriter:
             return json.dumps(r.record(), ensure_ascii=False) + "\n"
         if r.error is not None:
             return f"[error: prompt {r.request.index + 1}: {r.error}]\n\n"
+        if r.request.messages is not None:  # a dialog: the assistant's reply
+            return r.generation + "\n\n"
         text = r.generation if self.echo else r.request.prompt + r.generation
         return text + "\n\n"
 

@@ -39,7 +39,10 @@ def prepare(llama, requests: list[PromptRequest], opts: Options) -> tuple[list, 
     """Tokenise; prompts that leave no room to generate become error results (or fail with --strict)."""
     ready, failed = [], []
     for req in requests:
-        ids = llama.tokenizer.encode(req.prompt, bos=llama.tokenizer.add_bos, eos=False)
+        if req.messages is not None:
+            ids = llama.encode_dialog(req.messages, f"prompt {req.index + 1}")
+        else:
+            ids = llama.tokenizer.encode(req.prompt, bos=llama.tokenizer.add_bos, eos=False)
         if len(ids) >= llama.max_seq_len:
             msg = (f"has {len(ids)} tokens but max_seq_len is {llama.max_seq_len}, leaving no room to generate; "
                    f"raise --max_seq_len or shorten the prompt")

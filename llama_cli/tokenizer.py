@@ -24,7 +24,7 @@ from .errors import UserError
 
 # The files that make up a tokenizer in a model folder (copied along by reshard and convert).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "chat_template.jinja")
 
 ACCEPTED = ("a SentencePiece tokenizer.model (Llama 1/2), a tiktoken tokenizer.model (Llama 3) "
             "or a HuggingFace tokenizer.json")
@@ -110,8 +110,12 @@ class TiktokenTokenizer:
         self.model = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                        special_tokens=specials)
         self.n_words = self.model.n_vocab
+        self.specials = specials
         self.bos_id, self.eos_id, self.pad_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"], -1
         self.stop_ids = frozenset({self.eos_id, specials["<|eot_id|>"]})
+
+    def special_id(self, name: str) -> int:
+        return self.specials[name]
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         if not isinstance(text, str):
@@ -151,6 +155,12 @@ class HFTokenizer:
             if isinstance(i, int) and 0 <= i < self.n_words:
                 stops.add(i)
         self.stop_ids = frozenset(stops)
+
+    def special_id(self, name: str) -> int:
+        i = self.tk.token_to_id(name)
+        if i is None:
+            raise UserError(f"the tokenizer has no token {name}")
+        return i
 
     def _token_id(self, token) -> int:
         if isinstance(token, dict):

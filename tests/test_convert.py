@@ -409,3 +409,35 @@ def test_gguf_k_quants(tmp_path, spm_path, qname):
     for name, t in held.items():
         assert torch.equal(sd[name], t), name
     greedy_vs_hf(tmp_path / "out", to_hf(params, held, 320))
+
+
+def test_smollm2_chat_template_carried_over_and_chat_says_paris(smollm2):
+    """The GGUF's tokenizer.chat_template lands in tokenizer_config.json; our rendering gives the ids of
+    transformers' apply_chat_template on the same tokenizer files; the real model answers the question."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from helpers import REPO, subprocess_env
+    from llama_cli.chat import TemplateFormat, pick_format
+    from llama_cli.tokenizer import load_tokenizer
+
+    _, out = smollm2
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in cfg["chat_template"]
+    tok = load_tokenizer(out / "tokenizer.json")
+    fmt = pick_format(tok, str(out / "tokenizer.json"))
+    assert isinstance(fmt, TemplateFormat)
+    hf = AutoTokenizer.from_pretrained(str(out))
+    for dialog in ([{"role": "user", "content": "What is the capital of France?"}],
+                   [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]):
+        want = hf.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        assert fmt.encode(dialog, tok) == list(want)
+    proc = subprocess.run([sys.executable, "-m", "llama_cli", "chat", "--ckpt_dir", str(out), "--temperature", "0",
+                           "--max_gen_len", "32"], input="What is the capital of France?\n", capture_output=True,
+                          text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout

@@ -146,18 +146,23 @@ def write_tokenizer(path: str, out: str) -> list[str]:
         raise UserError(f"{path} carries no tokenizer vocabulary (tokenizer.ggml.tokens)")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
+    template = field(reader, "tokenizer.chat_template")  # the model's own chat format, carried over
     if model == "llama":
         scores = field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
         _write_sentencepiece(os.path.join(out, "tokenizer.model"), tokens, scores, types, bos, eos,
                              field(reader, "tokenizer.ggml.unknown_token_id", 0),
                              field(reader, "tokenizer.ggml.add_space_prefix", True))
+        config = {"add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", True))}
+        config.update(_special_tokens(tokens, bos, eos))
+        if template:
+            config["chat_template"] = template
         with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", True))}, f)
+            json.dump(config, f, indent=2)
         return ["tokenizer.model", "tokenizer_config.json"]
     if model == "gpt2":
         merges = field(reader, "tokenizer.ggml.merges") or []
         _write_hf_bpe(out, tokens, merges, types, bos, eos, field(reader, "tokenizer.ggml.add_bos_token", False),
-                      field(reader, "tokenizer.ggml.pre", "default"))
+                      field(reader, "tokenizer.ggml.pre", "default"), template)
         return ["tokenizer.json", "tokenizer_config.json"]
     raise UserError(f"{path} has a '{model}' tokenizer; only 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) "
                     "vocabularies convert")
@@ -188,7 +193,16 @@ def _write_sentencepiece(path, tokens, scores, types, bos, eos, unk, add_space_p
         f.write(m.SerializeToString())
 
 
-def _write_hf_bpe(out, tokens, merges, types, bos, eos, add_bos, pre) -> None:
+def _special_tokens(tokens, bos, eos) -> dict:
+    out = {}
+    if bos is not None and 0 <= bos < len(tokens):
+        out["bos_token"] = tokens[bos]
+    if eos is not None and 0 <= eos < len(tokens):
+        out["eos_token"] = tokens[eos]
+    return out
+
+
+def _write_hf_bpe(out, tokens, merges, types, bos, eos, add_bos, pre, template=None) -> None:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -210,9 +224,8 @@ def _write_hf_bpe(out, tokens, merges, types, bos, eos, add_bos, pre) -> None:
                            for tok, kind in zip(tokens, types) if int(kind) in (3, 4)])
     tk.save(os.path.join(out, "tokenizer.json"))
     config = {"add_bos_token": bool(add_bos), "tokenizer_class": "PreTrainedTokenizerFast"}
-    if bos is not None and 0 <= bos < len(tokens):
-        config["bos_token"] = tokens[bos]
-    if eos is not None and 0 <= eos < len(tokens):
-        config["eos_token"] = tokens[eos]
+    config.update(_special_tokens(tokens, bos, eos))
+    if template:
+        config["chat_template"] = template
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

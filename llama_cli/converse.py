@@ -1,0 +1,162 @@
+"""`llama-cli chat`: talk to a model in its chat format (chat.py).
+
+On a terminal it is a conversation: replies stream as they are generated, the history is kept
+(the oldest exchanges are dropped, with a note, when it would no longer fit --max_seq_len),
+`/reset` starts over, Ctrl-D (or `/exit`) leaves. With standard input piped, every line is one
+user message answered on its own, one reply per line of input.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Iterable, Optional
+
+from .errors import UserError
+
+log = logging.getLogger("llama_cli")
+
+HELP = "(/reset starts over, Ctrl-D leaves)"
+
+
+def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", temperature=0.6, top_p=0.9, top_k=0,
+         min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=None,
+         max_seq_len=2048, max_gen_len=512, seed=1, device=None, dtype=None):
+    """Chat with a model: interactively on a terminal, or one reply per line of piped standard input.
+
+    Examples:
+      llama-cli chat --ckpt_dir checkpoints/smollm2-135m
+      echo "What is the capital of France?" | llama-cli chat --ckpt_dir checkpoints/smollm2-135m --temperature 0
+      llama-cli chat --ckpt_dir llama-2-7b-chat --system "Answer in one sentence."
+
+    Args:
+      ckpt_dir: the checkpoint folder (consolidated.NN.pth + params.json + tokenizer).
+      tokenizer_path: its tokenizer. Default is the one in ckpt_dir or its parent folder.
+      system: a system message put before the conversation.
+      chat_format: auto, llama2, llama3 or template. auto takes the checkpoint's chat template
+        (tokenizer_config.json), else Meta's Llama 3 format for tiktoken tokenizers and Meta's Llama 2
+        format for SentencePiece ones.
+      temperature: sampling temperature; 0 is greedy.
+      top_p: nucleus sampling threshold.
+      top_k: sample from the k most likely tokens only (0 means no limit).
+      min_p: drop tokens less than min_p times as likely as the most likely one (0 means off).
+      repetition_penalty: HF's repetition penalty (1 means off).
+      presence_penalty: OpenAI's presence penalty, -2 to 2.
+      frequency_penalty: OpenAI's frequency penalty, -2 to 2.
+      stop: end a reply where this text appears; repeat for several.
+      max_seq_len: the longest conversation kept, in tokens (older exchanges are dropped beyond it).
+      max_gen_len: the longest reply, in tokens.
+      seed: random seed.
+      device: cpu, cuda, cuda:N or mps. Default is the GPU if there is one, else cpu.
+      dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
+    """
+    from .generation import Llama
+    from .settings import Settings, resolve
+    from .tokenizer import find_tokenizer
+
+    if ckpt_dir is None:
+        raise UserError("--ckpt_dir is required: the checkpoint folder to chat with")
+    if system is not None and not isinstance(system, str):
+        raise UserError("--system takes a text")
+    settings = resolve(Settings(), {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+                                    "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
+                                    "frequency_penalty": frequency_penalty, "stop": stop or [],
+                                    "max_gen_len": max_gen_len})
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise UserError(f"--max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
+    llama = Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len, 1, seed=seed, device=device, dtype=dtype,
+                        chat_format=chat_format)
+    llama.chat_format  # an unusable format is an error now, not at the first message
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    return converse(llama, settings, system, sys.stdin, sys.stdout, sys.stderr, interactive)
+
+
+def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: IO, err: IO,
+             interactive: bool) -> int:
+    """The conversation loop (see the module docstring); returns the exit code."""
+    base = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = []
+    if interactive:
+        err.write(f"llama-cli chat with {llama.chat_format.name} format {HELP}\n> ")
+        err.flush()
+    for raw in lines:
+        text = raw.rstrip("\r\n")
+        if interactive and text.strip() in ("/exit", "/quit"):
+            break
+        if interactive and text.strip() == "/reset":
+            history = []
+            err.write("(conversation reset)\n> ")
+            err.flush()
+            continue
+        if not text.strip():
+            if interactive:
+                err.write("> ")
+                err.flush()
+            continue
+        dialog = (history if interactive else []) + [{"role": "user", "content": text}]
+        ids, dialog = fit(llama, base, dialog, settings.max_gen_len, err)
+        if ids is None:
+            out.write("\n")
+        else:
+            reply = reply_to(llama, ids, settings, out)
+            if interactive:
+                history = dialog + [{"role": "assistant", "content": reply}]
+        if interactive:
+            err.write("> ")
+            err.flush()
+    if interactive:
+        err.write("\n")
+    return 0
+
+
+def fit(llama, base: list, dialog: list, max_gen_len: int, err: IO):
+    """(prompt ids, dialog) for the newest turns that fit max_seq_len with room for a reply of up to
+    min(max_gen_len, a quarter of it) tokens; older exchanges are dropped with a note. (None, dialog)
+    when the message alone does not fit."""
+    room = min(max_gen_len, max(1, llama.max_seq_len // 4))
+    dropped = 0
+    while True:
+        ids = llama.encode_dialog(base + dialog)
+        if len(ids) + room <= llama.max_seq_len:
+            break
+        if len(dialog) <= 1:
+            err.write(f"llama-cli: this message is {len(ids)} tokens, too long for --max_seq_len "
+                      f"{llama.max_seq_len} with room to reply; shorten it or raise --max_seq_len\n")
+            return None, dialog
+        dialog = dialog[2:]  # the oldest user message and its reply
+        dropped += 1
+    if dropped:
+        err.write(f"llama-cli: the conversation is full (--max_seq_len {llama.max_seq_len}); dropped the "
+                  f"{dropped} oldest exchange(s)\n")
+    return ids, dialog
+
+
+def reply_to(llama, ids: list, settings, out: IO) -> str:
+    """Generate the reply to prompt ids, streaming it to `out`; returns its text."""
+    from .stopping import StopText
+
+    watch = StopText(llama.tokenizer, settings.stop)
+    state = {"ids": [], "shown": "", "done": False}
+
+    def step(tokens):
+        if state["done"]:
+            return
+        if tokens[0] in llama.tokenizer.stop_ids:
+            state["done"] = True
+            return
+        state["ids"].append(tokens[0])
+        state["done"] = watch.update(state["ids"])
+        text = watch.safe_text()
+        if text.startswith(state["shown"]) and len(text) > len(state["shown"]):
+            out.write(text[len(state["shown"]):])
+            out.flush()
+            state["shown"] = text
+
+    g = llama.generate_settings([ids], [settings], on_step=step)[0]
+    text = g.text if g.text is not None else llama.tokenizer.decode(g.tokens)
+    if text.startswith(state["shown"]):
+        out.write(text[len(state["shown"]):])
+    out.write("\n")
+    out.flush()
+    return text

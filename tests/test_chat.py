@@ -1,0 +1,220 @@
+"""Chat: dialogs become the exact tokens of Meta's Llama 2 / Llama 3 formats and of transformers'
+apply_chat_template; Llama.chat_completion, `llama-cli chat`, and dialogs in prompt files."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, TINY, make_model_folder, subprocess_env
+from llama_cli import Llama
+from llama_cli.chat import Llama2Format, Llama3Format, TemplateFormat, check_dialog, pick_format
+from llama_cli.cli import cli
+from llama_cli.errors import UserError
+from llama_cli.tokenizer import load_tokenizer
+from test_tokenizer import make_hf_tokenizer, write_tiktoken
+
+DIALOGS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Always answer with Haiku"},
+     {"role": "user", "content": "I am going to Paris, what should I see?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hello there  "},
+     {"role": "assistant", "content": "Hi! How can I help?"}, {"role": "user", "content": "Tell me a joke."},
+     {"role": "assistant", "content": " Why did the cat sit on the computer? "},
+     {"role": "user", "content": "Why?"}],
+]
+
+
+def meta_llama2_tokens(dialog, tok):
+    """Meta's llama (v2) generation.py chat_completion, step by step as it is written there."""
+    B_INST, E_INST = "[INST]", "[/INST]"
+    B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] \
+            + dialog[2:]
+    dialog_tokens = sum([tok.encode(f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ",
+                                    bos=True, eos=True) for prompt, answer in zip(dialog[::2], dialog[1::2])], [])
+    return dialog_tokens + tok.encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
+
+
+def meta_llama3_tokens(dialog, tok):
+    """Meta's llama3 ChatFormat.encode_dialog_prompt."""
+    sp = tok.specials
+
+    def header(role):
+        return [sp["<|start_header_id|>"]] + tok.encode(role, bos=False, eos=False) + [sp["<|end_header_id|>"]] \
+            + tok.encode("\n\n", bos=False, eos=False)
+
+    tokens = [sp["<|begin_of_text|>"]]
+    for m in dialog:
+        tokens += header(m["role"]) + tok.encode(m["content"].strip(), bos=False, eos=False) + [sp["<|eot_id|>"]]
+    return tokens + header("assistant")
+
+
+def test_llama2_format_is_metas(spm_path, llama2_tokenizer_or_tiny):
+    tok = load_tokenizer(llama2_tokenizer_or_tiny)
+    fmt = pick_format(tok, str(llama2_tokenizer_or_tiny))
+    assert isinstance(fmt, Llama2Format)
+    for d in DIALOGS:
+        assert fmt.encode(check_dialog(d), tok) == meta_llama2_tokens(d, tok)
+
+
+@pytest.fixture(params=["tiny", "meta"])
+def llama2_tokenizer_or_tiny(request, spm_path):
+    if request.param == "tiny":
+        return spm_path
+    return request.getfixturevalue("llama2_tokenizer")
+
+
+def test_llama3_format_is_metas(tmp_path):
+    path, _ = write_tiktoken(tmp_path / "tokenizer.model")
+    tok = load_tokenizer(path)
+    fmt = pick_format(tok, str(path))
+    assert isinstance(fmt, Llama3Format)
+    for d in DIALOGS:
+        assert fmt.encode(check_dialog(d), tok) == meta_llama3_tokens(d, tok)
+
+
+TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\nYou are helpful<|im_end|>\\n' }}{% endif %}"
+            "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_template_format_is_transformers_apply_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = make_hf_tokenizer(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    cfg.update(chat_template=TEMPLATE, tokenizer_class="PreTrainedTokenizerFast", eos_token="<|im_end|>")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(path)
+    fmt = pick_format(tok, str(path))
+    assert isinstance(fmt, TemplateFormat)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for d in DIALOGS:
+        want = hf.apply_chat_template(d, add_generation_prompt=True, tokenize=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert fmt.encode(check_dialog(d), tok) == list(want)
+
+
+@pytest.mark.parametrize("dialog,needle", [
+    ([], "non-empty list"),
+    ([{"role": "user"}], '"content" text'),
+    ([{"role": "robot", "content": "x"}], 'role "robot"'),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "must alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be the user's"),
+    ([{"role": "system", "content": "s"}], "last message must be the user's"),
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}], "message 2 is assistant"),
+])
+def test_malformed_dialogs_are_refused(dialog, needle):
+    with pytest.raises(UserError, match=needle):
+        check_dialog(dialog)
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory, spm_path):
+    folder, _ = make_model_folder(tmp_path_factory.mktemp("chat"), spm_path, TINY)
+    return folder, Llama.build(str(folder), str(folder / "tokenizer.model"), 256, 2)
+
+
+def test_chat_completion_is_generate_on_the_dialog_tokens(chat_llama):
+    folder, llama = chat_llama
+    out = llama.chat_completion(DIALOGS, temperature=0, max_gen_len=12, logprobs=True)
+    assert len(out) == 3
+    for d, o in zip(DIALOGS, out):
+        assert o["generation"]["role"] == "assistant"
+        ids = meta_llama2_tokens(d, llama.tokenizer)
+        want = llama.generate([ids], max_gen_len=12, temperature=0)[0][0]
+        assert o["generation"]["content"] == llama.tokenizer.decode(want)
+        assert len(o["logprobs"]) == len(o["tokens"]) == len(want)
+    unsafe = llama.chat_completion([[{"role": "user", "content": "hi [INST] there"}]], temperature=0, max_gen_len=4)
+    assert unsafe[0]["generation"]["content"] == "Error: special tags are not allowed as part of the prompt."
+    with pytest.raises(UserError, match="dialog 0: the last message must be the user's"):
+        llama.chat_completion([[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]])
+
+
+def test_dialogs_in_prompt_files_both_schedules_output_file_and_resume(chat_llama, tmp_path, capsys):
+    folder, llama = chat_llama
+    rows = [{"messages": DIALOGS[0], "id": "a"}, {"prompt": "Hello world"}, {"messages": DIALOGS[2], "max_gen_len": 3}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outs = {}
+    for schedule in ("continuous", "static"):
+        out = tmp_path / f"{schedule}.jsonl"
+        args = ["--ckpt_dir", str(folder), "--prompts_file", str(f), "--output", "jsonl", "--temperature", "0",
+                "--max_gen_len", "8", "--schedule", schedule, "--output_file", str(out), "-q"]
+        assert cli(args) == 0
+        recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert recs[0]["messages"] == DIALOGS[0] and recs[0]["message"]["role"] == "assistant"
+        assert recs[0]["message"]["content"] == recs[0]["generation"] and "prompt" not in recs[0]
+        want = llama.generate([meta_llama2_tokens(DIALOGS[0], llama.tokenizer)], max_gen_len=8, temperature=0)[0][0]
+        assert recs[0]["tokens"] == want
+        assert len(recs[2]["tokens"]) <= 3 and recs[1]["prompt"] == "Hello world"
+        outs[schedule] = recs
+        assert cli(args + ["--resume"]) == 0  # every dialog is already in the file: nothing to redo
+        assert capsys.readouterr().out == ""
+    assert [r["tokens"] for r in outs["continuous"]] == [r["tokens"] for r in outs["static"]]
+
+
+def test_bad_dialog_lines_fail_before_the_model_loads(tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "fine"}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}) + "\n")
+    assert cli(["--ckpt_dir", str(tmp_path / "none"), "--prompts_file", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert f'{f} line 2: message 2 has role "bot"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_template_that_fails_on_a_line_names_it(tmp_path, capsys):
+    path = make_hf_tokenizer(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}x"
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"messages": DIALOGS[0]}) + "\n" + json.dumps({"messages": DIALOGS[1]}) + "\n")
+    assert cli(["--ckpt_dir", str(tmp_path / "m"), "--tokenizer_path", str(path), "--prompts_file", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert f"{f} line 2: the chat template cannot render this dialog: one message only" in err
+
+
+def test_interactive_conversation_keeps_history_resets_and_trims(chat_llama):
+    from llama_cli.converse import converse
+    from llama_cli.settings import Settings
+
+    _, llama = chat_llama
+    s = Settings(temperature=0.0, max_gen_len=6)
+    out, err = io.StringIO(), io.StringIO()
+    converse(llama, s, "Be brief.", ["Hello world\n", "The cat\n", "/reset\n", "Hello world\n"], out, err, True)
+    replies = out.getvalue().split("\n")[:3]
+    first = llama.chat_completion([[{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Hello world"}]], temperature=0, max_gen_len=6)
+    assert replies[0] == first[0]["generation"]["content"]
+    second = llama.chat_completion([[{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "Hello world"},
+                                     {"role": "assistant", "content": replies[0]},
+                                     {"role": "user", "content": "The cat"}]], temperature=0, max_gen_len=6)
+    assert replies[1] == second[0]["generation"]["content"]  # the history was kept
+    assert replies[2] == replies[0]  # /reset: the same first message gets the same reply
+    assert "conversation reset" in err.getvalue()
+    # a long conversation in a small context: the oldest exchanges go, with a note
+    out, err = io.StringIO(), io.StringIO()
+    words = "the cat runs under the blue tree and the dog sleeps " * 3
+    converse(llama, s, None, [words + "\n"] * 8, out, err, True)
+    assert "dropped the" in err.getvalue() and out.getvalue().count("\n") == 8
+
+
+def test_piped_chat_answers_each_line_on_its_own(chat_llama):
+    folder, llama = chat_llama
+    proc = subprocess.run([sys.executable, "-m", "llama_cli", "chat", "--ckpt_dir", str(folder), "--temperature", "0",
+                           "--max_gen_len", "6"], input="Hello world\nThe cat\n", capture_output=True, text=True,
+                          env=subprocess_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    for text, got in zip(["Hello world", "The cat"], lines):
+        want = llama.chat_completion([[{"role": "user", "content": text}]], temperature=0, max_gen_len=6)
+        assert got == want[0]["generation"]["content"]
