@@ -30,13 +30,16 @@ COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
           "feed_forward.w1.weight", "feed_forward.w3.weight")
 ROW = ("attention.wo.weight", "feed_forward.w2.weight")
 IGNORED = ("rope.freqs",)  # Llama 2 checkpoints carry precomputed rotary tables; we compute our own.
+# A quantized weight "X.weight" is stored as "X.weight.q" (integers), "X.weight.scale" and, for int4,
+# "X.weight.offset" (quant.py): split like X.weight, the group tables replicated when a row is one group.
+QPARTS = (".q", ".scale", ".offset")
 
 # params.json: the keys it may carry, with the Python types each accepts.
 PARAM_TYPES = {
     "dim": (int,), "n_layers": (int,), "n_heads": (int,), "n_kv_heads": (int, type(None)),
     "vocab_size": (int,), "multiple_of": (int,), "ffn_dim_multiplier": (int, float, type(None)),
     "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
-    "ffn_hidden_dim": (int, type(None)), "rope_scaling": (dict, type(None)),
+    "ffn_hidden_dim": (int, type(None)), "rope_scaling": (dict, type(None)), "quantization": (dict, type(None)),
 }
 
 
@@ -55,6 +58,12 @@ def args_from_params(params: dict) -> tuple[ModelArgs, list[str]]:
     for key in ("dim", "n_layers", "n_heads"):
         if key not in kwargs:
             raise UserError(f"params.json has no '{key}'; a Meta params.json names dim, n_layers, n_heads, ...")
+    if kwargs.get("quantization") is not None:
+        from .quant import check_mode
+
+        q = kwargs["quantization"]
+        mode, group = check_mode(q.get("mode"), q.get("group_size"))
+        kwargs["quantization"] = {"mode": mode, "group_size": group}
     return ModelArgs(**kwargs), unknown
 
 
@@ -67,10 +76,31 @@ def resolve_vocab_size(args: ModelArgs, n_words: int, tokenizer_path: str) -> No
                         f"{n_words} tokens; use the tokenizer that came with this checkpoint")
 
 
-def weight_table(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
+def weight_table(args: ModelArgs, quantized=frozenset()) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
     """Every weight of the model: name -> (full unsplit shape, the dimension Meta's checkpoints split it
     along, None where replicated). The one list of names and shapes: the reader, the memory estimate,
-    the writers and the tests' random checkpoints all use it."""
+    the writers and the tests' random checkpoints all use it. Weights named in `quantized` are listed
+    as their parts (QPARTS), in args.quantization's form."""
+    table = _dense_table(args)
+    if not quantized:
+        return table
+    mode, group = args.quantization["mode"], args.quantization["group_size"]
+    out = {}
+    for name, (shape, dim) in table.items():
+        if name not in quantized:
+            out[name] = (shape, dim)
+            continue
+        rows, cols = shape
+        groups = cols // group if group else 1
+        out[name + ".q"] = ((rows, cols // 2 if mode == "int4" else cols), dim)
+        table_dim = None if dim == 1 and groups == 1 else dim
+        out[name + ".scale"] = ((rows, groups), table_dim)
+        if mode == "int4":
+            out[name + ".offset"] = ((rows, groups), table_dim)
+    return out
+
+
+def _dense_table(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
     a = args
     hd, kv = a.head_dim, a.n_kv_heads
     table = {"tok_embeddings.weight": ((a.vocab_size, a.dim), 1), "norm.weight": ((a.dim,), None),
@@ -88,13 +118,25 @@ def weight_table(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], Optional[i
     return table
 
 
-def split_dim(name: str) -> Optional[int]:
-    """The dimension our model splits `name` along (tok_embeddings: the embedding dim)."""
+def split_dim(name: str, shape: Optional[tuple] = None) -> Optional[int]:
+    """The dimension our model splits `name` along (tok_embeddings: the embedding dim). A quantized part
+    splits like its weight, except a group table with one group per row (shape (out, 1)), replicated."""
+    for part in QPARTS:
+        if name.endswith(".weight" + part):
+            dim = split_dim(name[:-len(part)])
+            if part != ".q" and dim == 1 and shape is not None and shape[1] == 1:
+                return None
+            return dim
     if name.endswith(COLUMN) or name == "output.weight":
         return 0
     if name.endswith(ROW) or name == "tok_embeddings.weight":
         return 1
     return None
+
+
+def is_linear(name: str) -> bool:
+    """Whether `name` is a linear layer's weight (what quantization applies to)."""
+    return name.endswith(COLUMN + ROW) or name == "output.weight"
 
 
 def _convert_hint(src: str) -> str:
@@ -218,14 +260,28 @@ class CheckpointReader:
     def close(self) -> None:
         self._open.clear()
 
+    @property
+    def quantized(self) -> frozenset:
+        """The weights this checkpoint stores quantized (as QPARTS), read off shard 0's names."""
+        self.shape0("tok_embeddings.weight")
+        names = frozenset(k[:-2] for k in self._shapes0 if k.endswith(".weight.q"))
+        if names and self.args.quantization is None:
+            raise UserError(f"{self.files[0]} holds quantized weights but params.json has no \"quantization\"; "
+                            "the weights and params.json do not match")
+        return names
+
+    def table(self) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
+        return weight_table(self.args, self.quantized)
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Full (unsplit) shapes implied by params.json."""
-        return {name: shape for name, (shape, _) in weight_table(self.args).items()}
+        return {name: shape for name, (shape, _) in self.table().items()}
 
     @property
     def tied(self) -> bool:
-        """Whether the checkpoint has no output.weight (the embeddings serve as the output layer)."""
-        return self.shape0("output.weight") is None and self.shape0("tok_embeddings.weight") is not None
+        """Whether the checkpoint has no output layer (the embeddings serve as the output layer)."""
+        return (self.shape0("output.weight") is None and self.shape0("output.weight.q") is None
+                and self.shape0("tok_embeddings.weight") is not None)
 
     def full_tensors(self, dtype: Optional[torch.dtype] = None):
         """(name, whole unsplit tensor) for every weight the checkpoint stores (a tied output layer is
@@ -233,14 +289,14 @@ class CheckpointReader:
         shapes = self.expected_shapes()
         self._check_extra_keys(self.shard(0), shapes)
         for name, full in shapes.items():
-            if name == "output.weight" and self.tied:
+            if name.startswith("output.weight") and self.tied:
                 continue
             src = self._check(name, full)
             if src is None:
                 t = self.shard(0)[name]
             else:
                 t = torch.cat([self._tensor(s, name, full) for s in range(len(self.files))], dim=src)
-            yield name, t.to(dtype) if dtype is not None else t
+            yield name, t.to(dtype) if dtype is not None and not name.endswith(QPARTS) else t
 
     def _source_dim(self, name: str, full: tuple[int, ...]) -> Optional[int]:
         """The dimension the checkpoint split `name` along, read from shard 0's shape."""
@@ -291,15 +347,21 @@ class CheckpointReader:
         a = self.args
         plan = ShardPlan(len(self.files), world_size, rank)
         needed = plan.needed_shards()
-        shapes = self.expected_shapes()
+        table = self.table()
+        shapes = {name: shape for name, (shape, _) in table.items()}
         self._check_extra_keys(self.shard(needed[0]), shapes)
         tied = self.tied
         specs = {}
-        for name, full in shapes.items():
-            dim = split_dim(name) if world_size > 1 else None
+        for name, (full, table_dim) in table.items():
+            if name.startswith("output.weight.") and tied:
+                continue
+            dim = table_dim if world_size > 1 else None
+            if dim == 1 and name.endswith(QPARTS) and full[1] % world_size:
+                raise UserError(f"'{name}' ({full[1]} columns: quantization groups or packed pairs) cannot be split "
+                                f"evenly over {world_size} processes; run on a process count that divides it")
             if dim is None:
                 start, end = 0, 0
-            elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and world_size > a.n_kv_heads:
+            elif (".attention.wk.weight" in name or ".attention.wv.weight" in name) and world_size > a.n_kv_heads:
                 head = rank // (world_size // a.n_kv_heads)  # repeated KV head: whole heads per rank
                 start, end = head * a.head_dim, (head + 1) * a.head_dim
             else:
@@ -321,18 +383,21 @@ class CheckpointReader:
         return {k: v.contiguous() for k, v in out.items()}
 
     def _copy_shard(self, s, first, specs, out, dtype, device, in_place) -> None:
-        """Copy shard s's pieces of every target slice into `out` (no reference to s survives)."""
+        """Copy shard s's pieces of every target slice into `out` (no reference to s survives). Quantized
+        parts keep their stored dtypes."""
+        model_dtype = dtype
         for name, (full, dim, start, end, source, src) in specs.items():
+            dtype = None if name.endswith(QPARTS) else model_dtype
             for piece, dst_dim, dst_off in self._pieces(s, first, full, dim, start, end, source, src):
                 shape = list(full)
                 if dim is not None:
                     shape[dim] = end - start
                 if list(piece.shape) == shape:
-                    moved = piece.to(device=device, dtype=dtype)
+                    moved = piece.to(device=device, dtype=dtype or piece.dtype)
                     out[name] = moved if in_place or moved is not piece else moved.clone()
                     continue
                 if name not in out:
-                    out[name] = torch.empty(shape, dtype=dtype, device=device)
+                    out[name] = torch.empty(shape, dtype=dtype or piece.dtype, device=device)
                 out[name].narrow(dst_dim, dst_off, piece.shape[dst_dim]).copy_(piece)
 
     def _pieces(self, s, first, full, dim, start, end, source, src):

@@ -25,7 +25,7 @@ log = logging.getLogger("llama_cli")
 
 _LIST_FLAGS = ("prompt", "stop")  # repeatable: every occurrence is kept, in order
 _STR_FLAGS = ("ckpt_dir", "tokenizer_path", "prompts_file", "output", "output_file", "device", "dtype", "schedule",
-              "compile", "cuda_graphs", "chat_format", "system")
+              "compile", "cuda_graphs", "chat_format", "system", "quantize")
 
 
 def check_output_file(path: Optional[str], resume: bool) -> None:
@@ -70,7 +70,8 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     work = sum(r.settings.max_gen_len for r in requests if r.index not in done)
     llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size, seed=cfg.seed,
                         device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
-                        expected_tokens=work or None, chat_format=cfg.chat_format)
+                        expected_tokens=work or None, chat_format=cfg.chat_format, quantize=cfg.quantize,
+                        group_size=cfg.group_size)
     load_s = time.perf_counter() - t0
     pending = [r.to_json() for r in requests if r.index not in done]
     pending = [PromptRequest.from_json(r) for r in distributed.broadcast_json(pending, llama.device)]
@@ -238,7 +239,7 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS) -> list[st
     """
     params = inspect.signature(fn).parameters
     switches = {n for n, p in params.items() if isinstance(p.default, bool)}
-    short = {}
+    short = {"q": "quiet"} if "quiet" in params else {}  # -q stays --quiet whatever other flags start with q
     for n in params:
         if sum(1 for m in params if m[0] == n[0]) == 1:
             short[n[0]] = n
@@ -255,7 +256,7 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS) -> list[st
         name = flag.lstrip("-").replace("-", "_")
         name = short.get(name, name) if flag.startswith("-") and not flag.startswith("--") else name
         if name in switches or name.startswith("no") and name[2:] in switches:
-            rest.append(arg if not eq else f"--{name}={value}")
+            rest.append(f"--{name}" if not eq else f"--{name}={value}")  # short forms spelled out for fire
             i += 1
             continue
         if name not in params:
@@ -295,7 +296,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
             if any(a in ("--help", "-h") for a in argv):
                 return _help(fn, f"llama-cli {name}")
             setup_logging(quiet="--quiet" in argv)
-            argv = literal_args([a for a in argv if a not in ("--debug", "--quiet")], fn, str_flags)
+            keep_quiet = "quiet" in inspect.signature(fn).parameters
+            argv = literal_args([a for a in argv if a != "--debug" and (keep_quiet or a != "--quiet")], fn, str_flags)
             result = fire.Fire(fn, command=argv, name=f"llama-cli {name}", serialize=lambda _: None)
             return result if isinstance(result, int) else 0
         if any(a in ("--help", "-h") for a in argv):
@@ -356,10 +358,14 @@ def _subcommands() -> dict:
     """name -> (function, its text flags); imported only when used."""
     from .compile_step import compile_step
     from .convert import convert
+    from .convert.quantize import quantize_checkpoint
     from .converse import chat
+    from .perplexity import perplexity
     from .reshard import reshard
 
     return {"reshard": (reshard, ("ckpt_dir", "out", "dtype", "tokenizer_path")),
             "convert": (convert, ("src", "out", "dtype")),
+            "quantize": (quantize_checkpoint, ("ckpt_dir", "out", "mode", "dtype", "tokenizer_path")),
             "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype")),
-            "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "device", "dtype"))}
+            "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "device", "dtype")),
+            "perplexity": (perplexity, ("ckpt_dir", "text_file", "tokenizer_path", "output", "device", "dtype"))}

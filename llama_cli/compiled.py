@@ -42,10 +42,16 @@ def shape_key(model, dtype, device) -> str:
     import torch
 
     attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
+
+    def form(m):  # a linear layer's weight: shape and storage (dense, or quantized with its group count)
+        if m.weight is not None:
+            return list(m.weight.shape)
+        return [list(m.qweight.shape), str(m.qweight.dtype), list(m.qscale.shape), m.qoffset is not None]
+
     desc = {"dim": model.params.dim, "heads": attn.n_local_heads, "kv_heads": attn.n_local_kv_heads,
-            "head_dim": attn.head_dim, "hidden": ffn.w1.weight.shape[0], "vocab": model.output.weight.shape[0],
-            "fused": attn.wqkv is not None, "dtype": str(dtype), "device": device.type,
-            "world": model.mp.world_size, "torch": torch.__version__}
+            "head_dim": attn.head_dim, "w1": form(ffn.w1), "w2": form(ffn.w2), "wq": form(attn.wq),
+            "wo": form(attn.wo), "output": form(model.output), "fused": attn.wqkv is not None, "dtype": str(dtype),
+            "device": device.type, "world": model.mp.world_size, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -66,6 +66,11 @@ class RunConfig:
         CPU for --max_batch_size 1-2 when this model shape was compiled before (kept on disk, see
         llama-cli compile) or the job is 1024+ tokens; on GPUs auto uses CUDA graphs instead.
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
+      quantize: int8 or int4, to quantize the linear layers' weights at load (weight-only; activations stay in
+        --dtype). Fewer bytes per weight is faster decoding where it is memory-bound (batch 1-2 compiled on the CPU).
+      group_size: weights per quantization group along the input dimension. int8 takes 0 (one group per
+        output row, the default), 32, 64, 128 or 256; int4 takes 32, 64, 128 or 256 (default is the largest
+        of 128, 64, 32 that divides the model's sizes).
       chat_format: how dialogs (JSONL lines with "messages") become tokens, one of auto, llama2, llama3,
         template. auto takes the checkpoint's chat template (tokenizer_config.json), else Meta's Llama 3
         format for tiktoken tokenizers and Meta's Llama 2 format for SentencePiece ones.
@@ -105,6 +110,8 @@ class RunConfig:
     compile: str = "auto"
     cuda_graphs: str = "auto"
     chat_format: str = "auto"
+    quantize: Optional[str] = None
+    group_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         """Check every flag; raise UserError naming the first bad one."""
@@ -134,6 +141,12 @@ class RunConfig:
         _choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _choice("schedule", self.schedule, ("continuous", "static"))
         _choice("chat_format", self.chat_format, ("auto", "llama2", "llama3", "template"))
+        if self.quantize is not None or self.group_size is not None:
+            from .quant import check_mode
+
+            if self.quantize is None:
+                raise UserError("--group_size goes with --quantize int8 or int4")
+            self.quantize, self.group_size = check_mode(self.quantize, self.group_size)
         _choice("output", self.output, ("text", "jsonl"))
         if self.resume and not self.output_file:
             raise UserError("--resume needs --output_file: the file whose finished prompts should be skipped")

@@ -39,15 +39,23 @@ from .parallel import GEMV_MAX_ROWS
 log = logging.getLogger("llama_cli")
 
 MIN_BUCKET = 256  # the shortest cache length a CUDA graph attends over
+ALIGN = 64  # cache lengths are whole multiples of this: attention kernels want aligned key lengths
+
+
+def cache_length(max_seq_len: int) -> int:
+    """The KV cache's length: max_seq_len rounded up to ALIGN (positions beyond max_seq_len are never
+    written by a prompt; they only let the last length bucket stay aligned)."""
+    return -(-max_seq_len // ALIGN) * ALIGN
 
 
 def length_buckets(max_seq_len: int) -> list[int]:
-    """Cache lengths CUDA graphs are captured for: powers of two from MIN_BUCKET, and max_seq_len."""
+    """Cache lengths CUDA graphs are captured for: powers of two from MIN_BUCKET, and the whole cache."""
+    full = cache_length(max_seq_len)
     out, n = [], MIN_BUCKET
-    while n < max_seq_len:
+    while n < full:
         out.append(n)
         n *= 2
-    return out + [max_seq_len]
+    return out + [full]
 
 
 def _mode(name: str, value) -> str:
@@ -125,7 +133,7 @@ class Engine:
         self.model = model
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = model.tok_embeddings.weight.device
-        model.allocate_cache(max_batch_size, max_seq_len)
+        model.allocate_cache(max_batch_size, cache_length(max_seq_len))
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
         self.compile_key = compile_key

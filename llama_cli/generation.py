@@ -58,7 +58,8 @@ class Llama:
               model_parallel_size: Optional[int] = None, seed: int = 1,
               device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
               compile: Union[str, bool] = "auto", cuda_graphs: Union[str, bool] = "auto",
-              expected_tokens: Optional[int] = None, chat_format: str = "auto") -> "Llama":
+              expected_tokens: Optional[int] = None, chat_format: str = "auto",
+              quantize: Optional[str] = None, group_size: Optional[int] = None) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
@@ -67,7 +68,8 @@ class Llama:
         or "auto" (see engine.decide_compile / decide_graphs; expected_tokens, the job's total
         tokens to generate, informs compile on the CPU). chat_format: how chat_completion turns dialogs
         into tokens (chat.py): auto (the checkpoint's template, else Meta's format for its tokenizer),
-        llama2, llama3 or template.
+        llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only, quant.py; group_size
+        along the input dimension, default per channel for int8 and 128 for int4).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -78,6 +80,10 @@ class Llama:
         device = pick_device(device, local_rank)
         dtype = pick_dtype(device, dtype)
         graphs = decide_graphs(cuda_graphs, device)
+        if quantize is not None:
+            from .quant import check_mode
+
+            quantize, group_size = check_mode(quantize, group_size)
 
         files, params_path = checkpoint.find_checkpoint(ckpt_dir)
         args = checkpoint.load_args(params_path)
@@ -92,10 +98,22 @@ class Llama:
         reader.close()
         with torch.device("meta"):
             model = Transformer(args, mp)
+        if args.quantization is not None:  # stored quantized (llama-cli quantize, or a GGUF converted as it is)
+            if quantize is not None:
+                raise UserError(f"{ckpt_dir} is already quantized ({args.quantization['mode']}); drop --quantize")
+            from .quant import attach_quantized
+
+            state = attach_quantized(model, state)
         model.load_state_dict(state, assign=True, strict=True)
         del state  # the model holds the tensors now
         model.requires_grad_(False)
-        if device.type != "cpu":
+        if quantize is not None:
+            from .quant import quantize_model
+
+            size = quantize_model(model, quantize, group_size)
+            log.info("quantized the linear layers to %s (group size %s): %.0f MB", quantize,
+                     model.quantized_as[1] or "per row", size / 1e6)
+        elif device.type != "cpu" and args.quantization is None:
             # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
             # measured no faster and would copy weights that are otherwise used in place from the map.
             model.fuse()

@@ -16,9 +16,11 @@ GiB = 1024 ** 3
 
 def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
     """Bytes of one rank's weights (the output layer counted even when tied: it is the bound)."""
-    from .checkpoint import weight_table
+    from .checkpoint import is_linear, weight_table
 
     kv_heads = max(1, args.n_kv_heads // world_size)
+    elt = torch.finfo(dtype).bits // 8
+    q = args.quantization
     total = 0
     for name, (shape, dim) in weight_table(args).items():
         n = math.prod(shape)
@@ -26,8 +28,12 @@ def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
             n = kv_heads * args.head_dim * args.dim  # with more ranks than KV heads, a head is repeated
         elif dim is not None:
             n //= world_size
-        total += n
-    return total * (torch.finfo(dtype).bits // 8)
+        if q is not None and is_linear(name):  # stored quantized: 1 or 1/2 byte a weight + fp32 group tables
+            groups = shape[1] // q["group_size"] if q["group_size"] else 1
+            total += n // (2 if q["mode"] == "int4" else 1) + n * groups // shape[1] * 4 * 2
+        else:
+            total += n * elt
+    return total
 
 
 def kv_cache_bytes(args: ModelArgs, world_size: int, max_batch_size: int, max_seq_len: int,

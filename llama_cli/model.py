@@ -43,6 +43,9 @@ class ModelArgs:
     # Not in Meta's params.json: an explicit FFN width, for checkpoints converted from
     # formats that state it (Meta's rule below cannot produce every width).
     ffn_hidden_dim: Optional[int] = None
+    # Not in Meta's params.json: {"mode": "int8" | "int4", "group_size": G} when the checkpoint stores its
+    # linear layers quantized (quant.py; written by llama-cli quantize, or convert from a GGUF).
+    quantization: Optional[dict] = None
     # Derived in __post_init__.
     head_dim: int = field(init=False)
     hidden_dim: int = field(init=False)

@@ -51,29 +51,49 @@ class ModelParallel:
         return torch.cat(parts, dim=-1)
 
 
-class ColumnParallelLinear(nn.Module):
+class _Linear(nn.Module):
+    """A weight, dense or in a quantized form (quant.py: integers, group scales, int4 offsets)."""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.register_buffer("qweight", None, persistent=False)
+        self.register_buffer("qscale", None, persistent=False)
+        self.register_buffer("qoffset", None, persistent=False)
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor]) -> None:
+        self.qweight, self.qscale, self.qoffset = q, scale, offset
+        self.weight = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            from .quant import quantized_linear
+
+            return quantized_linear(x, self.qweight, self.qscale, self.qoffset, GEMV_MAX_ROWS)
+        return linear(x, self.weight)
+
+
+class ColumnParallelLinear(_Linear):
     """y = x W^T with W split on dim 0: (out_local, in). Output stays split unless gathered."""
 
     def __init__(self, in_features: int, out_local: int, mp: ModelParallel, gather_output: bool = False):
-        super().__init__()
+        super().__init__(out_local, in_features)
         self.mp, self.gather_output = mp, gather_output
-        self.weight = nn.Parameter(torch.empty(out_local, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = self.matmul(x)
         return self.mp.all_gather_last(y) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     """y = sum over ranks of x_r W_r^T with W split on dim 1: (out, in_local)."""
 
     def __init__(self, in_local: int, out_features: int, mp: ModelParallel):
-        super().__init__()
+        super().__init__(out_features, in_local)
         self.mp = mp
-        self.weight = nn.Parameter(torch.empty(out_features, in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mp.all_reduce(linear(x, self.weight))
+        return self.mp.all_reduce(self.matmul(x))
 
 
 class ParallelEmbedding(nn.Module):

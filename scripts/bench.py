@@ -86,7 +86,8 @@ def make_checkpoint(shape: str, folder: Path, dtype) -> tuple[dict, dict]:
     return params, weights
 
 
-def time_ours(folder, vocab, batch, prompt_len, new_tokens, device, dtype, compile_mode):
+def time_ours(folder, vocab, batch, prompt_len, new_tokens, device, dtype, compile_mode, max_seq_len=None,
+              quantize=None, group_size=None):
     """(ttft_s, prefill tok/s, decode tok/s) through Llama.generate."""
     import torch
 
@@ -98,8 +99,10 @@ def time_ours(folder, vocab, batch, prompt_len, new_tokens, device, dtype, compi
     real = generation.load_tokenizer
     generation.load_tokenizer = lambda path: IdsOnly()
     try:
-        llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=prompt_len + new_tokens + 8,
-                            max_batch_size=batch, device=device, dtype=dtype, compile=compile_mode)
+        llama = Llama.build(str(folder), str(folder / "tokenizer.model"),
+                            max_seq_len=max_seq_len or prompt_len + new_tokens + 8,
+                            max_batch_size=batch, device=device, dtype=dtype, compile=compile_mode,
+                            quantize=quantize, group_size=group_size)
     finally:
         generation.load_tokenizer = real
     g = torch.Generator().manual_seed(1)
@@ -110,10 +113,11 @@ def time_ours(folder, vocab, batch, prompt_len, new_tokens, device, dtype, compi
     llama.generate(prompts, max_gen_len=1, temperature=0)
     sync(llama.device)
     ttft = time.perf_counter() - t
+    warm = llama.engine.warmup_s
     t = time.perf_counter()
     out, _ = llama.generate(prompts, max_gen_len=new_tokens, temperature=0)
     sync(llama.device)
-    total = time.perf_counter() - t
+    total = time.perf_counter() - t - (llama.engine.warmup_s - warm)  # a graph captured on the way: excluded
     assert all(len(o) == new_tokens for o in out)
     decode = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
     del llama
@@ -152,9 +156,9 @@ def time_hf(params, weights, vocab, batch, prompt_len, new_tokens, device, dtype
 
 def weight_bytes(params, vocab, dtype) -> int:
     from llama_cli.memory import weight_bytes as wb
-    from llama_cli.model import ModelArgs
+    from llama_cli.checkpoint import args_from_params
 
-    args, _ = ModelArgs.from_params({**params, "vocab_size": vocab})
+    args, _ = args_from_params({**params, "vocab_size": vocab})
     return wb(args, 1, dtype)
 
 
@@ -169,11 +173,15 @@ def main() -> None:
     ap.add_argument("--compile", default="both", choices=["auto", "on", "off", "both"],
                     help="both: a row for eager and a row for compiled decoding")
     ap.add_argument("--no_hf", action="store_true")
+    ap.add_argument("--max_seq_len", type=int, nargs="+", default=None,
+                    help="cache sizes to run llama-cli at (default: just enough); one row each")
+    ap.add_argument("--quantize", nargs="+", default=["none"],
+                    help="weight forms to run llama-cli with: none, int8, int4, int4:32 (int4, group 32), ...")
     a = ap.parse_args()
 
     import torch
 
-    from llama_cli.distributed import pick_device, pick_dtype
+    from llama_cli.devices import pick_device, pick_dtype
 
     device = pick_device(a.device)
     dtype = pick_dtype(device, a.dtype if a.dtype else ("fp32" if device.type == "cpu" else None))
@@ -193,8 +201,14 @@ def main() -> None:
             vocab = SHAPES[shape]["vocab"]
             wbytes = weight_bytes(params, vocab, dtype)
             modes = ["off", "on"] if a.compile == "both" else [a.compile]
-            impls = [(f"llama-cli compile={m}", lambda b, m=m: time_ours(folder, vocab, b, a.prompt_len, a.new_tokens,
-                                                                         device, dtype, m)) for m in modes]
+            def form(qz):
+                mode, _, g = qz.partition(":")
+                return (None, None) if mode == "none" else (mode, int(g) if g else None)
+
+            impls = [(f"llama-cli compile={m}" + (f" max_seq_len={L}" if L else "") + (f" {qz}" if qz != "none" else ""),
+                      lambda b, m=m, L=L, qz=qz: time_ours(folder, vocab, b, a.prompt_len, a.new_tokens, device, dtype,
+                                                           m, L, *form(qz)))
+                     for qz in a.quantize for m in modes for L in (a.max_seq_len or [None])]
             if not a.no_hf:
                 impls.append(("HF eager", lambda b: time_hf(params, weights, vocab, b, a.prompt_len, a.new_tokens,
                                                             device, dtype)))

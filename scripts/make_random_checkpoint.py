@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from llama_cli.distributed import DTYPES
-    from llama_cli.model import ModelArgs
+    from llama_cli.checkpoint import args_from_params, weight_table
+    from llama_cli.devices import DTYPES
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,22 +64,10 @@ def main(argv=None) -> None:
     params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
               "vocab_size": -1 if a.vocab_size is None else vocab, "multiple_of": a.multiple_of,
               "ffn_dim_multiplier": a.ffn_dim_multiplier, "norm_eps": 1e-5, "rope_theta": 10000.0}
-    args, _ = ModelArgs.from_params({**params, "vocab_size": vocab})
+    args, _ = args_from_params({**params, "vocab_size": vocab})
     dtype = DTYPES[a.dtype]
     g = torch.Generator().manual_seed(a.seed)
-    hd = args.head_dim
-    shapes = {"tok_embeddings.weight": ((vocab, args.dim), 1), "norm.weight": ((args.dim,), None),
-              "output.weight": ((vocab, args.dim), 0)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({p + "attention.wq.weight": ((args.n_heads * hd, args.dim), 0),
-                       p + "attention.wk.weight": ((args.n_kv_heads * hd, args.dim), 0),
-                       p + "attention.wv.weight": ((args.n_kv_heads * hd, args.dim), 0),
-                       p + "attention.wo.weight": ((args.dim, args.n_heads * hd), 1),
-                       p + "feed_forward.w1.weight": ((args.hidden_dim, args.dim), 0),
-                       p + "feed_forward.w3.weight": ((args.hidden_dim, args.dim), 0),
-                       p + "feed_forward.w2.weight": ((args.dim, args.hidden_dim), 1),
-                       p + "attention_norm.weight": ((args.dim,), None), p + "ffn_norm.weight": ((args.dim,), None)})
+    shapes = weight_table(args)  # name -> (shape, the dimension Meta's shards split it along)
     shards = [{} for _ in range(a.shards)]
     for name, (shape, dim) in shapes.items():  # one tensor at a time keeps peak memory low
         t = torch.ones(shape) if dim is None else torch.randn(shape, generator=g) * shape[-1] ** -0.5

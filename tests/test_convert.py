@@ -197,12 +197,27 @@ def test_gguf_quant_types(tmp_path, spm_path, qname):
 
     params = {**TINY, "dim": 64, "multiple_of": 32, "vocab_size": 320, "norm_eps": 1e-5, "rope_theta": 10000.0}
     weights = random_weights(params, 320, seed=7)
+    from llama_cli.checkpoint import is_linear
+    from llama_cli.quant import dequantize
+
     held = write_gguf(tmp_path / "m.gguf", params, weights, getattr(Q, qname), "llama", spm_path)
     assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
     sd = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
+    kept = qname in ("Q8_0", "Q4_0", "Q4_1")  # linear layers stay in our int8/int4 forms
     for name, t in held.items():
-        assert torch.equal(sd[name], t), name  # exactly the file's dequantized values
+        if kept and is_linear(name):
+            assert name not in sd
+            got = dequantize(sd[name + ".q"], sd[name + ".scale"], sd.get(name + ".offset"))
+            assert sd[name + ".q"].dtype == (torch.int8 if qname == "Q8_0" else torch.uint8)
+        else:
+            got = sd[name]
+        assert torch.equal(got, t), name  # exactly the file's dequantized values
     greedy_vs_hf(tmp_path / "out", to_hf(params, held, 320))
+    if kept:  # and --dequantize writes them dense, as before
+        assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "dense"),
+                    "--dequantize"]) == 0
+        dense = torch.load(tmp_path / "dense" / "consolidated.00.pth", weights_only=True)
+        assert all(torch.equal(dense[k], t) for k, t in held.items())
 
 
 def test_gguf_sentencepiece_vocab_is_rebuilt(tmp_path, spm_path):

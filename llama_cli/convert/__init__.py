@@ -11,7 +11,7 @@ from ..errors import UserError
 log = logging.getLogger("llama_cli")
 
 
-def convert(src=None, out=None, shards=1, dtype=None):
+def convert(src=None, out=None, shards=1, dtype=None, dequantize=False):
     """Convert a HuggingFace Llama folder or a llama GGUF file into a Meta checkpoint folder.
 
     Examples:
@@ -25,6 +25,9 @@ def convert(src=None, out=None, shards=1, dtype=None):
       shards: how many shards to write (for that many model-parallel processes).
       dtype: precision to store: fp32, bf16 or fp16. Default: as stored for HF folders, fp32 for GGUF
         (dequantized values are exact in fp32; bf16 halves the size).
+      dequantize: GGUF only. By default linear layers stored as Q8_0, Q4_0 or Q4_1 stay quantized (int8 or
+        int4 with groups of 32, exactly the file's values; the checkpoint stays near the file's size), the
+        other types are dequantized. --dequantize dequantizes everything.
     """
     import torch
 
@@ -44,7 +47,10 @@ def convert(src=None, out=None, shards=1, dtype=None):
             raise UserError(f"{src} is neither a GGUF file nor a HuggingFace model folder")
     else:
         raise UserError(f"--src {src} does not exist")
-    params, args, stored, tensors = source.read(src)
+    if not isinstance(dequantize, bool):
+        raise UserError("--dequantize is a switch: write --dequantize")
+    params, args, stored, tensors = source.read(src, dequantize) if source.__name__.endswith("gguf") \
+        else source.read(src)
     target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
     n = CheckpointWriter(out, shards, target, args).write(tensors, params)
     copied = source.write_tokenizer(src, out)

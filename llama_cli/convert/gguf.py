@@ -121,17 +121,65 @@ def check_rope_freqs(reader, args: ModelArgs) -> None:
                         "supported")
 
 
-def read(path: str) -> tuple[dict, ModelArgs, torch.dtype, Iterator[tuple[str, torch.Tensor]]]:
-    """(params, args, fp32, (Meta name, dequantized tensor) one at a time) of a llama GGUF file."""
+# GGUF types whose values our forms hold exactly (quant.py): Q8_0 = int8, groups of 32, fp16 scales;
+# Q4_0 / Q4_1 = int4, groups of 32 (Q4_0: offset = -8 scale; Q4_1: its min). The K-quants (super-blocks
+# with 6-bit scales of scales) have no exact equivalent here: they are dequantized.
+EXACT = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+
+
+def pick_form(reader) -> str | None:
+    """The quantized form the file's linear layers are kept in: the commoner of int8 (Q8_0) and int4
+    (Q4_0/Q4_1) among them; None when no linear layer is in one of those types."""
+    from collections import Counter
+
+    from ..checkpoint import is_linear
+
+    counts = Counter(EXACT[t.tensor_type.name] for t in reader.tensors
+                     if t.tensor_type.name in EXACT and is_linear(meta_name(t.name) or ""))
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def blocks_as_form(t) -> dict[str, torch.Tensor]:
+    """A Q8_0 / Q4_0 / Q4_1 tensor as our parts {".q", ".scale"(, ".offset")}, values unchanged."""
+    kind = t.tensor_type.name
+    rows = int(t.shape[1]) if len(t.shape) > 1 else 1
+    cols = int(t.shape[0])
+    per = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
+    raw = np.ascontiguousarray(t.data, dtype=np.uint8).reshape(rows, cols // 32, per)
+    d = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0])  # (rows, groups)
+    if kind == "Q8_0":
+        q = torch.from_numpy(raw[..., 2:].copy().view(np.int8)).reshape(rows, cols)
+        return {".q": q, ".scale": d}
+    qs = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]  # byte j: element j low, element j + 16 high
+    q = torch.from_numpy(qs.copy()).reshape(rows, cols // 2)  # our int4 layout is GGUF's: copied as it is
+    if kind == "Q4_1":
+        return {".q": q, ".scale": d, ".offset": torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0])}
+    return {".q": q, ".scale": d, ".offset": -8 * d.float()}
+
+
+def read(path: str, dequantize_all: bool = False) -> tuple[dict, ModelArgs, torch.dtype, Iterator]:
+    """(params, args, fp32, (Meta name, tensor) one at a time) of a llama GGUF file. Linear layers in
+    Q8_0, Q4_0 or Q4_1 stay quantized (our int8/int4 forms, exactly the file's values) unless
+    dequantize_all; everything else is dequantized to fp32."""
+    from ..checkpoint import is_linear
+
     reader = open_gguf(path)
     params = params_from_gguf(reader, path)
+    form = None if dequantize_all else pick_form(reader)
+    if form is not None:
+        params["quantization"] = {"mode": form, "group_size": 32}
     args, _ = args_from_params(params)
     check_rope_freqs(reader, args)
 
     def converted():
         for t in reader.tensors:
             name = meta_name(t.name)
-            if name is not None:
+            if name is None:
+                continue
+            if form is not None and is_linear(name) and EXACT.get(t.tensor_type.name) == form:
+                for part, tensor in blocks_as_form(t).items():
+                    yield name + part, tensor
+            else:
                 yield name, dequantize(t)
 
     return params, args, torch.float32, converted()

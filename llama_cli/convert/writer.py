@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from ..checkpoint import split_dim
+from ..checkpoint import QPARTS, split_dim
 from ..errors import UserError
 from ..model import ModelArgs, check_parallel
 from ..tokenizer import TOKENIZER_FILES
@@ -55,15 +55,20 @@ class CheckpointWriter:
         self._count = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Stage one whole tensor (any float dtype) under its Meta name."""
-        dim = split_dim(name) if self.n_shards > 1 else None
+        """Stage one whole tensor under its Meta name: weights are cast to the writer's dtype, quantized
+        parts (QPARTS: integers and group tables) keep theirs."""
+        dim = split_dim(name, tuple(tensor.shape)) if self.n_shards > 1 else None
+        if dim is not None and tensor.shape[dim] % self.n_shards:
+            raise UserError(f"'{name}' has {tensor.shape[dim]} along the dimension shards split; it does not divide "
+                            f"into {self.n_shards} shards (quantization groups are never cut); write fewer shards")
         parts = [tensor] if dim is None else tensor.chunk(self.n_shards, dim=dim)
+        dtype = tensor.dtype if name.endswith(QPARTS) else self.dtype
         for s in range(self.n_shards):
             # a fresh file-backed tensor per part: a narrowed view would save its whole storage
             part = parts[0] if dim is None else parts[s]
             path = os.path.join(self.staging, f"{self._count}.bin")
             self._count += 1
-            staged = torch.from_file(path, shared=True, size=part.numel(), dtype=self.dtype).view(part.shape)
+            staged = torch.from_file(path, shared=True, size=part.numel(), dtype=dtype).view(part.shape)
             staged.copy_(part)
             self.shards[s][name] = staged
 

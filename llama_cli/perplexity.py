@@ -1,0 +1,131 @@
+"""`llama-cli perplexity`: how well a model predicts a text (the quality meter, like llama.cpp's
+llama-perplexity), on any device and process count.
+
+The text is tokenized once (with BOS where the tokenizer adds one) and scored in windows of --ctx
+tokens that start every --stride tokens; each window scores only the tokens the previous one did
+not (the sliding-window recipe of HF transformers' perplexity guide), so with stride = ctx the
+windows are disjoint and with a smaller stride every token but the first window's gets more
+context. Perplexity = exp(mean negative log-likelihood over every scored token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+from .errors import UserError
+
+log = logging.getLogger("llama_cli")
+
+
+def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over n_tokens tokens."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + ctx, n_tokens)
+        first = max(prev_end, begin + 1)  # a window's first token has no prediction inside the window
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def score(llama, ids: list[int], ctx: int, stride: int, batch: int, progress=None) -> tuple[float, int]:
+    """(sum of negative log-likelihoods, number of scored tokens) of `ids`."""
+    import torch
+    import torch.nn.functional as F
+
+    spans = windows(len(ids), ctx, stride)
+    nll, count = 0.0, 0
+    for i in range(0, len(spans), batch):
+        part = spans[i:i + batch]
+        per_row = llama.engine.prefill(range(len(part)), [ids[b:e] for b, e, _ in part], all_logits=True)
+        for (b, e, first), logits in zip(part, per_row):
+            targets = torch.as_tensor(ids[first:e], device=logits.device)
+            preds = logits[first - b - 1:e - b - 1]  # position p predicts token p + 1
+            nll += F.cross_entropy(preds.float(), targets, reduction="sum").item()
+            count += e - first
+        if progress is not None:
+            progress(min(i + batch, len(spans)), len(spans), nll, count)
+    return nll, count
+
+
+def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stride=None, max_batch_size=4,
+               output="text", device=None, dtype=None, quiet=False):
+    """Perplexity of a model on a text file: the last line on stdout is "perplexity: X.XXXX".
+
+    Examples:
+      llama-cli perplexity --ckpt_dir checkpoints/smollm2-135m --text_file book.txt
+      llama-cli perplexity --ckpt_dir llama-2-7b --text_file book.txt --ctx 1024 --stride 512 --output jsonl
+
+    Args:
+      ckpt_dir: the checkpoint folder (consolidated.NN.pth + params.json + tokenizer).
+      text_file: a UTF-8 text file to score.
+      tokenizer_path: its tokenizer. Default is the one in ckpt_dir or its parent folder.
+      ctx: tokens per window (the context each prediction can see at most).
+      stride: a new window starts every stride tokens; each scores only tokens the previous did not.
+        Default is ctx (disjoint windows, like llama.cpp); smaller is slower and gives more context.
+      max_batch_size: windows scored together.
+      output: text (the perplexity line) or jsonl (one object with perplexity, nll, tokens, windows).
+      device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
+      dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
+      quiet: no progress on stderr.
+    """
+    from . import distributed
+    from .generation import Llama
+    from .tokenizer import find_tokenizer
+
+    if ckpt_dir is None or text_file is None:
+        raise UserError("perplexity needs --ckpt_dir (the model) and --text_file (the text to score)")
+    for name, value in (("ctx", ctx), ("max_batch_size", max_batch_size)) + ((("stride", stride),) if stride else ()):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "ctx" else 1):
+            raise UserError(f"--{name} must be an integer >= {2 if name == 'ctx' else 1}, got {value!r}")
+    stride = stride or ctx
+    if stride > ctx:
+        raise UserError(f"--stride {stride} is larger than --ctx {ctx}: tokens between windows would be skipped")
+    if output not in ("text", "jsonl"):
+        raise UserError(f"--output must be text or jsonl, got {output!r}")
+    _, rank, _ = distributed.world()
+    text = None
+    if rank == 0:
+        text_file = str(text_file)
+        if not os.path.isfile(text_file):
+            raise UserError(f"--text_file {text_file} does not exist")
+        try:
+            with open(text_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise UserError(f"{text_file} is not UTF-8 text; save it as UTF-8") from None
+        if not text.strip():
+            raise UserError(f"{text_file} is empty")
+    tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
+    llama = Llama.build(str(ckpt_dir), tokenizer_path, ctx, max_batch_size, device=device, dtype=dtype,
+                        compile="off", cuda_graphs="off")
+    text = distributed.broadcast_json(text, llama.device)
+    ids = llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False)
+    if len(ids) < 2:
+        raise UserError(f"{text_file} holds fewer than 2 tokens; nothing to predict")
+    start = time.perf_counter()
+    show = rank == 0 and not quiet
+
+    def progress(done, total, nll, count):
+        if show:
+            print(f"llama-cli: {done}/{total} windows, {count} tokens, perplexity so far "
+                  f"{math.exp(nll / count):.4f}, {count / (time.perf_counter() - start):.0f} tokens/s",
+                  file=sys.stderr, flush=True)
+
+    nll, count = score(llama, ids, ctx, stride, max_batch_size, progress)
+    ppl = math.exp(nll / count)
+    if rank == 0:
+        if output == "jsonl":
+            print(json.dumps({"perplexity": ppl, "nll": nll / count, "tokens": count, "text_tokens": len(ids),
+                              "ctx": ctx, "stride": stride, "windows": len(windows(len(ids), ctx, stride))}))
+        else:
+            print(f"perplexity: {ppl:.4f}")
+    return 0

@@ -1,0 +1,151 @@
+"""Weight-only int8 and int4: the forms, quantizing into them, and the matrix product that reads them.
+
+Decoding reads every weight once per token, so fewer bytes per weight is speed. Two forms, both
+group-wise along the input dimension (a group never straddles a model-parallel split):
+- int8: w = q * scale, q in [-127, 127]; by default one group per output row (per channel);
+- int4: w = q * scale + offset, q in [0, 15] (affine, as GGUF's Q4_1; Q4_0 is offset = -8 scale),
+  two values per byte, laid out as GGUF's Q4 blocks: within each group of g columns, byte j holds
+  column j in its low nibble and column j + g/2 in its high nibble (so one pass over the bytes
+  multiplies both halves of the group, and GGUF's blocks are copied as they are).
+`scale` and `offset` are (out, n_groups). Activations stay in the model's dtype: the product
+dequantizes, in a form that torch.compile fuses into the streaming multiply-and-sum the CPU uses
+for one or two rows (parallel.linear), so only the small integers cross the memory bus; eager
+code dequantizes the weight and calls the dense product (correct everywhere, not faster).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+
+MODES = ("int8", "int4")
+INT4_GROUPS = (128, 64, 32)  # the int4 default: the largest of these that divides every input size
+
+
+def check_mode(mode, group_size) -> tuple[str, Optional[int]]:
+    """(mode, group size); the group size stays None (pick_group decides) when not given for int4."""
+    if mode not in MODES:
+        raise UserError(f"--quantize must be int8 or int4, got {mode!r}")
+    if group_size is None:
+        return mode, 0 if mode == "int8" else None
+    allowed = (0, 32, 64, 128, 256) if mode == "int8" else (32, 64, 128, 256)
+    if isinstance(group_size, bool) or group_size not in allowed:
+        raise UserError(f"--group_size for {mode} must be one of {', '.join(map(str, allowed))} "
+                        f"(0: one group per output row), got {group_size!r}")
+    return mode, group_size
+
+
+def pick_group(mode: str, group_size: Optional[int], in_sizes) -> int:
+    """The group size to use: the one asked for, else 0 (per row) for int8 and for int4 the largest of
+    128, 64, 32 dividing every input size (SmolLM2's 576 takes 64)."""
+    if group_size is not None:
+        return group_size
+    if mode == "int8":
+        return 0
+    for g in INT4_GROUPS:
+        if all(n % g == 0 for n in in_sizes):
+            return g
+    raise UserError(f"no int4 group size (128, 64, 32) divides this model's input sizes {sorted(set(in_sizes))}; "
+                    "use --quantize int8")
+
+
+def quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(q, scale, offset or None) of a (out, in) weight; group_size 0: one group per row."""
+    out, inp = w.shape
+    g = group_size or inp
+    if inp % g:
+        raise UserError(f"--group_size {g} does not divide this weight's input size {inp} (per process); "
+                        "choose a group size that does, or another process count")
+    wf = w.float().reshape(out, inp // g, g)
+    if mode == "int8":
+        scale = wf.abs().amax(-1).clamp_min(1e-12) / 127  # (out, n_groups)
+        q = torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(out, inp)
+        return q, scale, None
+    lo, hi = wf.amin(-1), wf.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = torch.round((wf - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(out, inp)
+    return pack4(q, g), scale, lo
+
+
+def pack4(q: torch.Tensor, group: int) -> torch.Tensor:
+    """(out, in) values 0..15 -> (out, in/2) bytes: in each group, column j low, column j + group/2 high."""
+    out, inp = q.shape
+    qg = q.reshape(out, inp // group, group)
+    return (qg[..., :group // 2] | (qg[..., group // 2:] << 4)).reshape(out, inp // 2).contiguous()
+
+
+def unpack4(p: torch.Tensor, groups: int) -> torch.Tensor:
+    """(out, in/2) bytes in `groups` groups -> (out, in) values 0..15."""
+    out, half = p.shape
+    pg = p.reshape(out, groups, half // groups)
+    return torch.cat((pg & 15, pg >> 4), dim=-1).reshape(out, 2 * half)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor], dtype=torch.float32):
+    """The (out, in) weight a form stands for, in `dtype` (computed in fp32)."""
+    groups = scale.shape[1]
+    vals = unpack4(q, groups) if offset is not None else q
+    out, inp = vals.shape
+    w = vals.reshape(out, groups, inp // groups).float() * scale.float()[..., None]
+    if offset is not None:
+        w = w + offset.float()[..., None]
+    return w.reshape(out, inp).to(dtype)
+
+
+def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
+                     gemv_rows: int) -> torch.Tensor:
+    """x @ W.T for a quantized W. Compiled for the CPU with at most gemv_rows rows: one streaming pass over
+    the integers (each byte of int4 feeding both halves of its group), sum over groups of
+    scale_g * sum_i x_i q_i, plus offset_g * sum_i x_i for int4."""
+    if torch.compiler.is_compiling() and q.device.type == "cpu" and x.shape[:-1].numel() <= gemv_rows:
+        out, groups = scale.shape
+        inp = x.shape[-1]
+        g = inp // groups
+        xg = x.float().reshape(*x.shape[:-1], 1, groups, g)  # (..., 1, G, g)
+        s = scale.float()[..., None]  # (out, G, 1)
+        if offset is None:
+            y = (xg * q.reshape(out, groups, g) * s).sum((-1, -2))
+        else:
+            p = q.reshape(out, groups, g // 2)
+            lo, hi = xg[..., :g // 2], xg[..., g // 2:]
+            y = ((lo * (p & 15) + hi * (p >> 4)) * s).sum((-1, -2))
+            y = y + (xg.sum(-1) * offset.float()).sum(-1)
+        return y.to(x.dtype)
+    return torch.nn.functional.linear(x, dequantize(q, scale, offset, x.dtype))
+
+
+def quantize_model(model, mode: str, group_size: int) -> int:
+    """Replace every linear layer's weight (attention, feed-forward, output; not the embeddings) by its
+    quantized form, in place; returns the bytes the weights now take."""
+    from .parallel import ColumnParallelLinear, RowParallelLinear
+
+    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    group_size = pick_group(mode, group_size, [m.weight.shape[1] for m in layers if m.weight is not None])
+    model.quantized_as = (mode, group_size)
+    total = 0
+    for m in layers:
+        if m.weight is not None:
+            q, scale, offset = quantize(m.weight.detach(), mode, group_size)
+            m.set_quantized(q, scale, offset)
+            total += q.numel() * q.element_size() + scale.numel() * scale.element_size() * (1 if offset is None else 2)
+    return total
+
+
+def attach_quantized(model, state: dict) -> dict:
+    """Give the model's linear layers the quantized parts found in a loaded state dict
+    ("X.weight.q", "X.weight.scale", "X.weight.offset"); returns the rest of the state dict."""
+    rest = {}
+    parts: dict = {}
+    for name, t in state.items():
+        for part in (".q", ".scale", ".offset"):
+            if name.endswith(".weight" + part):
+                parts.setdefault(name[:-len(".weight" + part)], {})[part] = t
+                break
+        else:
+            rest[name] = t
+    for base, p in parts.items():
+        model.get_submodule(base).set_quantized(p[".q"], p[".scale"], p.get(".offset"))
+    return rest

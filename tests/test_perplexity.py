@@ -1,0 +1,83 @@
+"""`llama-cli perplexity` against HF transformers' loss on the same weights and text."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import TINY, corpus, make_model_folder, to_hf
+from llama_cli.cli import cli
+from llama_cli.perplexity import windows
+
+
+def hf_perplexity(model, ids, ctx, stride):
+    """HF's sliding-window recipe (transformers docs, "Perplexity of fixed-length models"), summing the
+    loss of every scored token."""
+    ids = torch.tensor([ids])
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.shape[1], stride):
+        end = min(begin + ctx, ids.shape[1])
+        trg_len = end - prev_end
+        input_ids = ids[:, begin:end]
+        target = input_ids.clone()
+        target[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target).loss
+        n = int((target[:, 1:] != -100).sum())
+        nll += loss.item() * n
+        count += n
+        prev_end = end
+        if end == ids.shape[1]:
+            break
+    return math.exp(nll / count), count
+
+
+@pytest.mark.parametrize("ctx,stride,batch", [(64, 64, 1), (64, 32, 3), (50, 17, 2)])
+def test_perplexity_equals_hf(tmp_path, spm_path, capsys, ctx, stride, batch):
+    folder, weights = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6)
+    text = " ".join(corpus(60, seed=3))
+    (tmp_path / "t.txt").write_text(text)
+    code = cli(["perplexity", "--ckpt_dir", str(folder), "--text_file", str(tmp_path / "t.txt"), "--ctx", str(ctx),
+                "--stride", str(stride), "--max_batch_size", str(batch), "--output", "jsonl"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    from llama_cli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(folder / "tokenizer.model")
+    ids = tok.encode(text, bos=True, eos=False)
+    hf = to_hf(TINY, weights, tok.n_words)
+    want, count = hf_perplexity(hf, ids, ctx, stride)
+    assert res["tokens"] == count
+    if stride < ctx:
+        assert count == len(ids) - 1  # overlapping windows: every token after the first is scored
+    assert abs(res["perplexity"] - want) / want < 1e-3, (res["perplexity"], want)
+    assert "windows" in err  # progress on stderr
+    code = cli(["perplexity", "--ckpt_dir", str(folder), "--text_file", str(tmp_path / "t.txt"), "--ctx", str(ctx),
+                "--stride", str(stride), "--quiet"])
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == f"perplexity: {res['perplexity']:.4f}" and err == ""
+
+
+def test_windows_cover_every_token_once():
+    for n, ctx, stride in [(100, 30, 7), (31, 30, 29), (5, 30, 30), (100, 30, 29)]:
+        scored = [p for _, e, first in windows(n, ctx, stride) for p in range(first, e)]
+        assert scored == list(range(1, n))
+        assert all(e - b <= ctx for b, e, _ in windows(n, ctx, stride))
+    # disjoint windows (stride = ctx): each window's first token has no context inside it
+    scored = [p for _, e, first in windows(100, 30, 30) for p in range(first, e)]
+    assert scored == [p for p in range(100) if p % 30]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ctx", "1"], "--ctx must be an integer >= 2"), (["--stride", "900"], "larger than --ctx"),
+    (["--text_file", "/nonexistent.txt"], "does not exist"), (["--output", "xml"], "--output"),
+])
+def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
+    (tmp_path / "t.txt").write_text("hello world")
+    argv = ["perplexity", "--ckpt_dir", str(folder), "--text_file", str(tmp_path / "t.txt"), *args]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,145 @@
+"""Weight-only int8/int4: the forms round-trip within their step, the quantized model is exactly the
+model on the dequantized weights (checked against HF transformers), compiled = eager, bad input refused."""
+
+import pytest
+import torch
+
+from helpers import TINY, make_model_folder, to_hf
+from llama_cli import Llama
+from llama_cli.cli import cli
+from llama_cli.errors import UserError
+from llama_cli.quant import check_mode, dequantize, pack4, quantize, quantized_linear, unpack4
+
+BIG = {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 128}  # input sizes that 32..128 divide
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 128)])
+def test_forms_round_trip_within_half_a_step(mode, group):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    q, scale, offset = quantize(w, mode, group)
+    back = dequantize(q, scale, offset)
+    g = group or 256
+    step = scale.repeat_interleave(g, dim=1)
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    assert q.dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    assert q.shape == ((48, 256) if mode == "int8" else (48, 128)) and scale.shape == (48, 256 // g)
+
+
+def test_int4_packing():
+    v = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack4(pack4(v, 32), 2), v)
+    p = pack4(v, 32)
+    assert p[0, 0] == v[0, 0] | (v[0, 16] << 4)  # GGUF's Q4 block layout: column j low, j + 16 high
+    assert p[0, 16] == v[0, 32] | (v[0, 48] << 4)
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32)])
+def test_compiled_product_equals_eager(mode, group):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    q, scale, offset = quantize(w, mode, group)
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(2))
+    eager = quantized_linear(x, q, scale, offset, 2)
+    assert torch.allclose(eager, x @ dequantize(q, scale, offset).T, atol=1e-5)
+    compiled = torch.compile(quantized_linear, fullgraph=True)(x, q, scale, offset, 2)
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,group,tol", [("int8", 0, 0.03), ("int4", 32, 0.3)])
+def test_quantized_model_is_the_model_on_dequantized_weights(tmp_path, spm_path, mode, group, tol):
+    folder, weights = make_model_folder(tmp_path / "m", spm_path, BIG, seed=7)
+    tok = str(folder / "tokenizer.model")
+    llama = Llama.build(str(folder), tok, 64, 2, quantize=mode, group_size=group)
+    plain = Llama.build(str(folder), tok, 64, 2)
+    assert llama.model.layers[0].attention.wq.weight is None  # the dense weight is gone
+    deq = dict(weights)
+    for name, mod in llama.model.named_modules():
+        if getattr(mod, "qweight", None) is not None:
+            deq[name + ".weight"] = dequantize(mod.qweight, mod.qscale, mod.qoffset)
+    hf = to_hf(BIG, deq, llama.tokenizer.n_words)
+    seq = torch.randint(3, llama.tokenizer.n_words, (2, 20), generator=torch.Generator().manual_seed(3))
+    ours = llama.model(seq)
+    with torch.no_grad():
+        ref = hf(seq).logits
+    assert ((ours - ref).abs().max() / ref.abs().max()) < 1e-4  # exactly the dequantized model
+    dense = plain.model(seq)
+    err = ((ours - dense).abs().max() / dense.abs().max()).item()
+    assert 0 < err < tol  # and within the quantization's error of the unquantized one
+
+
+def test_quantized_compiled_greedy_equals_eager(tmp_path, spm_path):
+    from helpers import assert_same_or_near_tie
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=8)
+    tok = str(folder / "tokenizer.model")
+    eager = Llama.build(str(folder), tok, 64, 1, quantize="int4", group_size=32, compile="off")
+    compiled = Llama.build(str(folder), tok, 64, 1, quantize="int4", group_size=32, compile="on")
+    ids = eager.tokenizer.encode("Hello world", bos=True, eos=False)
+    a = eager.generate([ids], max_gen_len=16, temperature=0)[0][0]
+    b = compiled.generate([ids], max_gen_len=16, temperature=0)[0][0]
+    assert_same_or_near_tie(eager, ids, b, a)
+
+
+def test_bad_quantization_input(tmp_path, spm_path, capsys):
+    with pytest.raises(UserError, match="int8 or int4"):
+        check_mode("int3", None)
+    with pytest.raises(UserError, match="group_size for int4 must be one of 32, 64, 128, 256"):
+        check_mode("int4", 0)
+    from llama_cli.quant import pick_group
+
+    assert pick_group("int4", None, [576, 1536]) == 64 and pick_group("int4", None, [4096, 11008]) == 128
+    assert pick_group("int8", None, [576]) == 0
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)  # dim 64: group 128 does not divide it
+    base = ["--ckpt_dir", str(folder), "--prompt", "Hi", "--max_gen_len", "2"]
+    assert cli(base + ["--quantize", "int4", "--group_size", "128"]) == 2
+    assert "--group_size 128 does not divide this weight's input size 64" in capsys.readouterr().err
+    assert cli(base + ["--quantize", "int4", "--temperature", "0", "-q"]) == 0  # default: the largest that fits (64)
+    assert cli(base + ["--group_size", "32"]) == 2
+    assert "--group_size goes with --quantize" in capsys.readouterr().err
+    assert cli(base + ["--quantize", "fp4"]) == 2
+    assert "--quantize must be int8 or int4" in capsys.readouterr().err
+    assert cli(base + ["--quantize", "int4", "--group_size", "32", "--temperature", "0"]) == 0
+
+
+# --- quantized checkpoints on disk: llama-cli quantize, GGUF kept as it is ----------------------------
+
+def test_quantize_subcommand_writes_a_folder_that_loads_anywhere(tmp_path, spm_path, capsys):
+    from helpers import greedy, run_torchrun
+
+    folder, weights = make_model_folder(tmp_path / "m", spm_path, BIG, seed=9)
+    out = tmp_path / "q4"
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(out), "--mode", "int4", "--group_size", "32"]) == 0
+    import json
+
+    assert json.loads((out / "params.json").read_text())["quantization"] == {"mode": "int4", "group_size": 32}
+    sd = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert sd["layers.0.attention.wq.weight.q"].dtype == torch.uint8 and "layers.0.attention.wq.weight" not in sd
+    held = sum(t.numel() * t.element_size() for t in sd.values())
+    assert (out / "consolidated.00.pth").stat().st_size < held * 1.05 + 64 * 1024
+    dense = (folder / "consolidated.00.pth").stat().st_size
+    assert (out / "consolidated.00.pth").stat().st_size < dense * 0.6  # embeddings stay fp32 here
+    # it loads with no flag, and is what quantizing at load gives
+    tok = str(folder / "tokenizer.model")
+    on_disk = Llama.build(str(out), tok, 64, 2)
+    at_load = Llama.build(str(folder), tok, 64, 2, quantize="int4", group_size=32)
+    seq = torch.randint(3, on_disk.tokenizer.n_words, (2, 12), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(on_disk.model(seq), at_load.model(seq))
+    # on two processes (each holding whole groups of its half of every row-parallel weight)
+    assert run_torchrun(2, out, tmp_path / "tr")["greedy"] == greedy(out)
+    # resharded, still quantized
+    assert cli(["reshard", "--ckpt_dir", str(out), "--out", str(tmp_path / "q4x2"), "--shards", "2"]) == 0
+    assert greedy(tmp_path / "q4x2") == greedy(out)
+
+
+def test_quantize_refusals(tmp_path, spm_path, capsys):
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "a"), "--mode", "int4",
+                "--group_size", "128"]) == 2
+    assert "--group_size 128 does not divide the input size 64" in capsys.readouterr().err
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "b"), "--mode", "int2"]) == 2
+    assert "int8 or int4" in capsys.readouterr().err
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "c"), "--mode", "int8"]) == 0
+    capsys.readouterr()
+    assert cli(["quantize", "--ckpt_dir", str(tmp_path / "c"), "--out", str(tmp_path / "d"), "--mode", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert cli(["--ckpt_dir", str(tmp_path / "c"), "--prompt", "Hi", "--quantize", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
