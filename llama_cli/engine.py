@@ -38,6 +38,7 @@ from .parallel import GEMV_MAX_ROWS
 
 log = logging.getLogger("llama_cli")
 
+WARM_TOKENS, COLD_TOKENS = 128, 1024  # --compile auto on the CPU: job sizes that repay loading / compiling
 MIN_BUCKET = 256  # the shortest cache length a CUDA graph attends over
 ALIGN = 64  # cache lengths are whole multiples of this: attention kernels want aligned key lengths
 
@@ -69,16 +70,18 @@ def _mode(name: str, value) -> str:
 def decide_compile(compile, device: torch.device, max_batch_size: int, key: Optional[str] = None,
                    expected_tokens: Optional[int] = None) -> bool:
     """--compile on/off/auto. auto (measured, docs/benchmarks.md): on the CPU the compiled step wins
-    for 1-2 rows (a fused matrix-vector product, about 2.5x eager for SmolLM2-135M); it is used when
-    this model shape was compiled before (the persistent cache makes that a start of a second or two,
-    see `llama-cli compile`), or when the job is long enough to pay for a first compile (1024+ tokens).
-    On CUDA the captured eager step needs no compiling, so auto leaves compiling off there."""
+    for 1-2 rows (a fused matrix-vector product, about 2.7x eager for SmolLM2-135M, ~37 ms saved a token).
+    Loading a step compiled before (kept on disk, see `llama-cli compile`) takes about 3 s, so it is used
+    for jobs of WARM_TOKENS+ tokens; a first compile (about 15 s) only for jobs of COLD_TOKENS+, so a
+    short job is never slower end to end than eager. On CUDA the captured eager step needs no
+    compiling, so auto leaves compiling off there."""
     compile = _mode("--compile", compile)
     if compile != "auto":
         return compile == "on"
     if device.type != "cpu" or max_batch_size > GEMV_MAX_ROWS:
         return False
-    return (key is not None and compile_cache.is_warm(key)) or (expected_tokens or 0) >= 1024
+    tokens = expected_tokens or 0
+    return tokens >= COLD_TOKENS or (tokens >= WARM_TOKENS and key is not None and compile_cache.is_warm(key))
 
 
 def decide_graphs(cuda_graphs, device: torch.device) -> bool:

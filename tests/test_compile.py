@@ -62,13 +62,14 @@ def test_compile_auto_follows_the_measurements(tmp_path, monkeypatch):
     assert decide_compile("on", cpu, 16) is True and decide_compile("off", cpu, 1, "k", 10_000) is False
     from llama_cli import compiled
 
-    compiled.mark_warm("k")  # compiled before (e.g. by llama-cli compile): even a short job uses it
-    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=100) is True
+    compiled.mark_warm("k")  # compiled before (e.g. by llama-cli compile): a job of 128+ tokens uses it
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=200) is True
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=32) is False  # loading it would cost more
 
 
 def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
-    """llama-cli compile leaves the step on disk; a later separate run with --compile auto (a short job,
-    which would otherwise stay eager) starts with it, and says how long loading it took."""
+    """llama-cli compile leaves the step on disk; a later separate run with --compile auto (a job of 200
+    tokens, which would otherwise stay eager) starts with it, and says how long loading it took."""
     env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path / "cache")}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     folder = tiny_ckpt[0]
@@ -78,7 +79,8 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "cache" / "compiled").glob("*.json"))
     assert list((tmp_path / "cache" / "inductor").iterdir())  # inductor's artifacts kept under our cache
-    proc = subprocess.run(cmd + ["--ckpt_dir", str(folder), "--prompt", "Hello", "--max_gen_len", "4",
+    proc = subprocess.run(cmd + ["--ckpt_dir", str(folder), "--prompt", "Hello", "--max_gen_len", "200",
+                                 "--max_seq_len", "256",
                                  "--max_batch_size", "1", "--temperature", "0"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
