@@ -76,6 +76,26 @@ def resolve_vocab_size(args: ModelArgs, n_words: int, tokenizer_path: str) -> No
                         f"{n_words} tokens; use the tokenizer that came with this checkpoint")
 
 
+def open_for_rewrite(ckpt_dir, out, tokenizer_path=None) -> tuple[list[str], dict, ModelArgs]:
+    """(shard files, params.json dict, args with vocab_size known) of a folder that an offline tool
+    (reshard, quantize) rewrites into `out`."""
+    from .tokenizer import find_tokenizer, load_tokenizer
+
+    if out is None:
+        raise UserError("--out is required: the folder to write the new checkpoint to")
+    files, params_path = find_checkpoint(ckpt_dir)
+    params = read_params(params_path)
+    args = load_args(params_path)
+    if os.path.abspath(out) == os.path.abspath(ckpt_dir):
+        raise UserError("--out must be a different folder from --ckpt_dir")
+    if args.vocab_size == -1:
+        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
+        if not os.path.isfile(tokenizer_path):
+            raise UserError("params.json has vocab_size -1 and no tokenizer was found; pass --tokenizer_path")
+        resolve_vocab_size(args, load_tokenizer(tokenizer_path).n_words, tokenizer_path)
+    return files, params, args
+
+
 def weight_table(args: ModelArgs, quantized=frozenset()) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
     """Every weight of the model: name -> (full unsplit shape, the dimension Meta's checkpoints split it
     along, None where replicated). The one list of names and shapes: the reader, the memory estimate,

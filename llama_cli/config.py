@@ -69,8 +69,8 @@ class RunConfig:
       quantize: int8 or int4, to quantize the linear layers' weights at load (weight-only; activations stay in
         --dtype). Fewer bytes per weight is faster decoding where it is memory-bound (batch 1-2 compiled on the CPU).
       group_size: weights per quantization group along the input dimension. int8 takes 0 (one group per
-        output row, the default), 32, 64, 128 or 256; int4 takes 32, 64, 128 or 256 (default is the largest
-        of 128, 64, 32 that divides the model's sizes).
+        output row, the default), 32, 64, 128 or 256; int4 takes 32 (the default, measured best), 64, 128
+        or 256.
       chat_format: how dialogs (JSONL lines with "messages") become tokens, one of auto, llama2, llama3,
         template. auto takes the checkpoint's chat template (tokenizer_config.json), else Meta's Llama 3
         format for tiktoken tokenizers and Meta's Llama 2 format for SentencePiece ones.

@@ -9,10 +9,8 @@ shards, and come out split, staged and saved the same way; a tied output layer s
 from __future__ import annotations
 
 import logging
-import os
 import time
 
-from .errors import UserError
 
 log = logging.getLogger("llama_cli")
 
@@ -36,20 +34,8 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
     from . import checkpoint
     from .convert.writer import CheckpointWriter, copy_tokenizer_files
     from .devices import pick_dtype
-    from .tokenizer import find_tokenizer, load_tokenizer
 
-    if out is None:
-        raise UserError("--out is required: the folder to write the resharded checkpoint to")
-    files, params_path = checkpoint.find_checkpoint(ckpt_dir)
-    params = checkpoint.read_params(params_path)
-    args = checkpoint.load_args(params_path)
-    if os.path.abspath(out) == os.path.abspath(ckpt_dir):
-        raise UserError("--out must be a different folder from --ckpt_dir")
-    if args.vocab_size == -1:
-        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
-        if not os.path.isfile(tokenizer_path):
-            raise UserError("params.json has vocab_size -1 and no tokenizer was found; pass --tokenizer_path")
-        checkpoint.resolve_vocab_size(args, load_tokenizer(tokenizer_path).n_words, tokenizer_path)
+    files, params, args = checkpoint.open_for_rewrite(ckpt_dir, out, tokenizer_path)
     start = time.perf_counter()
     reader = checkpoint.CheckpointReader(files, args)
     stored = reader.shard(0)["tok_embeddings.weight"].dtype

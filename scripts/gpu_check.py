@@ -392,7 +392,7 @@ def cold_cli(folder: Path, tok: str):
     if DRY:
         cmd += ["--dtype", "bf16"]
     t = time.perf_counter()
-    imp = subprocess.run([sys.executable, "-c", "import torch, llama_cli.cli, llama_cli.generation; "
+    subprocess.run([sys.executable, "-c", "import torch, llama_cli.cli, llama_cli.generation; "
                           "torch.zeros(1, device='cuda')"], cwd=REPO, capture_output=True)
     RESULTS["notes"]["import_and_cuda_init_s"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -5,10 +5,8 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import REPO, TINY, make_model_folder, subprocess_env
 from llama_cli import Llama

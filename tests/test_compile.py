@@ -1,7 +1,6 @@
 """Compiled decoding gives the same tokens as eager decoding (CPU; scripts/gpu_check.py checks CUDA),
 and --compile auto follows the measurements and the persistent compile cache."""
 
-import os
 import subprocess
 import sys
 

@@ -63,7 +63,12 @@ def test_hf_folder_round_trip(tmp_path, spm_path, tied, rope):
     src = tmp_path / "hf"
     model.save_pretrained(src)
     (src / "tokenizer.model").write_bytes(spm_path.read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    (src / "chat_template.jinja").write_text("{{ messages[-1]['content'] }}")
     assert cli(["convert", "--src", str(src), "--out", str(tmp_path / "meta")]) == 0
+    # the chat template comes along (tokenizer_config.json and chat_template.jinja)
+    assert "chat_template" in json.loads((tmp_path / "meta" / "tokenizer_config.json").read_text())
+    assert (tmp_path / "meta" / "chat_template.jinja").read_text() == "{{ messages[-1]['content'] }}"
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
     assert params["ffn_hidden_dim"] == 176 and params["n_kv_heads"] == 2
     assert params.get("use_scaled_rope", False) == (rope["rope_type"] == "llama3")

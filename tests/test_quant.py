@@ -86,13 +86,15 @@ def test_bad_quantization_input(tmp_path, spm_path, capsys):
         check_mode("int4", 0)
     from llama_cli.quant import pick_group
 
-    assert pick_group("int4", None, [576, 1536]) == 64 and pick_group("int4", None, [4096, 11008]) == 128
+    assert pick_group("int4", None, [576, 1536]) == 32 and pick_group("int4", 64, [576]) == 64
+    with pytest.raises(UserError, match="groups of 32 do not divide"):
+        pick_group("int4", None, [48, 1530])
     assert pick_group("int8", None, [576]) == 0
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)  # dim 64: group 128 does not divide it
     base = ["--ckpt_dir", str(folder), "--prompt", "Hi", "--max_gen_len", "2"]
     assert cli(base + ["--quantize", "int4", "--group_size", "128"]) == 2
     assert "--group_size 128 does not divide this weight's input size 64" in capsys.readouterr().err
-    assert cli(base + ["--quantize", "int4", "--temperature", "0", "-q"]) == 0  # default: the largest that fits (64)
+    assert cli(base + ["--quantize", "int4", "--temperature", "0", "-q"]) == 0  # default group 32 fits
     assert cli(base + ["--group_size", "32"]) == 2
     assert "--group_size goes with --quantize" in capsys.readouterr().err
     assert cli(base + ["--quantize", "fp4"]) == 2

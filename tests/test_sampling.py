@@ -100,7 +100,6 @@ def _sampler_with(settings, prompts, generated, vocab=40):
     for i, (p, gen) in enumerate(zip(prompts, generated)):
         s.set_row(i, settings, p)
         for t in gen:  # tokens generated one step at a time, in row i only
-            row_tokens = torch.zeros(len(prompts), dtype=torch.long)
             s.seen[i, t] = True
             s.counts[i, t] += 1
     return s
@@ -164,7 +163,7 @@ def test_min_p_top_k_top_p_keep_what_hf_s_warpers_keep():
 
 def test_penalties_end_to_end_against_hf_generate(tiny_ckpt):
     """Greedy with repetition_penalty through both schedules = HF generate with its processor (fp32)."""
-    from helpers import TINY, assert_same_or_near_tie, requests, to_hf
+    from helpers import TINY, requests, to_hf
     from llama_cli.scheduler import Options, run_continuous, run_static
 
     folder, weights = tiny_ckpt

@@ -10,7 +10,6 @@ the writer that convert and reshard use, so memory stays near the largest tensor
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from ..errors import UserError
@@ -31,8 +30,7 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
       out: the folder to write; must not already hold a checkpoint.
       mode: int8 (one scale per output row, or per group) or int4 (groups along the input dimension).
       group_size: weights per group along the input dimension. int8 takes 0 (per row, the default),
-        32, 64, 128 or 256; int4 takes 32, 64, 128 or 256 (default is the largest of 128, 64, 32 that
-        divides the model's sizes).
+        32, 64, 128 or 256; int4 takes 32 (the default, measured best), 64, 128 or 256.
       shards: how many shards to write. Default is as many as ckpt_dir has.
       dtype: precision of the weights left unquantized (embeddings, norms). Default is as stored.
       tokenizer_path: tokenizer to take vocab_size from when params.json says -1.
@@ -42,25 +40,15 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
     from .. import checkpoint
     from ..devices import pick_dtype
     from ..quant import check_mode, quantize
-    from ..tokenizer import find_tokenizer, load_tokenizer
     from .writer import CheckpointWriter, copy_tokenizer_files
 
     if out is None or mode is None:
         raise UserError("quantize needs --ckpt_dir, --out (the folder to write) and --mode int8 or int4")
     mode, group_size = check_mode(mode, group_size)
-    files, params_path = checkpoint.find_checkpoint(ckpt_dir)
-    params = checkpoint.read_params(params_path)
-    args = checkpoint.load_args(params_path)
+    files, params, args = checkpoint.open_for_rewrite(ckpt_dir, out, tokenizer_path)
     if args.quantization is not None:
         raise UserError(f"{ckpt_dir} is already quantized ({args.quantization['mode']}, group size "
                         f"{args.quantization['group_size']}); quantize the unquantized checkpoint instead")
-    if os.path.abspath(out) == os.path.abspath(ckpt_dir):
-        raise UserError("--out must be a different folder from --ckpt_dir")
-    if args.vocab_size == -1:
-        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
-        if not os.path.isfile(tokenizer_path):
-            raise UserError("params.json has vocab_size -1 and no tokenizer was found; pass --tokenizer_path")
-        checkpoint.resolve_vocab_size(args, load_tokenizer(tokenizer_path).n_words, tokenizer_path)
     from ..quant import pick_group
 
     in_sizes = {name: shape[1] for name, (shape, _) in checkpoint.weight_table(args).items()
