@@ -188,20 +188,13 @@ class Engine:
         if self.compiled and n <= GEMV_MAX_ROWS:
             return self._run_compiled(tokens, pos_t, need)
         masked = any(p != need - 1 for p in positions)
-        return self._eager(tokens, pos_t, need, masked)
+        return self.model.decode(tokens, pos_t, need, masked=masked, eager=True)
 
     def move_row(self, src: int, dst: int) -> None:
         self.model.move_cache_row(src, dst)
 
     # -- the ways to run a decode step -------------------------------------------------------------
 
-    def _eager(self, tokens, positions, kv_len, masked=True):
-        block, head = self.model.decode_block_fn, self.model.decode_head_fn
-        self.model.decode_block_fn, self.model.decode_head_fn = run_block, run_head
-        try:
-            return self.model.decode(tokens, positions, kv_len, masked=masked)
-        finally:
-            self.model.decode_block_fn, self.model.decode_head_fn = block, head
 
     def _run_compiled(self, tokens, positions, kv_len):
         n = tokens.shape[0]

@@ -234,6 +234,7 @@ class Llama:
         for i, (s, p) in enumerate(zip(settings, prompt_tokens)):
             sampler.set_row(i, s, p[:min_len])
         watchers = {i: StopText(self.tokenizer, s.stop) for i, s in enumerate(settings) if s.stop}
+        stopped_at: dict[int, int] = {}
         host_every_step = device.type == "cpu" or on_step is not None or bool(watchers)
         check_every = 1 if host_every_step else 8  # host syncs are costly on accelerators
 
@@ -260,6 +261,7 @@ class Llama:
                     if cur_pos >= lengths[i] and not w.stopped:
                         if w.update(tokens[i, lengths[i]:cur_pos + 1].tolist()):
                             done[i] = True
+                            stopped_at[i] = cur_pos + 1  # tokens up to the one that completed the stop text
             if on_step is not None:
                 on_step(next_token.tolist())
             if (cur_pos - min_len) % check_every == check_every - 1 and bool(done.all()):
@@ -279,18 +281,12 @@ class Llama:
                     reason = "stop" if t != PAD else reason
                     toks, probs = toks[:j], (probs[:j] if logprobs else None)
                     break
-            w = watchers.get(i)
             text = None
-            if w is not None and w.stopped:
+            if i in stopped_at and stopped_at[i] - start <= len(toks):
                 reason = "stop"
-                gen = toks[lengths[i] - start:]
-                # keep the tokens up to the one that completed the stop text
-                for j in range(1, len(gen) + 1):
-                    if StopText(self.tokenizer, w.stops).update(gen[:j]):
-                        toks = toks[:lengths[i] - start + j]
-                        probs = probs[:len(toks)] if logprobs else None
-                        break
-                text = (self.tokenizer.decode(toks[:lengths[i]]) if echo else "") + w.text
+                toks = toks[:stopped_at[i] - start]
+                probs = probs[:len(toks)] if logprobs else None
+                text = (self.tokenizer.decode(toks[:lengths[i]]) if echo else "") + watchers[i].text
             out.append(Generated(toks, probs, reason, text))
         return out
 

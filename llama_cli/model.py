@@ -329,23 +329,25 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
-               masked: bool = True) -> torch.Tensor:
+               masked: bool = True, eager: bool = False) -> torch.Tensor:
         """One token per row: tokens (bsz,) written at per-row `positions` (bsz,) of cache rows
         0..bsz-1, each attending over cache positions <= its own, within the first kv_len (which
         must exceed every position). masked=False when every row is at kv_len - 1 (no mask needed).
+        eager=True runs the plain layer functions even where compiled ones were set.
         Static shapes for a given (bsz, kv_len): the step CUDA graphs capture. fp32 logits (bsz, vocab)."""
+        block_fn, head_fn = (run_block, run_head) if eager else (self.decode_block_fn, self.decode_head_fn)
         device = self.tok_embeddings.weight.device
         bsz = tokens.shape[0]
         positions = positions.to(device)
         mask = None
         if masked:
             mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-            if self.decode_block_fn is not run_block:
+            if block_fn is not run_block:
                 torch._dynamo.maybe_mark_dynamic(mask, 3)  # one compiled layer for every kv_len
         ctx = StepContext(positions[:, None], torch.arange(bsz, device=device), prefill=False,
                           kv_len=0 if masked else kv_len, mask=mask)
-        h = self._run(tokens.to(device)[:, None], ctx, self.decode_block_fn)
-        return self.decode_head_fn(self, h[:, 0])
+        h = self._run(tokens.to(device)[:, None], ctx, block_fn)
+        return head_fn(self, h[:, 0])
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab) for whole sequences from position 0 (cache rows 0..bsz-1)."""

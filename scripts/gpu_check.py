@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -298,40 +297,10 @@ def continuous_rate(llama, prompts, new):
 @section
 def hf_rows(params, w, wbytes, bw):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from helpers import model_args
+    from helpers import to_hf
 
-    a = model_args(params, 32000)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
-                      num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, rms_norm_eps=1e-5,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
-    with torch.device(DEV):
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            model = LlamaForCausalLM(cfg).eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
-
-    def permute(x, n):
-        r, c = x.shape
-        return x.view(n, r // n // 2, 2, c).transpose(1, 2).reshape(r, c)
-
-    sd = {"model.embed_tokens.weight": w["tok_embeddings.weight"], "model.norm.weight": w["norm.weight"],
-          "lm_head.weight": w["output.weight"]}
-    for i in range(a.n_layers):
-        m, p = f"model.layers.{i}.", f"layers.{i}."
-        sd.update({m + "self_attn.q_proj.weight": permute(w[p + "attention.wq.weight"], a.n_heads),
-                   m + "self_attn.k_proj.weight": permute(w[p + "attention.wk.weight"], a.n_kv_heads),
-                   m + "self_attn.v_proj.weight": w[p + "attention.wv.weight"],
-                   m + "self_attn.o_proj.weight": w[p + "attention.wo.weight"],
-                   m + "mlp.gate_proj.weight": w[p + "feed_forward.w1.weight"],
-                   m + "mlp.up_proj.weight": w[p + "feed_forward.w3.weight"],
-                   m + "mlp.down_proj.weight": w[p + "feed_forward.w2.weight"],
-                   m + "input_layernorm.weight": w[p + "attention_norm.weight"],
-                   m + "post_attention_layernorm.weight": w[p + "ffn_norm.weight"]})
-    model.load_state_dict(sd, strict=False)
-    del sd
+    model = to_hf(params, w, 32000, max_positions=4096, device=DEV, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     g = torch.Generator().manual_seed(1)

@@ -88,8 +88,10 @@ def write_checkpoint(folder: Path, params: dict, weights: dict, n_shards: int = 
     return folder
 
 
-def to_hf(params: dict, weights: dict, vocab_size: int, max_positions: int = 512):
-    """Meta-layout weights -> transformers LlamaForCausalLM (fp32), undoing the rotary layout difference."""
+def to_hf(params: dict, weights: dict, vocab_size: int, max_positions: int = 512, device=None, dtype=torch.float32):
+    """Meta-layout weights -> transformers LlamaForCausalLM, undoing the rotary layout difference. Built
+    directly on `device` in `dtype` (fp32 on the CPU by default; scripts/gpu_check.py builds a 7B in bf16
+    on the GPU, where building on the CPU in fp32 would take minutes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = model_args(params, vocab_size)
@@ -121,8 +123,14 @@ def to_hf(params: dict, weights: dict, vocab_size: int, max_positions: int = 512
             m + "input_layernorm.weight": weights[p + "attention_norm.weight"],
             m + "post_attention_layernorm.weight": weights[p + "ffn_norm.weight"],
         })
-    model = LlamaForCausalLM(cfg).float().eval()
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in hf.items()}, strict=False)
     missing = [k for k in missing if "rotary" not in k]
     if missing or unexpected:
         raise AssertionError(f"HF conversion: missing {missing}, unexpected {unexpected}")
