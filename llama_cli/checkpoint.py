@@ -64,6 +64,12 @@ def args_from_params(params: dict) -> tuple[ModelArgs, list[str]]:
         q = kwargs["quantization"]
         mode, group = check_mode(q.get("mode"), q.get("group_size"))
         kwargs["quantization"] = {"mode": mode, "group_size": group}
+        if q.get("embeddings") is not None:  # the token embeddings (and a tied output layer) in a form of their own
+            e = q["embeddings"]
+            if not isinstance(e, dict) or e.get("group_size") is None:
+                raise UserError("params.json: quantization.embeddings must be like {\"mode\": \"int8\", \"group_size\": 32}")
+            kwargs["quantization"]["embeddings"] = dict(zip(("mode", "group_size"),
+                                                            check_mode(e.get("mode"), e.get("group_size"))))
     return ModelArgs(**kwargs), unknown
 
 
@@ -96,20 +102,34 @@ def open_for_rewrite(ckpt_dir, out, tokenizer_path=None) -> tuple[list[str], dic
     return files, params, args
 
 
-def weight_table(args: ModelArgs, quantized=frozenset()) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
+def quantized_form(args: ModelArgs, name: str) -> tuple[str, int]:
+    """(mode, group size) of a weight stored quantized: the embeddings' own form for tok_embeddings (and
+    a tied output layer, which is the embeddings), args.quantization's for the linear layers."""
+    q = args.quantization
+    if name == "tok_embeddings.weight":
+        if q.get("embeddings") is None:
+            raise UserError("the checkpoint stores tok_embeddings quantized but params.json's \"quantization\" "
+                            "has no \"embeddings\" form; the weights and params.json do not match")
+        return q["embeddings"]["mode"], q["embeddings"]["group_size"]
+    return q["mode"], q["group_size"]
+
+
+def weight_table(args: ModelArgs, quantized=frozenset(), tied: bool = False) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
     """Every weight of the model: name -> (full unsplit shape, the dimension Meta's checkpoints split it
     along, None where replicated). The one list of names and shapes: the reader, the memory estimate,
     the writers and the tests' random checkpoints all use it. Weights named in `quantized` are listed
-    as their parts (QPARTS), in args.quantization's form."""
+    as their parts (QPARTS), in quantized_form's form; with `tied`, the output layer takes the
+    embeddings' form."""
     table = _dense_table(args)
     if not quantized:
         return table
-    mode, group = args.quantization["mode"], args.quantization["group_size"]
     out = {}
     for name, (shape, dim) in table.items():
-        if name not in quantized:
+        source = "tok_embeddings.weight" if tied and name == "output.weight" else name
+        if source not in quantized:
             out[name] = (shape, dim)
             continue
+        mode, group = quantized_form(args, source)
         rows, cols = shape
         groups = cols // group if group else 1
         out[name + ".q"] = ((rows, cols // 2 if mode == "int4" else cols), dim)
@@ -291,7 +311,7 @@ class CheckpointReader:
         return names
 
     def table(self) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
-        return weight_table(self.args, self.quantized)
+        return weight_table(self.args, self.quantized, self.tied)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Full (unsplit) shapes implied by params.json."""
@@ -301,7 +321,7 @@ class CheckpointReader:
     def tied(self) -> bool:
         """Whether the checkpoint has no output layer (the embeddings serve as the output layer)."""
         return (self.shape0("output.weight") is None and self.shape0("output.weight.q") is None
-                and self.shape0("tok_embeddings.weight") is not None)
+                and (self.shape0("tok_embeddings.weight") or self.shape0("tok_embeddings.weight.q")) is not None)
 
     def full_tensors(self, dtype: Optional[torch.dtype] = None):
         """(name, whole unsplit tensor) for every weight the checkpoint stores (a tied output layer is
@@ -373,8 +393,6 @@ class CheckpointReader:
         tied = self.tied
         specs = {}
         for name, (full, table_dim) in table.items():
-            if name.startswith("output.weight.") and tied:
-                continue
             dim = table_dim if world_size > 1 else None
             if dim == 1 and name.endswith(QPARTS) and full[1] % world_size:
                 raise UserError(f"'{name}' ({full[1]} columns: quantization groups or packed pairs) cannot be split "
@@ -386,7 +404,7 @@ class CheckpointReader:
                 start, end = head * a.head_dim, (head + 1) * a.head_dim
             else:
                 start, end = plan.range(full[dim])
-            source = "tok_embeddings.weight" if name == "output.weight" and tied else name
+            source = "tok_embeddings" + name[len("output"):] if name.startswith("output.weight") and tied else name
             src = self._check(source, full)
             if src is not None and src != dim:
                 needed = sorted(set(needed) | set(range(len(self.files))))  # stored split another way

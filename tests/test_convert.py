@@ -208,9 +208,9 @@ def test_gguf_quant_types(tmp_path, spm_path, qname):
     held = write_gguf(tmp_path / "m.gguf", params, weights, getattr(Q, qname), "llama", spm_path)
     assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
     sd = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
-    kept = qname in ("Q8_0", "Q4_0", "Q4_1")  # linear layers stay in our int8/int4 forms
+    kept = qname in ("Q8_0", "Q4_0", "Q4_1")  # linear layers and embeddings stay in our int8/int4 forms
     for name, t in held.items():
-        if kept and is_linear(name):
+        if kept and (is_linear(name) or name == "tok_embeddings.weight"):
             assert name not in sd
             got = dequantize(sd[name + ".q"], sd[name + ".scale"], sd.get(name + ".offset"))
             assert sd[name + ".q"].dtype == (torch.int8 if qname == "Q8_0" else torch.uint8)

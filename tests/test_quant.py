@@ -112,13 +112,15 @@ def test_quantize_subcommand_writes_a_folder_that_loads_anywhere(tmp_path, spm_p
     assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(out), "--mode", "int4", "--group_size", "32"]) == 0
     import json
 
-    assert json.loads((out / "params.json").read_text())["quantization"] == {"mode": "int4", "group_size": 32}
+    assert json.loads((out / "params.json").read_text())["quantization"] == {
+        "mode": "int4", "group_size": 32, "embeddings": {"mode": "int8", "group_size": 0}}
     sd = torch.load(out / "consolidated.00.pth", weights_only=True)
     assert sd["layers.0.attention.wq.weight.q"].dtype == torch.uint8 and "layers.0.attention.wq.weight" not in sd
+    assert sd["tok_embeddings.weight.q"].dtype == torch.int8 and "tok_embeddings.weight" not in sd
     held = sum(t.numel() * t.element_size() for t in sd.values())
     assert (out / "consolidated.00.pth").stat().st_size < held * 1.05 + 64 * 1024
     dense = (folder / "consolidated.00.pth").stat().st_size
-    assert (out / "consolidated.00.pth").stat().st_size < dense * 0.6  # embeddings stay fp32 here
+    assert (out / "consolidated.00.pth").stat().st_size < dense * 0.3  # 4.5 (int8: 9) bits a weight of fp32's 32
     # it loads with no flag, and is what quantizing at load gives
     tok = str(folder / "tokenizer.model")
     on_disk = Llama.build(str(out), tok, 64, 2)
@@ -130,6 +132,48 @@ def test_quantize_subcommand_writes_a_folder_that_loads_anywhere(tmp_path, spm_p
     # resharded, still quantized
     assert cli(["reshard", "--ckpt_dir", str(out), "--out", str(tmp_path / "q4x2"), "--shards", "2"]) == 0
     assert greedy(tmp_path / "q4x2") == greedy(out)
+
+
+def test_tied_model_quantized_reads_its_output_from_the_int8_embeddings(tmp_path, spm_path):
+    """A checkpoint without output.weight: quantized (at load, or on disk by llama-cli quantize) the output
+    layer is the embeddings' int8 form, the same tensors at one process, and nothing is added to the file."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=3)
+    sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    del sd["output.weight"]
+    torch.save(sd, folder / "consolidated.00.pth")
+    tok = str(folder / "tokenizer.model")
+    at_load = Llama.build(str(folder), tok, 64, 2, quantize="int4")
+    emb, out = at_load.model.tok_embeddings, at_load.model.output
+    assert emb.weight is None and emb.qweight.dtype == torch.int8 and out.qweight is emb.qweight
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "q"), "--mode", "int4"]) == 0
+    stored = torch.load(tmp_path / "q" / "consolidated.00.pth", weights_only=True)
+    assert not any(k.startswith("output.") for k in stored)
+    on_disk = Llama.build(str(tmp_path / "q"), tok, 64, 2)
+    assert torch.equal(on_disk.model.output.qweight, emb.qweight)
+    seq = torch.randint(3, on_disk.tokenizer.n_words, (2, 12), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(on_disk.model(seq), at_load.model(seq))
+    # a looked-up row is the dequantized row of the table
+    rows = on_disk.model.tok_embeddings(seq[:1, :3])
+    assert torch.equal(rows[0], dequantize(emb.qweight[seq[0, :3]], emb.qscale[seq[0, :3]], None))
+
+
+@pytest.mark.parametrize("mode,tol", [("int8", 1e-4), ("int4", 0.03)])
+def test_library_kernel_forms_give_the_same_model(tmp_path, spm_path, mode, tol):
+    """The forms CUDA's kernels take (torch._weight_int8pack_mm; tinygemm's packed int4 with scales and
+    zeros, w = (v - 8) scale + zero), checked through their CPU twins: the same logits as dequantizing
+    (int4's kernel runs in bf16, hence its looser bound). The CUDA-only packing is gpu_check's to check."""
+    from llama_cli.quant import use_kernels
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=2)
+    tok = str(folder / "tokenizer.model")
+    plain = Llama.build(str(folder), tok, 64, 2, quantize=mode)
+    kern = Llama.build(str(folder), tok, 64, 2, quantize=mode)
+    n = use_kernels(kern.model, "cpu")
+    layers = [m for m in kern.model.modules() if getattr(m, "qweight", None) is not None and hasattr(m, "kernel")]
+    assert n == len(layers) == 7 * BIG["n_layers"] + 1  # every linear layer, the output too
+    seq = torch.randint(3, plain.tokenizer.n_words, (2, 12), generator=torch.Generator().manual_seed(4))
+    ref, got = plain.model(seq), kern.model(seq)
+    assert ((got - ref).abs().max() / ref.abs().max()) < tol
 
 
 def test_quantize_refusals(tmp_path, spm_path, capsys):

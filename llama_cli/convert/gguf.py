@@ -160,14 +160,19 @@ def blocks_as_form(t) -> dict[str, torch.Tensor]:
 def read(path: str, dequantize_all: bool = False) -> tuple[dict, ModelArgs, torch.dtype, Iterator]:
     """(params, args, fp32, (Meta name, tensor) one at a time) of a llama GGUF file. Linear layers in
     Q8_0, Q4_0 or Q4_1 stay quantized (our int8/int4 forms, exactly the file's values) unless
-    dequantize_all; everything else is dequantized to fp32."""
+    dequantize_all, and so do the token embeddings then (in their own form: llama.cpp's 4-bit files
+    keep them in Q8_0); everything else is dequantized to fp32."""
     from ..checkpoint import is_linear
 
     reader = open_gguf(path)
     params = params_from_gguf(reader, path)
     form = None if dequantize_all else pick_form(reader)
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embd_form = EXACT.get(embd.tensor_type.name) if form is not None and embd is not None else None
     if form is not None:
         params["quantization"] = {"mode": form, "group_size": 32}
+        if embd_form is not None:  # kept as it is too (a tied output layer reads it in this form)
+            params["quantization"]["embeddings"] = {"mode": embd_form, "group_size": 32}
     args, _ = args_from_params(params)
     check_rope_freqs(reader, args)
 
@@ -176,7 +181,8 @@ def read(path: str, dequantize_all: bool = False) -> tuple[dict, ModelArgs, torc
             name = meta_name(t.name)
             if name is None:
                 continue
-            if form is not None and is_linear(name) and EXACT.get(t.tensor_type.name) == form:
+            if (form is not None and is_linear(name) and EXACT.get(t.tensor_type.name) == form
+                    or embd_form is not None and name == "tok_embeddings.weight"):
                 for part, tensor in blocks_as_form(t).items():
                     yield name + part, tensor
             else:

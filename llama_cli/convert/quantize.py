@@ -1,9 +1,10 @@
 """`llama-cli quantize`: write a quantized copy of a checkpoint folder (quant.py's forms).
 
-The copy is a Meta-layout folder whose params.json records {"quantization": {"mode", "group_size"}},
-so it loads with no extra flag, on any number of processes that its groups split into: each linear
-weight "X.weight" becomes "X.weight.q" / ".scale" (/ ".offset" for int4), split across shards along
-the same dimension as the weight, with whole groups in each shard. It goes tensor by tensor through
+The copy is a Meta-layout folder whose params.json records {"quantization": {"mode", "group_size",
+"embeddings": {...}}}, so it loads with no extra flag, on any number of processes that its groups split
+into: each linear weight "X.weight" becomes "X.weight.q" / ".scale" (/ ".offset" for int4), split across
+shards along the same dimension as the weight, with whole groups in each shard. The token embeddings
+become int8 with one scale per row (a tied output layer reads them in that form). It goes tensor by tensor through
 the writer that convert and reshard use, so memory stays near the largest tensor.
 """
 
@@ -32,14 +33,15 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
       group_size: weights per group along the input dimension. int8 takes 0 (per row, the default),
         32, 64, 128 or 256; int4 takes 32 (the default, measured best), 64, 128 or 256.
       shards: how many shards to write. Default is as many as ckpt_dir has.
-      dtype: precision of the weights left unquantized (embeddings, norms). Default is as stored.
+      dtype: precision of the weights left unquantized (the norms). Default is as stored. The token
+        embeddings become int8 with one scale per row.
       tokenizer_path: tokenizer to take vocab_size from when params.json says -1.
     """
     import torch
 
     from .. import checkpoint
     from ..devices import pick_dtype
-    from ..quant import check_mode, quantize
+    from ..quant import check_mode, embedding_form, quantize
     from .writer import CheckpointWriter, copy_tokenizer_files
 
     if out is None or mode is None:
@@ -60,22 +62,28 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
                             "choose a group size that does")
     start = time.perf_counter()
     reader = checkpoint.CheckpointReader(files, args)
-    stored = reader.shard(0)["tok_embeddings.weight"].dtype
+    stored = reader.shard(0)["norm.weight"].dtype
     target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
     writer = CheckpointWriter(out, shards or len(files), target, args)
 
+    emb_mode, emb_group = embedding_form(args.dim)
+
     def tensors():
         for name, t in reader.full_tensors():
-            if not checkpoint.is_linear(name):
+            if name == "tok_embeddings.weight":
+                q, scale, offset = quantize(t, emb_mode, emb_group)
+            elif checkpoint.is_linear(name):
+                q, scale, offset = quantize(t, mode, group_size)
+            else:
                 yield name, t
                 continue
-            q, scale, offset = quantize(t, mode, group_size)
             yield name + ".q", q
             yield name + ".scale", scale
             if offset is not None:
                 yield name + ".offset", offset
 
-    n = writer.write(tensors(), {**params, "quantization": {"mode": mode, "group_size": group_size}})
+    n = writer.write(tensors(), {**params, "quantization": {"mode": mode, "group_size": group_size, "embeddings":
+                                                            {"mode": emb_mode, "group_size": emb_group}}})
     reader.close()
     copy_tokenizer_files(ckpt_dir, out)
     log.info("quantized %s into %s (%s, group size %s): %d tensors in %d shard(s) in %.1f s", ckpt_dir, out, mode,
