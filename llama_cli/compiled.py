@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 
 # whether the user chose inductor's cache folder (torch itself sets the variable once it has looked)
@@ -26,7 +27,8 @@ def cache_root() -> Path:
 
 
 def setup() -> None:
-    """Point inductor's cache at ours (before anything is compiled)."""
+    """Point inductor's cache at ours (before anything is compiled), and skip inductor's vector-ISA probe
+    where an earlier run here recorded its outcome (see _isa_record)."""
     if not _USER_CHOSE:
         path = cache_root() / "inductor"
         try:
@@ -34,6 +36,63 @@ def setup() -> None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
         except OSError:
             pass  # an unwritable home: inductor's default (/tmp) still works within this boot
+    _reuse_isa_probe()
+
+
+# Inductor decides which CPU vector instructions (AVX2, AVX-512, ...) its kernels may use by building a
+# probe library and loading it in a fresh Python process, in every process: about 1.1 s of each warm
+# start on this VM. Its outcome depends on the CPU, the compiler and torch only, so the first compiling
+# run records it, and later runs where it says every vector ISA the CPU claims passed tell inductor so
+# (config.cpp.vec_isa_ok), which is exactly what the probe would have found.
+def _isa_fingerprint() -> Optional[tuple[str, list[str]]]:
+    """(fingerprint of CPU flags, compiler and torch; the ISAs the CPU claims), or None off x86 Linux."""
+    import platform
+    import shutil
+    import sys
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    import torch
+    from torch._inductor import cpu_vec_isa as v
+
+    flags = v.x86_isa_checker()
+    claimed = [str(isa) for isa in v.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or ""
+    desc = [torch.__version__, sys.executable, sorted(flags), cxx]
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:20], claimed
+
+
+def _isa_record() -> Path:
+    return cache_root() / "compiled" / "vec_isa.json"
+
+
+def _reuse_isa_probe() -> None:
+    import torch._inductor.config as config
+
+    if "TORCHINDUCTOR_VEC_ISA_OK" in os.environ or config.cpp.vec_isa_ok is not None:
+        return
+    try:
+        fp = _isa_fingerprint()
+        rec = json.loads(_isa_record().read_text()) if fp is not None else None
+    except (OSError, ValueError):
+        return
+    if rec and rec.get("fingerprint") == fp[0] and rec.get("passed") == fp[1] and fp[1]:
+        config.cpp.vec_isa_ok = True
+
+
+def record_isa_probe() -> None:
+    """After a compile: which of the ISAs the CPU claims inductor's probe passed."""
+    try:
+        fp = _isa_fingerprint()
+        if fp is None:
+            return
+        from torch._inductor import cpu_vec_isa as v
+
+        passed = [str(isa) for isa in v.valid_vec_isa_list()]
+        _isa_record().parent.mkdir(parents=True, exist_ok=True)
+        _isa_record().write_text(json.dumps({"fingerprint": fp[0], "passed": passed}) + "\n")
+    except (OSError, ImportError, AttributeError):
+        pass
 
 
 def shape_key(model, dtype, device) -> str:
@@ -69,3 +128,4 @@ def mark_warm(key: str) -> None:
         _marker(key).write_text("{}\n")
     except OSError:
         pass
+    record_isa_probe()

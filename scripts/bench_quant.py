@@ -9,7 +9,7 @@ Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values
   ships with CPython, pydoc_data/topics.py), the perplexity of: the fp32 model, the Q4_1 file as it is,
   and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share
   of greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each);
-- speed: batch-1 decode tokens/s of fp32, int8 (at load) and the Q4_1 file as it is, compiled, and of
+- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load) and the Q4_1 file as it is, compiled, and of
   llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with as
   many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
   (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair).
@@ -109,9 +109,10 @@ def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
 
     prompt = "Once upon a time, there was a"
     runners = {}
-    for name, folder, mode in (("llama-cli fp32, compiled", dense, None), ("llama-cli int8 per row, compiled", dense,
-                                                                          "int8"),
-                               ("llama-cli Q4_1 as it is (int4 g32, int8 embeddings), compiled", asis, None)):
+    forms = (("llama-cli fp32, compiled", dense, None), ("llama-cli int8 per row (at load), compiled", dense, "int8"),
+             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4"),
+             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None))
+    for name, folder, mode in forms:
         llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile="on", quantize=mode)
         llama.tokenizer.stop_ids = frozenset()  # every timing decodes --new_tokens tokens
         llama._stop = torch.tensor([-1])

@@ -78,6 +78,10 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "cache" / "compiled").glob("*.json"))
     assert list((tmp_path / "cache" / "inductor").iterdir())  # inductor's artifacts kept under our cache
+    import platform
+
+    if sys.platform == "linux" and platform.machine() == "x86_64":  # the vector-ISA probe's outcome, kept
+        assert (tmp_path / "cache" / "compiled" / "vec_isa.json").is_file()
     proc = subprocess.run(cmd + ["--ckpt_dir", str(folder), "--prompt", "Hello", "--max_gen_len", "200",
                                  "--max_seq_len", "256",
                                  "--max_batch_size", "1", "--temperature", "0"], env=env, cwd=REPO,
@@ -85,3 +89,31 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     assert "compiled the decode step for 1 row(s)" in proc.stderr
     assert "compiling/capturing the decode step" in proc.stderr
+
+
+def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch):
+    """A recorded probe outcome tells inductor to skip its probe only when it was recorded on this CPU,
+    compiler and torch, and every ISA the CPU claims passed; otherwise inductor probes as usual."""
+    import json
+
+    import torch._inductor.config as config
+
+    from llama_cli import compiled
+
+    monkeypatch.setenv("LLAMA_CLI_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    fp = compiled._isa_fingerprint()
+    if fp is None:  # not x86 Linux: nothing is recorded or reused
+        compiled._reuse_isa_probe()
+        assert config.cpp.vec_isa_ok is None
+        return
+    record = tmp_path / "compiled" / "vec_isa.json"
+    record.parent.mkdir(parents=True)
+    for rec in ({"fingerprint": "elsewhere", "passed": fp[1]}, {"fingerprint": fp[0], "passed": fp[1][1:]}):
+        record.write_text(json.dumps(rec))
+        compiled._reuse_isa_probe()
+        assert config.cpp.vec_isa_ok is None  # another machine, or an ISA the probe refused: probe again
+    record.write_text(json.dumps({"fingerprint": fp[0], "passed": fp[1]}))
+    compiled._reuse_isa_probe()
+    assert config.cpp.vec_isa_ok is True
