@@ -41,9 +41,11 @@ def setup() -> None:
 
 # Inductor decides which CPU vector instructions (AVX2, AVX-512, ...) its kernels may use by building a
 # probe library and loading it in a fresh Python process, in every process: about 1.1 s of each warm
-# start on this VM. Its outcome depends on the CPU, the compiler and torch only, so the first compiling
-# run records it, and later runs where it says every vector ISA the CPU claims passed tell inductor so
-# (config.cpp.vec_isa_ok), which is exactly what the probe would have found.
+# start on this VM. Its outcome depends on the CPU, the compiler and torch only, so the first run here
+# probes (before compiling anything) and records the outcome; where every vector ISA the CPU claims
+# passed, that run and later ones tell inductor so (config.cpp.vec_isa_ok), which is exactly what the
+# probe finds. (The setting is part of inductor's cache key: the first run must set it too, or the
+# second would miss the cache.)
 def _isa_fingerprint() -> Optional[tuple[str, list[str]]]:
     """(fingerprint of CPU flags, compiler and torch; the ISAs the CPU claims), or None off x86 Linux."""
     import platform
@@ -67,31 +69,30 @@ def _isa_record() -> Path:
 
 
 def _reuse_isa_probe() -> None:
-    import torch._inductor.config as config
-
-    if "TORCHINDUCTOR_VEC_ISA_OK" in os.environ or config.cpp.vec_isa_ok is not None:
-        return
     try:
-        fp = _isa_fingerprint()
-        rec = json.loads(_isa_record().read_text()) if fp is not None else None
-    except (OSError, ValueError):
-        return
-    if rec and rec.get("fingerprint") == fp[0] and rec.get("passed") == fp[1] and fp[1]:
-        config.cpp.vec_isa_ok = True
+        import torch._inductor.config as config
 
-
-def record_isa_probe() -> None:
-    """After a compile: which of the ISAs the CPU claims inductor's probe passed."""
-    try:
+        if "TORCHINDUCTOR_VEC_ISA_OK" in os.environ or config.cpp.vec_isa_ok is not None:
+            return
         fp = _isa_fingerprint()
         if fp is None:
             return
-        from torch._inductor import cpu_vec_isa as v
+        try:
+            rec = json.loads(_isa_record().read_text())
+        except (OSError, ValueError):
+            rec = None
+        if not rec or rec.get("fingerprint") != fp[0]:
+            from torch._inductor import cpu_vec_isa as v
 
-        passed = [str(isa) for isa in v.valid_vec_isa_list()]
-        _isa_record().parent.mkdir(parents=True, exist_ok=True)
-        _isa_record().write_text(json.dumps({"fingerprint": fp[0], "passed": passed}) + "\n")
-    except (OSError, ImportError, AttributeError):
+            rec = {"fingerprint": fp[0], "passed": [str(isa) for isa in v.valid_vec_isa_list()]}  # the probe
+            try:
+                _isa_record().parent.mkdir(parents=True, exist_ok=True)
+                _isa_record().write_text(json.dumps(rec) + "\n")
+            except OSError:
+                pass
+        if rec.get("passed") == fp[1] and fp[1]:
+            config.cpp.vec_isa_ok = True
+    except (ImportError, AttributeError):  # another torch's internals: inductor probes as usual
         pass
 
 
@@ -128,4 +129,3 @@ def mark_warm(key: str) -> None:
         _marker(key).write_text("{}\n")
     except OSError:
         pass
-    record_isa_probe()

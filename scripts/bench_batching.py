@@ -99,7 +99,7 @@ def main() -> None:
     dev = f"{llama.device} ({torch.cuda.get_device_name() if llama.device.type == 'cuda' else os.cpu_count()} " \
           f"{'GPU' if llama.device.type == 'cuda' else 'cores'})"
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
-          f"{str(llama.model.tok_embeddings.weight.dtype).replace('torch.', '')} on {dev}; {res['prompts']} prompts "
+          f"{str(llama.model.norm.weight.dtype).replace('torch.', '')} on {dev}; {res['prompts']} prompts "
           f"(4-200 tokens), max_gen_len 8-256, max_batch_size {a.batch}, greedy\n")
     print("| schedule | generated tokens | seconds | tokens/s |")
     print("|---|---|---|---|")

@@ -92,8 +92,8 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
 
 
 def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch):
-    """A recorded probe outcome tells inductor to skip its probe only when it was recorded on this CPU,
-    compiler and torch, and every ISA the CPU claims passed; otherwise inductor probes as usual."""
+    """Inductor's vector-ISA probe runs once per machine (recorded); its outcome tells inductor to skip the
+    probe only when recorded on this CPU, compiler and torch, and when every ISA the CPU claims passed."""
     import json
 
     import torch._inductor.config as config
@@ -104,16 +104,19 @@ def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch
     monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
     monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
     fp = compiled._isa_fingerprint()
+    record = tmp_path / "compiled" / "vec_isa.json"
     if fp is None:  # not x86 Linux: nothing is recorded or reused
         compiled._reuse_isa_probe()
-        assert config.cpp.vec_isa_ok is None
+        assert config.cpp.vec_isa_ok is None and not record.exists()
         return
-    record = tmp_path / "compiled" / "vec_isa.json"
-    record.parent.mkdir(parents=True)
-    for rec in ({"fingerprint": "elsewhere", "passed": fp[1]}, {"fingerprint": fp[0], "passed": fp[1][1:]}):
-        record.write_text(json.dumps(rec))
-        compiled._reuse_isa_probe()
-        assert config.cpp.vec_isa_ok is None  # another machine, or an ISA the probe refused: probe again
-    record.write_text(json.dumps({"fingerprint": fp[0], "passed": fp[1]}))
+    compiled._reuse_isa_probe()  # no record: probes, records
+    rec = json.loads(record.read_text())
+    assert rec["fingerprint"] == fp[0]
+    assert config.cpp.vec_isa_ok is (True if rec["passed"] == fp[1] else None)
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    record.write_text(json.dumps({"fingerprint": fp[0], "passed": fp[1][1:]}))  # an ISA the probe refused
     compiled._reuse_isa_probe()
-    assert config.cpp.vec_isa_ok is True
+    assert config.cpp.vec_isa_ok is None
+    record.write_text(json.dumps({"fingerprint": "another machine", "passed": fp[1]}))
+    compiled._reuse_isa_probe()  # probes again here
+    assert json.loads(record.read_text())["fingerprint"] == fp[0]
