@@ -14,19 +14,22 @@ from .errors import UserError
 log = logging.getLogger("llama_cli")
 
 
-def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, device=None, dtype=None):
+def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_len=512, device=None, dtype=None):
     """Compile the decoding step of a checkpoint now, so that later runs start with it.
 
     Example:
       llama-cli compile --ckpt_dir checkpoints/smollm2-135m
 
     On the CPU the compiled step serves batches of 1-2 prompts (--max_batch_size 1 or 2), where it
-    streams the weights several times faster than eager PyTorch; bigger batches run eager.
+    streams the weights several times faster than eager PyTorch; bigger batches run eager. The step is
+    kept for one KV cache size: compile with the --max_batch_size and --max_seq_len (rounded up to 64)
+    that the runs will use (their defaults are the same as a run's).
 
     Args:
       ckpt_dir: the checkpoint folder (consolidated.NN.pth + params.json).
       tokenizer_path: its tokenizer. Default is the one in ckpt_dir or its parent folder.
       max_batch_size: the largest batch the step is compiled for (1 or 2 on the CPU).
+      max_seq_len: the --max_seq_len of the runs that will use it (default 512, as a run's).
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16, as you will run it. Default is bf16 on GPUs, fp32 on cpu.
     """
@@ -36,11 +39,13 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, device=No
 
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise UserError(f"--max_batch_size must be a positive integer, got {max_batch_size!r}")
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise UserError(f"--max_seq_len must be an integer of at least 2, got {max_seq_len!r}")
     if ckpt_dir is None:
         raise UserError("--ckpt_dir is required: the checkpoint folder whose decoding step to compile")
     tokenizer_path = tokenizer_path or find_tokenizer(str(ckpt_dir))
     start = time.perf_counter()
-    llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=64, max_batch_size=max_batch_size,
+    llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, compile="on", cuda_graphs="off")
     rows = range(1, min(max_batch_size, GEMV_MAX_ROWS) + 1) if llama.device.type == "cpu" else [max_batch_size]
     for n in rows:

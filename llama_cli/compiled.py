@@ -96,8 +96,9 @@ def _reuse_isa_probe() -> None:
         pass
 
 
-def shape_key(model, dtype, device) -> str:
-    """What the compiled step depends on: one layer's (local) shapes, the output layer, the dtype,
+def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64)) -> str:
+    """What the compiled step depends on: one layer's (local) shapes, the output layer, the KV cache's
+    (rows, length) (weights and caches are module state, whose shapes dynamo keeps static), the dtype,
     the device kind, the process count and the torch version; not the layer count."""
     import torch
 
@@ -111,7 +112,8 @@ def shape_key(model, dtype, device) -> str:
     desc = {"dim": model.params.dim, "heads": attn.n_local_heads, "kv_heads": attn.n_local_kv_heads,
             "head_dim": attn.head_dim, "w1": form(ffn.w1), "w2": form(ffn.w2), "wq": form(attn.wq),
             "wo": form(attn.wo), "output": form(model.output), "fused": attn.wqkv is not None, "dtype": str(dtype),
-            "device": device.type, "world": model.mp.world_size, "torch": torch.__version__}
+            "device": device.type, "world": model.mp.world_size, "torch": torch.__version__,
+            "cache": list(cache_shape)}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, compiled, distributed, memory
 from .devices import pick_device, pick_dtype
-from .engine import Engine, decide_compile, decide_graphs
+from .engine import Engine, cache_length, decide_compile, decide_graphs
 from .errors import UserError
 from .model import Transformer, check_parallel
 from .sampling import Sampler
@@ -126,7 +126,7 @@ class Llama:
             # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
             # measured no faster and would copy weights that are otherwise used in place from the map.
             model.fuse()
-        key = compiled.shape_key(model, dtype, device)
+        key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key,
                         compile=decide_compile(compile, device, max_batch_size, key, expected_tokens))
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),

@@ -73,8 +73,8 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     folder = tiny_ckpt[0]
     cmd = [sys.executable, "-m", "llama_cli"]
-    proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder), "--max_seq_len", "256"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "cache" / "compiled").glob("*.json"))
     assert list((tmp_path / "cache" / "inductor").iterdir())  # inductor's artifacts kept under our cache
@@ -120,3 +120,17 @@ def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch
     record.write_text(json.dumps({"fingerprint": "another machine", "passed": fp[1]}))
     compiled._reuse_isa_probe()  # probes again here
     assert json.loads(record.read_text())["fingerprint"] == fp[0]
+
+
+def test_kept_step_is_keyed_by_the_cache_size(tiny_ckpt):
+    """The compiled graph holds the KV cache's shape (module state), so a step kept for one cache size
+    does not count as compiled for another (that run would compile, not load)."""
+    from llama_cli import compiled
+
+    folder = tiny_ckpt[0]
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, compile="off")
+
+    def key(rows, length):
+        return compiled.shape_key(llama.model, torch.float32, llama.device, (rows, length))
+
+    assert key(1, 512) == key(1, 512) and len({key(1, 512), key(1, 256), key(2, 512)}) == 3
