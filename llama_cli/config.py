@@ -63,8 +63,9 @@ class RunConfig:
       schedule: continuous (the default, where a finished prompt's batch slot is refilled at once, best
         for prompt files) or static (Meta's way, where each batch runs until its longest completion ends).
       compile: compile the decoding step with torch.compile, one of on, off, auto. auto compiles on the
-        CPU for --max_batch_size 1-2 for jobs of 128+ tokens when this model shape was compiled before
-        (kept on disk, see llama-cli compile), or of 1024+ tokens; on GPUs auto uses CUDA graphs instead.
+        CPU for --max_batch_size 1-2 for jobs of 128+ tokens when this model shape and cache size were
+        compiled before (kept on disk, see llama-cli compile), or of 1024+ tokens (quantized weights: 16+
+        and 128+); on GPUs auto uses CUDA graphs instead.
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
       quantize: int8 or int4, to quantize the linear layers' weights at load, and the token embeddings to int8
         (weight-only; activations stay in --dtype). Fewer bytes per weight is faster decoding where it is

@@ -39,6 +39,10 @@ from .parallel import GEMV_MAX_ROWS
 log = logging.getLogger("llama_cli")
 
 WARM_TOKENS, COLD_TOKENS = 128, 1024  # --compile auto on the CPU: job sizes that repay loading / compiling
+# the same for quantized weights, whose eager step dequantizes every weight per call (~4.5 tokens/s for
+# SmolLM2-135M int4 against ~40 compiled): loading a kept step (2.4 s) repays from ~12 tokens, a first
+# compile (~17 s) from ~90
+WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED = 16, 128
 MIN_BUCKET = 256  # the shortest cache length a CUDA graph attends over
 ALIGN = 64  # cache lengths are whole multiples of this: attention kernels want aligned key lengths
 
@@ -68,12 +72,13 @@ def _mode(name: str, value) -> str:
 
 
 def decide_compile(compile, device: torch.device, max_batch_size: int, key: Optional[str] = None,
-                   expected_tokens: Optional[int] = None) -> bool:
+                   expected_tokens: Optional[int] = None, quantized: bool = False) -> bool:
     """--compile on/off/auto. auto (measured, docs/benchmarks.md): on the CPU the compiled step wins
     for 1-2 rows (a fused matrix-vector product, about 2.7x eager for SmolLM2-135M, ~37 ms saved a token).
     Loading a step compiled before (kept on disk, see `llama-cli compile`) takes about 3 s, so it is used
     for jobs of WARM_TOKENS+ tokens; a first compile (about 15 s) only for jobs of COLD_TOKENS+, so a
-    short job is never slower end to end than eager. On CUDA the captured eager step needs no
+    short job is never slower end to end than eager (quantized weights: WARM_TOKENS_QUANTIZED and
+    COLD_TOKENS_QUANTIZED, their eager step being much slower). On CUDA the captured eager step needs no
     compiling, so auto leaves compiling off there."""
     compile = _mode("--compile", compile)
     if compile != "auto":
@@ -81,7 +86,8 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     if device.type != "cpu" or max_batch_size > GEMV_MAX_ROWS:
         return False
     tokens = expected_tokens or 0
-    return tokens >= COLD_TOKENS or (tokens >= WARM_TOKENS and key is not None and compile_cache.is_warm(key))
+    warm, cold = (WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED) if quantized else (WARM_TOKENS, COLD_TOKENS)
+    return tokens >= cold or (tokens >= warm and key is not None and compile_cache.is_warm(key))
 
 
 def decide_graphs(cuda_graphs, device: torch.device) -> bool:

@@ -128,7 +128,8 @@ class Llama:
             model.fuse()
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key,
-                        compile=decide_compile(compile, device, max_batch_size, key, expected_tokens))
+                        compile=decide_compile(compile, device, max_batch_size, key, expected_tokens,
+                                               quantized=quantize is not None or args.quantization is not None))
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
                  device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)

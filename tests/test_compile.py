@@ -64,6 +64,11 @@ def test_compile_auto_follows_the_measurements(tmp_path, monkeypatch):
     compiled.mark_warm("k")  # compiled before (e.g. by llama-cli compile): a job of 128+ tokens uses it
     assert decide_compile("auto", cpu, 1, key="k", expected_tokens=200) is True
     assert decide_compile("auto", cpu, 1, key="k", expected_tokens=32) is False  # loading it would cost more
+    # quantized weights: eager dequantizes every weight per step, so compiling repays much sooner
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=32, quantized=True) is True
+    assert decide_compile("auto", cpu, 1, key="other", expected_tokens=100, quantized=True) is False
+    assert decide_compile("auto", cpu, 1, key="other", expected_tokens=200, quantized=True) is True
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=8, quantized=True) is False
 
 
 def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
