@@ -155,6 +155,10 @@ def test_tied_model_quantized_reads_its_output_from_the_int8_embeddings(tmp_path
     # a looked-up row is the dequantized row of the table
     rows = on_disk.model.tok_embeddings(seq[:1, :3])
     assert torch.equal(rows[0], dequantize(emb.qweight[seq[0, :3]], emb.qscale[seq[0, :3]], None))
+    # on two processes: the embeddings split by columns, the output layer read from them split by rows
+    from helpers import greedy, run_torchrun
+
+    assert run_torchrun(2, tmp_path / "q", tmp_path / "tr")["greedy"] == greedy(tmp_path / "q")
 
 
 @pytest.mark.parametrize("mode,tol", [("int8", 1e-4), ("int4", 0.03)])
