@@ -170,7 +170,8 @@ def kernel_form(m, device_type: str) -> bool:
         return False
     v = unpack4(q, groups)  # (out, in) 0..15
     zeros = offset.float() + 8 * scale.float()
-    m.kscales = torch.stack([scale.float(), zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    sz = torch.stack([scale.float(), zeros], -1).transpose(0, 1).contiguous()
+    m.kscales = sz.to(torch.bfloat16) if device_type == "cuda" else sz  # the CPU kernel takes fp32 too
     if device_type == "cuda":  # two values a byte, even columns in the high nibble
         m.qweight = torch.ops.aten._convert_weight_to_int4pack((v[:, ::2] << 4 | v[:, 1::2]).contiguous(),
                                                                tiles)
@@ -189,7 +190,7 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
     elif x.device.type == "cuda":
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(m.kscales.dtype), m.qweight, m.kgroup, m.kscales)
     return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 

@@ -161,11 +161,11 @@ def test_tied_model_quantized_reads_its_output_from_the_int8_embeddings(tmp_path
     assert run_torchrun(2, tmp_path / "q", tmp_path / "tr")["greedy"] == greedy(tmp_path / "q")
 
 
-@pytest.mark.parametrize("mode,tol", [("int8", 1e-4), ("int4", 0.03)])
+@pytest.mark.parametrize("mode,tol", [("int8", 1e-4), ("int4", 1e-4)])
 def test_library_kernel_forms_give_the_same_model(tmp_path, spm_path, mode, tol):
     """The forms CUDA's kernels take (torch._weight_int8pack_mm; tinygemm's packed int4 with scales and
     zeros, w = (v - 8) scale + zero), checked through their CPU twins: the same logits as dequantizing
-    (int4's kernel runs in bf16, hence its looser bound). The CUDA-only packing is gpu_check's to check."""
+    (fp32 on the CPU; CUDA's int4 kernel takes bf16). The CUDA-only packing is gpu_check's to check."""
     from llama_cli.quant import use_kernels
 
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=2)
