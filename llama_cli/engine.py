@@ -159,8 +159,13 @@ class Engine:
                 for buf in (layer.attention.cache_k, layer.attention.cache_v):
                     torch._dynamo.maybe_mark_dynamic(buf, 0)
                     torch._dynamo.maybe_mark_dynamic(buf, 2)
-            model.decode_block_fn = torch.compile(run_block, fullgraph=True)
-            model.decode_head_fn = torch.compile(run_head, fullgraph=True)
+            # on the CPU, inductor's C++ wrapper instead of its Python one: a layer's call no longer checks
+            # and allocates its ~30 buffers in Python (measured 5-15% more tokens/s for SmolLM2-135M); one
+            # process only (the wrapper cannot call the collectives model parallelism adds)
+            cpp = self.device.type == "cpu" and model.mp.world_size == 1
+            opts = {"cpp_wrapper": True} if cpp else None
+            model.decode_block_fn = torch.compile(run_block, fullgraph=True, options=opts)
+            model.decode_head_fn = torch.compile(run_head, fullgraph=True, options=opts)
 
     # -- the verbs ---------------------------------------------------------------------------------
 
