@@ -221,13 +221,7 @@ class Llama:
         """Meta's static scheme: every row starts at the shortest prompt's length; longer prompts have
         their own tokens fed in one step at a time; each row stops at a stop token or its own end."""
         bsz = len(prompt_tokens)
-        lengths = [len(t) for t in prompt_tokens]
-        for i, n in enumerate(lengths):
-            if n == 0:
-                raise UserError(f"prompt {i} is empty; give at least one token")
-            if n > self.max_seq_len:
-                raise UserError(f"prompt {i} has {n} tokens but max_seq_len is {self.max_seq_len}; "
-                                f"raise --max_seq_len or shorten the prompt")
+        lengths = self._check_lengths(prompt_tokens)
         ends = [n + s.max_gen_len for n, s in zip(lengths, settings)]  # where each row stops, exclusive
         min_len = min(lengths)
         total_len = min(self.max_seq_len, max(ends))
@@ -279,6 +273,23 @@ class Llama:
             if cur_pos + 1 < total_len:
                 last = self.engine.decode(next_token, [cur_pos] * bsz)
 
+        return self._results(tokens, token_logprobs, lengths, ends, total_len, echo, stopped_at, watchers)
+
+    def _check_lengths(self, prompt_tokens) -> list[int]:
+        """Each prompt's length; an empty prompt, or one longer than the cache, is a UserError."""
+        lengths = [len(t) for t in prompt_tokens]
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise UserError(f"prompt {i} is empty; give at least one token")
+            if n > self.max_seq_len:
+                raise UserError(f"prompt {i} has {n} tokens but max_seq_len is {self.max_seq_len}; "
+                                f"raise --max_seq_len or shorten the prompt")
+        return lengths
+
+    def _results(self, tokens, token_logprobs, lengths, ends, total_len, echo, stopped_at, watchers) -> List[Generated]:
+        """Each row's tokens (and log-probabilities) cut at its stop token, stop text or end, with the
+        reason it ended."""
+        logprobs = token_logprobs is not None
         all_logprobs = token_logprobs.tolist() if logprobs else None
         out = []
         for i, toks in enumerate(tokens.tolist()):

@@ -116,99 +116,116 @@ def run_continuous(llama, requests: list[PromptRequest], opts: Options, on_resul
     position; a slot whose prompt ends (stop token or text, its max_gen_len, or the end of the
     cache) is refilled with the next prompt at once, so no slot idles while others run on.
     Results are reported as they finish (callers restore input order)."""
-    import torch
-    import torch.nn.functional as F
-
-    from .sampling import Sampler
-    from .stopping import StopText
-
     run = _Run(llama, requests, opts, on_result, on_progress, on_step)
-    engine, device = llama.engine, llama.device
-    bs, max_seq_len = engine.max_batch_size, engine.max_seq_len
-    stop_ids = llama.tokenizer.stop_ids
-    slots: list[Optional[_Slot]] = [None] * bs
-    queue = list(reversed(run.ready))  # pop() takes the next prompt in input order
-    last = torch.zeros(bs, dtype=torch.long, device=device)  # the token each slot feeds next
-    sampler = Sampler(bs, llama.model.params.vocab_size, device, llama.generator)
+    return _Continuous(llama, run, opts).run()
 
-    def finish(i: int, reason: str) -> None:
-        s = slots[i]
-        slots[i] = None
-        tokens = s.ids + s.generated if opts.echo else s.generated
+
+class _Continuous:
+    """The continuous schedule's state: the slots, the prompts still to start, each slot's next token,
+    and the sampler; run() refills free slots and steps the live ones until every prompt is done."""
+
+    def __init__(self, llama, run: _Run, opts: Options):
+        import torch
+
+        from .sampling import Sampler
+
+        self.llama, self.run_, self.opts = llama, run, opts
+        self.engine = llama.engine
+        self.bs, self.max_seq_len = self.engine.max_batch_size, self.engine.max_seq_len
+        self.stop_ids = llama.tokenizer.stop_ids
+        self.slots: list[Optional[_Slot]] = [None] * self.bs
+        self.queue = list(reversed(run.ready))  # pop() takes the next prompt in input order
+        self.last = torch.zeros(self.bs, dtype=torch.long, device=llama.device)  # each slot's next fed token
+        self.sampler = Sampler(self.bs, llama.model.params.vocab_size, llama.device, llama.generator)
+
+    def run(self) -> Stats:
+        import torch
+
+        slots = self.slots
+        while self.queue or any(slots):
+            free = [i for i in range(self.bs) if slots[i] is None]
+            if free and self.queue:
+                self.refill(free)
+                continue  # a prompt may end at its first token: fill again before decoding
+            self.pack()
+            active = [i for i in range(self.bs) if slots[i] is not None]
+            if not active:
+                break
+            n = active[-1] + 1
+            logits = self.engine.decode(self.last[:n], [slots[i].pos if slots[i] else 0 for i in range(n)])
+            nxt = self.sampler.sample(logits)  # (n,)
+            self.sampler.accept(nxt)
+            lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0].tolist() if self.opts.logprobs else None
+            nxt_host = nxt.tolist()
+            for i in active:
+                slots[i].pos += 1
+                self.accept(i, nxt_host[i], lps[i] if lps else None)
+        return self.run_.stats
+
+    def finish(self, i: int, reason: str) -> None:
+        s, echo = self.slots[i], self.opts.echo
+        self.slots[i] = None
+        tokens = s.ids + s.generated if echo else s.generated
         text = None
         if s.watcher is not None and s.watcher.stopped:
-            text = (llama.tokenizer.decode(s.ids) if opts.echo else "") + s.watcher.text
-        run.report(s.request, tokens, s.logprobs if opts.logprobs else None, reason, len(s.generated), text)
+            text = (self.llama.tokenizer.decode(s.ids) if echo else "") + s.watcher.text
+        self.run_.report(s.request, tokens, s.logprobs if self.opts.logprobs else None, reason, len(s.generated), text)
 
-    def accept(i: int, token: int, logprob: Optional[float]) -> None:
+    def accept(self, i: int, token: int, logprob: Optional[float]) -> None:
         """Record slot i's next token; finish the slot if that ends it."""
-        s = slots[i]
-        run.token([token])
-        if token in stop_ids:
-            return finish(i, "stop")
+        s = self.slots[i]
+        self.run_.token([token])
+        if token in self.stop_ids:
+            return self.finish(i, "stop")
         s.generated.append(token)
-        if opts.logprobs:
+        if self.opts.logprobs:
             s.logprobs.append(logprob)
         if s.watcher is not None and s.watcher.update(s.generated):
-            return finish(i, "stop")
+            return self.finish(i, "stop")
         # s.pos is where this token goes in the cache; stop when no room is left for the next one
         if len(s.generated) >= s.request.settings.max_gen_len:
-            return finish(i, "length")
-        if s.pos + 1 >= max_seq_len:
-            return finish(i, "max_seq_len")
-        last[i] = token
+            return self.finish(i, "length")
+        if s.pos + 1 >= self.max_seq_len:
+            return self.finish(i, "max_seq_len")
+        self.last[i] = token
 
-    def refill(free: list[int]) -> None:
+    def refill(self, free: list[int]) -> None:
         """Start the next prompts in the free slots, their prompts prefilled together."""
-        take = [(i, *queue.pop()) for i in free[:len(queue)]]
+        import torch
+        import torch.nn.functional as F
+
+        from .stopping import StopText
+
+        take = [(i, *self.queue.pop()) for i in free[:len(self.queue)]]
         rows, ids = [i for i, _, _ in take], [p for _, _, p in take]
         for i, req, p in take:
-            watcher = StopText(llama.tokenizer, req.settings.stop) if req.settings.stop else None
-            slots[i] = _Slot(req, p, pos=len(p), watcher=watcher)
-            sampler.set_row(i, req.settings, p)
-        if opts.echo and opts.logprobs:  # log-probabilities of the prompts' own tokens too
-            per_row = engine.prefill(rows, ids, all_logits=True)
+            watcher = StopText(self.llama.tokenizer, req.settings.stop) if req.settings.stop else None
+            self.slots[i] = _Slot(req, p, pos=len(p), watcher=watcher)
+            self.sampler.set_row(i, req.settings, p)
+        if self.opts.echo and self.opts.logprobs:  # log-probabilities of the prompts' own tokens too
+            per_row = self.engine.prefill(rows, ids, all_logits=True)
             for (i, _, p), lg in zip(take, per_row):
                 pt = torch.as_tensor(p, device=lg.device)
-                slots[i].logprobs = [0.0] + (-F.cross_entropy(lg[:-1], pt[1:], reduction="none")).tolist()
+                self.slots[i].logprobs = [0.0] + (-F.cross_entropy(lg[:-1], pt[1:], reduction="none")).tolist()
             logits = torch.stack([lg[-1] for lg in per_row])
         else:
-            logits = engine.prefill(rows, ids)
-        tok = sampler.sample(logits, rows=rows)
-        sampler.accept(tok, rows=torch.as_tensor(rows, device=device))
-        lps = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0].tolist() if opts.logprobs else None
+            logits = self.engine.prefill(rows, ids)
+        tok = self.sampler.sample(logits, rows=rows)
+        self.sampler.accept(tok, rows=torch.as_tensor(rows, device=self.llama.device))
+        lps = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0].tolist() if self.opts.logprobs else None
         for k, (i, t) in enumerate(zip(rows, tok.tolist())):
-            accept(i, t, lps[k] if lps else None)
+            self.accept(i, t, lps[k] if lps else None)
 
-    def pack() -> None:
+    def pack(self) -> None:
         """Once no prompts are left to start, move live slots down into free ones, so each step
         runs only over rows 0..n-1."""
-        for i in range(bs):
+        slots = self.slots
+        for i in range(self.bs):
             if slots[i] is None:
-                j = max((k for k in range(i + 1, bs) if slots[k] is not None), default=None)
+                j = max((k for k in range(i + 1, self.bs) if slots[k] is not None), default=None)
                 if j is None:
                     return
-                engine.move_row(j, i)
-                sampler.move_row(j, i)
+                self.engine.move_row(j, i)
+                self.sampler.move_row(j, i)
                 slots[i], slots[j] = slots[j], None
-                last[i] = last[j]
-
-    while queue or any(slots):
-        free = [i for i in range(bs) if slots[i] is None]
-        if free and queue:
-            refill(free)
-            continue  # a prompt may end at its first token: fill again before decoding
-        pack()
-        active = [i for i in range(bs) if slots[i] is not None]
-        if not active:
-            break
-        n = active[-1] + 1
-        logits = engine.decode(last[:n], [slots[i].pos if slots[i] else 0 for i in range(n)])  # (n, vocab)
-        nxt = sampler.sample(logits)
-        sampler.accept(nxt)
-        lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0].tolist() if opts.logprobs else None
-        nxt_host = nxt.tolist()
-        for i in active:
-            slots[i].pos += 1
-            accept(i, nxt_host[i], lps[i] if lps else None)
-    return run.stats
+                self.last[i] = self.last[j]
