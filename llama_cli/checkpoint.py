@@ -67,7 +67,8 @@ def args_from_params(params: dict) -> tuple[ModelArgs, list[str]]:
         if q.get("embeddings") is not None:  # the token embeddings (and a tied output layer) in a form of their own
             e = q["embeddings"]
             if not isinstance(e, dict) or e.get("group_size") is None:
-                raise UserError("params.json: quantization.embeddings must be like {\"mode\": \"int8\", \"group_size\": 32}")
+                raise UserError("params.json: quantization.embeddings must be like "
+                                "{\"mode\": \"int8\", \"group_size\": 32}")
             kwargs["quantization"]["embeddings"] = dict(zip(("mode", "group_size"),
                                                             check_mode(e.get("mode"), e.get("group_size"))))
     return ModelArgs(**kwargs), unknown
@@ -114,7 +115,8 @@ def quantized_form(args: ModelArgs, name: str) -> tuple[str, int]:
     return q["mode"], q["group_size"]
 
 
-def weight_table(args: ModelArgs, quantized=frozenset(), tied: bool = False) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
+def weight_table(args: ModelArgs, quantized=frozenset(),
+                 tied: bool = False) -> dict[str, tuple[tuple[int, ...], Optional[int]]]:
     """Every weight of the model: name -> (full unsplit shape, the dimension Meta's checkpoints split it
     along, None where replicated). The one list of names and shapes: the reader, the memory estimate,
     the writers and the tests' random checkpoints all use it. Weights named in `quantized` are listed

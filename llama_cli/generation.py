@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, compiled, distributed, memory
-from .devices import pick_device, pick_dtype
+from .devices import is_cuda, pick_device, pick_dtype
 from .engine import Engine, cache_length, decide_compile, decide_graphs
 from .errors import UserError
 from .model import Transformer, check_parallel
@@ -114,22 +114,22 @@ class Llama:
             size = quantize_model(model, quantize, group_size, tied)
             log.info("quantized the linear layers to %s (group size %s), the embeddings to int8: %.0f MB", quantize,
                      model.quantized_as[1] or "per row", size / 1e6)
+        quantized = quantize is not None or args.quantization is not None
         if device.type == "cpu" and args.quantization is not None:
             from .quant import widen_tables
 
             widen_tables(model)
-        if device.type == "cuda" and (quantize is not None or args.quantization is not None):
+        if is_cuda(device) and quantized:
             from .quant import use_kernels
 
-            log.info("%d quantized layers use CUDA's int8/int4 kernels", use_kernels(model, device.type))
-        elif device.type != "cpu" and args.quantization is None and quantize is None:
+            log.info("%d quantized layers use CUDA's int8/int4 kernels", use_kernels(model, device))
+        elif device.type != "cpu" and not quantized:
             # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
             # measured no faster and would copy weights that are otherwise used in place from the map.
             model.fuse()
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key,
-                        compile=decide_compile(compile, device, max_batch_size, key, expected_tokens,
-                                               quantized=quantize is not None or args.quantization is not None))
+                        compile=decide_compile(compile, device, max_batch_size, key, expected_tokens, quantized))
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
                  device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)

@@ -51,21 +51,29 @@ class ModelParallel:
         return torch.cat(parts, dim=-1)
 
 
-class _Linear(nn.Module):
-    """A weight, dense or in a quantized form (quant.py: integers, group scales, int4 offsets)."""
+class _Weighted(nn.Module):
+    """A (rows, columns) weight, dense or in a quantized form (quant.py: integers, group scales, int4
+    offsets); set_quantized swaps the dense weight for the parts."""
 
-    def __init__(self, out_features: int, in_features: int):
+    def __init__(self, rows: int, columns: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(rows, columns))
         self.register_buffer("qweight", None, persistent=False)
         self.register_buffer("qscale", None, persistent=False)
         self.register_buffer("qoffset", None, persistent=False)
-        self.register_buffer("kscales", None, persistent=False)
-        self.kernel, self.kgroup = None, None  # a library kernel's form (quant.kernel_form), where one is used
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor]) -> None:
         self.qweight, self.qscale, self.qoffset = q, scale, offset
         self.weight = None
+
+
+class _Linear(_Weighted):
+    """A linear layer's weight (out, in); quantized, it may be in a library kernel's form too."""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__(out_features, in_features)
+        self.register_buffer("kscales", None, persistent=False)
+        self.kernel, self.kgroup = None, None  # a library kernel's form (quant.kernel_form), where one is used
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
@@ -102,22 +110,14 @@ class RowParallelLinear(_Linear):
         return self.mp.all_reduce(self.matmul(x))
 
 
-class ParallelEmbedding(nn.Module):
+class ParallelEmbedding(_Weighted):
     """Embedding table split on the embedding dimension: (vocab, dim / world_size); dense, or in a
     quantized form (quant.py), whose looked-up rows are dequantized into `dtype`."""
 
     def __init__(self, vocab_size: int, dim: int, mp: ModelParallel):
-        super().__init__()
+        super().__init__(vocab_size, dim // mp.world_size)
         self.mp = mp
-        self.weight = nn.Parameter(torch.empty(vocab_size, dim // mp.world_size))
-        self.register_buffer("qweight", None, persistent=False)
-        self.register_buffer("qscale", None, persistent=False)
-        self.register_buffer("qoffset", None, persistent=False)
         self.dtype = None  # the activations' dtype when quantized
-
-    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor]) -> None:
-        self.qweight, self.qscale, self.qoffset = q, scale, offset
-        self.weight = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.qweight is None:
@@ -125,5 +125,6 @@ class ParallelEmbedding(nn.Module):
         from .quant import dequantize
 
         offset = None if self.qoffset is None else self.qoffset[tokens].flatten(0, -2)
-        rows = dequantize(self.qweight[tokens].flatten(0, -2), self.qscale[tokens].flatten(0, -2), offset, self.dtype or torch.float32)
+        rows = dequantize(self.qweight[tokens].flatten(0, -2), self.qscale[tokens].flatten(0, -2), offset,
+                          self.dtype or torch.float32)
         return self.mp.all_gather_last(rows.reshape(*tokens.shape, -1))

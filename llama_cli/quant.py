@@ -150,9 +150,9 @@ def widen_tables(model) -> None:
 INNER_K_TILES = (8, 4, 2)  # the kernel's tiling of the input dimension, largest that divides it
 
 
-def kernel_form(m, device_type: str) -> bool:
-    """Put a quantized linear layer `m` into the library kernel's form for `device_type`, where one
-    fits: int8 with one scale per row -> torch._weight_int8pack_mm (weights as they are, scales (out,));
+def kernel_form(m, device: torch.device) -> bool:
+    """Put a quantized linear layer `m` into the library kernel's form for `device` (CUDA's kernels, or
+    elsewhere their CPU twins), where one fits: int8 with one scale per row -> torch._weight_int8pack_mm (weights as they are, scales (out,));
     int4 (groups 32-256, in % 32 == 0, out % 8 == 0) -> torch._weight_int4pack_mm (tinygemm: values
     packed by torch._convert_weight_to_int4pack, scales and zeros (groups, out, 2) bf16 with
     w = (v - 8) * scale + zero, our w = v * scale + offset). Returns whether it did."""
@@ -168,16 +168,19 @@ def kernel_form(m, device_type: str) -> bool:
     tiles = next((t for t in INNER_K_TILES if inp % (t * 16) == 0), None)
     if g not in (32, 64, 128, 256) or tiles is None or out % 8:
         return False
+    from .devices import is_cuda
+
     v = unpack4(q, groups)  # (out, in) 0..15
     zeros = offset.float() + 8 * scale.float()
     sz = torch.stack([scale.float(), zeros], -1).transpose(0, 1).contiguous()
-    m.kscales = sz.to(torch.bfloat16) if device_type == "cuda" else sz  # the CPU kernel takes fp32 too
-    if device_type == "cuda":  # two values a byte, even columns in the high nibble
+    if is_cuda(device):  # two values a byte, even columns in the high nibble; tables in bf16
         m.qweight = torch.ops.aten._convert_weight_to_int4pack((v[:, ::2] << 4 | v[:, 1::2]).contiguous(),
                                                                tiles)
-    else:
+        m.kernel, m.kscales = "int4", sz.to(torch.bfloat16)
+    else:  # the CPU twin takes fp32 tables too
         m.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(v.int(), tiles)
-    m.kernel, m.kgroup = "int4", g
+        m.kernel, m.kscales = "int4-cpu", sz
+    m.kgroup = g
     return True
 
 
@@ -187,18 +190,18 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
     x2 = x.reshape(-1, shape[-1])
     if m.kernel == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, m.qweight, m.kscales.to(x.dtype))
-    elif x.device.type == "cuda":
+    elif m.kernel == "int4":
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(m.kscales.dtype), m.qweight, m.kgroup, m.kscales)
     return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
-def use_kernels(model, device_type: str) -> int:
+def use_kernels(model, device: torch.device) -> int:
     """kernel_form for every quantized linear layer of a model; returns how many took one."""
     from .parallel import _Linear
 
-    return sum(kernel_form(m, device_type) for m in model.modules()
+    return sum(kernel_form(m, device) for m in model.modules()
                if isinstance(m, _Linear) and m.qweight is not None)
 
 

@@ -129,7 +129,7 @@ class _Continuous:
 
         from .sampling import Sampler
 
-        self.llama, self.run_, self.opts = llama, run, opts
+        self.llama, self.job, self.opts = llama, run, opts
         self.engine = llama.engine
         self.bs, self.max_seq_len = self.engine.max_batch_size, self.engine.max_seq_len
         self.stop_ids = llama.tokenizer.stop_ids
@@ -160,7 +160,7 @@ class _Continuous:
             for i in active:
                 slots[i].pos += 1
                 self.accept(i, nxt_host[i], lps[i] if lps else None)
-        return self.run_.stats
+        return self.job.stats
 
     def finish(self, i: int, reason: str) -> None:
         s, echo = self.slots[i], self.opts.echo
@@ -169,12 +169,12 @@ class _Continuous:
         text = None
         if s.watcher is not None and s.watcher.stopped:
             text = (self.llama.tokenizer.decode(s.ids) if echo else "") + s.watcher.text
-        self.run_.report(s.request, tokens, s.logprobs if self.opts.logprobs else None, reason, len(s.generated), text)
+        self.job.report(s.request, tokens, s.logprobs if self.opts.logprobs else None, reason, len(s.generated), text)
 
     def accept(self, i: int, token: int, logprob: Optional[float]) -> None:
         """Record slot i's next token; finish the slot if that ends it."""
         s = self.slots[i]
-        self.run_.token([token])
+        self.job.token([token])
         if token in self.stop_ids:
             return self.finish(i, "stop")
         s.generated.append(token)

@@ -172,7 +172,7 @@ def test_library_kernel_forms_give_the_same_model(tmp_path, spm_path, mode, tol)
     tok = str(folder / "tokenizer.model")
     plain = Llama.build(str(folder), tok, 64, 2, quantize=mode)
     kern = Llama.build(str(folder), tok, 64, 2, quantize=mode)
-    n = use_kernels(kern.model, "cpu")
+    n = use_kernels(kern.model, torch.device("cpu"))
     layers = [m for m in kern.model.modules() if getattr(m, "qweight", None) is not None and hasattr(m, "kernel")]
     assert n == len(layers) == 7 * BIG["n_layers"] + 1  # every linear layer, the output too
     seq = torch.randint(3, plain.tokenizer.n_words, (2, 12), generator=torch.Generator().manual_seed(4))
