@@ -164,8 +164,15 @@ class Engine:
             # process only (the wrapper cannot call the collectives model parallelism adds)
             cpp = self.device.type == "cpu" and model.mp.world_size == 1
             opts = {"cpp_wrapper": True} if cpp else None
+            if is_cuda(self.device):
+                # as gpt-fast: with coordinate-descent tuning inductor writes a one-row product as a fused
+                # multiply-and-sum (its matrix-vector kernels reach full bandwidth only so tuned), into which
+                # an int8 weight's conversion fuses; without it the product goes to cuBLAS
+                opts = {"coordinate_descent_tuning": True}
             model.decode_block_fn = torch.compile(run_block, fullgraph=True, options=opts)
             model.decode_head_fn = torch.compile(run_head, fullgraph=True, options=opts)
+        else:  # a model an earlier engine compiled runs its plain step again
+            model.decode_block_fn, model.decode_head_fn = run_block, run_head
 
     # -- the verbs ---------------------------------------------------------------------------------
 
@@ -193,7 +200,10 @@ class Engine:
         written at the host-side `positions` (one per row)."""
         n = tokens.shape[0]
         need = max(positions) + 1  # the furthest live row decides how much of the cache is read
-        pos_t = torch.as_tensor(list(positions), dtype=torch.long).to(self.device, non_blocking=True)
+        if min(positions) == need - 1:  # every row at one position (static batches): no copy from the host,
+            pos_t = torch.full((n,), need - 1, dtype=torch.long, device=self.device)  # which may wait for the GPU
+        else:
+            pos_t = torch.as_tensor(list(positions), dtype=torch.long).to(self.device, non_blocking=True)
         if self.cuda_graphs:
             return self._graph_for(n, need).run(tokens, pos_t)
         if self.compiled and n <= GEMV_MAX_ROWS:

@@ -122,7 +122,7 @@ class Llama:
         if is_cuda(device) and quantized:
             from .quant import use_kernels
 
-            log.info("%d quantized layers use CUDA's int8/int4 kernels", use_kernels(model, device))
+            log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device))
         elif device.type != "cpu" and not quantized:
             # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
             # measured no faster and would copy weights that are otherwise used in place from the map.

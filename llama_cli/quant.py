@@ -125,6 +125,9 @@ def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs
             y = ((a * (p & 15) + b * p) * s).sum((-1, -2))
             y = y + (xg.sum(-1) * offset.float()).sum(-1)
         return y.to(x.dtype)
+    if offset is None and scale.shape[1] == 1:  # int8 per row: scale after the product (gpt-fast's form,
+        # which a compiled one-row product on a GPU fuses into one pass over the int8 weight)
+        return torch.nn.functional.linear(x, q.to(x.dtype)) * scale[:, 0].to(x.dtype)
     return torch.nn.functional.linear(x, dequantize(q, scale, offset, x.dtype))
 
 
@@ -144,25 +147,23 @@ def widen_tables(model) -> None:
             m.qscale, m.qoffset = wide(m.qscale), wide(m.qoffset)
 
 
-# Library kernels for the quantized product where they exist (CUDA: the tinygemm int4 kernel gpt-fast uses,
-# and the int8 weight-only kernel), used in place of dequantizing a weight on every call. Their CPU twins
-# take the same scales and zeros, which is how the CPU tests check the conversion.
+# A library kernel for the int4 product where one exists (CUDA: the tinygemm kernel gpt-fast uses), in place
+# of dequantizing a weight on every call. Its CPU twin takes the same scales and zeros, which is how the CPU
+# tests check the conversion. int8 takes none: PyTorch's CUDA int8 weight-only kernel gives each output one
+# thread that walks its row alone (uncoalesced reads), so int8 goes through quantized_linear, which a
+# compiled step fuses into one pass over the weight.
 INNER_K_TILES = (8, 4, 2)  # the kernel's tiling of the input dimension, largest that divides it
 
 
 def kernel_form(m, device: torch.device) -> bool:
-    """Put a quantized linear layer `m` into the library kernel's form for `device` (CUDA's kernels, or
-    elsewhere their CPU twins), where one fits: int8 with one scale per row -> torch._weight_int8pack_mm (weights as they are, scales (out,));
-    int4 (groups 32-256, in % 32 == 0, out % 8 == 0) -> torch._weight_int4pack_mm (tinygemm: values
-    packed by torch._convert_weight_to_int4pack, scales and zeros (groups, out, 2) bf16 with
-    w = (v - 8) * scale + zero, our w = v * scale + offset). Returns whether it did."""
+    """Put an int4 linear layer `m` into the library kernel's form for `device` (CUDA's kernel, or elsewhere
+    its CPU twin), where it fits (groups 32-256, in % 32 == 0, out % 8 == 0): torch._weight_int4pack_mm
+    (tinygemm: values packed by torch._convert_weight_to_int4pack, scales and zeros (groups, out, 2) bf16
+    with w = (v - 8) * scale + zero, our w = v * scale + offset). Returns whether it did."""
     q, scale, offset = m.qweight, m.qscale, m.qoffset
     out, groups = scale.shape
     if offset is None:
-        if groups != 1:
-            return False
-        m.kernel, m.kscales = "int8", scale[:, 0].contiguous()
-        return True
+        return False
     inp = q.shape[1] * 2
     g = inp // groups
     tiles = next((t for t in INNER_K_TILES if inp % (t * 16) == 0), None)
@@ -188,9 +189,7 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
     """x @ W.T through the library kernel `m` was put in form for (kernel_form)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if m.kernel == "int8":
-        y = torch.ops.aten._weight_int8pack_mm(x2, m.qweight, m.kscales.to(x.dtype))
-    elif m.kernel == "int4":
+    if m.kernel == "int4":
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(m.kscales.dtype), m.qweight, m.kgroup, m.kscales)

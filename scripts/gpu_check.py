@@ -51,22 +51,48 @@ def say(*a):
     print(*a, flush=True)
 
 
+OUT_DIR = None  # --out: results are written there after every check and row (a run cut short keeps them)
+START = time.perf_counter()
+BUDGET = 1e9  # --budget: seconds for the whole run; a part that would not fit is skipped (a SKIP line)
+
+
+def save():
+    if OUT_DIR:
+        RESULTS["seconds"] = time.perf_counter() - START
+        (OUT_DIR / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+
+
 def check(name, ok, detail=""):
     global FAILURES
     FAILURES += not ok
     RESULTS["checks"].append({"name": name, "ok": bool(ok), "detail": str(detail)})
     say(f"{'PASS' if ok else 'FAIL'} {name} {detail}")
+    save()
 
 
-def section(fn):
-    """Run one part; an exception is a FAIL line, and the rest still runs."""
-    def run(*a, **k):
-        try:
-            return fn(*a, **k)
-        except Exception as e:  # noqa: BLE001 - report and go on
-            check(f"{fn.__name__} ran", False, f"{type(e).__name__}: {e}")
-            traceback.print_exc()
-    return run
+def section(seconds):
+    """One part, expected to take about `seconds` on an H100: skipped when the budget has less left; an
+    exception is a FAIL line, and the rest still runs."""
+    def wrap(fn):
+        def run(*a, **k):
+            spent = time.perf_counter() - START
+            if spent + seconds > BUDGET:
+                say(f"SKIP {fn.__name__}: {BUDGET - spent:.0f} s of the budget left, it needs about {seconds} s")
+                RESULTS["skipped"] = RESULTS.get("skipped", []) + [fn.__name__]
+                save()
+                return None
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                check(f"{fn.__name__} ran", False, f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+            finally:
+                RESULTS["notes"].setdefault("section_s", {})[fn.__name__] = round(time.perf_counter() - t, 1)
+                say(f"[{fn.__name__}: {time.perf_counter() - t:.0f} s; {time.perf_counter() - START:.0f} s in all]")
+                save()
+        return run
+    return wrap
 
 
 def sync():
@@ -76,7 +102,7 @@ def sync():
         torch.cuda.synchronize()
 
 
-@section
+@section(5)
 def nccl():
     import torch
     import torch.distributed as dist
@@ -95,7 +121,7 @@ def nccl():
         os.environ.pop(k)
 
 
-@section
+@section(45)
 def tiny_agreement(tmp: Path):
     from helpers import TINY, make_model_folder, near_tie_gap, train_sentencepiece
     from llama_cli import Llama
@@ -128,7 +154,7 @@ def tiny_agreement(tmp: Path):
               f"largest gap where they part: {worst:.2e} of the logit scale")
 
 
-@section
+@section(60)
 def tiny_quantized(tmp: Path):
     """int8 and int4 through CUDA's kernels (eager, graphs, compiled + graphs): the same logits as the
     CPU model on the dequantized weights, within bf16's error; and the greedy tokens of the three steps."""
@@ -159,10 +185,11 @@ def tiny_quantized(tmp: Path):
               all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs), "")
 
 
-@section
+@section(150)
 def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
-    """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32), CUDA graphs and
-    compiled + graphs, against the bf16 rate of the decode table."""
+    """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32) against the bf16
+    rate of the decode table: int8 through its own product (compiled: fused into one pass over the int8
+    weight, as gpt-fast), int4 through tinygemm; CUDA graphs alone, and compiled + CUDA graphs."""
     import torch
 
     from llama_cli import Llama
@@ -170,19 +197,24 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g).tolist()
     best = {}
-    for mode in ("int8", "int4"):
-        for impl, comp in (("CUDA graphs", "off"), ("compiled + CUDA graphs", "on")):
-            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on", compile=comp,
-                                dtype="bf16", device=DEV, quantize=mode, group_size=32 if mode == "int4" else None)
-            quiet_stops(llama)
-            ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
-                                       lambda: llama.engine)
-            row(f"llama-cli {mode} {impl}", 1, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
-            best[mode] = max(best.get(mode, 0.0), rate)
-            llama = None
-            gc.collect()
-            if not DRY:
-                torch.cuda.empty_cache()
+    for mode, impl, comp, new in (("int8", "compiled + CUDA graphs", "on", NEW), ("int4", "CUDA graphs", "off", NEW),
+                                  ("int4", "compiled + CUDA graphs", "on", NEW), ("int8", "CUDA graphs", "off", 64)):
+        llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on", compile=comp,
+                            dtype="bf16", device=DEV, quantize=mode, group_size=32 if mode == "int4" else None)
+        quiet_stops(llama)
+        kern = sorted({str(getattr(m, "kernel", None)) for m in llama.model.modules() if getattr(m, "qweight", None) is not None})
+        ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, new,
+                                   lambda: llama.engine)
+        row(f"llama-cli {mode} {impl}", 1, rate, ttft, wbytes, bw,
+            f"capture/compile {llama.engine.warmup_s:.1f} s; kernels {kern}")
+        best[mode] = max(best.get(mode, 0.0), rate)
+        llama = None
+        gc.collect()
+        if not DRY:
+            torch.cuda.empty_cache()
+        base = RESULTS["notes"].get("bf16_b1_best")
+        if base:
+            RESULTS["notes"][f"{mode}_b1_ratio"] = best[mode] / base
     base = RESULTS["notes"].get("bf16_b1_best")
     if base:
         for mode, target in (("int8", 1.6), ("int4", 2.5)):
@@ -191,7 +223,8 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
 
 
 def make_7b(folder: Path):
-    """Random Llama-2-7B-shape bf16 weights made on the GPU, saved as one Meta shard; returns them."""
+    """Random Llama-2-7B-shape bf16 weights made on the GPU, saved as one Meta shard; returns them (on the
+    CPU)."""
     import torch
 
     from helpers import model_args
@@ -209,7 +242,8 @@ def make_7b(folder: Path):
             w[name] = (torch.randn(shape, generator=g, device=DEV, dtype=torch.float32) * scale).to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    torch.save({k: v.cpu() for k, v in w.items()}, folder / "consolidated.00.pth")
+    w = {k: v.cpu() for k, v in w.items()}  # kept for HF's rows, off the GPU
+    torch.save(w, folder / "consolidated.00.pth")
     (folder / "params.json").write_text(json.dumps(params))
     say(f"wrote the 7B-shape checkpoint in {time.perf_counter() - t:.1f} s")
     return params, w
@@ -234,6 +268,7 @@ def row(impl, batch, rate, ttft, wbytes, bw, extra=""):
     gbs = wbytes * rate / batch / 1e9
     RESULTS["table"].append({"impl": impl, "batch": batch, "tok_s": rate, "ttft_ms": ttft * 1e3,
                              "pct_ceiling": 100 * gbs * 1e9 / bw, "extra": extra})
+    save()
     say(f"| {impl} | {batch} | {rate:.1f} | {100 * gbs * 1e9 / bw:.1f}% | {ttft * 1e3:.1f} | {extra} |")
 
 
@@ -274,10 +309,10 @@ def quiet_stops(llama):
     llama._stop = torch.tensor([-1], device=llama.device)
 
 
-@section
-def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
-    import torch
-
+@section(100)
+def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
+    """The decode table's llama-cli rows (eager, CUDA graphs, compiled + CUDA graphs; batch 1 and 16).
+    Returns the model (the next parts reuse it)."""
     from llama_cli import Llama
 
     t = time.perf_counter()
@@ -285,8 +320,7 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
                         dtype="bf16", device=DEV)
     RESULTS["notes"]["our_load_s"] = time.perf_counter() - t
     quiet_stops(llama)
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, 32000, (16, PROMPT_LEN), generator=g).tolist()
+    prompts = table_prompts()
     for n in (100, 100, 100):  # an eager prefill of one 100-token prompt (the continuous schedule's refill)
         sync()
         t = time.perf_counter()
@@ -295,8 +329,8 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
         RESULTS["notes"]["prefill_100_tokens_ms"] = (time.perf_counter() - t) * 1e3
     say(f"eager prefill of a 100-token prompt: {RESULTS['notes']['prefill_100_tokens_ms']:.1f} ms")
     out = {}
-    for impl, graphs, comp, new in (("llama-cli eager (no graphs)", False, False, 64),
-                                    ("llama-cli CUDA graphs", True, False, NEW),
+    for impl, graphs, comp, new in (("llama-cli CUDA graphs", True, False, NEW),
+                                    ("llama-cli eager (no graphs)", False, False, 64),
                                     ("llama-cli compiled + CUDA graphs", True, True, NEW)):
         ours_engine(llama, 16, PROMPT_LEN + NEW + 8, graphs, comp)
         for b in (1, 16):
@@ -304,16 +338,65 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
                                        lambda: llama.engine)
             out[(impl, b)] = rate
             row(impl, b, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
-    RESULTS["notes"]["bf16_b1_best"] = max(out[("llama-cli CUDA graphs", 1)], out[("llama-cli compiled + CUDA graphs", 1)])
-    check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling",
-          out[("llama-cli CUDA graphs", 1)] * wbytes / bw >= 0.85, f"{out[('llama-cli CUDA graphs', 1)]:.1f} tok/s")
-    best16 = max(out[("llama-cli CUDA graphs", 16)], out[("llama-cli compiled + CUDA graphs", 16)])
+            RESULTS["notes"]["bf16_b1_best"] = max(v for (i, bb), v in out.items() if bb == 1 and "graphs" in i)
+    profile_step(llama)
+    g1 = out[("llama-cli CUDA graphs", 1)]
+    check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling", g1 * wbytes / bw >= 0.85,
+          f"{g1:.1f} tok/s, {100 * g1 * wbytes / bw:.1f}%")
+    if ("llama-cli compiled + CUDA graphs", 1) in out:
+        c1 = out[("llama-cli compiled + CUDA graphs", 1)]
+        check("batch 1 best (graphs or compiled + graphs) >= 85% of the ceiling", max(g1, c1) * wbytes / bw >= 0.85,
+              f"{max(g1, c1):.1f} tok/s, {100 * max(g1, c1) * wbytes / bw:.1f}%")
+    best16 = max(v for (i, b), v in out.items() if b == 16 and "graphs" in i)
     check("batch 16 >= 2,900 tok/s", best16 >= 2900, f"{best16:.0f} tok/s")
     check("eager (no graphs) beats Meta's reference (28.3 tok/s measured before)",
           out[("llama-cli eager (no graphs)", 1)] > 28.3, f"{out[('llama-cli eager (no graphs)', 1)]:.1f}")
+    return llama
 
-    # max_seq_len 256 vs 4096: a decode step's cost follows the live tokens
-    ours_engine(llama, 16, 256, True, False)
+
+def profile_step(llama):
+    """Where a batch-1 decode step's GPU time goes (the eager step, which CUDA graphs replay; CUDA kernels by
+    total time): for the next round of work on the step."""
+    if DRY:
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        ours_engine(llama, 16, PROMPT_LEN + NEW + 8, False, False)
+        eng = llama.engine
+        tok = torch.tensor([5], device=llama.device)
+        for _ in range(3):
+            eng.decode(tok, [PROMPT_LEN + 3])
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.decode(tok, [PROMPT_LEN + 3])
+            sync()
+        ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or
+              getattr(e, "self_device_time_total", 0) > 0]
+        total = sum(getattr(e, "self_device_time_total", 0) for e in ev)
+        top = sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", 0))[:12]
+        RESULTS["notes"]["step_profile"] = {
+            "kernels": sum(e.count for e in ev), "gpu_us": total,
+            "top": [[e.key[:80], e.count, round(getattr(e, "self_device_time_total", 0))] for e in top]}
+        say(f"one eager batch-1 step: {sum(e.count for e in ev)} kernels, {total / 1e3:.2f} ms of GPU time")
+        for k, c, t in RESULTS["notes"]["step_profile"]["top"]:
+            say(f"  {t:8d} us {c:5d}x {k}")
+    except Exception as e:  # noqa: BLE001 - a note, not a check
+        say(f"(profile failed: {type(e).__name__}: {e})")
+
+
+def table_prompts():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, 32000, (16, PROMPT_LEN), generator=g).tolist()
+
+
+@section(60)
+def seq_len_rows(llama):
+    """max_seq_len 256 vs 4096: a decode step's cost follows the live tokens (CUDA graphs)."""
+    prompts = table_prompts()
     new = 224
     rates = {}
     for seq in (256, 4096):
@@ -322,14 +405,18 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
             _, rates[(seq, b, "static")] = time_generate(
                 lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, new, lambda: llama.engine)
             rates[(seq, b, "continuous")] = continuous_rate(llama, prompts[:b], new)
+            RESULTS["notes"]["seq_len_rates"] = {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in rates.items()}
+            save()
     for b in (1, 16):
         for mode in ("static", "continuous"):
             r256, r4k = rates[(256, b, mode)], rates[(4096, b, mode)]
             check(f"max_seq_len 4096 decodes at >= 90% of 256 (batch {b}, {mode})", r4k >= 0.9 * r256,
                   f"{r4k:.1f} vs {r256:.1f} tok/s ({100 * r4k / r256:.0f}%)")
-    RESULTS["notes"]["seq_len_rates"] = {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in rates.items()}
 
-    # continuous vs static on 64 mixed prompts (the batching bench's workload)
+
+@section(60)
+def batching_rows(llama):
+    """Continuous vs static on 64 mixed prompts (the batching bench's workload), CUDA graphs."""
     from bench_batching import compare
 
     ours_engine(llama, 16, 200 + 256, True, False)
@@ -338,10 +425,6 @@ def decode_table(folder: Path, tok: str, wbytes: int, bw: float):
     check("continuous >= 2x static on 64 mixed prompts (7B shape, batch 16)", res["ratio"] >= 2.0,
           f"{res['ratio']:.2f}x ({res['static_tok_s']:.0f} -> {res['continuous_tok_s']:.0f} tok/s), "
           f"identical {res['identical']}/{res['prompts']}")
-    llama = None
-    gc.collect()
-    if not DRY:
-        torch.cuda.empty_cache()
 
 
 def continuous_rate(llama, prompts, new):
@@ -360,7 +443,7 @@ def continuous_rate(llama, prompts, new):
     return rate
 
 
-@section
+@section(40)
 def hf_rows(params, w, wbytes, bw):
     import torch
 
@@ -407,10 +490,11 @@ print("META" + json.dumps(out))
 '''
 
 
-@section
+@section(90)
 def meta_rows(folder: Path, tok: str, meta: str, wbytes: int, bw: float):
+    left = max(30, BUDGET - (time.perf_counter() - START))
     proc = subprocess.run([sys.executable, "-c", META_BENCH, meta, str(folder), tok], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=min(300, left))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("META")), None)
     if line is None:
         raise RuntimeError(f"Meta's reference did not run: {proc.stderr[-1500:]}")
@@ -420,7 +504,7 @@ def meta_rows(folder: Path, tok: str, meta: str, wbytes: int, bw: float):
         row("Meta reference (fp16, its loop)", int(b), res[b][1], res[b][0], wbytes, bw)
 
 
-@section
+@section(30)
 def cold_cli(folder: Path, tok: str):
     cmd = [sys.executable, "-m", "llama_cli", "--ckpt_dir", str(folder), "--tokenizer_path", tok, "--prompt",
            "The capital of France is", "--max_gen_len", "256", "--temperature", "0", "--output", "jsonl"]
@@ -458,61 +542,68 @@ def cold_cli(folder: Path, tok: str):
 
 
 def main() -> int:
+    global OUT_DIR, BUDGET
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--meta", default=None, help="folder holding Meta's llama package (llama/model.py, ...)")
     ap.add_argument("--tokenizer", default=None, help="a 32000-token SentencePiece tokenizer.model (Llama 2's)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="folder for gpu_check.json, written after every check and row")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="seconds for the whole run: a part that would not fit is skipped (SKIP line)")
     ap.add_argument("--skip_7b", action="store_true")
     a = ap.parse_args()
+    BUDGET = a.budget
+    if a.out:
+        OUT_DIR = Path(a.out)
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
     import torch
 
     if not torch.cuda.is_available() and not DRY:
         print("no CUDA GPU here: nothing to check")
         return 0
     say(f"device: {torch.cuda.get_device_name() if not DRY else 'CPU (dry run)'}; torch {torch.__version__}")
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    RESULTS["device"] = torch.cuda.get_device_name() if not DRY else "CPU (dry run)"
+    # the 7B checkpoint in memory where there is room (13.5 GB): a fresh machine's page cache holds it anyway
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and not DRY and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > 20e9 else None
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
         tmp = Path(tmp)
         if not DRY:
             nccl()
             tiny_agreement(tmp)
             tiny_quantized(tmp)
-        say(f"[{time.perf_counter() - start:.0f} s]")
         if not a.skip_7b:
             from llama_cli.memory import weight_bytes
             from helpers import model_args
 
-            folder = tmp / "7b"
-            params, w = make_7b(folder)
             tok = a.tokenizer
             if tok is None or not os.path.isfile(tok):
                 raise SystemExit("--tokenizer (Llama 2's tokenizer.model, 32000 tokens) is needed for the 7B part")
+            folder = tmp / "7b"
+            params, w = make_7b(folder)
             wbytes = weight_bytes(model_args(params, 32000), 1, torch.bfloat16)
             bw = copy_bandwidth()
             RESULTS["notes"]["copy_bw_GBs"] = bw / 1e9
+            RESULTS["notes"]["weights_GB"] = wbytes / 1e9
             say(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write); weights {wbytes / 1e9:.2f} GB -> ceiling "
-                f"{bw / wbytes:.1f} tok/s at batch 1")
+                f"{bw / wbytes:.1f} tok/s at batch 1 [{time.perf_counter() - START:.0f} s]")
             say("| impl | batch | tok/s | % of ceiling | TTFT ms | |")
             say("|---|---|---|---|---|---|")
+            llama = decode_rows(folder, tok, wbytes, bw)
+            quant_rows(folder, tok, wbytes, bw)
+            cold_cli(folder, tok)
+            if llama is not None:
+                seq_len_rows(llama)
+                batching_rows(llama)
+                llama = None
+                gc.collect()
+                if not DRY:
+                    torch.cuda.empty_cache()
             hf_rows(params, w, wbytes, bw)
             del w
-            gc.collect()
-            if not DRY:
-                torch.cuda.empty_cache()
-            say(f"[{time.perf_counter() - start:.0f} s]")
-            decode_table(folder, tok, wbytes, bw)
-            say(f"[{time.perf_counter() - start:.0f} s]")
-            quant_rows(folder, tok, wbytes, bw)
-            say(f"[{time.perf_counter() - start:.0f} s]")
             if a.meta and not DRY:
                 meta_rows(folder, tok, a.meta, wbytes, bw)
-            say(f"[{time.perf_counter() - start:.0f} s]")
-            cold_cli(folder, tok)
-    RESULTS["seconds"] = time.perf_counter() - start
-    say(f"done in {RESULTS['seconds']:.0f} s; {FAILURES} failure(s)")
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+    say(f"done in {time.perf_counter() - START:.0f} s; {FAILURES} failure(s)")
+    save()
     return 1 if FAILURES else 0
 
 

@@ -161,23 +161,27 @@ def test_tied_model_quantized_reads_its_output_from_the_int8_embeddings(tmp_path
     assert run_torchrun(2, tmp_path / "q", tmp_path / "tr")["greedy"] == greedy(tmp_path / "q")
 
 
-@pytest.mark.parametrize("mode,tol", [("int8", 1e-4), ("int4", 1e-4)])
-def test_library_kernel_forms_give_the_same_model(tmp_path, spm_path, mode, tol):
-    """The forms CUDA's kernels take (torch._weight_int8pack_mm; tinygemm's packed int4 with scales and
-    zeros, w = (v - 8) scale + zero), checked through their CPU twins: the same logits as dequantizing
-    (fp32 on the CPU; CUDA's int4 kernel takes bf16). The CUDA-only packing is gpu_check's to check."""
+def test_library_kernel_form_gives_the_same_model(tmp_path, spm_path):
+    """The form CUDA's int4 kernel takes (tinygemm's packed int4 with scales and zeros, w = (v - 8) scale +
+    zero), checked through its CPU twin: the same logits as dequantizing (fp32 on the CPU; CUDA's kernel
+    takes bf16). The CUDA-only packing is gpu_check's to check. int8 layers keep their own product."""
     from llama_cli.quant import use_kernels
 
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=2)
     tok = str(folder / "tokenizer.model")
-    plain = Llama.build(str(folder), tok, 64, 2, quantize=mode)
-    kern = Llama.build(str(folder), tok, 64, 2, quantize=mode)
+    plain = Llama.build(str(folder), tok, 64, 2, quantize="int4")
+    kern = Llama.build(str(folder), tok, 64, 2, quantize="int4")
     n = use_kernels(kern.model, torch.device("cpu"))
     layers = [m for m in kern.model.modules() if getattr(m, "qweight", None) is not None and hasattr(m, "kernel")]
     assert n == len(layers) == 7 * BIG["n_layers"] + 1  # every linear layer, the output too
+    assert {m.kernel for m in layers} == {"int4-cpu"}
     seq = torch.randint(3, plain.tokenizer.n_words, (2, 12), generator=torch.Generator().manual_seed(4))
     ref, got = plain.model(seq), kern.model(seq)
-    assert ((got - ref).abs().max() / ref.abs().max()) < tol
+    assert ((got - ref).abs().max() / ref.abs().max()) < 1e-4
+    # a wrong zero point (tinygemm's zeros are offset + 8 scale) is caught by the comparison above
+    kern.model.output.kscales[..., 1] -= 0.01
+    assert ((kern.model(seq) - ref).abs().max() / ref.abs().max()) > 1e-3
+    assert use_kernels(Llama.build(str(folder), tok, 64, 2, quantize="int8").model, torch.device("cpu")) == 0
 
 
 def test_quantize_refusals(tmp_path, spm_path, capsys):
