@@ -24,6 +24,7 @@ of two). Three ways to run the step, chosen per device (`--compile`, `--cuda_gra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Optional, Sequence
@@ -151,6 +152,10 @@ class Engine:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
         self._compiled_sizes: set[int] = set()
+        # attention kernels: on CUDA not cuDNN's, which builds a plan for every new shape (every prompt
+        # length a prefill meets, every cache length an eager step reads; hundreds of ms each, measured on an
+        # H100 as the continuous schedule's refills); flash and memory-efficient attention need no plan
+        self._attention = _no_cudnn_attention if is_cuda(self.device) else contextlib.nullcontext
         if compile:
             # one graph per distinct row count; several models in one process are fine
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -180,6 +185,21 @@ class Engine:
         """Write whole prompts (each at least one token) into cache rows `rows`, in one batch.
         Returns the logits of each prompt's last token (n, vocab), or with all_logits a list of
         (len_i, vocab) logits for every position of each prompt."""
+        with self._attention():
+            return self._prefill(rows, prompts, all_logits)
+
+    def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """Logits (n, vocab) for one new token in each of cache rows 0..n-1: tokens (n,) on the device,
+        written at the host-side `positions` (one per row)."""
+        with self._attention():
+            return self._decode(tokens, positions)
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.model.move_cache_row(src, dst)
+
+    # -- the ways to run a step ----------------------------------------------------------------------
+
+    def _prefill(self, rows, prompts, all_logits):
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
         if longest > self.max_seq_len:
@@ -195,9 +215,7 @@ class Engine:
         last = torch.as_tensor([n - 1 for n in lengths], dtype=torch.long).to(self.device)
         return self.model.prefill(tokens, row_t, last=last)
 
-    def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        """Logits (n, vocab) for one new token in each of cache rows 0..n-1: tokens (n,) on the device,
-        written at the host-side `positions` (one per row)."""
+    def _decode(self, tokens, positions):
         n = tokens.shape[0]
         need = max(positions) + 1  # the furthest live row decides how much of the cache is read
         if min(positions) == need - 1:  # every row at one position (static batches): no copy from the host,
@@ -210,12 +228,6 @@ class Engine:
             return self._run_compiled(tokens, pos_t, need)
         masked = any(p != need - 1 for p in positions)
         return self.model.decode(tokens, pos_t, need, masked=masked, eager=True)
-
-    def move_row(self, src: int, dst: int) -> None:
-        self.model.move_cache_row(src, dst)
-
-    # -- the ways to run a decode step -------------------------------------------------------------
-
 
     def _run_compiled(self, tokens, positions, kv_len):
         n = tokens.shape[0]
@@ -245,3 +257,9 @@ class Engine:
             self.warmup_s += spent
             log.debug("captured the decode step for %d rows over %d positions in %.2f s", size, kv_len, spent)
         return graph
+
+
+def _no_cudnn_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -125,9 +125,15 @@ def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs
             y = ((a * (p & 15) + b * p) * s).sum((-1, -2))
             y = y + (xg.sum(-1) * offset.float()).sum(-1)
         return y.to(x.dtype)
-    if offset is None and scale.shape[1] == 1:  # int8 per row: scale after the product (gpt-fast's form,
-        # which a compiled one-row product on a GPU fuses into one pass over the int8 weight)
-        return torch.nn.functional.linear(x, q.to(x.dtype)) * scale[:, 0].to(x.dtype)
+    if offset is None and scale.shape[1] == 1:  # int8 per row: the scale after the product
+        s = scale[:, 0].to(x.dtype)
+        if not torch.compiler.is_compiling():
+            return torch.nn.functional.linear(x, q.to(x.dtype)) * s
+        if x.shape[:-1].numel() <= gemv_rows:
+            # a few rows, compiled (GPUs): a multiply-and-sum that inductor fuses into one pass over the int8
+            # weight. (As a product, F.linear(x, q.to(dtype)) * s, inductor's own int8 pattern replaced it by
+            # a kernel whose compile failed on CUDA in torch 2.11; with more rows the weight is dequantized.)
+            return (x.unsqueeze(-2) * q.to(x.dtype)).sum(-1) * s
     return torch.nn.functional.linear(x, dequantize(q, scale, offset, x.dtype))
 
 

@@ -38,9 +38,9 @@ def make_requests(llama, n_prompts: int, seed: int = 0):
     return reqs
 
 
-def compare(llama, n_prompts: int = 256, seed: int = 0) -> dict:
+def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False) -> dict:
     """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
-    its own max_gen_len in both."""
+    its own max_gen_len in both. keep: the result holds the requests and both schedules' tokens too."""
     import torch
 
     from llama_cli.scheduler import Options, run_continuous, run_static
@@ -66,7 +66,9 @@ def compare(llama, n_prompts: int = 256, seed: int = 0) -> dict:
     rate = {k: v[0] / v[1] for k, v in rows.items()}
     return {"prompts": len(reqs), "tokens": rows["static"][0], "static_s": rows["static"][1],
             "continuous_s": rows["continuous"][1], "static_tok_s": rate["static"],
-            "continuous_tok_s": rate["continuous"], "ratio": rate["continuous"] / rate["static"], "identical": same}
+            "continuous_tok_s": rate["continuous"], "ratio": rate["continuous"] / rate["static"], "identical": same,
+            **({"requests": reqs, "static_out": rows["static"][2], "continuous_out": rows["continuous"][2]}
+               if keep else {})}
 
 
 def main() -> None:

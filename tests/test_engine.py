@@ -123,3 +123,23 @@ def test_rotary_eager_and_compiled_forms_agree():
     c, s = ang.cos()[:, :, None], ang.sin()[:, :, None]
     want = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2)
     assert rel_err(eager, want) < 1e-6 and rel_err(compiled, want) < 1e-6
+
+
+def test_attention_without_cudnn_gives_the_same_steps(seq, monkeypatch):
+    """On CUDA the engine keeps cuDNN's attention out (a plan per new shape: hundreds of ms each); the
+    backends it allows give the same prefill and steps (checked here with the CPU's)."""
+    import llama_cli.engine as engine
+
+    m = model()
+    plain = Engine(m, 4, 64)
+    want = [plain.prefill([0, 1], [s[:9].tolist() for s in seq[:2]])]
+    want += [plain.decode(seq[:2, p], [p, p]) for p in range(9, 14)]
+    eng = Engine(m, 4, 64)
+    eng._attention = engine._no_cudnn_attention
+    got = [eng.prefill([0, 1], [s[:9].tolist() for s in seq[:2]])]
+    got += [eng.decode(seq[:2, p], [p, p]) for p in range(9, 14)]
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+    with engine._no_cudnn_attention():  # the context really restricts the choice
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
