@@ -80,8 +80,9 @@ def section(seconds):
             spent = time.perf_counter() - START
             if ONLY is not None and fn.__name__ not in ONLY:
                 return None
-            if spent + seconds > BUDGET:
-                say(f"SKIP {fn.__name__}: {BUDGET - spent:.0f} s of the budget left, it needs about {seconds} s")
+            need = seconds() if callable(seconds) else seconds
+            if spent + need > BUDGET:
+                say(f"SKIP {fn.__name__}: {BUDGET - spent:.0f} s of the budget left, it needs about {need} s")
                 RESULTS["skipped"] = RESULTS.get("skipped", []) + [fn.__name__]
                 save()
                 return None
@@ -158,7 +159,7 @@ def tiny_agreement(tmp: Path):
               f"largest gap where they part: {worst:.2e} of the logit scale")
 
 
-@section(60)
+@section(lambda: 60 if QUICK else 90)
 def tiny_quantized(tmp: Path):
     """int8 and int4 through CUDA's kernels (eager, graphs, compiled + graphs): the same logits as the
     CPU model on the dequantized weights, within bf16's error; and the greedy tokens of the three steps."""
@@ -170,13 +171,14 @@ def tiny_quantized(tmp: Path):
     tok = train_sentencepiece(tmp / "tokq.model")
     folder, _ = make_model_folder(tmp / "tinyq", tok, {**TINY, "dim": 128, "multiple_of": 128})
     seq = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
-    for mode in ("int8", "int4"):
+    for mode in ("int8",) if QUICK else ("int8", "int4"):
         cpu = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 2, device="cpu", dtype="fp32",
                           compile="off", quantize=mode)
         ref = cpu.model(seq)
         runs = {}
-        for name, kw in (("eager", dict(compile="off", cuda_graphs="off")), ("graphs", dict(compile="off", cuda_graphs="on")),
-                         ("compiled+graphs", dict(compile="on", cuda_graphs="on"))):
+        for name, kw in (("eager", dict(compile="off", cuda_graphs="off")),
+                         ("compiled+graphs", dict(compile="on", cuda_graphs="on")),
+                         ("graphs", dict(compile="off", cuda_graphs="on")))[:2 if QUICK else 3]:
             llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 2, dtype="bf16", quantize=mode, **kw)
             kernels = sum(getattr(m, "kernel", None) is not None for m in llama.model.modules())
             if name == "eager":
@@ -189,7 +191,7 @@ def tiny_quantized(tmp: Path):
               all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs), "")
 
 
-@section(150)
+@section(lambda: 75 if QUICK else 150)
 def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32) against the bf16
     rate of the decode table: int8 through its own product (compiled: fused into one pass over the int8
@@ -314,7 +316,7 @@ def quiet_stops(llama):
     llama._stop = torch.tensor([-1], device=llama.device)
 
 
-@section(100)
+@section(lambda: 35 if QUICK else 100)
 def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
     """The decode table's llama-cli rows (eager, CUDA graphs, compiled + CUDA graphs; batch 1 and 16).
     Returns the model (the next parts reuse it)."""
@@ -419,7 +421,7 @@ def seq_len_rows(llama):
                   f"{r4k:.1f} vs {r256:.1f} tok/s ({100 * r4k / r256:.0f}%)")
 
 
-@section(60)
+@section(40)
 def batching_rows(llama):
     """Continuous vs static on 64 mixed prompts (the batching bench's workload), CUDA graphs."""
     from bench_batching import compare
@@ -572,6 +574,14 @@ def cold_cli(folder: Path, tok: str):
           f"wall {wall:.1f} s; load {load:.1f} s, generation {gen - capture:.1f} s, capture {capture:.1f} s")
 
 
+def free():
+    gc.collect()
+    if not DRY:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     global OUT_DIR, BUDGET, ONLY, QUICK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -585,7 +595,8 @@ def main() -> int:
                     "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, hf_rows, "
                     "meta_rows); default all")
     ap.add_argument("--quick", action="store_true",
-                    help="no compiled rows in the decode table; of the quantized rows only int8 compiled")
+                    help="no compiled rows in the decode table; of the quantized rows only int8 compiled, after the "
+                    "reference rows; the tiny quantized check (int8 only) last")
     a = ap.parse_args()
     BUDGET, QUICK = a.budget, a.quick
     ONLY = set(a.only.split(",")) if a.only else None
@@ -604,7 +615,7 @@ def main() -> int:
     base = shm if shm.is_dir() and not DRY and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > 20e9 else None
     with tempfile.TemporaryDirectory(dir=base) as tmp:
         tmp = Path(tmp)
-        if not DRY:
+        if not DRY and not QUICK:  # correctness first (--quick: last)
             nccl()
             tiny_agreement(tmp)
             tiny_quantized(tmp)
@@ -626,16 +637,24 @@ def main() -> int:
             say("| impl | batch | tok/s | % of ceiling | TTFT ms | |")
             say("|---|---|---|---|---|---|")
             llama = decode_rows(folder, tok, wbytes, bw)
-            quant_rows(folder, tok, wbytes, bw)
-            cold_cli(folder, tok)
-            if llama is not None:
-                seq_len_rows(llama)
-                batching_rows(llama)
-                llama = None
-                gc.collect()
+            if QUICK:  # a second look: the changed parts first, the costly ones last
+                cold_cli(folder, tok)
+                if llama is not None:
+                    batching_rows(llama)
+                    llama = None
+                    free()
                 if not DRY:
-                    torch.cuda.empty_cache()
-            hf_rows(params, w, wbytes, bw)
+                    tiny_quantized(tmp)
+                quant_rows(folder, tok, wbytes, bw)
+            else:
+                quant_rows(folder, tok, wbytes, bw)
+                cold_cli(folder, tok)
+                if llama is not None:
+                    seq_len_rows(llama)
+                    batching_rows(llama)
+                    llama = None
+                    free()
+                hf_rows(params, w, wbytes, bw)
             del w
             if a.meta and not DRY:
                 meta_rows(folder, tok, a.meta, wbytes, bw)
