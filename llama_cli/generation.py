@@ -120,16 +120,23 @@ class Llama:
 
             widen_tables(model)
         if is_cuda(device) and quantized:
-            from .quant import use_kernels
+            from .quant import dequantizing_layers, use_kernels
 
             log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device))
+            # what is left dequantizes per call: fast only compiled, and for 1-2 rows (engine.decide_compile)
+            quantized = dequantizing_layers(model) > 0
         elif device.type != "cpu" and not quantized:
             # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
             # measured no faster and would copy weights that are otherwise used in place from the map.
             model.fuse()
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
-        engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key,
-                        compile=decide_compile(compile, device, max_batch_size, key, expected_tokens, quantized))
+        compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, quantized)
+        if is_cuda(device) and quantized and not compiling:
+            log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every "
+                        "step unless the step is compiled (measured: about a quarter of bf16's speed); for speed "
+                        "use --compile on with --max_batch_size 1 or 2 (a first compile takes about a minute, kept "
+                        "for later runs), or --quantize int4, which runs on tinygemm without compiling")
+        engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling)
         log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
                  device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)

@@ -130,9 +130,10 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Meta's RMSNorm: normalised in fp32, cast back, then scaled (the normalising is one fused kernel on
-    GPUs, where the eager step is launch-bound)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
+    """Meta's RMSNorm: normalised in fp32, rounded to x's dtype, then scaled. PyTorch's rms_norm computes in
+    fp32 for 16-bit inputs, so no casts around it: two kernels a norm where the eager step is launch-bound
+    (GPUs), not four."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
 
 
 class Attention(nn.Module):
@@ -157,15 +158,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ctx: "StepContext") -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None:
-            nq, nkv = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
-            q, k, v = linear(x, self.wqkv).split([nq, nkv, nkv], dim=-1)
+        hq, hkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        if self.wqkv is not None:  # stacked: q and k side by side, rotated together (half the kernels)
+            qkv = linear(x, self.wqkv)
+            qk = apply_rotary(qkv[..., :(hq + hkv) * hd].view(bsz, seqlen, hq + hkv, hd), cos, sin, ctx.cis)
+            q, k = qk.split([hq, hkv], dim=2)
+            v = qkv[..., (hq + hkv) * hd:].view(bsz, seqlen, hkv, hd)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin, ctx.cis), apply_rotary(k, cos, sin, ctx.cis)
+            q = apply_rotary(self.wq(x).view(bsz, seqlen, hq, hd), cos, sin, ctx.cis)
+            k = apply_rotary(self.wk(x).view(bsz, seqlen, hkv, hd), cos, sin, ctx.cis)
+            v = self.wv(x).view(bsz, seqlen, hkv, hd)
 
         # The cache writes: row r, position p <- the new key/value. Cache layout:
         # (max_batch, n_local_kv_heads, max_seq_len, head_dim). One kernel each, no host sync.
@@ -174,10 +176,10 @@ class Attention(nn.Module):
             self.cache_k[:, :, :seqlen].index_copy_(0, ctx.rows, k)
             self.cache_v[:, :, :seqlen].index_copy_(0, ctx.rows, v)
         else:  # rows 0..bsz-1, each at its own position (scatter_ would cost the whole cache on the CPU)
-            rows = torch.arange(bsz, device=x.device)[:, None]
+            rows = ctx.rows[:, None]
             self.cache_k[rows, :, ctx.positions] = k  # indexed shape (bsz, 1, kv_heads, head_dim)
             self.cache_v[rows, :, ctx.positions] = v
-        gqa = self.n_local_heads != self.n_local_kv_heads
+        gqa = hq != hkv
         if ctx.prefill:
             # a prompt from position 0: attend over its own keys, causally (padding sits after each row's end)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=seqlen > 1, enable_gqa=gqa)

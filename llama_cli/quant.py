@@ -202,6 +202,13 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
     return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
+def dequantizing_layers(model) -> int:
+    """How many quantized linear layers have no library kernel (their product dequantizes per call)."""
+    from .parallel import _Linear
+
+    return sum(m.qweight is not None and m.kernel is None for m in model.modules() if isinstance(m, _Linear))
+
+
 def use_kernels(model, device: torch.device) -> int:
     """kernel_form for every quantized linear layer of a model; returns how many took one."""
     from .parallel import _Linear

@@ -1,22 +1,27 @@
 """The one GPU call: checks and timings on a machine with a CUDA GPU, in one process (plus subprocesses
 for Meta's reference and the cold command line), printing PASS/FAIL lines and a table; exit 1 on a failure.
 
-    python scripts/gpu_check.py [--meta PATH] [--tokenizer PATH] [--out DIR] [--skip_7b]
+    python scripts/gpu_check.py [--meta PATH] [--tokenizer PATH] [--out DIR] [--budget S] [--only A,B]
+                                [--quick] [--skip_7b]
 
+In this order (correctness first; each part is skipped with a SKIP line when the --budget, default 540 s,
+has too little left for it, and results are written to --out after every check and row):
 1. NCCL: the backend picked for a CUDA device, a 1-process NCCL group and an all_reduce.
 2. Tiny random model, bf16: greedy tokens of the eager, CUDA-graph and compiled+graph decode steps agree
    (where they part, the two tokens must be a near-tie of the eager model's logits), and bf16 GPU greedy
    starts like fp32 CPU greedy.
-3. Llama-2-7B shape, random bf16 weights made on the GPU: the copy bandwidth and the decode table at
-   batch 1 and 16 (16-token prompt, 256 greedy tokens, stop token masked) for llama-cli eager, CUDA graphs,
-   compiled + CUDA graphs, HF transformers eager and Meta's reference (its own loop, fp16, in a subprocess;
-   --meta names a folder holding Meta's `llama` package); decode at max_seq_len 256 vs 4096 (batch 1 and
-   16, static and continuous); continuous vs static batching on 64 mixed prompts; the one-prompt command
-   line from a fresh process (its wall time against load + 5 s + generation); batch 1 quantized at load
-   (int8 per row, int4 groups of 32, through CUDA's int8 / tinygemm int4 kernels) against the bf16 rate.
-4. Tiny model quantized (int8, int4) on CUDA's kernels: logits equal to the CPU model on the dequantized
-   weights within bf16's error; greedy tokens of eager, graphs and compiled + graphs.
-Results also go to --out (gpu_check.json, gpu_check.log) when given.
+3. Tiny model quantized (int8, int4): logits on CUDA (int4 on tinygemm) equal to the CPU model on the
+   dequantized weights within bf16's error; greedy tokens of eager, graphs and compiled + graphs.
+4. Llama-2-7B shape, random bf16 weights made on the GPU: the copy bandwidth; the decode table at batch 1
+   and 16 (16-token prompt, 256 greedy tokens, stop token masked) for llama-cli CUDA graphs, eager and
+   compiled + CUDA graphs, and a per-kernel profile of one eager step; batch 1 quantized at load (int8 per
+   row, int4 groups of 32) against the bf16 rate; the one-prompt command line from a fresh process (its
+   wall time against load + 5 s + generation); decode at max_seq_len 256 vs 4096 (batch 1 and 16, static
+   and continuous); continuous vs static batching on 64 mixed prompts (bf16, where the schedules' greedy
+   tokens part: near-ties?) and on 32 in fp32 (near-ties of 1e-3); HF transformers eager; Meta's
+   reference (its own loop, fp16, in a subprocess; --meta names a folder holding Meta's `llama` package).
+--quick (a second look after changes): no compiled decode rows, int8 compiled as the only quantized row,
+the tiny check for int8 only, the changed parts first.
 """
 
 from __future__ import annotations
@@ -435,6 +440,12 @@ def batching_rows(llama):
           f"identical {res['identical']}/{res['prompts']}")
     # where the two schedules' greedy tokens part (bf16: batch composition changes the kernels' rounding),
     # the two tokens must be a near-tie of the logits of the prompt run alone up to that point
+    parting(llama, reqs, a, b, "bf16", 1e-2)
+
+
+def parting(llama, reqs, a, b, name, tol):
+    """Check that where two runs' greedy tokens part, the two tokens are a near-tie (within tol of the logit
+    scale) of the logits of the prompt run alone up to there."""
     import torch
 
     from helpers import near_tie_gap
@@ -450,10 +461,28 @@ def batching_rows(llama):
             logits = llama.engine.prefill([0], [ids], all_logits=True)[0][-1].float()
         gaps.append(near_tie_gap(logits, x[k], y[k]))
         first.append(k)
-    RESULTS["notes"]["batching_parting"] = {"gaps": gaps, "first_differing_token": first}
-    check("static and continuous greedy agree up to near-ties (bf16)", not gaps or max(gaps) <= 1e-2,
-          f"{len(gaps)} part; largest gap {max(gaps, default=0):.2e} of the logit scale; first parting token "
-          f"median {sorted(first)[len(first) // 2] if first else '-'}")
+    RESULTS["notes"][f"batching_parting_{name}"] = {"gaps": gaps, "first_differing_token": first}
+    check(f"static and continuous greedy agree up to near-ties ({name})", not gaps or max(gaps) <= tol,
+          f"{len(gaps)} of {len(reqs)} part; largest gap {max(gaps, default=0):.2e} of the logit scale; first "
+          f"parting token median {sorted(first)[len(first) // 2] if first else '-'}")
+
+
+@section(60)
+def batching_fp32(folder: Path, tok: str):
+    """The same comparison in fp32 (32 prompts): the schedules must agree up to near-ties of 1e-3, the CPU
+    tests' rule (bf16 rounding, which flips ties above, is out of the picture)."""
+    from bench_batching import compare
+
+    from llama_cli import Llama
+
+    llama = Llama.build(str(folder), tok, 200 + 256, 16, dtype="fp32", device=DEV, compile="off")
+    res = compare(llama, n_prompts=32, seed=1, keep=True)
+    reqs, a, b = res.pop("requests"), res.pop("static_out"), res.pop("continuous_out")
+    RESULTS["notes"]["batching_fp32"] = res
+    say(f"fp32: continuous {res['ratio']:.2f}x static, identical {res['identical']}/{res['prompts']}")
+    parting(llama, reqs, a, b, "fp32", 1e-3)
+    llama = None
+    free()
 
 
 def continuous_rate(llama, prompts, new):
@@ -592,8 +621,8 @@ def main() -> int:
                     help="seconds for the whole run: a part that would not fit is skipped (SKIP line)")
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (nccl, tiny_agreement, "
-                    "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, hf_rows, "
-                    "meta_rows); default all")
+                    "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
+                    "batching_fp32, hf_rows, meta_rows); default all")
     ap.add_argument("--quick", action="store_true",
                     help="no compiled rows in the decode table; of the quantized rows only int8 compiled, after the "
                     "reference rows; the tiny quantized check (int8 only) last")
@@ -654,6 +683,7 @@ def main() -> int:
                     batching_rows(llama)
                     llama = None
                     free()
+                batching_fp32(folder, tok)
                 hf_rows(params, w, wbytes, bw)
             del w
             if a.meta and not DRY:

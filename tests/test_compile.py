@@ -69,6 +69,13 @@ def test_compile_auto_follows_the_measurements(tmp_path, monkeypatch):
     assert decide_compile("auto", cpu, 1, key="other", expected_tokens=100, quantized=True) is False
     assert decide_compile("auto", cpu, 1, key="other", expected_tokens=200, quantized=True) is True
     assert decide_compile("auto", cpu, 1, key="k", expected_tokens=8, quantized=True) is False
+    # CUDA: the captured eager step, except for weights that dequantize per call (int8) at 1-2 rows
+    gpu = torch.device("cuda", 0)
+    assert decide_compile("auto", gpu, 1, key="k", expected_tokens=10_000) is False
+    assert decide_compile("auto", gpu, 1, key="other", expected_tokens=1000, quantized=True) is False
+    assert decide_compile("auto", gpu, 1, key="other", expected_tokens=4000, quantized=True) is True
+    assert decide_compile("auto", gpu, 1, key="k", expected_tokens=32, quantized=True) is True  # kept
+    assert decide_compile("auto", gpu, 16, key="k", expected_tokens=10_000, quantized=True) is False
 
 
 def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):

@@ -106,4 +106,30 @@ def test_fused_weights_give_the_same_logits():
     assert fused.layers[0].attention.wk.weight.data_ptr() != weights["layers.0.attention.wk.weight"].data_ptr()
     seq = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(5))
     assert rel_err(fused(seq), plain(seq)) < 1e-6
+    # decode steps too (q and k rotated together when stacked)
+    from llama_cli.engine import Engine
 
+    steps = []
+    for m in (plain, fused):
+        eng = Engine(m, 2, 32)
+        eng.prefill([0, 1], [s[:5].tolist() for s in seq])
+        steps.append(torch.stack([eng.decode(seq[:, p], [p, p]) for p in range(5, 12)]))
+    assert rel_err(steps[1], steps[0]) < 1e-6
+
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_rounds_as_meta_does(dtype):
+    """Meta's RMSNorm: normalise in fp32, round to the activations' dtype, then scale; ours calls
+    F.rms_norm on the 16-bit input directly (it computes in fp32), with the same result."""
+    from llama_cli.model import rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 512, generator=g) * 3).to(dtype)
+    w = (torch.rand(512, generator=g) + 0.5).to(dtype)
+    xf = x.float()
+    meta = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * w
+    got = rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 0.0
+    assert (got.float() - meta.float()).abs().max().item() <= tol * meta.abs().max().item()
