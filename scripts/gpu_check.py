@@ -131,6 +131,21 @@ def nccl():
         os.environ.pop(k)
 
 
+class untuned:
+    """The tiny checks compile without coordinate-descent tuning: it changes kernel configurations, not
+    results, and took most of their ~100 s."""
+
+    def __enter__(self):
+        from llama_cli import engine
+
+        self.saved, engine.CUDA_COMPILE_OPTIONS = engine.CUDA_COMPILE_OPTIONS, {}
+
+    def __exit__(self, *exc):
+        from llama_cli import engine
+
+        engine.CUDA_COMPILE_OPTIONS = self.saved
+
+
 @section(45)
 def tiny_agreement(tmp: Path):
     from helpers import TINY, make_model_folder, near_tie_gap, train_sentencepiece
@@ -646,8 +661,9 @@ def main() -> int:
         tmp = Path(tmp)
         if not DRY and not QUICK:  # correctness first (--quick: last)
             nccl()
-            tiny_agreement(tmp)
-            tiny_quantized(tmp)
+            with untuned():
+                tiny_agreement(tmp)
+                tiny_quantized(tmp)
         if not a.skip_7b:
             from llama_cli.memory import weight_bytes
             from helpers import model_args
@@ -673,7 +689,8 @@ def main() -> int:
                     llama = None
                     free()
                 if not DRY:
-                    tiny_quantized(tmp)
+                    with untuned():
+                        tiny_quantized(tmp)
                 quant_rows(folder, tok, wbytes, bw)
             else:
                 quant_rows(folder, tok, wbytes, bw)
