@@ -184,6 +184,26 @@ def test_library_kernel_form_gives_the_same_model(tmp_path, spm_path):
     assert use_kernels(Llama.build(str(folder), tok, 64, 2, quantize="int8").model, torch.device("cpu")) == 0
 
 
+def test_int8_on_cuda_warns_when_not_compiled(tmp_path, spm_path, monkeypatch, caplog):
+    """On a CUDA GPU int8 layers (no library kernel) are dequantized per step unless compiled: build says so
+    and what to do; int4 layers, all on tinygemm, do not warn. (The CUDA branch, with the CPU twins of the
+    kernels: build's device check is what is patched.)"""
+    import logging
+
+    import llama_cli.generation as generation
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=2)
+    tok = str(folder / "tokenizer.model")
+    monkeypatch.setattr(generation, "is_cuda", lambda device: True)
+    with caplog.at_level(logging.WARNING, logger="llama_cli"):
+        Llama.build(str(folder), tok, 64, 1, quantize="int8", compile="off")
+    assert "--compile on" in caplog.text and "int4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llama_cli"):
+        Llama.build(str(folder), tok, 64, 1, quantize="int4", compile="off")
+    assert "dequantized on every step" not in caplog.text
+
+
 def test_quantize_refusals(tmp_path, spm_path, capsys):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
     assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "a"), "--mode", "int4",
