@@ -120,6 +120,21 @@ def run_continuous(llama, requests: list[PromptRequest], opts: Options, on_resul
     return _Continuous(llama, run, opts).run()
 
 
+def tail_longest_first(ready: list, window: int, max_seq_len: int) -> list:
+    """The (request, ids) list with its last `window` prompts reordered by how many tokens each may generate
+    (its max_gen_len, or the room the cache leaves), most first, ties in input order. Started in input order,
+    a long prompt near the end runs on alone while the other slots stay empty; started first, it runs
+    beside the short ones. For the batching bench's 64 prompts at batch 16 this takes the continuous
+    schedule from 665 steps to 571 (simulated; 529 if every step were full); only the last prompts start
+    later than their turn."""
+    def room(item):
+        req, ids = item
+        return min(req.settings.max_gen_len, max_seq_len - len(ids))
+
+    cut = max(0, len(ready) - window)
+    return ready[:cut] + sorted(ready[cut:], key=room, reverse=True)
+
+
 class _Continuous:
     """The continuous schedule's state: the slots, the prompts still to start, each slot's next token,
     and the sampler; run() refills free slots and steps the live ones until every prompt is done."""
@@ -134,7 +149,8 @@ class _Continuous:
         self.bs, self.max_seq_len = self.engine.max_batch_size, self.engine.max_seq_len
         self.stop_ids = llama.tokenizer.stop_ids
         self.slots: list[Optional[_Slot]] = [None] * self.bs
-        self.queue = list(reversed(run.ready))  # pop() takes the next prompt in input order
+        # pop() takes the next prompt: in input order, but the last ones longest first (tail_longest_first)
+        self.queue = list(reversed(tail_longest_first(run.ready, 2 * self.bs, self.max_seq_len)))
         self.last = torch.zeros(self.bs, dtype=torch.long, device=llama.device)  # each slot's next fed token
         self.sampler = Sampler(self.bs, llama.model.params.vocab_size, llama.device, llama.generator)
 

@@ -9,7 +9,6 @@ same tokens in both modes.
 """
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -38,20 +37,34 @@ def make_requests(llama, n_prompts: int, seed: int = 0):
     return reqs
 
 
-def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False) -> dict:
+def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, input_order: bool = False) -> dict:
     """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
-    its own max_gen_len in both. keep: the result holds the requests and both schedules' tokens too."""
+    its own max_gen_len in both. keep: the result holds the requests and both schedules' tokens too.
+    input_order: the continuous schedule also with its prompts started strictly in input order (without
+    scheduler.tail_longest_first), as "continuous_input_order"."""
     import torch
 
+    import llama_cli.scheduler as scheduler
     from llama_cli.scheduler import Options, run_continuous, run_static
+
+    def in_input_order(*a, **k):
+        keep_order = scheduler.tail_longest_first
+        scheduler.tail_longest_first = lambda ready, window, max_seq_len: ready
+        try:
+            return run_continuous(*a, **k)
+        finally:
+            scheduler.tail_longest_first = keep_order
 
     reqs = make_requests(llama, n_prompts, seed)
     stop, stop_t = llama.tokenizer.stop_ids, llama._stop
     llama.tokenizer.stop_ids = frozenset()
     llama._stop = torch.tensor([-1], device=llama.device)
     rows = {}
+    runs = [("static", run_static), ("continuous", run_continuous)]
+    if input_order:
+        runs.append(("continuous_input_order", in_input_order))
     try:
-        for name, fn in (("static", run_static), ("continuous", run_continuous)):
+        for name, fn in runs:
             out = {}
             warm0 = llama.engine.warmup_s
             start = time.perf_counter()
@@ -67,6 +80,8 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False) -> d
     return {"prompts": len(reqs), "tokens": rows["static"][0], "static_s": rows["static"][1],
             "continuous_s": rows["continuous"][1], "static_tok_s": rate["static"],
             "continuous_tok_s": rate["continuous"], "ratio": rate["continuous"] / rate["static"], "identical": same,
+            **({"continuous_input_order_s": rows["continuous_input_order"][1],
+                "continuous_input_order_tok_s": rate["continuous_input_order"]} if input_order else {}),
             **({"requests": reqs, "static_out": rows["static"][2], "continuous_out": rows["continuous"][2]}
                if keep else {})}
 
@@ -81,6 +96,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--input_order", action="store_true",
+                    help="also time the continuous schedule starting prompts strictly in input order")
     a = ap.parse_args()
 
     import torch
@@ -97,7 +114,7 @@ def main() -> None:
                             "--dtype", "fp32"], check=True)
     llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256, max_batch_size=a.batch,
                         device=a.device, dtype=a.dtype)
-    res = compare(llama, a.prompts, a.seed)
+    res = compare(llama, a.prompts, a.seed, input_order=a.input_order)
     dev = f"{llama.device} ({torch.cuda.get_device_name() if llama.device.type == 'cuda' else os.cpu_count()} " \
           f"{'GPU' if llama.device.type == 'cuda' else 'cores'})"
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
@@ -105,8 +122,8 @@ def main() -> None:
           f"(4-200 tokens), max_gen_len 8-256, max_batch_size {a.batch}, greedy\n")
     print("| schedule | generated tokens | seconds | tokens/s |")
     print("|---|---|---|---|")
-    for name in ("static", "continuous"):
-        print(f"| {name} | {res['tokens']} | {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
+    for name in ("static", "continuous") + (("continuous_input_order",) if a.input_order else ()):
+        print(f"| {name.replace('_', ' ')} | {res['tokens']} | {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
     print(f"\ncontinuous / static: {res['ratio']:.2f}x; identical outputs: {res['identical']}/{res['prompts']} prompts")
 
 

@@ -44,6 +44,43 @@ def test_continuous_equals_one_at_a_time(llama):
         assert_same_or_near_tie(llama, ids, r.tokens, want)
 
 
+def test_the_last_prompts_start_longest_first(llama):
+    """tail_longest_first: only the last `window` prompts move, ordered by the tokens each may generate (its
+    max_gen_len, or the room the cache leaves), ties in input order; and the continuous schedule, which
+    uses it, starts the last prompts that way (seen through the order rows are prefilled)."""
+    from llama_cli.scheduler import tail_longest_first
+    from llama_cli.settings import Settings
+
+    class R:
+        def __init__(self, n):
+            self.settings = Settings(max_gen_len=n)
+
+    ready = [(R(n), [1] * k) for n, k in [(5, 2), (9, 2), (3, 2), (50, 2), (7, 2), (7, 3), (50, 190)]]
+    got = tail_longest_first(ready, 5, 200)
+    assert got[:2] == ready[:2]  # before the window: as they came
+    # room: 3, 50, 7, 7 (a tie: input order), min(50, 200 - 190) = 10
+    assert [ready.index(x) for x in got[2:]] == [3, 6, 4, 5, 2]
+    assert tail_longest_first(ready, 100, 200)[0] is ready[3]
+    assert tail_longest_first([], 8, 200) == []
+
+    started = []
+    engine_prefill = llama.engine.prefill
+
+    def prefill(rows, ids, *a, **k):
+        started.extend(len(i) for i in ids)
+        return engine_prefill(rows, ids, *a, **k)
+
+    reqs = make_requests(14, seed=5)
+    llama.engine.prefill = prefill
+    try:
+        run_continuous(llama, reqs, Options(), lambda r: None)
+    finally:
+        llama.engine.prefill = engine_prefill
+    ids = [llama.tokenizer.encode(r.prompt, bos=True, eos=False) for r in reqs]
+    prepared = [(r, i) for r, i in zip(reqs, ids)]
+    assert started == [len(i) for _, i in tail_longest_first(prepared, 8, llama.max_seq_len)]
+
+
 def test_static_and_continuous_agree(llama):
     reqs = make_requests(10, seed=1)
     a, b = [], []
