@@ -162,6 +162,7 @@ class Engine:
         self.compiled = compile
         self.compile_key = compile_key
         self.warmup_s = 0.0  # seconds spent compiling and capturing (reported apart from generation)
+        self.steps = self.prefills = 0  # decode steps and prefill calls run (for benchmarks)
         self.buckets = length_buckets(max_seq_len)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
@@ -196,12 +197,14 @@ class Engine:
         """Write whole prompts (each at least one token) into cache rows `rows`, in one batch.
         Returns the logits of each prompt's last token (n, vocab), or with all_logits a list of
         (len_i, vocab) logits for every position of each prompt."""
+        self.prefills += 1
         with self._attention():
             return self._prefill(rows, prompts, all_logits)
 
     def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Logits (n, vocab) for one new token in each of cache rows 0..n-1: tokens (n,) on the device,
         written at the host-side `positions` (one per row)."""
+        self.steps += 1
         with self._attention():
             return self._decode(tokens, positions)
 

@@ -1,6 +1,7 @@
 """Continuous vs static batching on a prompt file: tokens/s side by side, in one run.
 
     python scripts/bench_batching.py [--prompts 256] [--batch 16] [--dim 512 --n_layers 8] [--device cpu]
+                                     [--input_order] [--rounds N]
 
 Makes a random checkpoint (or uses --ckpt_dir) and a JSONL file of --prompts prompts with mixed
 lengths (4-200 tokens) and mixed max_gen_len (8-256), then runs both schedules greedily at the same
@@ -37,11 +38,15 @@ def make_requests(llama, n_prompts: int, seed: int = 0):
     return reqs
 
 
-def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, input_order: bool = False) -> dict:
+def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, input_order: bool = False,
+            rounds: int = 1) -> dict:
     """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
     its own max_gen_len in both. keep: the result holds the requests and both schedules' tokens too.
     input_order: the continuous schedule also with its prompts started strictly in input order (without
-    scheduler.tail_longest_first), as "continuous_input_order"."""
+    scheduler.tail_longest_first), as "continuous_input_order". rounds: each schedule that many times,
+    interleaved, the median time counted. Also the decode steps and prefill calls each schedule made."""
+    import statistics
+
     import torch
 
     import llama_cli.scheduler as scheduler
@@ -59,31 +64,38 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     stop, stop_t = llama.tokenizer.stop_ids, llama._stop
     llama.tokenizer.stop_ids = frozenset()
     llama._stop = torch.tensor([-1], device=llama.device)
-    rows = {}
     runs = [("static", run_static), ("continuous", run_continuous)]
     if input_order:
         runs.append(("continuous_input_order", in_input_order))
+    secs, outs, tokens, steps = {}, {}, {}, {}
+    eng = llama.engine
     try:
-        for name, fn in runs:
-            out = {}
-            warm0 = llama.engine.warmup_s
-            start = time.perf_counter()
-            stats = fn(llama, reqs, Options(), lambda r: out.__setitem__(r.request.index, r.tokens))
-            if llama.device.type != "cpu":
-                torch.accelerator.synchronize()
-            secs = time.perf_counter() - start - (llama.engine.warmup_s - warm0)  # graph capture excluded
-            rows[name] = (stats.tokens, secs, out)
+        for _ in range(rounds):
+            for name, fn in runs:
+                out = {}
+                warm0, steps0, prefills0 = eng.warmup_s, eng.steps, eng.prefills
+                start = time.perf_counter()
+                stats = fn(llama, reqs, Options(), lambda r: out.__setitem__(r.request.index, r.tokens))
+                if llama.device.type != "cpu":
+                    torch.accelerator.synchronize()
+                # graph capture excluded
+                secs.setdefault(name, []).append(time.perf_counter() - start - (eng.warmup_s - warm0))
+                outs.setdefault(name, out)
+                tokens[name] = stats.tokens
+                steps[name] = (eng.steps - steps0, eng.prefills - prefills0)
     finally:
         llama.tokenizer.stop_ids, llama._stop = stop, stop_t
-    same = sum(rows["static"][2][i] == rows["continuous"][2][i] for i in range(len(reqs)))
-    rate = {k: v[0] / v[1] for k, v in rows.items()}
-    return {"prompts": len(reqs), "tokens": rows["static"][0], "static_s": rows["static"][1],
-            "continuous_s": rows["continuous"][1], "static_tok_s": rate["static"],
-            "continuous_tok_s": rate["continuous"], "ratio": rate["continuous"] / rate["static"], "identical": same,
-            **({"continuous_input_order_s": rows["continuous_input_order"][1],
-                "continuous_input_order_tok_s": rate["continuous_input_order"]} if input_order else {}),
-            **({"requests": reqs, "static_out": rows["static"][2], "continuous_out": rows["continuous"][2]}
-               if keep else {})}
+    same = sum(outs["static"][i] == outs["continuous"][i] for i in range(len(reqs)))
+    t = {k: statistics.median(v) for k, v in secs.items()}
+    rate = {k: tokens[k] / t[k] for k in t}
+    res = {"prompts": len(reqs), "tokens": tokens["static"], "rounds": rounds, "identical": same,
+           "ratio": rate["continuous"] / rate["static"]}
+    for name, _ in runs:
+        res.update({f"{name}_s": t[name], f"{name}_tok_s": rate[name], f"{name}_steps": steps[name][0],
+                    f"{name}_prefills": steps[name][1], f"{name}_all_s": secs[name]})
+    if keep:
+        res.update(requests=reqs, static_out=outs["static"], continuous_out=outs["continuous"])
+    return res
 
 
 def main() -> None:
@@ -98,6 +110,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--input_order", action="store_true",
                     help="also time the continuous schedule starting prompts strictly in input order")
+    ap.add_argument("--rounds", type=int, default=1, help="run each schedule this many times, interleaved; "
+                    "the median time counts")
     a = ap.parse_args()
 
     import torch
@@ -114,16 +128,18 @@ def main() -> None:
                             "--dtype", "fp32"], check=True)
     llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256, max_batch_size=a.batch,
                         device=a.device, dtype=a.dtype)
-    res = compare(llama, a.prompts, a.seed, input_order=a.input_order)
+    res = compare(llama, a.prompts, a.seed, input_order=a.input_order, rounds=a.rounds)
     dev = f"{llama.device} ({torch.cuda.get_device_name() if llama.device.type == 'cuda' else os.cpu_count()} " \
           f"{'GPU' if llama.device.type == 'cuda' else 'cores'})"
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
           f"{str(llama.model.norm.weight.dtype).replace('torch.', '')} on {dev}; {res['prompts']} prompts "
           f"(4-200 tokens), max_gen_len 8-256, max_batch_size {a.batch}, greedy\n")
-    print("| schedule | generated tokens | seconds | tokens/s |")
-    print("|---|---|---|---|")
+    print(f"| schedule | generated tokens | decode steps | prefill calls | seconds{' (median)' * (a.rounds > 1)} "
+          "| tokens/s |")
+    print("|---|---|---|---|---|---|")
     for name in ("static", "continuous") + (("continuous_input_order",) if a.input_order else ()):
-        print(f"| {name.replace('_', ' ')} | {res['tokens']} | {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
+        print(f"| {name.replace('_', ' ')} | {res['tokens']} | {res[name + '_steps']} | {res[name + '_prefills']} "
+              f"| {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
     print(f"\ncontinuous / static: {res['ratio']:.2f}x; identical outputs: {res['identical']}/{res['prompts']} prompts")
 
 
