@@ -52,6 +52,34 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _weights_for_device(model: Transformer, args, quantize: Optional[str], group_size: Optional[int], tied: bool,
+                        device: torch.device) -> bool:
+    """Put the loaded weights in the form that runs fastest on `device`: quantized at load if asked, GGUF's
+    fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, dense weights stacked on GPUs.
+    Returns whether some layers still dequantize their weights on every call (what --compile auto weighs)."""
+    if quantize is not None:
+        from .quant import quantize_model
+
+        size = quantize_model(model, quantize, group_size, tied)
+        log.info("quantized the linear layers to %s (group size %s), the embeddings to int8: %.0f MB", quantize,
+                 model.quantized_as[1] or "per row", size / 1e6)
+    quantized = quantize is not None or args.quantization is not None
+    if device.type == "cpu" and args.quantization is not None:
+        from .quant import widen_tables
+
+        widen_tables(model)
+    if is_cuda(device) and quantized:
+        from .quant import dequantizing_layers, use_kernels
+
+        log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device))
+        return dequantizing_layers(model) > 0  # fast only compiled, and for 1-2 rows (engine.decide_compile)
+    if device.type != "cpu" and not quantized:
+        # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
+        # measured no faster and would copy weights that are otherwise used in place from the map.
+        model.fuse()
+    return quantized
+
+
 class Llama:
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
@@ -87,6 +115,8 @@ class Llama:
 
         files, params_path = checkpoint.find_checkpoint(ckpt_dir)
         args = checkpoint.load_args(params_path)
+        if args.quantization is not None and quantize is not None:  # before reading any weights
+            raise UserError(f"{ckpt_dir} is already quantized ({args.quantization['mode']}); drop --quantize")
         tokenizer = load_tokenizer(tokenizer_path)
         checkpoint.resolve_vocab_size(args, tokenizer.n_words, tokenizer_path)
         check_parallel(args, world_size)
@@ -100,38 +130,16 @@ class Llama:
         with torch.device("meta"):
             model = Transformer(args, mp)
         if args.quantization is not None:  # stored quantized (llama-cli quantize, or a GGUF converted as it is)
-            if quantize is not None:
-                raise UserError(f"{ckpt_dir} is already quantized ({args.quantization['mode']}); drop --quantize")
             from .quant import attach_quantized
 
             state = attach_quantized(model, state)
         model.load_state_dict(state, assign=True, strict=True)
         del state  # the model holds the tensors now
         model.requires_grad_(False)
-        if quantize is not None:
-            from .quant import quantize_model
-
-            size = quantize_model(model, quantize, group_size, tied)
-            log.info("quantized the linear layers to %s (group size %s), the embeddings to int8: %.0f MB", quantize,
-                     model.quantized_as[1] or "per row", size / 1e6)
-        quantized = quantize is not None or args.quantization is not None
-        if device.type == "cpu" and args.quantization is not None:
-            from .quant import widen_tables
-
-            widen_tables(model)
-        if is_cuda(device) and quantized:
-            from .quant import dequantizing_layers, use_kernels
-
-            log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device))
-            # what is left dequantizes per call: fast only compiled, and for 1-2 rows (engine.decide_compile)
-            quantized = dequantizing_layers(model) > 0
-        elif device.type != "cpu" and not quantized:
-            # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
-            # measured no faster and would copy weights that are otherwise used in place from the map.
-            model.fuse()
+        dequantizing = _weights_for_device(model, args, quantize, group_size, tied, device)
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
-        compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, quantized)
-        if is_cuda(device) and quantized and not compiling:
+        compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing)
+        if is_cuda(device) and dequantizing and not compiling:
             log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every "
                         "step unless the step is compiled (measured: about a quarter of bf16's speed); for speed "
                         "use --compile on with --max_batch_size 1 or 2 (a first compile takes about a minute, kept "

@@ -236,9 +236,7 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
             f"capture/compile {llama.engine.warmup_s:.1f} s; kernels {kern}")
         best[mode] = max(best.get(mode, 0.0), rate)
         llama = None
-        gc.collect()
-        if not DRY:
-            torch.cuda.empty_cache()
+        free()
         base = RESULTS["notes"].get("bf16_b1_best")
         if base:
             RESULTS["notes"][f"{mode}_b1_ratio"] = best[mode] / base
@@ -318,14 +316,10 @@ def time_generate(fn, batch, new, engine_of=None):
 
 
 def ours_engine(llama, max_batch, max_seq, graphs, compile):
-    import torch
-
     from llama_cli.engine import Engine
 
     llama.engine = None
-    gc.collect()
-    if not DRY:
-        torch.cuda.empty_cache()
+    free()
     llama.engine = Engine(llama.model, max_batch, max_seq, cuda_graphs=graphs, compile=compile)
 
 
@@ -534,9 +528,7 @@ def hf_rows(params, w, wbytes, bw):
         ttft, rate = time_generate(run, b, 64)
         row("HF transformers eager bf16 (64 tokens)", b, rate, ttft, wbytes, bw)
     model = None
-    gc.collect()
-    if not DRY:
-        torch.cuda.empty_cache()
+    free()
 
 
 META_BENCH = r'''
