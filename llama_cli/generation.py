@@ -55,7 +55,8 @@ def _positive_int(name: str, value) -> int:
 def _weights_for_device(model: Transformer, args, quantize: Optional[str], group_size: Optional[int], tied: bool,
                         device: torch.device) -> bool:
     """Put the loaded weights in the form that runs fastest on `device`: quantized at load if asked, GGUF's
-    fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, dense weights stacked on GPUs.
+    fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, int4 and int8 on our CPU kernels
+    (native.py), dense weights stacked on GPUs.
     Returns whether some layers still dequantize their weights on every call (what --compile auto weighs)."""
     if quantize is not None:
         from .quant import quantize_model
@@ -73,6 +74,13 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
 
         log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device))
         return dequantizing_layers(model) > 0  # fast only compiled, and for 1-2 rows (engine.decide_compile)
+    if device.type == "cpu" and quantized:
+        from .quant import dequantizing_layers, use_native
+
+        n = use_native(model)
+        if n:
+            log.info("%d quantized layers use our CPU kernels", n)
+        return dequantizing_layers(model) > 0
     if device.type != "cpu" and not quantized:
         # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
         # measured no faster and would copy weights that are otherwise used in place from the map.

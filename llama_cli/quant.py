@@ -191,11 +191,55 @@ def kernel_form(m, device: torch.device) -> bool:
     return True
 
 
+NATIVE_MAX_ROWS = 32  # up to this many rows our CPU kernels (native.py) beat dequantizing (measured: 6.6x at
+# 32 rows for a 1536x576 int4 weight; the dense product of the dequantized weight wins for long prompts)
+
+
+def native_form(m) -> bool:
+    """Mark a quantized linear layer `m` on the CPU for our C++ kernels (native.py), where its form fits:
+    groups of a multiple of 32 columns, fp32 tables. The weight stays as it is. Returns whether it did."""
+    q, scale, offset = m.qweight, m.qscale, m.qoffset
+    if scale.dtype != torch.float32 or (offset is not None and offset.dtype != torch.float32):
+        return False
+    if offset is not None and q.dtype == torch.uint8:
+        kind, inp = "int4-native", q.shape[1] * 2
+    elif offset is None and q.dtype == torch.int8:
+        kind, inp = "int8-native", q.shape[1]
+    else:
+        return False
+    if (inp // scale.shape[1]) % 32:
+        return False
+    m.qweight, m.qscale = q.contiguous(), scale.contiguous()
+    m.qoffset = None if offset is None else offset.contiguous()
+    m.kernel = kind
+    return True
+
+
+def use_native(model) -> int:
+    """native_form for every quantized linear layer of a CPU model, where the kernels build; how many took it."""
+    from . import native
+    from .parallel import _Linear
+
+    layers = [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]
+    if not layers or native.disabled_by_user() or not native.ready():
+        return 0
+    return sum(native_form(m) for m in layers)
+
+
 def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
-    """x @ W.T through the library kernel `m` was put in form for (kernel_form)."""
+    """x @ W.T through the kernel `m` was put in form for (kernel_form, native_form)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if m.kernel == "int4":
+    if m.kernel in ("int4-native", "int8-native"):
+        if x2.shape[0] > NATIVE_MAX_ROWS or x.dtype != torch.float32:  # long prompts, or activations not fp32
+            from .parallel import GEMV_MAX_ROWS
+
+            return quantized_linear(x, m.qweight, m.qscale, m.qoffset, GEMV_MAX_ROWS)
+        if m.kernel == "int4-native":
+            y = torch.ops.llama_cli.int4_gemv(x2.contiguous(), m.qweight, m.qscale, m.qoffset)
+        else:
+            y = torch.ops.llama_cli.int8_gemv(x2.contiguous(), m.qweight, m.qscale)
+    elif m.kernel == "int4":
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(m.kscales.dtype), m.qweight, m.kgroup, m.kscales)

@@ -5,14 +5,25 @@ side by side:
 
 Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values, embeddings Q8_0; and
 --dequantize: fp32), then
-- quality: on the same English text (the first --tokens tokens of the Python language reference that
-  ships with CPython, pydoc_data/topics.py), the perplexity of: the fp32 model, the Q4_1 file as it is,
+- quality: on the same English text (the first --tokens tokens of --text_file, see below), the
+  perplexity of: the fp32 model, the Q4_1 file as it is,
   and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share
   of greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each);
-- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load) and the Q4_1 file as it is, compiled, and of
-  llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with as
+- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load; int4 with and without our int4 CPU
+  kernel, LLAMA_CLI_NATIVE=0) and the Q4_1 file as it is, compiled, and of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with as
   many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
   (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair).
+
+The text: a public-domain English book that ships in a PyPI package we already depend on: Botchan
+(Natsume Soseki, tr. Yasotaro Morri, 1918; Project Gutenberg eBook #8868), test/botchan.txt in the
+source distribution of sentencepiece. Fetch that once (nothing is downloaded while benchmarking):
+
+    pip download --no-deps --no-binary :all: sentencepiece==$(python -c "import sentencepiece as s; print(s.__version__)") -d .bench
+
+--text_file takes the sdist (.tar.gz: its botchan.txt is read), or any .txt file; Project Gutenberg's
+header and licence footer are left out. Without it the script looks for .bench/sentencepiece-*.tar.gz,
+and failing that uses the Python language reference that ships with CPython (pydoc_data/topics.py; not a
+public-domain text), saying so.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,16 +46,43 @@ PROMPTS = ["The capital of France is", "Once upon a time, there was a", "The thr
            "In 1969, the first humans", "A list of healthy breakfast ideas:"]
 
 
-def english_text() -> str:
-    import pydoc_data.topics as t
+def english_text(path: str | None) -> tuple[str, str]:
+    """(text, what it is): --text_file, else a sentencepiece sdist in .bench/, else CPython's reference."""
+    import tarfile
 
-    return "\n\n".join(t.topics[k] for k in sorted(t.topics))
+    if path is None:
+        found = sorted((REPO / ".bench").glob("sentencepiece-*.tar.gz"))
+        if not found:
+            import pydoc_data.topics as t
+
+            print("no --text_file and no .bench/sentencepiece-*.tar.gz: using the Python language reference "
+                  "(not public domain); see --help for the public-domain text", file=sys.stderr)
+            return "\n\n".join(t.topics[k] for k in sorted(t.topics)), "the Python language reference (pydoc_data)"
+        path = str(found[-1])
+    src = Path(path)
+    if not src.is_file():
+        raise SystemExit(f"--text_file {path}: no such file")
+    if src.name.endswith(".tar.gz"):
+        with tarfile.open(src) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("test/botchan.txt")), None)
+            if member is None:
+                raise SystemExit(f"{path}: no test/botchan.txt inside; pass sentencepiece's sdist or a .txt file")
+            text, what = tar.extractfile(member).read().decode("utf-8-sig"), f"Botchan (from {src.name})"
+    else:
+        text, what = src.read_text(encoding="utf-8-sig"), src.name
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("*** START OF")), None)
+    end = next((i for i, ln in enumerate(lines) if ln.startswith("*** END OF")), None)
+    if start is not None and end is not None and start < end:  # Project Gutenberg's header and licence
+        lines = lines[start + 1:end]
+    return "\n".join(lines), what
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=3000)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--text_file", default=None, help="the quality text: sentencepiece's sdist or a .txt file")
     ap.add_argument("--skip_quality", action="store_true")
     ap.add_argument("--skip_speed", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
@@ -75,7 +114,7 @@ def quality(a, asis: Path, dense: Path) -> None:
     runs = [("fp32 (the GGUF dequantized)", dense, None, None), ("Q4_1 as it is (int4 g32)", asis, None, None),
             ("int8 per row (quantized at load)", dense, "int8", 0), ("int4 g64 (at load)", dense, "int4", 64),
             ("int4 g32 (at load)", dense, "int4", 32)]
-    text = english_text()
+    text, what = english_text(a.text_file)
     rows, ref = [], None
     for name, folder, mode, group in runs:
         llama = Llama.build(str(folder), str(folder / "tokenizer.json"), max(a.ctx, 128), 8, compile="off",
@@ -91,7 +130,7 @@ def quality(a, asis: Path, dense: Path) -> None:
         total = sum(max(len(g), len(r)) for g, r in zip(gen, ref[1]))
         rows.append((name, ppl, 100 * (ppl / ref[0] - 1), 100 * same / total))
         print(f"{name}: perplexity {ppl:.4f}", file=sys.stderr, flush=True)
-    print(f"Quality: {count} scored tokens of English (Python language reference), ctx {a.ctx}, fp32 activations\n")
+    print(f"Quality: {count} scored tokens of {what}, ctx {a.ctx}, fp32 activations\n")
     print("| weights | perplexity | vs fp32 | greedy tokens identical to fp32 |")
     print("|---|---|---|---|")
     for name, ppl, rel, same in rows:
@@ -109,11 +148,15 @@ def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
 
     prompt = "Once upon a time, there was a"
     runners = {}
-    forms = (("llama-cli fp32, compiled", dense, None), ("llama-cli int8 per row (at load), compiled", dense, "int8"),
-             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4"),
-             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None))
-    for name, folder, mode in forms:
+    forms = (("llama-cli fp32, compiled", dense, None, True),
+             ("llama-cli int8 per row (at load), compiled", dense, "int8", True),
+             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4", True),
+             ("llama-cli int4 g32 (at load), compiled, without our CPU kernels", dense, "int4", False),
+             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None, True))
+    for name, folder, mode, native in forms:
+        os.environ["LLAMA_CLI_NATIVE"] = "1" if native else "0"  # read when a model is built (quant.use_native)
         llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile="on", quantize=mode)
+        os.environ.pop("LLAMA_CLI_NATIVE")
         llama.tokenizer.stop_ids = frozenset()  # every timing decodes --new_tokens tokens
         llama._stop = torch.tensor([-1])
         ids = llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)

@@ -1,0 +1,105 @@
+"""Our one hand-written kernel file: the int4 and int8 matrix products for a few rows on x86 CPUs
+(csrc/quant_cpu.cpp).
+
+Decoding one or two rows on the CPU spends its time in x @ W.T. For quantized weights neither PyTorch's
+CPU kernels nor inductor's generated code come near the memory's speed: inductor converts every 4-bit
+value with about one instruction per weight (docs/benchmarks.md), and eager code dequantizes the whole
+weight on every call. The C++ kernels convert sixteen weights at a time (AVX-512; eight with AVX2), each
+once for up to four rows, and keep fp32 activations, so their results equal the dequantized weight's
+product up to the order of the additions.
+
+It is built on first use with torch.utils.cpp_extension (a C++ compiler, which torch.compile on the CPU
+needs too, and ninja) for this machine's CPU, once, into ~/.cache/llama-cli/native/<key> (or
+$LLAMA_CLI_CACHE/native/<key>); later processes load it in milliseconds. Where it cannot be built (no
+compiler, not x86 with AVX2 and FMA), or with LLAMA_CLI_NATIVE=0, quantized layers run as before (quant.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("llama_cli")
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_cpu.cpp"
+_state: dict = {}  # "ok": bool once decided; "why": the reason it is off
+
+
+def disabled_by_user() -> bool:
+    return os.environ.get("LLAMA_CLI_NATIVE", "").strip().lower() in ("0", "off", "false", "no")
+
+
+def _cpu_ok() -> Optional[str]:
+    """None where the kernel's vector code runs here, else why not."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"not built for {sys.platform}/{platform.machine()} (x86-64 Linux only)"
+    flags: set = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "its CPU flags cannot be read"
+    if not {"avx2", "fma"} <= flags:
+        return "this CPU has no AVX2/FMA"
+    return None
+
+
+def _build_dir() -> Path:
+    import torch
+
+    from .compiled import _isa_fingerprint, cache_root
+
+    fp = _isa_fingerprint()
+    key = hashlib.sha256("|".join([SOURCE.read_text(), torch.__version__, fp[0] if fp else ""]).encode())
+    return cache_root() / "native" / key.hexdigest()[:16]
+
+
+def ready() -> bool:
+    """Whether torch.ops.llama_cli.int4_gemv and int8_gemv can be called (building or loading it on first use)."""
+    if "ok" in _state:
+        return _state["ok"]
+    why = "LLAMA_CLI_NATIVE=0" if disabled_by_user() else _cpu_ok()
+    if why is None:
+        try:
+            _load()
+        except Exception as e:  # a missing compiler or ninja, a failed build: the portable code path runs
+            why = f"could not be built ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
+            log.warning("the quantized CPU kernels %s; quantized layers use the slower portable product", why)
+    _state["ok"], _state["why"] = why is None, why
+    return why is None
+
+
+def _load() -> None:
+    import time
+
+    import torch
+    from torch.utils import cpp_extension
+
+    build = _build_dir()
+    lib = build / "llama_cli_native.so"
+    start = time.perf_counter()
+    done = build / "ready"  # written once a build has finished (processes may build at the same time)
+    if done.is_file() and lib.is_file():
+        torch.ops.load_library(str(lib))
+    else:
+        log.info("building the quantized CPU kernels for this machine (once, about 10 s) in %s", build)
+        build.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           build_directory=str(build), is_python_module=False, verbose=False)
+        done.write_text("built\n")
+    log.debug("quantized CPU kernels ready in %.2f s", time.perf_counter() - start)
+
+    @torch.library.register_fake("llama_cli::int4_gemv")
+    def _(x, q, scale, offset):  # shapes for torch.compile's tracing
+        return x.new_empty((x.shape[0], q.shape[0]))
+
+    @torch.library.register_fake("llama_cli::int8_gemv")
+    def _(x, q, scale):
+        return x.new_empty((x.shape[0], q.shape[0]))

@@ -1,0 +1,106 @@
+"""Our quantized CPU kernels (llama_cli/csrc/quant_cpu.cpp, built by native.py): the products they compute are
+the dequantized weight's, for every group size and row count they take; a CPU int4 or int8 model uses them
+and gives the logits of the model without them; where they cannot be built, quantized layers run as before,
+with a warning."""
+
+import logging
+
+import pytest
+import torch
+
+from helpers import TINY, make_model_folder
+from llama_cli import Llama, native
+from llama_cli.quant import dequantize, quantize
+
+BIG = {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 128}
+
+
+@pytest.fixture
+def ops():
+    why = native._cpu_ok()
+    if why is not None:  # a platform the kernels are not for (not x86-64 Linux with AVX2); CI's machine is
+        pytest.skip(f"the quantized CPU kernels are {why}")
+    assert native.ready(), native._state.get("why")  # where they are for, they must build
+    return torch.ops.llama_cli
+
+
+def _product(ops, mode, x, q, scale, offset):
+    return ops.int4_gemv(x, q, scale, offset) if mode == "int4" else ops.int8_gemv(x, q, scale)
+
+
+@pytest.mark.parametrize("mode,out,inp,group", [("int4", 48, 64, 32), ("int4", 96, 256, 64), ("int4", 40, 384, 128),
+                                                ("int4", 8, 512, 256), ("int8", 48, 64, 0), ("int8", 24, 384, 0),
+                                                ("int8", 40, 256, 32), ("int8", 16, 512, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_kernel_is_the_dequantized_product(ops, mode, out, inp, group, rows):
+    g = torch.Generator().manual_seed(out + rows)
+    w = torch.randn(out, inp, generator=g)
+    q, scale, offset = quantize(w, mode, group)
+    x = torch.randn(rows, inp, generator=g)
+    ref = x @ dequantize(q, scale, offset).T
+    got = _product(ops, mode, x, q, scale, offset)
+    assert got.shape == (rows, out)
+    assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    # each output's own scale is used: a change to one moves that output alone
+    scale2 = scale.clone()
+    scale2[out // 2, 0] *= 2
+    moved = (_product(ops, mode, x, q, scale2, offset) - got).abs().amax(0) > 1e-6
+    assert moved.tolist() == [i == out // 2 for i in range(out)]
+
+
+def test_kernels_refuse_other_forms(ops):
+    q, scale, offset = quantize(torch.randn(16, 64), "int4", 32)
+    with pytest.raises(RuntimeError, match="fp32"):
+        ops.int4_gemv(torch.randn(1, 64, dtype=torch.bfloat16), q, scale, offset)
+    with pytest.raises(RuntimeError, match="uint8"):
+        ops.int4_gemv(torch.randn(1, 128), q, scale, offset)
+    q8, s8, _ = quantize(torch.randn(16, 64), "int8", 0)
+    with pytest.raises(RuntimeError, match="int8"):
+        ops.int8_gemv(torch.randn(1, 64), q8.to(torch.uint8), s8)
+
+
+def _decode_logits(llama, ids, steps=4):
+    """Logits of a prefill then `steps` one-row greedy decode steps."""
+    eng = llama.engine
+    out = [eng.prefill([0], [ids])]
+    pos = len(ids)
+    for _ in range(steps):
+        out.append(eng.decode(out[-1].argmax(-1), [pos]))
+        pos += 1
+    return torch.cat(out)
+
+
+def _kernels(llama):
+    """The kernels of the quantized linear layers (the embeddings' lookups dequantize the rows they read)."""
+    return {m.kernel for m in llama.model.modules() if hasattr(m, "kernel") and m.qweight is not None}
+
+
+@pytest.mark.parametrize("mode,compile", [("int4", "off"), ("int4", "on"), ("int8", "off"), ("int8", "on")])
+def test_quantized_model_uses_the_kernels_and_gives_the_same_logits(tmp_path, spm_path, ops, monkeypatch, mode,
+                                                                    compile):
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=5)
+    tok = str(folder / "tokenizer.model")
+    fast = Llama.build(str(folder), tok, 64, 1, quantize=mode, compile=compile)
+    monkeypatch.setenv("LLAMA_CLI_NATIVE", "0")
+    plain = Llama.build(str(folder), tok, 64, 1, quantize=mode, compile=compile)
+    # every linear layer, the output layer too (int4 models' output is int4 when it is not tied)
+    assert _kernels(fast) == {f"{mode}-native"} and _kernels(plain) == {None}
+    ids = fast.tokenizer.encode("Hello world, how are", bos=True, eos=False)
+    a, b = _decode_logits(fast, ids), _decode_logits(plain, ids)
+    assert ((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_a_failed_build_falls_back_with_a_warning(tmp_path, spm_path, monkeypatch, caplog):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_cpu_ok", lambda: None)
+
+    def no_compiler():
+        raise RuntimeError("Error building extension 'llama_cli_native'\nc++: command not found")
+    monkeypatch.setattr(native, "_load", no_compiler)
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=9)
+    with caplog.at_level(logging.WARNING, logger="llama_cli"):
+        llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, quantize="int4")
+    assert "quantized CPU kernels could not be built (c++: command not found)" in caplog.text
+    assert _kernels(llama) == {None}
+    ids = llama.tokenizer.encode("Hello", bos=True, eos=False)
+    assert len(llama.generate([ids], max_gen_len=4, temperature=0)[0][0]) == 4
