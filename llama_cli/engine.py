@@ -44,6 +44,10 @@ WARM_TOKENS, COLD_TOKENS = 128, 1024  # --compile auto on the CPU: job sizes tha
 # SmolLM2-135M int4 against ~40 compiled): loading a kept step (2.4 s) repays from ~12 tokens, a first
 # compile (~17 s) from ~90
 WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED = 16, 128
+# the same for quantized weights on our CPU kernels (native.py), whose eager step is fast too: SmolLM2-135M Q4_1
+# 57.8 tokens/s eager against 81.3 compiled (~5 ms saved a token): a kept step repays from ~500 tokens, a first
+# compile from ~4,000
+WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS = 512, 4096
 # CUDA, int8 weights (no library kernel: the captured eager step dequantizes every weight per call): 38 tok/s
 # against 234-252 compiled for the 7B shape at batch 1 on an H100, a first compile 55-65 s: it repays from
 # ~2,500 tokens; a kept one from a few
@@ -82,14 +86,15 @@ def _mode(name: str, value) -> str:
 
 
 def decide_compile(compile, device: torch.device, max_batch_size: int, key: Optional[str] = None,
-                   expected_tokens: Optional[int] = None, quantized: bool = False) -> bool:
+                   expected_tokens: Optional[int] = None, quantized: bool = False, kernels: bool = False) -> bool:
     """--compile on/off/auto. auto (measured, docs/benchmarks.md): on the CPU the compiled step wins
     for 1-2 rows (a fused matrix-vector product, about 2.7x eager for SmolLM2-135M, ~37 ms saved a token).
     Loading a step compiled before (kept on disk, see `llama-cli compile`) takes about 3 s, so it is used
     for jobs of WARM_TOKENS+ tokens; a first compile (about 15 s) only for jobs of COLD_TOKENS+, so a
     short job is never slower end to end than eager (quantized weights: WARM_TOKENS_QUANTIZED and
     COLD_TOKENS_QUANTIZED, their eager step being much slower). `quantized`: weights whose eager step
-    dequantizes them per call. On CUDA the captured eager step needs no compiling, so auto leaves compiling
+    dequantizes them per call; `kernels`: quantized weights on our CPU kernels, whose eager step is fast too
+    (WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS). On CUDA the captured eager step needs no compiling, so auto leaves compiling
     off there, except for such weights at 1-2 rows (int8: compiled, the dequantizing fuses into the
     product), where a kept step is used from WARM_TOKENS_QUANTIZED tokens and a first compile from
     COLD_TOKENS_CUDA_DEQUANTIZING."""
@@ -100,6 +105,8 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
         return False
     tokens = expected_tokens or 0
     warm, cold = (WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED) if quantized else (WARM_TOKENS, COLD_TOKENS)
+    if kernels:
+        warm, cold = WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS
     if device.type != "cpu":
         cold = COLD_TOKENS_CUDA_DEQUANTIZING
     return tokens >= cold or (tokens >= warm and key is not None and compile_cache.is_warm(key))

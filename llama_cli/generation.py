@@ -57,7 +57,8 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
     """Put the loaded weights in the form that runs fastest on `device`: quantized at load if asked, GGUF's
     fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, int4 and int8 on our CPU kernels
     (native.py), dense weights stacked on GPUs.
-    Returns whether some layers still dequantize their weights on every call (what --compile auto weighs)."""
+    Returns what --compile auto weighs: "dequantizing" (some layers still dequantize their weights on every
+    call), "kernels" (quantized, every layer on our CPU kernels) or "dense"."""
     if quantize is not None:
         from .quant import quantize_model
 
@@ -73,19 +74,20 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
         from .quant import dequantizing_layers, use_kernels
 
         log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device))
-        return dequantizing_layers(model) > 0  # fast only compiled, and for 1-2 rows (engine.decide_compile)
+        # fast only compiled, and for 1-2 rows (engine.decide_compile)
+        return "dequantizing" if dequantizing_layers(model) else "dense"
     if device.type == "cpu" and quantized:
         from .quant import dequantizing_layers, use_native
 
         n = use_native(model)
         if n:
             log.info("%d quantized layers use our CPU kernels", n)
-        return dequantizing_layers(model) > 0
+        return "dequantizing" if dequantizing_layers(model) else "kernels"
     if device.type != "cpu" and not quantized:
         # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
         # measured no faster and would copy weights that are otherwise used in place from the map.
         model.fuse()
-    return quantized
+    return "dequantizing" if quantized else "dense"
 
 
 class Llama:
@@ -144,9 +146,11 @@ class Llama:
         model.load_state_dict(state, assign=True, strict=True)
         del state  # the model holds the tensors now
         model.requires_grad_(False)
-        dequantizing = _weights_for_device(model, args, quantize, group_size, tied, device)
+        weights = _weights_for_device(model, args, quantize, group_size, tied, device)
+        dequantizing = weights == "dequantizing"
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
-        compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing)
+        compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
+                                   kernels=weights == "kernels")
         if is_cuda(device) and dequantizing and not compiling:
             log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every "
                         "step unless the step is compiled (measured: about a quarter of bf16's speed); for speed "

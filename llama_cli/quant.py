@@ -10,8 +10,9 @@ group-wise along the input dimension (a group never straddles a model-parallel s
 `scale` and `offset` are (out, n_groups). Activations stay in the model's dtype: the product
 dequantizes, in a form that torch.compile fuses into the streaming multiply-and-sum the CPU uses
 for one or two rows (parallel.linear), so only the small integers cross the memory bus; eager
-code dequantizes the weight and calls the dense product (correct everywhere, not faster). On CUDA,
-int8 per row and int4 go through PyTorch's weight-only kernels instead (kernel_form). The token
+code dequantizes the weight and calls the dense product (correct everywhere, not faster). On x86 CPUs
+both forms go through our C++ kernels for up to NATIVE_MAX_ROWS rows, eager and compiled (native_form,
+native.py); on CUDA, int4 goes through PyTorch's tinygemm kernel (kernel_form). The token
 embeddings of a quantized model are int8 (embedding_form; a lookup dequantizes the rows it reads).
 """
 

