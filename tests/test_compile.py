@@ -151,3 +151,30 @@ def test_kept_step_is_keyed_by_the_cache_size(tiny_ckpt):
         return compiled.shape_key(llama.model, torch.float32, llama.device, (rows, length))
 
     assert key(1, 512) == key(1, 512) and len({key(1, 512), key(1, 256), key(2, 512)}) == 3
+
+
+def test_module_guards_are_skipped_only_for_uniform_layers_and_own_code(tmp_path, spm_path):
+    """On the CPU the compiled layer skips dynamo's guards on modules (their checks cost every call) where
+    that is safe: all layers have one structure, and each model compiles its own copy of the layer function,
+    so a model of another structure compiled in the same process never runs the first one's code."""
+    from helpers import TINY, make_model_folder
+
+    from llama_cli.engine import uniform_layers
+    from llama_cli.model import run_block
+
+    big = {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 128}
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, big, seed=11)
+    tok = str(folder / "tokenizer.model")
+    ids = [1, 5, 9, 13]
+    for quantize in ("int4", None):  # the same shapes, another structure: quantized layers, then dense ones
+        compiled = Llama.build(str(folder), tok, 64, 1, compile="on", quantize=quantize)
+        eager = Llama.build(str(folder), tok, 64, 1, compile="off", quantize=quantize)
+        assert uniform_layers(compiled.model)
+        assert compiled.model.decode_block_fn._torchdynamo_orig_callable.__code__ is not run_block.__code__
+        got = compiled.generate([ids], max_gen_len=8, temperature=0)[0][0]
+        assert_same_or_near_tie(eager, ids, got, eager.generate([ids], max_gen_len=8, temperature=0)[0][0])
+    # a layer unlike the others (as a GGUF file mixing forms): not uniform, so its guards stay
+    llama = Llama.build(str(folder), tok, 64, 1, compile="off", quantize="int4")
+    assert uniform_layers(llama.model)
+    llama.model.layers[1].attention.wq.kernel = None if llama.model.layers[0].attention.wq.kernel else "int4-native"
+    assert not uniform_layers(llama.model)
