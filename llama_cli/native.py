@@ -89,10 +89,17 @@ def _load() -> None:
     if done.is_file() and lib.is_file():
         torch.ops.load_library(str(lib))
     else:
+        try:  # the ninja that pip installs with us, even where its folder is not on PATH (an unactivated venv)
+            import ninja
+
+            os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + ninja.BIN_DIR
+        except (ImportError, AttributeError):
+            pass  # a ninja on PATH, if any
         log.info("building the quantized CPU kernels for this machine (once, about 7 s on 2 cores) in %s", build)
         build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           build_directory=str(build), is_python_module=False, verbose=False)
+        cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+                           verbose=False)
         done.write_text("built\n")
     log.debug("quantized CPU kernels ready in %.2f s", time.perf_counter() - start)
 
