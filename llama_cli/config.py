@@ -65,8 +65,9 @@ class RunConfig:
       compile: compile the decoding step with torch.compile, one of on, off, auto. auto compiles on the
         CPU for --max_batch_size 1-2 for jobs of 128+ tokens when this model shape and cache size were
         compiled before (kept on disk, see llama-cli compile), or of 1024+ tokens (quantized weights on our
-        CPU kernels: 512+ and 4096+; without them: 16+ and 128+); on GPUs auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2: a
-        step kept from before for 16+ tokens, a first compile, about a minute, for 2048+).
+        CPU kernels: 512+ and 4096+; without them: 16+ and 128+); on GPUs auto uses CUDA graphs instead
+        (and compiles only int8 weights at batch 1-2: a step kept from before for 16+ tokens, a first
+        compile, about a minute, for 2048+).
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
       quantize: int8 or int4, to quantize the linear layers' weights at load, and the token embeddings to int8
         (weight-only; activations stay in --dtype). Fewer bytes per weight is faster decoding where it is

