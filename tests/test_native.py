@@ -104,3 +104,41 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, spm_path, monkeypatc
     assert _kernels(llama) == {None}
     ids = llama.tokenizer.encode("Hello", bos=True, eos=False)
     assert len(llama.generate([ids], max_gen_len=4, temperature=0)[0][0]) == 4
+
+
+CHECK_ANOTHER_ISA = r"""
+import sys
+import torch
+from torch.utils import cpp_extension
+from llama_cli import native
+from llama_cli.quant import dequantize, quantize
+
+flags, folder = sys.argv[1].split(), sys.argv[2]
+cpp_extension.load("llama_cli_native_isa", [str(native.SOURCE)], extra_cflags=["-O3", *flags, "-fopenmp"],
+                   extra_ldflags=["-fopenmp"], build_directory=folder, is_python_module=False)
+worst = 0.0
+for mode, out, inp, group, rows in [("int4", 48, 64, 32, 1), ("int4", 96, 256, 64, 5), ("int4", 40, 384, 128, 3),
+                                    ("int8", 48, 64, 0, 2), ("int8", 40, 256, 32, 9)]:
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(out))
+    q, s, m = quantize(w, mode, group)
+    x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows))
+    ref = x @ dequantize(q, s, m).T
+    got = torch.ops.llama_cli.int4_gemv(x, q, s, m) if mode == "int4" else torch.ops.llama_cli.int8_gemv(x, q, s)
+    worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("flags", ["-march=native -mno-avx512f", "-march=x86-64"])
+def test_the_other_vector_paths(tmp_path, ops, flags):
+    """The AVX2 path (machines without AVX-512) and the plain C++ one, built here with those instruction
+    sets and checked like the main build (in a subprocess: one library per operator namespace)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", CHECK_ANOTHER_ISA, flags, str(tmp_path)], capture_output=True,
+                          text=True, cwd=REPO, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5
