@@ -63,9 +63,10 @@ class RunConfig:
       schedule: continuous (the default, where a finished prompt's batch slot is refilled at once, best
         for prompt files) or static (Meta's way, where each batch runs until its longest completion ends).
       compile: compile the decoding step with torch.compile, one of on, off, auto. auto compiles on the
-        CPU for --max_batch_size 1-2 for jobs of 128+ tokens when this model shape and cache size were
-        compiled before (kept on disk, see llama-cli compile), or of 1024+ tokens (quantized weights on our
-        CPU kernels: 512+ and 4096+; without them: 16+ and 128+); on GPUs auto uses CUDA graphs instead
+        CPU for --max_batch_size 1-2 for jobs of 512+ tokens when this model shape and cache size were
+        compiled before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels
+        are not built, the uncompiled step is slower: 128+ and 1024+, for quantized weights 16+ and
+        128+); on GPUs auto uses CUDA graphs instead
         (and compiles only int8 weights at batch 1-2: a step kept from before for 16+ tokens, a first
         compile, about a minute, for 2048+).
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).

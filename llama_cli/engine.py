@@ -45,9 +45,9 @@ WARM_TOKENS, COLD_TOKENS = 128, 1024  # --compile auto on the CPU: job sizes tha
 # SmolLM2-135M int4 against ~40 compiled): loading a kept step (2.4 s) repays from ~12 tokens, a first
 # compile (~17 s) from ~90
 WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED = 16, 128
-# the same for quantized weights on our CPU kernels (native.py), whose eager step is fast too: SmolLM2-135M Q4_1
-# 57.8 tokens/s eager against 81.3 compiled (~5 ms saved a token): a kept step repays from ~500 tokens, a first
-# compile from ~4,000
+# the same where the linear layers run on our CPU kernels (native.py), whose uncompiled step is fast too:
+# SmolLM2-135M Q4_1 57.8 tokens/s eager against 81.3 compiled (~5 ms saved a token), fp32 35-36 against 45-59
+# (~7-10 ms): a kept step repays from ~250-500 tokens, a first compile from ~2,000-4,000
 WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS = 512, 4096
 # CUDA, int8 weights (no library kernel: the captured eager step dequantizes every weight per call): 38 tok/s
 # against 234-252 compiled for the 7B shape at batch 1 on an H100, a first compile 55-65 s: it repays from
@@ -94,7 +94,7 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     for jobs of WARM_TOKENS+ tokens; a first compile (about 15 s) only for jobs of COLD_TOKENS+, so a
     short job is never slower end to end than eager (quantized weights: WARM_TOKENS_QUANTIZED and
     COLD_TOKENS_QUANTIZED, their eager step being much slower). `quantized`: weights whose eager step
-    dequantizes them per call; `kernels`: quantized weights on our CPU kernels, whose eager step is fast too
+    dequantizes them per call; `kernels`: linear layers on our CPU kernels, whose eager step is fast too
     (WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS). On CUDA the captured eager step needs no compiling, so auto leaves compiling
     off there, except for such weights at 1-2 rows (int8: compiled, the dequantizing fuses into the
     product), where a kept step is used from WARM_TOKENS_QUANTIZED tokens and a first compile from

@@ -58,7 +58,7 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
     fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, int4 and int8 on our CPU kernels
     (native.py), dense weights stacked on GPUs.
     Returns what --compile auto weighs: "dequantizing" (some layers still dequantize their weights on every
-    call), "kernels" (quantized, every layer on our CPU kernels) or "dense"."""
+    call), "kernels" (on the CPU, the linear layers on our kernels: a faster uncompiled step) or "dense"."""
     if quantize is not None:
         from .quant import quantize_model
 
@@ -83,6 +83,13 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
         if n:
             log.info("%d quantized layers use our CPU kernels", n)
         return "dequantizing" if dequantizing_layers(model) else "kernels"
+    if device.type == "cpu" and not quantized:
+        from .native import use_dense
+
+        n = use_dense(model)
+        if n:
+            log.info("%d linear layers use our CPU kernel when not compiled", n)
+            return "kernels"
     if device.type != "cpu" and not quantized:
         # Stacked QKV and gate/up weights: fewer, larger matmuls on GPUs. Not on the CPU, where it
         # measured no faster and would copy weights that are otherwise used in place from the map.

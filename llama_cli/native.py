@@ -1,4 +1,4 @@
-"""Our one hand-written kernel file: the int4 and int8 matrix products for a few rows on x86 CPUs
+"""Our one hand-written kernel file: the int4, int8 and fp32 matrix products for a few rows on x86 CPUs
 (csrc/quant_cpu.cpp).
 
 Decoding one or two rows on the CPU spends its time in x @ W.T. For quantized weights neither PyTorch's
@@ -6,7 +6,8 @@ CPU kernels nor inductor's generated code come near the memory's speed: inductor
 value with about one instruction per weight (docs/benchmarks.md), and eager code dequantizes the whole
 weight on every call. The C++ kernels convert sixteen weights at a time (AVX-512; eight with AVX2), each
 once for up to four rows, and keep fp32 activations, so their results equal the dequantized weight's
-product up to the order of the additions.
+product up to the order of the additions. Dense fp32 weights get one too, for uncompiled steps: PyTorch's
+BLAS call streams a weight at about a third of the memory's speed for one row.
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, which torch.compile on the CPU
 needs too, and ninja) for this machine's CPU, once, into ~/.cache/llama-cli/native/<key> (or
@@ -34,17 +35,23 @@ def disabled_by_user() -> bool:
     return os.environ.get("LLAMA_CLI_NATIVE", "").strip().lower() in ("0", "off", "false", "no")
 
 
-def _cpu_ok() -> Optional[str]:
-    """None where the kernel's vector code runs here, else why not."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return f"not built for {sys.platform}/{platform.machine()} (x86-64 Linux only)"
-    flags: set = set()
+def _cpu_flags() -> Optional[set]:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
     except OSError:
+        pass
+    return None
+
+
+def _cpu_ok() -> Optional[str]:
+    """None where the kernels' vector code runs here, else why not."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"not built for {sys.platform}/{platform.machine()} (x86-64 Linux only)"
+    flags = _cpu_flags()
+    if flags is None:
         return "its CPU flags cannot be read"
     if not {"avx2", "fma"} <= flags:
         return "this CPU has no AVX2/FMA"
@@ -52,13 +59,16 @@ def _cpu_ok() -> Optional[str]:
 
 
 def _build_dir() -> Path:
+    """Where this source, built for this CPU (-march=native) by this compiler against this torch, is kept."""
+    import shutil
+
     import torch
 
-    from .compiled import _isa_fingerprint, cache_root
+    from .compiled import cache_root
 
-    fp = _isa_fingerprint()
-    key = hashlib.sha256("|".join([SOURCE.read_text(), torch.__version__, fp[0] if fp else ""]).encode())
-    return cache_root() / "native" / key.hexdigest()[:16]
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or ""
+    desc = [SOURCE.read_text(), torch.__version__, sorted(_cpu_flags() or ()), cxx]
+    return cache_root() / "native" / hashlib.sha256(repr(desc).encode()).hexdigest()[:16]
 
 
 def ready() -> bool:
@@ -71,7 +81,7 @@ def ready() -> bool:
             _load()
         except Exception as e:  # a missing compiler or ninja, a failed build: the portable code path runs
             why = f"could not be built ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
-            log.warning("the quantized CPU kernels %s; quantized layers use the slower portable product", why)
+            log.warning("our CPU kernels %s; linear layers use the slower portable products", why)
     _state["ok"], _state["why"] = why is None, why
     return why is None
 
@@ -80,7 +90,6 @@ def _load() -> None:
     import time
 
     import torch
-    from torch.utils import cpp_extension
 
     build = _build_dir()
     lib = build / "llama_cli_native.so"
@@ -95,13 +104,15 @@ def _load() -> None:
             os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + ninja.BIN_DIR
         except (ImportError, AttributeError):
             pass  # a ninja on PATH, if any
-        log.info("building the quantized CPU kernels for this machine (once, about 7 s on 2 cores) in %s", build)
+        from torch.utils import cpp_extension
+
+        log.info("building our CPU kernels for this machine (once, about 7 s on 2 cores) in %s", build)
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
                            verbose=False)
         done.write_text("built\n")
-    log.debug("quantized CPU kernels ready in %.2f s", time.perf_counter() - start)
+    log.debug("our CPU kernels ready in %.2f s", time.perf_counter() - start)
 
     @torch.library.register_fake("llama_cli::int4_gemv")
     def _(x, q, scale, offset):  # shapes for torch.compile's tracing
@@ -110,3 +121,39 @@ def _load() -> None:
     @torch.library.register_fake("llama_cli::int8_gemv")
     def _(x, q, scale):
         return x.new_empty((x.shape[0], q.shape[0]))
+
+    @torch.library.register_fake("llama_cli::dense_gemv")
+    def _(x, w):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+
+DENSE_MAX_ROWS = 4  # up to this many rows dense_gemv beats PyTorch's fp32 product (measured 2-3x at 1-4 rows;
+# even at 8, the BLAS matrix product ahead from 16 for large weights)
+
+
+def use_dense(model) -> int:
+    """Mark a CPU model's dense fp32 linear layers for dense_gemv in uncompiled steps, where the kernels build;
+    how many it marked. (Compiled steps keep inductor's fused multiply-and-sum, which streams as fast.)"""
+    import torch
+
+    from .parallel import _Linear
+
+    layers = [m for m in model.modules() if isinstance(m, _Linear) and m.weight is not None and m.kernel is None
+              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
+    if not layers or disabled_by_user() or not ready():
+        return 0
+    for m in layers:
+        m.kernel = "dense-native"
+    return len(layers)
+
+
+def dense_linear(x, weight):
+    """x @ weight.T for a layer use_dense marked: our kernel for a few fp32 rows uncompiled, else as before."""
+    import torch
+
+    from .parallel import linear
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling() or x2.shape[0] > DENSE_MAX_ROWS or x.dtype != torch.float32:
+        return linear(x, weight)
+    return torch.ops.llama_cli.dense_gemv(x2.contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])

@@ -76,6 +76,10 @@ class _Linear(_Weighted):
         self.kernel, self.kgroup = None, None  # a library kernel's form (quant.kernel_form), where one is used
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "dense-native":
+            from .native import dense_linear
+
+            return dense_linear(x, self.weight)
         if self.kernel is not None:
             from .quant import kernel_linear
 

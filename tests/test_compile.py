@@ -83,10 +83,18 @@ def test_compile_auto_follows_the_measurements(tmp_path, monkeypatch):
     assert decide_compile("auto", gpu, 16, key="k", expected_tokens=10_000, quantized=True) is False
 
 
+def native_cpu_ok() -> bool:
+    from llama_cli import native
+
+    return native._cpu_ok() is None
+
+
 def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     """llama-cli compile leaves the step on disk; a later separate run with --compile auto (a job of 200
-    tokens, which would otherwise stay eager) starts with it, and says how long loading it took."""
-    env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path / "cache")}
+    tokens, which would otherwise stay eager) starts with it, and says how long loading it took. That is
+    without our CPU kernels (LLAMA_CLI_NATIVE=0, as on CPUs they are not built for); with them the eager
+    step is fast enough that the same job stays eager (a kept step repays from 512 tokens)."""
+    env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path / "cache"), "LLAMA_CLI_NATIVE": "0"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     folder = tiny_ckpt[0]
     cmd = [sys.executable, "-m", "llama_cli"]
@@ -106,6 +114,11 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     assert "compiled the decode step for 1 row(s)" in proc.stderr
     assert "compiling/capturing the decode step" in proc.stderr
+    env.pop("LLAMA_CLI_NATIVE")
+    proc = subprocess.run(proc.args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    if native_cpu_ok():
+        assert "use our CPU kernel" in proc.stderr and "compiled the decode step" not in proc.stderr
 
 
 def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
-"""Our quantized CPU kernels (llama_cli/csrc/quant_cpu.cpp, built by native.py): the products they compute are
-the dequantized weight's, for every group size and row count they take; a CPU int4 or int8 model uses them
-and gives the logits of the model without them; where they cannot be built, quantized layers run as before,
-with a warning."""
+"""Our CPU kernels (llama_cli/csrc/quant_cpu.cpp, built by native.py): the products they compute are the
+dequantized (or dense) weight's, for every group size and row count they take; a CPU int4, int8 or fp32
+model uses them and gives the logits of the model without them; where they cannot be built, layers run as
+before, with a warning."""
 
 import logging
 
@@ -19,7 +19,7 @@ BIG = {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 128}
 def ops():
     why = native._cpu_ok()
     if why is not None:  # a platform the kernels are not for (not x86-64 Linux with AVX2); CI's machine is
-        pytest.skip(f"the quantized CPU kernels are {why}")
+        pytest.skip(f"our CPU kernels are {why}")
     assert native.ready(), native._state.get("why")  # where they are for, they must build
     return torch.ops.llama_cli
 
@@ -48,6 +48,16 @@ def test_kernel_is_the_dequantized_product(ops, mode, out, inp, group, rows):
     assert moved.tolist() == [i == out // 2 for i in range(out)]
 
 
+@pytest.mark.parametrize("out,inp", [(48, 64), (40, 100), (8, 1536)])  # 100: a tail past the vector width
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_dense_kernel_is_the_product(ops, out, inp, rows):
+    g = torch.Generator().manual_seed(inp + rows)
+    w, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)
+    ref = x @ w.T
+    got = ops.dense_gemv(x, w)
+    assert got.shape == (rows, out) and ((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 def test_kernels_refuse_other_forms(ops):
     q, scale, offset = quantize(torch.randn(16, 64), "int4", 32)
     with pytest.raises(RuntimeError, match="fp32"):
@@ -71,11 +81,12 @@ def _decode_logits(llama, ids, steps=4):
 
 
 def _kernels(llama):
-    """The kernels of the quantized linear layers (the embeddings' lookups dequantize the rows they read)."""
-    return {m.kernel for m in llama.model.modules() if hasattr(m, "kernel") and m.qweight is not None}
+    """The kernels of the linear layers (the embeddings' lookups need none)."""
+    return {m.kernel for m in llama.model.modules() if hasattr(m, "kernel")}
 
 
-@pytest.mark.parametrize("mode,compile", [("int4", "off"), ("int4", "on"), ("int8", "off"), ("int8", "on")])
+@pytest.mark.parametrize("mode,compile", [("int4", "off"), ("int4", "on"), ("int8", "off"), ("int8", "on"),
+                                          (None, "off"), (None, "on")])
 def test_quantized_model_uses_the_kernels_and_gives_the_same_logits(tmp_path, spm_path, ops, monkeypatch, mode,
                                                                     compile):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=5)
@@ -84,7 +95,7 @@ def test_quantized_model_uses_the_kernels_and_gives_the_same_logits(tmp_path, sp
     monkeypatch.setenv("LLAMA_CLI_NATIVE", "0")
     plain = Llama.build(str(folder), tok, 64, 1, quantize=mode, compile=compile)
     # every linear layer, the output layer too (int4 models' output is int4 when it is not tied)
-    assert _kernels(fast) == {f"{mode}-native"} and _kernels(plain) == {None}
+    assert _kernels(fast) == {f"{mode or 'dense'}-native"} and _kernels(plain) == {None}
     ids = fast.tokenizer.encode("Hello world, how are", bos=True, eos=False)
     a, b = _decode_logits(fast, ids), _decode_logits(plain, ids)
     assert ((a - b).abs().max() / b.abs().max()) < 1e-4
@@ -100,7 +111,7 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, spm_path, monkeypatc
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=9)
     with caplog.at_level(logging.WARNING, logger="llama_cli"):
         llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, quantize="int4")
-    assert "quantized CPU kernels could not be built (c++: command not found)" in caplog.text
+    assert "our CPU kernels could not be built (c++: command not found)" in caplog.text
     assert _kernels(llama) == {None}
     ids = llama.tokenizer.encode("Hello", bos=True, eos=False)
     assert len(llama.generate([ids], max_gen_len=4, temperature=0)[0][0]) == 4
