@@ -71,7 +71,7 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size, seed=cfg.seed,
                         device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                         expected_tokens=work or None, chat_format=cfg.chat_format, quantize=cfg.quantize,
-                        group_size=cfg.group_size, int8_activations=cfg.int8_activations)
+                        group_size=cfg.group_size)
     load_s = time.perf_counter() - t0
     pending = [r.to_json() for r in requests if r.index not in done]
     pending = [PromptRequest.from_json(r) for r in distributed.broadcast_json(pending, llama.device)]

@@ -14,8 +14,7 @@ from .errors import UserError
 log = logging.getLogger("llama_cli")
 
 
-def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_len=512, device=None, dtype=None,
-                 int8_activations=False):
+def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_len=512, device=None, dtype=None):
     """Compile the decoding step of a checkpoint now, so that later runs start with it.
 
     Example:
@@ -33,7 +32,6 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
       max_seq_len: the --max_seq_len of the runs that will use it (default 512, as a run's).
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16, as you will run it. Default is bf16 on GPUs, fp32 on cpu.
-      int8_activations: as the runs will use it (llama-cli --help).
     """
     from .generation import Llama
     from .parallel import GEMV_MAX_ROWS
@@ -43,16 +41,12 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
         raise UserError(f"--max_batch_size must be a positive integer, got {max_batch_size!r}")
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise UserError(f"--max_seq_len must be an integer of at least 2, got {max_seq_len!r}")
-    if not isinstance(int8_activations, bool):
-        raise UserError(f"--int8_activations is a switch: write --int8_activations, not --int8_activations "
-                        f"{int8_activations!r}")
     if ckpt_dir is None:
         raise UserError("--ckpt_dir is required: the checkpoint folder whose decoding step to compile")
     tokenizer_path = tokenizer_path or find_tokenizer(str(ckpt_dir))
     start = time.perf_counter()
     llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, compile="on", cuda_graphs="off",
-                        int8_activations=int8_activations)
+                        device=device, dtype=dtype, compile="on", cuda_graphs="off")
     rows = range(1, min(max_batch_size, GEMV_MAX_ROWS) + 1) if llama.device.type == "cpu" else [max_batch_size]
     for n in rows:
         llama.generate([[1, 2, 3]] * n, max_gen_len=3, temperature=0)

@@ -107,8 +107,7 @@ def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64)) -> s
     def form(m):  # a linear layer's weight: shape and storage (dense, or quantized with its group count)
         if m.weight is not None:
             return list(m.weight.shape)
-        return [list(m.qweight.shape), str(m.qweight.dtype), list(m.qscale.shape), m.qoffset is not None,
-                str(getattr(m, "kernel", None))]
+        return [list(m.qweight.shape), str(m.qweight.dtype), list(m.qscale.shape), m.qoffset is not None]
 
     desc = {"dim": model.params.dim, "heads": attn.n_local_heads, "kv_heads": attn.n_local_kv_heads,
             "head_dim": attn.head_dim, "w1": form(ffn.w1), "w2": form(ffn.w2), "wq": form(attn.wq),

@@ -78,11 +78,6 @@ class RunConfig:
       group_size: weights per quantization group along the input dimension. int8 takes 0 (one group per
         output row, the default), 32, 64, 128 or 256; int4 takes 32 (the default, measured best), 64, 128
         or 256.
-      int8_activations: on x86 CPUs with AVX512-VNNI, int4 layers in groups of 32 (--quantize int4, or an
-        int4 / Q4 checkpoint) quantize their activations to int8 when decoding and multiply bytes, as
-        llama.cpp does: about 2.3x faster products, but not exact (a product moves by ~1% relative, so
-        greedy outputs can part from the fp32-activation ones at near-ties). Off by default; products of
-        more than 4 rows (prompts, perplexity) keep fp32 activations.
       chat_format: how dialogs (JSONL lines with "messages") become tokens, one of auto, llama2, llama3,
         template. auto takes the checkpoint's chat template (tokenizer_config.json), else Meta's Llama 3
         format for tiktoken tokenizers and Meta's Llama 2 format for SentencePiece ones.
@@ -124,7 +119,6 @@ class RunConfig:
     chat_format: str = "auto"
     quantize: Optional[str] = None
     group_size: Optional[int] = None
-    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         """Check every flag; raise UserError naming the first bad one."""
@@ -146,7 +140,7 @@ class RunConfig:
         _int("max_seq_len", self.max_seq_len, minimum=2)
         _int("max_batch_size", self.max_batch_size)
         _int("seed", self.seed, minimum=0)
-        for name in ("logprobs", "echo", "resume", "stream", "strict", "quiet", "debug", "int8_activations"):
+        for name in ("logprobs", "echo", "resume", "stream", "strict", "quiet", "debug"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"--{name} is a switch: write --{name} or --no{name}, not --{name} "
                                 f"{getattr(self, name)!r}")

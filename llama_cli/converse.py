@@ -21,7 +21,7 @@ HELP = "(/reset starts over, Ctrl-D leaves)"
 
 def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", temperature=0.6, top_p=0.9, top_k=0,
          min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=None,
-         max_seq_len=2048, max_gen_len=512, seed=1, device=None, dtype=None, int8_activations=False):
+         max_seq_len=2048, max_gen_len=512, seed=1, device=None, dtype=None):
     """Chat with a model: interactively on a terminal, or one reply per line of piped standard input.
 
     Examples:
@@ -49,8 +49,6 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
       seed: random seed.
       device: cpu, cuda, cuda:N or mps. Default is the GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
-      int8_activations: on x86 CPUs with AVX512-VNNI, int4 layers (groups of 32) quantize their
-        activations to int8 when decoding: faster, not exact (see llama-cli --help).
     """
     from .generation import Llama
     from .settings import Settings, resolve
@@ -67,11 +65,8 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise UserError(f"--max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
-    if not isinstance(int8_activations, bool):
-        raise UserError(f"--int8_activations is a switch: write --int8_activations, not --int8_activations "
-                        f"{int8_activations!r}")
     llama = Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len, 1, seed=seed, device=device, dtype=dtype,
-                        chat_format=chat_format, int8_activations=int8_activations)
+                        chat_format=chat_format)
     llama.chat_format  # an unusable format is an error now, not at the first message
     interactive = sys.stdin is not None and sys.stdin.isatty()
     return converse(llama, settings, system, sys.stdin, sys.stdout, sys.stderr, interactive)

@@ -53,7 +53,7 @@ def _positive_int(name: str, value) -> int:
 
 
 def _weights_for_device(model: Transformer, args, quantize: Optional[str], group_size: Optional[int], tied: bool,
-                        device: torch.device, int8_activations: bool = False) -> str:
+                        device: torch.device) -> bool:
     """Put the loaded weights in the form that runs fastest on `device`: quantized at load if asked, GGUF's
     fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, int4 and int8 on our CPU kernels
     (native.py), dense weights stacked on GPUs.
@@ -79,15 +79,9 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
     if device.type == "cpu" and quantized:
         from .quant import dequantizing_layers, use_native
 
-        n = use_native(model, int8_activations)
+        n = use_native(model)
         if n:
             log.info("%d quantized layers use our CPU kernels", n)
-        q8 = sum(getattr(m, "kernel", None) == "int4-native-q8" for m in model.modules())
-        if int8_activations and not q8:
-            log.warning("--int8_activations needs int4 weights in groups of 32 on a CPU with AVX512-VNNI (and our "
-                        "CPU kernels); the activations stay fp32")
-        elif q8:
-            log.info("%d int4 layers quantize their activations to int8 when decoding (--int8_activations)", q8)
         return "dequantizing" if dequantizing_layers(model) else "kernels"
     if device.type == "cpu" and not quantized:
         from .native import use_dense
@@ -110,8 +104,7 @@ class Llama:
               device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
               compile: Union[str, bool] = "auto", cuda_graphs: Union[str, bool] = "auto",
               expected_tokens: Optional[int] = None, chat_format: str = "auto",
-              quantize: Optional[str] = None, group_size: Optional[int] = None,
-              int8_activations: bool = False) -> "Llama":
+              quantize: Optional[str] = None, group_size: Optional[int] = None) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
@@ -121,9 +114,7 @@ class Llama:
         tokens to generate, informs compile on the CPU). chat_format: how chat_completion turns dialogs
         into tokens (chat.py): auto (the checkpoint's template, else Meta's format for its tokenizer),
         llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only, quant.py; group_size
-        along the input dimension, default per channel for int8 and 32 for int4). int8_activations: on
-        x86 CPUs with AVX512-VNNI, int4 layers (groups of 32) quantize their activations to int8 when
-        decoding, as llama.cpp does: faster, not exact (quant.py, native.py).
+        along the input dimension, default per channel for int8 and 128 for int4).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -162,9 +153,7 @@ class Llama:
         model.load_state_dict(state, assign=True, strict=True)
         del state  # the model holds the tensors now
         model.requires_grad_(False)
-        weights = _weights_for_device(model, args, quantize, group_size, tied, device, int8_activations)
-        if int8_activations and device.type != "cpu":
-            log.warning("--int8_activations is for the CPU; ignored on %s", device)
+        weights = _weights_for_device(model, args, quantize, group_size, tied, device)
         dequantizing = weights == "dequantizing"
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
         compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,

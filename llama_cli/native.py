@@ -122,10 +122,6 @@ def _load() -> None:
     def _(x, q, scale):
         return x.new_empty((x.shape[0], q.shape[0]))
 
-    @torch.library.register_fake("llama_cli::int4_gemv_q8")
-    def _(x, q, scale, offset):
-        return x.new_empty((x.shape[0], q.shape[0]))
-
     @torch.library.register_fake("llama_cli::dense_gemv")
     def _(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
@@ -161,10 +157,3 @@ def dense_linear(x, weight):
     if torch.compiler.is_compiling() or x2.shape[0] > DENSE_MAX_ROWS or x.dtype != torch.float32:
         return linear(x, weight)
     return torch.ops.llama_cli.dense_gemv(x2.contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])
-
-
-def have_int8_activations() -> bool:
-    """Whether int4_gemv_q8 (int8 activations, byte dot products) is built here: AVX512-VNNI CPUs."""
-    import torch
-
-    return ready() and bool(torch.ops.llama_cli.have_q8())

@@ -196,14 +196,9 @@ NATIVE_MAX_ROWS = 32  # up to this many rows our CPU kernels (native.py) beat de
 # 32 rows for a 1536x576 int4 weight; the dense product of the dequantized weight wins for long prompts)
 
 
-Q8_MAX_ROWS = 4  # --int8_activations: decoding's few rows; longer prompts keep the exact product
-
-
-def native_form(m, int8_activations: bool = False) -> bool:
+def native_form(m) -> bool:
     """Mark a quantized linear layer `m` on the CPU for our C++ kernels (native.py), where its form fits:
-    groups of a multiple of 32 columns, fp32 tables; int4 in groups of 32 with `int8_activations` for the
-    kernel that quantizes the activations to int8 (native.have_int8_activations). The weight stays as it
-    is. Returns whether it did."""
+    groups of a multiple of 32 columns, fp32 tables. The weight stays as it is. Returns whether it did."""
     q, scale, offset = m.qweight, m.qscale, m.qoffset
     if scale.dtype != torch.float32 or (offset is not None and offset.dtype != torch.float32):
         return False
@@ -215,39 +210,33 @@ def native_form(m, int8_activations: bool = False) -> bool:
         return False
     if (inp // scale.shape[1]) % 32:
         return False
-    if int8_activations and kind == "int4-native" and inp // scale.shape[1] == 32:
-        kind = "int4-native-q8"
     m.qweight, m.qscale = q.contiguous(), scale.contiguous()
     m.qoffset = None if offset is None else offset.contiguous()
     m.kernel = kind
     return True
 
 
-def use_native(model, int8_activations: bool = False) -> int:
-    """native_form for every quantized linear layer of a CPU model, where the kernels build; how many took it.
-    int8_activations: int4 layers in groups of 32 quantize their activations (where the CPU can)."""
+def use_native(model) -> int:
+    """native_form for every quantized linear layer of a CPU model, where the kernels build; how many took it."""
     from . import native
     from .parallel import _Linear
 
     layers = [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]
     if not layers or native.disabled_by_user() or not native.ready():
         return 0
-    q8 = int8_activations and native.have_int8_activations()
-    return sum(native_form(m, q8) for m in layers)
+    return sum(native_form(m) for m in layers)
 
 
 def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
     """x @ W.T through the kernel `m` was put in form for (kernel_form, native_form)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if m.kernel in ("int4-native", "int8-native", "int4-native-q8"):
+    if m.kernel in ("int4-native", "int8-native"):
         if x2.shape[0] > NATIVE_MAX_ROWS or x.dtype != torch.float32:  # long prompts, or activations not fp32
             from .parallel import GEMV_MAX_ROWS
 
             return quantized_linear(x, m.qweight, m.qscale, m.qoffset, GEMV_MAX_ROWS)
-        if m.kernel == "int4-native-q8" and x2.shape[0] <= Q8_MAX_ROWS:
-            y = torch.ops.llama_cli.int4_gemv_q8(x2.contiguous(), m.qweight, m.qscale, m.qoffset)
-        elif m.kernel != "int8-native":
+        if m.kernel == "int4-native":
             y = torch.ops.llama_cli.int4_gemv(x2.contiguous(), m.qweight, m.qscale, m.qoffset)
         else:
             y = torch.ops.llama_cli.int8_gemv(x2.contiguous(), m.qweight, m.qscale)

@@ -11,8 +11,7 @@ Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values
   and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share
   of greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each, batch 1);
 - speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load; int4 with and without our CPU
-  kernels, LLAMA_CLI_NATIVE=0, and with --int8_activations) and the Q4_1 file as it is, compiled (with
-  --eager: also uncompiled), and
+  kernels, LLAMA_CLI_NATIVE=0) and the Q4_1 file as it is, compiled (with --eager: also uncompiled), and
   of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with
   as many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
   (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair).
@@ -118,21 +117,19 @@ def quality(a, asis: Path, dense: Path, text: tuple[str, str]) -> None:
     from llama_cli import Llama
     from llama_cli.perplexity import score
 
-    runs = [("fp32 (the GGUF dequantized)", dense, None, None, False),
-            ("Q4_1 as it is (int4 g32)", asis, None, None, False),
-            ("Q4_1 as it is, --int8_activations", asis, None, None, True),
-            ("int8 per row (quantized at load)", dense, "int8", 0, False),
-            ("int4 g64 (at load)", dense, "int4", 64, False), ("int4 g32 (at load)", dense, "int4", 32, False)]
+    runs = [("fp32 (the GGUF dequantized)", dense, None, None), ("Q4_1 as it is (int4 g32)", asis, None, None),
+            ("int8 per row (quantized at load)", dense, "int8", 0), ("int4 g64 (at load)", dense, "int4", 64),
+            ("int4 g32 (at load)", dense, "int4", 32)]
     text, what = text
     rows, ref = [], None
-    for name, folder, mode, group, q8 in runs:
+    for name, folder, mode, group in runs:
         llama = Llama.build(str(folder), str(folder / "tokenizer.json"), max(a.ctx, 128), 8, compile="off",
-                            quantize=mode, group_size=group, int8_activations=q8)
+                            quantize=mode, group_size=group)
         ids = llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False)[:a.tokens]
         nll, count = score(llama, ids, a.ctx, a.ctx, 2)
         ppl = math.exp(nll / count)
         prompts = [llama.tokenizer.encode(p, bos=llama.tokenizer.add_bos, eos=False) for p in PROMPTS]
-        # one prompt at a time: batch 1, where decoding's products have the rows --int8_activations takes
+        # one prompt at a time: batch 1, the decoding these forms are for
         gen = [llama.generate([p], max_gen_len=64, temperature=0)[0][0] for p in prompts]
         if ref is None:
             ref = (ppl, gen)
@@ -158,23 +155,18 @@ def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
 
     prompt = "Once upon a time, there was a"
     runners = {}
-    forms = [("llama-cli fp32, compiled", dense, None, True, "on", False),
-             ("llama-cli int8 per row (at load), compiled", dense, "int8", True, "on", False),
-             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4", True, "on", False),
-             ("llama-cli int4 g32 (at load), compiled, without our CPU kernels", dense, "int4", False, "on", False),
-             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None, True, "on",
-              False),
-             ("llama-cli Q4_1 as it is, compiled, --int8_activations", asis, None, True, "on", True),
-             ("llama-cli int4 g32 (at load), compiled, --int8_activations", dense, "int4", True, "on", True)]
+    forms = [("llama-cli fp32, compiled", dense, None, True, "on"),
+             ("llama-cli int8 per row (at load), compiled", dense, "int8", True, "on"),
+             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4", True, "on"),
+             ("llama-cli int4 g32 (at load), compiled, without our CPU kernels", dense, "int4", False, "on"),
+             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None, True, "on")]
     if a.eager:  # the step short jobs run (--compile auto): uncompiled
-        forms += [("llama-cli fp32, eager", dense, None, True, "off", False),
-                  ("llama-cli Q4_1 as it is, eager", asis, None, True, "off", False),
-                  ("llama-cli Q4_1 as it is, eager, --int8_activations", asis, None, True, "off", True),
-                  ("llama-cli Q4_1 as it is, eager, without our CPU kernels", asis, None, False, "off", False)]
-    for name, folder, mode, native, compile, q8 in forms:
+        forms += [("llama-cli fp32, eager", dense, None, True, "off"),
+                  ("llama-cli Q4_1 as it is, eager", asis, None, True, "off"),
+                  ("llama-cli Q4_1 as it is, eager, without our CPU kernels", asis, None, False, "off")]
+    for name, folder, mode, native, compile in forms:
         os.environ["LLAMA_CLI_NATIVE"] = "1" if native else "0"  # read when a model is built (quant.use_native)
-        llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile=compile, quantize=mode,
-                            int8_activations=q8)
+        llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile=compile, quantize=mode)
         os.environ.pop("LLAMA_CLI_NATIVE")
         llama.tokenizer.stop_ids = frozenset()  # every timing decodes --new_tokens tokens
         llama._stop = torch.tensor([-1])

@@ -69,14 +69,13 @@ def test_kernels_refuse_other_forms(ops):
         ops.int8_gemv(torch.randn(1, 64), q8.to(torch.uint8), s8)
 
 
-def _decode_logits(llama, ids, steps=4, feed=None):
-    """Logits of a prefill then `steps` one-row greedy decode steps (or steps feeding the tokens `feed`)."""
+def _decode_logits(llama, ids, steps=4):
+    """Logits of a prefill then `steps` one-row greedy decode steps."""
     eng = llama.engine
     out = [eng.prefill([0], [ids])]
     pos = len(ids)
-    for k in range(len(feed) if feed else steps):
-        tok = torch.tensor([feed[k]]) if feed else out[-1].argmax(-1)
-        out.append(eng.decode(tok, [pos]))
+    for _ in range(steps):
+        out.append(eng.decode(out[-1].argmax(-1), [pos]))
         pos += 1
     return torch.cat(out)
 
@@ -154,61 +153,3 @@ def test_the_other_vector_paths(tmp_path, ops, flags):
                           text=True, cwd=REPO, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5
-
-
-@pytest.fixture
-def q8(ops):
-    if not native.have_int8_activations():  # not an AVX512-VNNI CPU; CI's machine is one
-        pytest.skip("this CPU has no AVX512-VNNI")
-    return ops.int4_gemv_q8
-
-
-@pytest.mark.parametrize("out,inp", [(48, 64), (40, 96), (16, 576), (8, 1536)])  # 2, 3, 18, 48 groups
-@pytest.mark.parametrize("rows", [1, 3])
-def test_int8_activation_kernel_is_close_to_the_product(q8, out, inp, rows):
-    """int8 activations (--int8_activations): not exact, within the activations' 8-bit rounding."""
-    g = torch.Generator().manual_seed(out + inp + rows)
-    q, scale, offset = quantize(torch.randn(out, inp, generator=g), "int4", 32)
-    x = torch.randn(rows, inp, generator=g)
-    ref = x @ dequantize(q, scale, offset).T
-    got = q8(x, q, scale, offset)
-    err = ((got - ref).abs().max() / ref.abs().max()).item()
-    assert 1e-5 < err < 3e-2  # rounded, as the mode says, and only that much
-    # the activations' rounding only: the same product on x rounded to int8 per group of 32 is exact
-    xg = x.reshape(rows, -1, 32)
-    step = xg.abs().amax(-1, keepdim=True) / 127
-    xq = (torch.round(xg / step) * step).reshape(rows, inp)
-    ref_q = xq @ dequantize(q, scale, offset).T + (x - xq).reshape(rows, -1, 32).sum(-1) @ offset.T
-    assert ((got - ref_q).abs().max() / ref.abs().max()) < 1e-4
-
-
-def test_int8_activations_in_a_model(tmp_path, spm_path, q8, caplog):
-    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=12)
-    tok = str(folder / "tokenizer.model")
-    fast = Llama.build(str(folder), tok, 64, 1, quantize="int4", int8_activations=True)
-    exact = Llama.build(str(folder), tok, 64, 1, quantize="int4")
-    assert "int4-native-q8" in _kernels(fast) and "int4-native-q8" not in _kernels(exact)
-    ids = fast.tokenizer.encode("Hello world, how are you today?", bos=True, eos=False)
-    assert 4 < len(ids) < 50
-    a, b = _decode_logits(fast, ids, feed=[5, 9, 13, 17]), _decode_logits(exact, ids, feed=[5, 9, 13, 17])
-    assert 0 < ((a - b).abs().max() / b.abs().max()) < 5e-2  # int8 activations: close, not equal
-    # a product of more than 4 rows (the prompt's layers) keeps fp32 activations
-    x = torch.randn(5, BIG["dim"])
-    wq = fast.model.layers[0].attention.wq
-    assert torch.equal(wq(x), exact.model.layers[0].attention.wq(x))
-    assert not torch.equal(wq(x[:1]), exact.model.layers[0].attention.wq(x[:1]))
-    with caplog.at_level(logging.WARNING, logger="llama_cli"):
-        Llama.build(str(folder), tok, 64, 1, quantize="int8", int8_activations=True)
-    assert "--int8_activations needs int4 weights in groups of 32" in caplog.text
-
-
-def test_int8_activations_flag(tmp_path, spm_path, q8, capsys):
-    from llama_cli.cli import cli
-
-    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=13)
-    base = ["--ckpt_dir", str(folder), "--prompt", "Hello", "--max_gen_len", "4", "--temperature", "0",
-            "--quantize", "int4"]
-    assert cli(base + ["--int8_activations"]) == 0
-    assert "quantize their activations to int8" in capsys.readouterr().err
-    assert cli(base + ["--int8_activations", "3"]) == 2
-    assert "unexpected argument '3'" in capsys.readouterr().err

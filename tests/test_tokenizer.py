@@ -74,7 +74,7 @@ def make_hf_tokenizer(folder, add_bos=False, eos="<|im_end|>", extra_stop=None):
 
 
 def test_hf_tokenizer_json(tmp_path):
-    path = make_hf_tokenizer(tmp_path / "hf", add_bos=False, extra_stop=[0, 2])
+    make_hf_tokenizer(tmp_path / "hf", add_bos=False, extra_stop=[0, 2])
     tok = load_tokenizer(tmp_path / "hf")  # a folder finds its tokenizer.json
     assert isinstance(tok, HFTokenizer)
     assert tok.add_bos is False and tok.bos_id == 1 and tok.eos_id == 2 and tok.stop_ids == {0, 2}

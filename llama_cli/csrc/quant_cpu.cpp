@@ -244,94 +244,15 @@ at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// int4 (groups of 32) with the activations quantized to int8 per group of 32, as llama.cpp multiplies its
-// Q4 blocks by Q8 ones: byte dot products (AVX512-VNNI vpdpbusd: 64 products an instruction) instead of
-// converting every weight to fp32. Faster (~2.3x a product here), not exact: a product moves by ~1%
-// relative against the dequantized weight's. Only with --int8_activations.
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-void row_q8(const float* x, const uint8_t* q, const float* scale, const float* offset, float* y, int64_t out,
-            int64_t in) {
-  const int64_t G = in / 32, B = (G + 3) / 4;  // groups; blocks of 4 groups (64 weight bytes)
-  // per block: 64 bytes of the groups' columns 0-15 (each group's low nibbles), then 64 of columns 16-31
-  std::vector<int8_t> qx(B * 128, 0);
-  std::vector<float> d(B * 4, 0.f), xs(B * 4, 0.f);
-  for (int64_t g = 0; g < G; g++) {
-    const __m512 a = _mm512_loadu_ps(x + g * 32), b = _mm512_loadu_ps(x + g * 32 + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    const int64_t at = (g / 4) * 128 + (g % 4) * 16;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qx.data() + at), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qx.data() + at + 64), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
-    d[g] = amax / 127.f;
-    xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));  // the offsets meet the exact sums of x
-  }
-  const __m512i mask = _mm512_set1_epi8(15);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const int threads = at::get_num_threads();
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t o = 0; o < out; o++) {
-    const uint8_t* qo = q + o * (in / 2);
-    const float* so = scale + o * G;
-    const float* mo = offset + o * G;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t blk = 0; blk < B; blk++) {
-      const int64_t left = std::min<int64_t>(G - blk * 4, 4);
-      const __mmask64 wmask = left == 4 ? ~0ULL : (1ULL << (left * 16)) - 1;
-      const __m512i w = _mm512_maskz_loadu_epi8(wmask, qo + blk * 64);
-      const __m128 sv = _mm_maskz_loadu_ps((1 << left) - 1, so + blk * 4);
-      const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(qx.data() + blk * 128));
-      dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(qx.data() + blk * 128 + 64));
-      const __m512 f = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sv, _mm_loadu_ps(d.data() + blk * 4))));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc);
-    }
-    int64_t k = 0;
-    for (; k + 16 <= G; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(mo + k), _mm512_loadu_ps(xs.data() + k), acc);
-    if (k < G) {
-      const __mmask16 mk = (1 << (G - k)) - 1;
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, mo + k), _mm512_maskz_loadu_ps(mk, xs.data() + k), acc);
-    }
-    y[o] = _mm512_reduce_add_ps(acc);
-  }
-}
-constexpr bool kHaveQ8 = true;
-#else
-void row_q8(const float*, const uint8_t*, const float*, const float*, float*, int64_t, int64_t) {}
-constexpr bool kHaveQ8 = false;
-#endif
-
-at::Tensor int4_gemv_q8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& offset) {
-  TORCH_CHECK(kHaveQ8, "int4_gemv_q8: built without AVX512-VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "int4_gemv_q8: x must be (rows, in) fp32");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(1) * 2 == x.size(1),
-              "int4_gemv_q8: q must be (out, in/2) uint8");
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
-              scale.is_contiguous() && offset.is_contiguous() && scale.sizes() == offset.sizes() &&
-              scale.size(0) == q.size(0) && scale.size(1) * 32 == x.size(1),
-              "int4_gemv_q8: scale and offset must be (out, in/32) fp32 (groups of 32)");
-  const int64_t rows = x.size(0), in = x.size(1), out = q.size(0);
-  at::Tensor y = at::empty({rows, out}, x.options());
-  for (int64_t r = 0; r < rows; r++)
-    row_q8(x.data_ptr<float>() + r * in, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
-           y.data_ptr<float>() + r * out, out, in);
-  return y;
-}
-
-bool have_q8() { return kHaveQ8; }
-
 }  // namespace
 
 TORCH_LIBRARY(llama_cli, m) {
-  m.def("int4_gemv_q8(Tensor x, Tensor q, Tensor scale, Tensor offset) -> Tensor");
-  m.def("have_q8() -> bool");
   m.def("dense_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor q, Tensor scale, Tensor offset) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(llama_cli, CompositeExplicitAutograd, m) { m.impl("have_q8", &have_q8); }
 TORCH_LIBRARY_IMPL(llama_cli, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_gemv", &int8_gemv);
   m.impl("dense_gemv", &dense_gemv);
-  m.impl("int4_gemv_q8", &int4_gemv_q8);
 }
