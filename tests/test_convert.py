@@ -140,6 +140,7 @@ def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="ll
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_src))
+        kinds = {True: 3}
         toks = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
         types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
                  for i in range(sp.vocab_size())]
