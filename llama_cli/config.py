@@ -66,14 +66,13 @@ class RunConfig:
         CPU for --max_batch_size 1-2 for jobs of 512+ tokens when this model shape and cache size were
         compiled before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels
         are not built, the uncompiled step is slower: 128+ and 1024+, for quantized weights 16+ and
-        128+); on GPUs auto uses CUDA graphs instead
-        (and compiles only int8 weights at batch 1-2: a step kept from before for 16+ tokens, a first
-        compile, about a minute, for 2048+).
+        128+); on GPUs auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2: a step
+        kept from before for 16+ tokens, a first compile, about a minute, for 2048+).
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
       quantize: int8 or int4, to quantize the linear layers' weights at load, and the token embeddings to int8
         (weight-only; activations stay in --dtype). Fewer bytes per weight is faster decoding where it is
-        memory-bound (batch 1-2 compiled on the CPU; on x86 CPUs int4 also through our C++ kernel, built once
-        on first use, LLAMA_CLI_NATIVE=0 to turn it off; on CUDA GPUs int4 on the tinygemm kernel, int8 only
+        memory-bound (batch 1-2 compiled on the CPU; on x86 CPUs int4 and int8 also through our C++ kernels,
+        built once on first use, LLAMA_CLI_NATIVE=0 to turn them off; on CUDA GPUs int4 on the tinygemm kernel, int8 only
         compiled at batch 1-2).
       group_size: weights per quantization group along the input dimension. int8 takes 0 (one group per
         output row, the default), 32, 64, 128 or 256; int4 takes 32 (the default, measured best), 64, 128

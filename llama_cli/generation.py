@@ -53,7 +53,7 @@ def _positive_int(name: str, value) -> int:
 
 
 def _weights_for_device(model: Transformer, args, quantize: Optional[str], group_size: Optional[int], tied: bool,
-                        device: torch.device) -> bool:
+                        device: torch.device) -> str:
     """Put the loaded weights in the form that runs fastest on `device`: quantized at load if asked, GGUF's
     fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, int4 and int8 on our CPU kernels
     (native.py), dense weights stacked on GPUs.

@@ -12,7 +12,7 @@ BLAS call streams a weight at about a third of the memory's speed for one row.
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, which torch.compile on the CPU
 needs too, and ninja) for this machine's CPU, once, into ~/.cache/llama-cli/native/<key> (or
 $LLAMA_CLI_CACHE/native/<key>); later processes load it in milliseconds. Where it cannot be built (no
-compiler, not x86 with AVX2 and FMA), or with LLAMA_CLI_NATIVE=0, quantized layers run as before (quant.py).
+compiler, not x86 with AVX2 and FMA), or with LLAMA_CLI_NATIVE=0, linear layers run as before.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ _state: dict = {}  # "ok": bool once decided; "why": the reason it is off
 
 def disabled_by_user() -> bool:
     return os.environ.get("LLAMA_CLI_NATIVE", "").strip().lower() in ("0", "off", "false", "no")
+
+
+def available() -> bool:
+    """Whether a model built now should use the kernels: not turned off (read at each build), and built here."""
+    return not disabled_by_user() and ready()
 
 
 def _cpu_flags() -> Optional[set]:
@@ -72,7 +77,8 @@ def _build_dir() -> Path:
 
 
 def ready() -> bool:
-    """Whether torch.ops.llama_cli.int4_gemv and int8_gemv can be called (building or loading it on first use)."""
+    """Whether torch.ops.llama_cli's int4_gemv, int8_gemv and dense_gemv can be called (building or loading
+    them on first use)."""
     if "ok" in _state:
         return _state["ok"]
     why = "LLAMA_CLI_NATIVE=0" if disabled_by_user() else _cpu_ok()
@@ -140,7 +146,7 @@ def use_dense(model) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, _Linear) and m.weight is not None and m.kernel is None
               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
-    if not layers or disabled_by_user() or not ready():
+    if not layers or not available():
         return 0
     for m in layers:
         m.kernel = "dense-native"

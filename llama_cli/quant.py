@@ -222,7 +222,7 @@ def use_native(model) -> int:
     from .parallel import _Linear
 
     layers = [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]
-    if not layers or native.disabled_by_user() or not native.ready():
+    if not layers or not native.available():
         return 0
     return sum(native_form(m) for m in layers)
 

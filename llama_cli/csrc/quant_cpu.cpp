@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -69,6 +70,19 @@ inline float vsum(V v) { return v; }
 inline void nibbles(const uint8_t* p, V& lo, V& hi) { lo = float(*p & 15); hi = float(*p >> 4); }
 inline V bytes(const int8_t* p) { return float(*p); }
 #endif
+
+// Runs block(R, r) over rows 0..rows-1 in blocks of 4 rows, then the rest (R a compile-time constant).
+template <typename F>
+void in_row_blocks(int64_t rows, F block) {
+  for (int64_t r = 0; r < rows;) {
+    switch (std::min<int64_t>(rows - r, 4)) {
+      case 4: block(std::integral_constant<int, 4>{}, r); r += 4; break;
+      case 3: block(std::integral_constant<int, 3>{}, r); r += 3; break;
+      case 2: block(std::integral_constant<int, 2>{}, r); r += 2; break;
+      default: block(std::integral_constant<int, 1>{}, r); r += 1; break;
+    }
+  }
+}
 
 // R rows of x (row stride `in`) times the weight: each weight byte is converted once for all R rows.
 // Outputs are split among torch's threads (an OpenMP loop: at::parallel_for measured 1.3-1.5x slower here).
@@ -137,17 +151,9 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float *sp = scale.data_ptr<float>(), *mp = offset.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < rows;) {  // blocks of 4 rows, then the rest
-    const float* xr = xp + r * in;
-    const float* xs = xsum.data() + r * groups;
-    float* yr = yp + r * out;
-    switch (std::min<int64_t>(rows - r, 4)) {
-      case 4: rows_block<4>(xr, xs, qp, sp, mp, yr, out, in, groups); r += 4; break;
-      case 3: rows_block<3>(xr, xs, qp, sp, mp, yr, out, in, groups); r += 3; break;
-      case 2: rows_block<2>(xr, xs, qp, sp, mp, yr, out, in, groups); r += 2; break;
-      default: rows_block<1>(xr, xs, qp, sp, mp, yr, out, in, groups); r += 1; break;
-    }
-  }
+  in_row_blocks(rows, [&](auto R, int64_t r) {
+    rows_block<R()>(xp + r * in, xsum.data() + r * groups, qp, sp, mp, yp + r * out, out, in, groups);
+  });
   return y;
 }
 
@@ -190,14 +196,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < rows;) {
-    switch (std::min<int64_t>(rows - r, 4)) {
-      case 4: rows_block8<4>(xp + r * in, qp, sp, yp + r * out, out, in, groups); r += 4; break;
-      case 3: rows_block8<3>(xp + r * in, qp, sp, yp + r * out, out, in, groups); r += 3; break;
-      case 2: rows_block8<2>(xp + r * in, qp, sp, yp + r * out, out, in, groups); r += 2; break;
-      default: rows_block8<1>(xp + r * in, qp, sp, yp + r * out, out, in, groups); r += 1; break;
-    }
-  }
+  in_row_blocks(rows, [&](auto R, int64_t r) { rows_block8<R()>(xp + r * in, qp, sp, yp + r * out, out, in, groups); });
   return y;
 }
 
@@ -233,14 +232,7 @@ at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < rows;) {
-    switch (std::min<int64_t>(rows - r, 4)) {
-      case 4: rows_block_dense<4>(xp + r * in, wp, yp + r * out, out, in); r += 4; break;
-      case 3: rows_block_dense<3>(xp + r * in, wp, yp + r * out, out, in); r += 3; break;
-      case 2: rows_block_dense<2>(xp + r * in, wp, yp + r * out, out, in); r += 2; break;
-      default: rows_block_dense<1>(xp + r * in, wp, yp + r * out, out, in); r += 1; break;
-    }
-  }
+  in_row_blocks(rows, [&](auto R, int64_t r) { rows_block_dense<R()>(xp + r * in, wp, yp + r * out, out, in); });
   return y;
 }
 
