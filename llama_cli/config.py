@@ -62,12 +62,14 @@ class RunConfig:
       debug: show the Python traceback on errors.
       schedule: continuous (the default, where a finished prompt's batch slot is refilled at once, best
         for prompt files) or static (Meta's way, where each batch runs until its longest completion ends).
-      compile: compile the decoding step with torch.compile, one of on, off, auto. auto compiles on the
-        CPU for --max_batch_size 1-2 for jobs of 512+ tokens when this model shape and cache size were
-        compiled before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels
-        are not built, the uncompiled step is slower: 128+ and 1024+, for quantized weights 16+ and
-        128+); on GPUs auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2: a step
-        kept from before for 16+ tokens, a first compile, about a minute, for 2048+).
+      compile: compile the decoding step with torch.compile, one of on, off, auto. On the CPU in one
+        process with fp32 weights on our C++ kernels (x86 CPUs), auto does not compile: the uncompiled step
+        runs each layer as one native call, faster than compiled. Otherwise auto compiles on the CPU for
+        --max_batch_size 1-2 for jobs of 512+ tokens when this model shape and cache size were compiled
+        before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels are not
+        built, the uncompiled step is slower: 128+ and 1024+, for quantized weights 16+ and 128+); on GPUs
+        auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2: a step kept from before
+        for 16+ tokens, a first compile, about a minute, for 2048+).
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
       quantize: int8 or int4, to quantize the linear layers' weights at load, and the token embeddings to int8
         (weight-only; activations stay in --dtype). Fewer bytes per weight is faster decoding where it is

@@ -49,6 +49,8 @@ WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED = 16, 128
 # SmolLM2-135M Q4_1 57.8 tokens/s eager against 81.3 compiled (~5 ms saved a token), fp32 35-36 against 45-59
 # (~7-10 ms): a kept step repays from ~250-500 tokens, a first compile from ~2,000-4,000
 WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS = 512, 4096
+# (Where every layer runs as one native call instead (cpu_step.py: one process, fp32), auto never compiles: that
+# step is faster than the compiled one, SmolLM2-135M Q4_1 134 tokens/s against 82-95, fp32 66 against 45-59.)
 # CUDA, int8 weights (no library kernel: the captured eager step dequantizes every weight per call): 38 tok/s
 # against 234-252 compiled for the 7B shape at batch 1 on an H100, a first compile 55-65 s: it repays from
 # ~2,500 tokens; a kept one from a few
@@ -87,7 +89,8 @@ def _mode(name: str, value) -> str:
 
 
 def decide_compile(compile, device: torch.device, max_batch_size: int, key: Optional[str] = None,
-                   expected_tokens: Optional[int] = None, quantized: bool = False, kernels: bool = False) -> bool:
+                   expected_tokens: Optional[int] = None, quantized: bool = False, kernels: bool = False,
+                   native_step: bool = False) -> bool:
     """--compile on/off/auto. auto (measured, docs/benchmarks.md): on the CPU the compiled step wins
     for 1-2 rows (a fused matrix-vector product, about 2.7x eager for SmolLM2-135M, ~37 ms saved a token).
     Loading a step compiled before (kept on disk, see `llama-cli compile`) takes about 3 s, so it is used
@@ -95,7 +98,8 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     short job is never slower end to end than eager (quantized weights: WARM_TOKENS_QUANTIZED and
     COLD_TOKENS_QUANTIZED, their eager step being much slower). `quantized`: weights whose eager step
     dequantizes them per call; `kernels`: linear layers on our CPU kernels, whose eager step is fast too
-    (WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS). On CUDA the captured eager step needs no compiling, so auto leaves compiling
+    (WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS); `native_step`: the uncompiled step runs each layer as one native
+    call (cpu_step.py), faster than compiled: auto leaves compiling off. On CUDA the captured eager step needs no compiling, so auto leaves compiling
     off there, except for such weights at 1-2 rows (int8: compiled, the dequantizing fuses into the
     product), where a kept step is used from WARM_TOKENS_QUANTIZED tokens and a first compile from
     COLD_TOKENS_CUDA_DEQUANTIZING."""
@@ -103,6 +107,8 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     if compile != "auto":
         return compile == "on"
     if max_batch_size > GEMV_MAX_ROWS or (device.type != "cpu" and not (is_cuda(device) and quantized)):
+        return False
+    if native_step and device.type == "cpu":
         return False
     tokens = expected_tokens or 0
     warm, cold = (WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED) if quantized else (WARM_TOKENS, COLD_TOKENS)
@@ -209,6 +215,12 @@ class Engine:
             model.decode_head_fn = torch.compile(head_fn, fullgraph=True, options=opts)
         else:  # a model an earlier engine compiled runs its plain step again
             model.decode_block_fn, model.decode_head_fn = run_block, run_head
+        # uncompiled on the CPU, a layer in one native call where the weights are on our kernels (cpu_step.py)
+        self.native = None
+        if not compile and self.device.type == "cpu":
+            from .cpu_step import NativeStep
+
+            self.native = NativeStep.prepare(model)
 
     # -- the verbs ---------------------------------------------------------------------------------
 
@@ -259,6 +271,8 @@ class Engine:
             return self._graph_for(n, need).run(tokens, pos_t)
         if self.compiled and n <= GEMV_MAX_ROWS:
             return self._run_compiled(tokens, pos_t, need)
+        if self.native is not None and self.native.fits(n):
+            return self.native(tokens, pos_t)
         masked = any(p != need - 1 for p in positions)
         return self.model.decode(tokens, pos_t, need, masked=masked, eager=True)
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, compiled, distributed, memory
+from .cpu_step import NativeStep
 from .devices import is_cuda, pick_device, pick_dtype
 from .engine import Engine, cache_length, decide_compile, decide_graphs
 from .errors import UserError
@@ -156,8 +157,9 @@ class Llama:
         weights = _weights_for_device(model, args, quantize, group_size, tied, device)
         dequantizing = weights == "dequantizing"
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
+        native_step = weights == "kernels" and NativeStep.prepare(model) is not None
         compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
-                                   kernels=weights == "kernels")
+                                   kernels=weights == "kernels", native_step=native_step)
         if is_cuda(device) and dequantizing and not compiling:
             log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every "
                         "step unless the step is compiled (measured: about a quarter of bf16's speed); for speed "

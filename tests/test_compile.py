@@ -74,6 +74,9 @@ def test_compile_auto_follows_the_measurements(tmp_path, monkeypatch):
     assert decide_compile("auto", cpu, 1, key="k", expected_tokens=600, kernels=True) is True  # kept
     assert decide_compile("auto", cpu, 1, key="other", expected_tokens=2000, kernels=True) is False
     assert decide_compile("auto", cpu, 1, key="other", expected_tokens=5000, kernels=True) is True
+    # every layer in one native call (cpu_step.py): faster than compiled, so auto never compiles; on is on
+    assert decide_compile("auto", cpu, 1, key="k", expected_tokens=100_000, kernels=True, native_step=True) is False
+    assert decide_compile("on", cpu, 1, key="k", expected_tokens=10, kernels=True, native_step=True) is True
     # CUDA: the captured eager step, except for weights that dequantize per call (int8) at 1-2 rows
     gpu = torch.device("cuda", 0)
     assert decide_compile("auto", gpu, 1, key="k", expected_tokens=10_000) is False

@@ -1,4 +1,4 @@
-"""Our CPU kernels (llama_cli/csrc/quant_cpu.cpp, built by native.py): the products they compute are the
+"""Our CPU kernels (llama_cli/csrc/, built by native.py): the products they compute are the
 dequantized (or dense) weight's, for every group size and row count they take; a CPU int4, int8 or fp32
 model uses them and gives the logits of the model without them; where they cannot be built, layers run as
 before, with a warning."""
@@ -136,6 +136,31 @@ for mode, out, inp, group, rows in [("int4", 48, 64, 32, 1), ("int4", 96, 256, 6
     ref = x @ dequantize(q, s, m).T
     got = torch.ops.llama_cli.int4_gemv(x, q, s, m) if mode == "int4" else torch.ops.llama_cli.int8_gemv(x, q, s)
     worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+# a whole decode step, each layer one call (cpu_step.py), against the plain eager layers
+sys.path.insert(0, "tests")
+from helpers import TINY, model_args, random_weights
+from llama_cli.cpu_step import NativeStep
+from llama_cli.model import Transformer
+from llama_cli.parallel import _Linear
+from llama_cli.quant import native_form, quantize_model
+
+params = {**TINY, "dim": 128, "multiple_of": 128}
+for mode in ("int4", "int8", None):
+    with torch.device("meta"):
+        m = Transformer(model_args(params, 320))
+    m.load_state_dict(random_weights(params, 320, seed=3), assign=True)
+    m.requires_grad_(False)
+    if mode:
+        quantize_model(m, mode, 32)
+    m.allocate_cache(2, 64)
+    m.prefill(torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(0)))
+    tokens, pos = torch.tensor([5, 7]), torch.tensor([9, 5])
+    ref = m.decode(tokens, pos, 10, eager=True)
+    for x in m.modules():
+        if isinstance(x, _Linear):
+            native_form(x) if mode else setattr(x, "kernel", "dense-native")
+    got = NativeStep.prepare(m)(tokens, pos)
+    worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
 print(worst)
 """
 
@@ -143,7 +168,7 @@ print(worst)
 @pytest.mark.parametrize("flags", ["-march=native -mno-avx512f", "-march=x86-64"])
 def test_the_other_vector_paths(tmp_path, ops, flags):
     """The AVX2 path (machines without AVX-512) and the plain C++ one, built here with those instruction
-    sets and checked like the main build (in a subprocess: one library per operator namespace)."""
+    sets and checked like the main build (the products, and whole decode steps of one native call a layer) (in a subprocess: one library per operator namespace)."""
     import subprocess
     import sys
 

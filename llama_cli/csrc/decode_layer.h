@@ -1,0 +1,177 @@
+// One transformer layer of a decode step on the CPU, for a few rows each at its own position: what model.py's
+// TransformerBlock computes for one new token per row (fp32 throughout), in one call instead of ~20 operator
+// calls (eager) or one compiled graph plus dynamo's checks (compiled), which for a small model cost more than
+// the products themselves. Row b writes its key and value at positions[b] of cache row b and attends over
+// cache positions 0..positions[b] of that row, so the work follows each row's own length.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "products.h"
+#include "vec.h"
+
+namespace llama_cli_native {
+
+// A linear layer's weight in one of quant.py's forms, told apart by its parts: [w] dense fp32, [q, scale] int8,
+// [q, scale, offset] int4.
+struct Weight {
+  at::TensorList parts;
+  int64_t out, in;
+
+  Weight(at::TensorList p, const char* name) : parts(p) {
+    TORCH_CHECK(p.size() >= 1 && p.size() <= 3, "decode_layer: ", name, " must be [w], [q, scale] or [q, scale, offset]");
+    for (const auto& t : p) TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
+                                        "decode_layer: ", name, "'s parts must be contiguous 2-D CPU tensors");
+    out = p[0].size(0);
+    if (p.size() == 1) {
+      TORCH_CHECK(p[0].scalar_type() == at::kFloat, "decode_layer: dense ", name, " must be fp32");
+      in = p[0].size(1);
+      return;
+    }
+    const bool int4 = p.size() == 3;
+    TORCH_CHECK(p[0].scalar_type() == (int4 ? at::kByte : at::kChar), "decode_layer: ", name, "'s integers must be ",
+                int4 ? "uint8 (int4)" : "int8");
+    in = int4 ? p[0].size(1) * 2 : p[0].size(1);
+    for (size_t i = 1; i < p.size(); i++)
+      TORCH_CHECK(p[i].scalar_type() == at::kFloat && p[i].size(0) == out && p[i].sizes() == p[1].sizes(),
+                  "decode_layer: ", name, "'s tables must be (out, groups) fp32");
+    const int64_t groups = p[1].size(1);
+    TORCH_CHECK(groups > 0 && in % groups == 0 && (in / groups) % 32 == 0,
+                "decode_layer: ", name, " needs groups of a multiple of 32 columns");
+  }
+
+  // y (rows, out) = x (rows, in) @ W.T
+  void apply(const float* x, int64_t rows, float* y) const {
+    if (parts.size() == 1) {
+      dense_product(x, rows, in, parts[0].data_ptr<float>(), out, y);
+    } else if (parts.size() == 2) {
+      int8_product(x, rows, in, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), out, parts[1].size(1), y);
+    } else {
+      int4_product(x, rows, in, parts[0].data_ptr<uint8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(),
+                   out, parts[1].size(1), y);
+    }
+  }
+};
+
+// Meta's RMSNorm: x / sqrt(mean(x^2) + eps), then times the weight
+inline void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y) {
+  const float r = 1.f / std::sqrt(dot(x, x, n) / float(n) + eps);
+  for (int64_t i = 0; i < n; i++) y[i] = (x[i] * r) * w[i];
+}
+
+// Rotate interleaved pairs (x[2i], x[2i+1]) of each of `heads` heads by the angles in cos/sin (head_dim/2 each)
+inline void rotate(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  for (int64_t h = 0; h < heads; h++) {
+    float* v = x + h * hd;
+    for (int64_t i = 0; i < hd / 2; i++) {
+      const float x0 = v[2 * i], x1 = v[2 * i + 1];
+      v[2 * i] = x0 * cos[i] - x1 * sin[i];
+      v[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+    }
+  }
+}
+
+inline at::Tensor decode_layer(const at::Tensor& x, at::TensorList wq_, at::TensorList wk_, at::TensorList wv_,
+                               at::TensorList wo_, at::TensorList w1_, at::TensorList w3_, at::TensorList w2_,
+                               const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
+                               const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
+                               const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "decode_layer: x must be (rows, dim) fp32");
+  const int64_t B = x.size(0), dim = x.size(1);
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.scalar_type() == at::kFloat && cache_k.is_contiguous() &&
+              cache_v.sizes() == cache_k.sizes() && cache_v.scalar_type() == at::kFloat && cache_v.is_contiguous(),
+              "decode_layer: the caches must be (batch, kv_heads, length, head_dim) fp32");
+  const int64_t hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
+  TORCH_CHECK(B <= cache_k.size(0), "decode_layer: more rows than the cache has");
+  const Weight wq(wq_, "wq"), wk(wk_, "wk"), wv(wv_, "wv"), wo(wo_, "wo"), w1(w1_, "w1"), w3(w3_, "w3"), w2(w2_, "w2");
+  const int64_t hq = wq.out / hd, hidden = w1.out;
+  TORCH_CHECK(wq.in == dim && wk.in == dim && wv.in == dim && w1.in == dim && w3.in == dim && wq.out % hd == 0 &&
+              wk.out == hkv * hd && wv.out == hkv * hd && hq % hkv == 0 && wo.in == hq * hd && wo.out == dim &&
+              w3.out == hidden && w2.in == hidden && w2.out == dim,
+              "decode_layer: the weights' shapes do not fit the model's");
+  TORCH_CHECK(attention_norm.numel() == dim && ffn_norm.numel() == dim && attention_norm.scalar_type() == at::kFloat &&
+              ffn_norm.scalar_type() == at::kFloat && attention_norm.is_contiguous() && ffn_norm.is_contiguous(),
+              "decode_layer: the norms' weights must be (dim,) fp32");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B && positions.scalar_type() == at::kLong,
+              "decode_layer: positions must be (rows,) int64");
+  TORCH_CHECK(rope_cos.dim() == 2 && rope_cos.size(1) * 2 == hd && rope_sin.sizes() == rope_cos.sizes() &&
+              rope_cos.scalar_type() == at::kFloat && rope_sin.scalar_type() == at::kFloat &&
+              rope_cos.is_contiguous() && rope_sin.is_contiguous(), "decode_layer: rope tables must be (length, head_dim/2) fp32");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < S && pos[b] < rope_cos.size(0), "decode_layer: a position is outside the cache");
+    longest = std::max(longest, pos[b] + 1);
+  }
+  const float e = float(eps);
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xn(B * dim), q(B * hq * hd), k(B * hkv * hd), v(B * hkv * hd), attn(B * hq * hd);
+
+  // attention: norm, q/k/v, rotary, the cache writes
+  for (int64_t b = 0; b < B; b++) rms_norm(xp + b * dim, attention_norm.data_ptr<float>(), e, dim, xn.data() + b * dim);
+  wq.apply(xn.data(), B, q.data());
+  wk.apply(xn.data(), B, k.data());
+  wv.apply(xn.data(), B, v.data());
+  float* ck = cache_k.data_ptr<float>();
+  float* cv = cache_v.data_ptr<float>();
+  for (int64_t b = 0; b < B; b++) {
+    const float* c = rope_cos.data_ptr<float>() + pos[b] * (hd / 2);
+    const float* s = rope_sin.data_ptr<float>() + pos[b] * (hd / 2);
+    rotate(q.data() + b * hq * hd, hq, hd, c, s);
+    rotate(k.data() + b * hkv * hd, hkv, hd, c, s);
+    for (int64_t h = 0; h < hkv; h++) {
+      const int64_t at = ((b * hkv + h) * S + pos[b]) * hd;
+      std::copy_n(k.data() + (b * hkv + h) * hd, hd, ck + at);
+      std::copy_n(v.data() + (b * hkv + h) * hd, hd, cv + at);
+    }
+  }
+  // each query head over its own row's positions 0..pos (heads share key/value heads in groups of rep)
+  const int64_t rep = hq / hkv;
+  const float scale = 1.f / std::sqrt(float(hd));
+  const bool wide = B * hq * longest * hd >= (1 << 16);  // threads only where there is work enough for them
+  const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (wide)
+  for (int64_t bh = 0; bh < B * hq; bh++) {
+    const int64_t b = bh / hq, h = bh % hq, n = pos[b] + 1;
+    const float* qh = q.data() + bh * hd;
+    const float* keys = ck + (b * hkv + h / rep) * S * hd;
+    const float* values = cv + (b * hkv + h / rep) * S * hd;
+    std::vector<float> w(n);
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; t++) {
+      w[t] = dot(qh, keys + t * hd, hd) * scale;
+      top = std::max(top, w[t]);
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t < n; t++) {
+      w[t] = std::exp(w[t] - top);
+      total += w[t];
+    }
+    float* o = attn.data() + bh * hd;
+    std::fill_n(o, hd, 0.f);
+    for (int64_t t = 0; t < n; t++) axpy(w[t], values + t * hd, o, hd);
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < hd; i++) o[i] *= inv;
+  }
+  at::Tensor out = at::empty({B, dim}, x.options());
+  float* hp = out.data_ptr<float>();
+  wo.apply(attn.data(), B, hp);
+  for (int64_t i = 0; i < B * dim; i++) hp[i] += xp[i];  // h = x + attention
+
+  // feed-forward: h + w2(silu(w1 hn) * w3 hn)
+  for (int64_t b = 0; b < B; b++) rms_norm(hp + b * dim, ffn_norm.data_ptr<float>(), e, dim, xn.data() + b * dim);
+  std::vector<float> gate(B * hidden), up(B * hidden), down(B * dim);
+  w1.apply(xn.data(), B, gate.data());
+  w3.apply(xn.data(), B, up.data());
+  for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  w2.apply(gate.data(), B, down.data());
+  for (int64_t i = 0; i < B * dim; i++) hp[i] += down[i];
+  return out;
+}
+
+}  // namespace llama_cli_native

@@ -1,0 +1,135 @@
+// x @ W.T for a few fp32 rows x and a weight W in one of quant.py's forms, on raw buffers: the products
+// decoding spends its time in. Activations stay fp32, so the results equal the dequantized weight's product up
+// to the order of the additions. Each output's rows are split among torch's threads (an OpenMP loop:
+// at::parallel_for measured 1.3-1.5x slower here); each weight byte is converted once for up to 4 rows.
+//
+// int4: q (out, in/2) bytes; within each group of g columns (g a multiple of 32), byte j holds column j in
+// its low nibble and column j + g/2 in its high one; w = v * scale + offset with scale, offset (out, in/g)
+// fp32. So y_o = sum_groups scale_og * (sum_j x_j v_oj) + offset_og * (sum_j x_j): the offsets meet the
+// per-group sums of x, computed once per row.
+// int8: q (out, in) int8, w = q * scale, scale (out, in/g) fp32 (one group a row: g = in).
+// dense: w (out, in) fp32.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "vec.h"
+
+namespace llama_cli_native {
+
+template <int R>
+void int4_block(const float* x, const float* xsum, const uint8_t* q, const float* scale, const float* offset,
+                float* y, int64_t out, int64_t in, int64_t groups) {
+  const int64_t half = in / groups / 2;
+  const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t o = 0; o < out; o++) {
+    const uint8_t* qo = q + o * (in / 2);
+    const float* so = scale + o * groups;
+    const float* mo = offset + o * groups;
+    V acc[R];
+    for (int r = 0; r < R; r++) acc[r] = vzero();
+    for (int64_t k = 0; k < groups; k++) {
+      const uint8_t* pk = qo + k * half;
+      const float* xk = x + k * 2 * half;
+      V t[R];
+      for (int r = 0; r < R; r++) t[r] = vzero();
+      for (int64_t c = 0; c < half; c += L) {
+        V lo, hi;
+        nibbles(pk + c, lo, hi);
+        for (int r = 0; r < R; r++) {
+          t[r] = vfma(lo, vload(xk + r * in + c), t[r]);
+          t[r] = vfma(hi, vload(xk + r * in + half + c), t[r]);
+        }
+      }
+      const V s = vset(so[k]);
+      for (int r = 0; r < R; r++) acc[r] = vfma(t[r], s, acc[r]);
+    }
+    // the offsets' part, sum_k offset_k * xsum_k: L groups at a time (one long chain of scalar additions
+    // here measured as slow as the whole product above)
+    int64_t k = 0;
+    for (; k + L <= groups; k += L) {
+      const V m = vload(mo + k);
+      for (int r = 0; r < R; r++) acc[r] = vfma(m, vload(xsum + r * groups + k), acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+      float v = vsum(acc[r]);
+      for (int64_t j = k; j < groups; j++) v += mo[j] * xsum[r * groups + j];
+      y[r * out + o] = v;
+    }
+  }
+}
+
+inline void int4_product(const float* x, int64_t rows, int64_t in, const uint8_t* q, const float* scale,
+                         const float* offset, int64_t out, int64_t groups, float* y) {
+  const int64_t g = in / groups;
+  std::vector<float> xsum(rows * groups);  // each row's sum over each group: what the offsets multiply
+  for (int64_t i = 0; i < rows * groups; i++) {
+    float t = 0.f;
+    for (int64_t j = 0; j < g; j++) t += x[i * g + j];
+    xsum[i] = t;
+  }
+  in_row_blocks(rows, [&](auto R, int64_t r) {
+    int4_block<R()>(x + r * in, xsum.data() + r * groups, q, scale, offset, y + r * out, out, in, groups);
+  });
+}
+
+template <int R>
+void int8_block(const float* x, const int8_t* q, const float* scale, float* y, int64_t out, int64_t in,
+                int64_t groups) {
+  const int64_t g = in / groups;
+  const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t o = 0; o < out; o++) {
+    const int8_t* qo = q + o * in;
+    const float* so = scale + o * groups;
+    V acc[R];
+    for (int r = 0; r < R; r++) acc[r] = vzero();
+    for (int64_t k = 0; k < groups; k++) {
+      V t[R];
+      for (int r = 0; r < R; r++) t[r] = vzero();
+      for (int64_t c = k * g; c < (k + 1) * g; c += L) {
+        const V w = bytes(qo + c);
+        for (int r = 0; r < R; r++) t[r] = vfma(w, vload(x + r * in + c), t[r]);
+      }
+      const V s = vset(so[k]);
+      for (int r = 0; r < R; r++) acc[r] = vfma(t[r], s, acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * out + o] = vsum(acc[r]);
+  }
+}
+
+inline void int8_product(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* scale,
+                         int64_t out, int64_t groups, float* y) {
+  in_row_blocks(rows, [&](auto R, int64_t r) { int8_block<R()>(x + r * in, q, scale, y + r * out, out, in, groups); });
+}
+
+// Dense fp32 weights (uncompiled steps: PyTorch's BLAS call streams the weight at about a third of the memory's
+// speed here for one row).
+template <int R>
+void dense_block(const float* x, const float* w, float* y, int64_t out, int64_t in) {
+  const int threads = at::get_num_threads();
+  const int64_t body = in - in % L;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t o = 0; o < out; o++) {
+    const float* wo = w + o * in;
+    V acc[R];
+    for (int r = 0; r < R; r++) acc[r] = vzero();
+    for (int64_t c = 0; c < body; c += L) {
+      const V wv = vload(wo + c);
+      for (int r = 0; r < R; r++) acc[r] = vfma(wv, vload(x + r * in + c), acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+      float v = vsum(acc[r]);
+      for (int64_t c = body; c < in; c++) v += wo[c] * x[r * in + c];
+      y[r * out + o] = v;
+    }
+  }
+}
+
+inline void dense_product(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y) {
+  in_row_blocks(rows, [&](auto R, int64_t r) { dense_block<R()>(x + r * in, w, y + r * out, out, in); });
+}
+
+}  // namespace llama_cli_native

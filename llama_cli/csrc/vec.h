@@ -1,0 +1,100 @@
+// A vector of L floats for the CPU kernels: AVX-512 (16), AVX2 (8), or a plain float elsewhere (the compiler's
+// own code), chosen when the library is built for this machine (-march=native).
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace llama_cli_native {
+
+#if defined(__AVX512F__)
+using V = __m512;
+constexpr int64_t L = 16;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float s) { return _mm512_set1_ps(s); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+// L bytes -> their low and high nibbles as floats
+inline void nibbles(const uint8_t* p, V& lo, V& hi) {
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+// L signed bytes -> floats
+inline V bytes(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using V = __m256;
+constexpr int64_t L = 8;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float s) { return _mm256_set1_ps(s); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline float vsum(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+inline void nibbles(const uint8_t* p, V& lo, V& hi) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+inline V bytes(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+using V = float;
+constexpr int64_t L = 1;
+inline V vzero() { return 0.f; }
+inline V vset(float s) { return s; }
+inline V vload(const float* p) { return *p; }
+inline void vstore(float* p, V v) { *p = v; }
+inline V vfma(V a, V b, V c) { return a * b + c; }
+inline V vmul(V a, V b) { return a * b; }
+inline float vsum(V v) { return v; }
+inline void nibbles(const uint8_t* p, V& lo, V& hi) { lo = float(*p & 15); hi = float(*p >> 4); }
+inline V bytes(const int8_t* p) { return float(*p); }
+#endif
+
+// sum_i a_i b_i over n floats (vectors, then the tail)
+inline float dot(const float* a, const float* b, int64_t n) {
+  V acc = vzero();
+  int64_t i = 0;
+  for (; i + L <= n; i += L) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+// y_i += a * x_i over n floats
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  const V av = vset(a);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+// Runs block(R, r) over rows 0..rows-1 in blocks of 4 rows, then the rest (R a compile-time constant).
+template <typename F>
+void in_row_blocks(int64_t rows, F block) {
+  for (int64_t r = 0; r < rows;) {
+    switch (std::min<int64_t>(rows - r, 4)) {
+      case 4: block(std::integral_constant<int, 4>{}, r); r += 4; break;
+      case 3: block(std::integral_constant<int, 3>{}, r); r += 3; break;
+      case 2: block(std::integral_constant<int, 2>{}, r); r += 2; break;
+      default: block(std::integral_constant<int, 1>{}, r); r += 1; break;
+    }
+  }
+}
+
+}  // namespace llama_cli_native

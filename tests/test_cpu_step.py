@@ -1,0 +1,104 @@
+"""The CPU decode step as one native call per layer (llama_cli/cpu_step.py, csrc/decode_layer.h): its logits
+are the model's recomputed from scratch and the plain eager layers', for int4, int8 and dense fp32 weights,
+grouped-query and multi-head attention, rows at their own positions; it is used exactly where it applies.
+(Greedy generation through it against HF transformers: test_model.py.)"""
+
+import pytest
+import torch
+
+from helpers import TINY, make_model_folder
+from llama_cli import Llama, native
+from llama_cli.cpu_step import NativeStep
+
+BIG = {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 128}
+
+
+@pytest.fixture
+def kernels():
+    why = native._cpu_ok()
+    if why is not None:  # a platform the kernels are not for (not x86-64 Linux with AVX2); CI's machine is
+        pytest.skip(f"our CPU kernels are {why}")
+    assert native.ready(), native._state.get("why")
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8", None])
+@pytest.mark.parametrize("params", [BIG, {**BIG, "n_kv_heads": None}, {**BIG, "n_kv_heads": 1}], ids=["gqa", "mha", "mqa"])
+def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path, kernels, mode, params):
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=3)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 4, quantize=mode, compile="off")
+    eng, model = llama.engine, llama.model
+    assert isinstance(eng.native, NativeStep) and eng.native.max_rows == (4 if mode is None else 32)
+    seq = torch.randint(3, 300, (3, 60), generator=torch.Generator().manual_seed(1))
+    full = model.prefill(seq)  # (3, 60, vocab) from scratch, through the eager layers
+    lengths = [5, 31, 17]  # continuous batching: each row at its own position
+    eng.prefill([0, 1, 2], [s[:n].tolist() for s, n in zip(seq, lengths)])
+    calls = []
+    real = eng.native.op
+    eng.native.op = lambda *a: calls.append(1) or real(*a)
+    for k in range(25):
+        pos = [n + k for n in lengths]
+        tokens = torch.stack([seq[i, p] for i, p in enumerate(pos)])
+        step = eng.decode(tokens, pos)
+        for i, p in enumerate(pos):
+            assert rel_err(step[i], full[i, p]) < 1e-4, (k, i)
+        if k % 8 == 0:  # the plain eager layers on the same cache give the same logits (and rewrite the same entries)
+            plain = model.decode(tokens, torch.tensor(pos), max(pos) + 1, eager=True)
+            assert rel_err(step, plain) < 1e-5
+    assert len(calls) == 25 * BIG["n_layers"]  # one native call per layer and step, nothing else
+
+
+def test_native_step_reads_only_each_rows_positions(tmp_path, spm_path, kernels):
+    """Cache positions past a row's own hold garbage here, and nothing changes: a row reads its positions only."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=4)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 4096, 2, quantize="int4", compile="off")
+    seq = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    llama.engine.prefill([0, 1], [seq[0, :10].tolist(), seq[1, :6].tolist()])
+    for layer in llama.model.layers:
+        layer.attention.cache_k[0, :, 11:].normal_()
+        layer.attention.cache_k[1, :, 7:].normal_()
+        layer.attention.cache_v[:, :, 11:].normal_()
+    step = llama.engine.decode(torch.stack([seq[0, 10], seq[1, 6]]), [10, 6])
+    assert rel_err(step[0], llama.model.prefill(seq[:1, :11])[0, -1]) < 1e-4
+    assert rel_err(step[1], llama.model.prefill(seq[1:, :7])[0, -1]) < 1e-4
+
+
+def test_native_step_is_used_where_it_applies(tmp_path, spm_path, kernels, monkeypatch):
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=5)
+    tok = str(folder / "tokenizer.model")
+    ids = [1, 20, 30, 40]
+
+    def build(**kw):
+        return Llama.build(str(folder), tok, 64, kw.pop("batch", 1), **kw)
+
+    assert build(quantize="int4").engine.native is not None  # auto: not compiled, the native step instead
+    assert build(quantize="int4", compile="on").engine.native is None  # asked to compile: compiled
+    assert build(dtype="bf16").engine.native is None  # its products are fp32
+    dense = build(batch=6)
+    assert not dense.engine.native.fits(5)  # dense: beyond 4 rows PyTorch's matrix product is faster
+    out5 = dense.generate([ids] * 5, max_gen_len=6, temperature=0)[0]  # so 5 rows run the eager layers
+    assert out5 == [dense.generate([ids], max_gen_len=6, temperature=0)[0][0]] * 5
+    monkeypatch.setenv("LLAMA_CLI_NATIVE", "0")
+    assert build(quantize="int4").engine.native is None
+
+
+def test_native_step_refuses_what_it_cannot_run(tmp_path, spm_path, kernels):
+    """Positions outside the cache (the engine never asks for them), and mismatched weights: a clear error."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=6)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, quantize="int4")
+    step = llama.engine.native
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        step(torch.tensor([5]), torch.tensor([64]))
+    layer, parts, an, fn, eps = step.layers[0]
+    a = layer.attention
+    x = torch.zeros(1, BIG["dim"])
+    wq, wk, wv, wo, w1, w3, w2 = parts
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        step.op(x, wq, wk, wv, wo, w2, w3, w2, an, fn, eps,  # w2's shape where w1's belongs
+                a.cache_k, a.cache_v, torch.tensor([0]), llama.model.rope_cos, llama.model.rope_sin)
+    with pytest.raises(RuntimeError, match="uint8"):
+        step.op(x, [wq[0].view(torch.int8), *wq[1:]], wk, wv, wo, w1, w3, w2, an, fn, eps,
+                a.cache_k, a.cache_v, torch.tensor([0]), llama.model.rope_cos, llama.model.rope_sin)
