@@ -4,10 +4,10 @@ products, so a layer's norms, products (our kernels), rotary embedding, cache wr
 feed-forward run in one C++ call. Each row attends over its own positions only, so a step costs what the
 live tokens need, and rows at different positions (continuous batching) need no mask.
 
-Used by the decode engine for one process on the CPU with fp32 activations, where every layer's linear
-weights are on our kernels (native.py: int4, int8 or dense fp32), for up to MAX_ROWS quantized or
-DENSE_MAX_ROWS dense rows (beyond, PyTorch's matrix product of a dense weight is faster). Its results are
-the eager layer's up to the order of the additions (tests/test_cpu_step.py)."""
+Used by the decode engine for uncompiled steps in one process on the CPU with fp32 activations, where
+every layer's linear weights are on our kernels (native.py: int4, int8 or dense fp32), for any number of
+rows (beyond a few rows the products go to PyTorch's matrix product, as the eager layers' do). Its results
+are the eager layers' up to the order of the additions (tests/test_cpu_step.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ from typing import Optional
 import torch
 
 from .model import Transformer, run_head
-from .native import DENSE_MAX_ROWS
-from .quant import NATIVE_MAX_ROWS
-
-MAX_ROWS = NATIVE_MAX_ROWS
 
 
 def _parts(m) -> Optional[list]:
@@ -34,10 +30,10 @@ def _parts(m) -> Optional[list]:
 
 
 class NativeStep:
-    """model.decode for up to `max_rows` rows in rows 0..n-1, through llama_cli::decode_layer."""
+    """model.decode for rows 0..n-1, through llama_cli::decode_layer."""
 
-    def __init__(self, model: Transformer, layers: list, max_rows: int):
-        self.model, self.layers, self.max_rows = model, layers, max_rows
+    def __init__(self, model: Transformer, layers: list):
+        self.model, self.layers = model, layers
         self.op = torch.ops.llama_cli.decode_layer
 
     @staticmethod
@@ -45,19 +41,15 @@ class NativeStep:
         """The step for `model`, or None where it does not apply (see the module's doc)."""
         if model.device.type != "cpu" or model.mp.world_size != 1 or model.norm.weight.dtype != torch.float32:
             return None
-        layers, dense = [], False
+        layers = []
         for layer in model.layers:
             a, f = layer.attention, layer.feed_forward
             parts = [_parts(m) for m in (a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2)]
             if any(p is None for p in parts):
                 return None
-            dense = dense or any(len(p) == 1 for p in parts)
             layers.append((layer, parts, layer.attention_norm.weight, layer.ffn_norm.weight,
                            layer.attention_norm.eps))
-        return NativeStep(model, layers, DENSE_MAX_ROWS if dense else MAX_ROWS)
-
-    def fits(self, rows: int) -> bool:
-        return rows <= self.max_rows
+        return NativeStep(model, layers)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

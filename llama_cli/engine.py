@@ -271,7 +271,7 @@ class Engine:
             return self._graph_for(n, need).run(tokens, pos_t)
         if self.compiled and n <= GEMV_MAX_ROWS:
             return self._run_compiled(tokens, pos_t, need)
-        if self.native is not None and self.native.fits(n):
+        if self.native is not None:
             return self.native(tokens, pos_t)
         masked = any(p != need - 1 for p in positions)
         return self.model.decode(tokens, pos_t, need, masked=masked, eager=True)

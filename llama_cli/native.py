@@ -5,9 +5,9 @@ Decoding one or two rows on the CPU spends its time in x @ W.T. For quantized we
 CPU kernels nor inductor's generated code come near the memory's speed: inductor converts every 4-bit
 value with about one instruction per weight (docs/benchmarks.md), and eager code dequantizes the whole
 weight on every call. The C++ kernels convert sixteen weights at a time (AVX-512; eight with AVX2), each
-once for up to four rows, and keep fp32 activations, so their results equal the dequantized weight's
-product up to the order of the additions. Dense fp32 weights get one too, for uncompiled steps: PyTorch's
-BLAS call streams a weight at about a third of the memory's speed for one row.
+once for up to eight rows (AVX-512; four with AVX2), and keep fp32 activations, so their results equal the
+dequantized weight's product up to the order of the additions. Dense fp32 weights get one too, for
+uncompiled steps: PyTorch's BLAS call streams a weight at about a third of the memory's speed for one row.
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, which torch.compile on the CPU
 needs too, and ninja) for this machine's CPU, once, into ~/.cache/llama-cli/native/<key> (or
@@ -139,8 +139,9 @@ def _load() -> None:
         return torch.empty_like(x)
 
 
-DENSE_MAX_ROWS = 4  # up to this many rows dense_gemv beats PyTorch's fp32 product (measured 2-3x at 1-4 rows;
-# even at 8, the BLAS matrix product ahead from 16 for large weights)
+DENSE_MAX_ROWS = 8  # up to this many rows dense_gemv beats PyTorch's fp32 product (measured 2-3x at 1-4 rows,
+# 1.3-2x at 8 with AVX-512's 8-row blocks; from 16 rows the BLAS matrix product wins for large weights); the
+# operator itself hands more rows to BLAS too (csrc/products.h, DENSE_KERNEL_ROWS)
 
 
 def use_dense(model) -> int:

@@ -25,13 +25,31 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parametrize("mode,rows", [("int4", 36), ("int8", 34), (None, 6)])
+def test_native_step_with_many_rows(tmp_path, spm_path, kernels, mode, rows):
+    """Past the kernels' few rows (32 quantized, 4 dense) the products go to PyTorch's matrix product: the same
+    logits, rows at their own positions."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=7)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, rows, quantize=mode)
+    eng, model = llama.engine, llama.model
+    seq = torch.randint(3, 300, (rows, 20), generator=torch.Generator().manual_seed(3))
+    full = model.prefill(seq)
+    lengths = [3 + i % 11 for i in range(rows)]
+    eng.prefill(list(range(rows)), [s[:n].tolist() for s, n in zip(seq, lengths)])
+    for k in range(3):
+        pos = [n + k for n in lengths]
+        step = eng.decode(torch.stack([seq[i, p] for i, p in enumerate(pos)]), pos)
+        assert eng.native is not None
+        assert max(rel_err(step[i], full[i, p]) for i, p in enumerate(pos)) < 1e-4
+
+
 @pytest.mark.parametrize("mode", ["int4", "int8", None])
 @pytest.mark.parametrize("params", [BIG, {**BIG, "n_kv_heads": None}, {**BIG, "n_kv_heads": 1}], ids=["gqa", "mha", "mqa"])
 def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path, kernels, mode, params):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=3)
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 4, quantize=mode, compile="off")
     eng, model = llama.engine, llama.model
-    assert isinstance(eng.native, NativeStep) and eng.native.max_rows == (4 if mode is None else 32)
+    assert isinstance(eng.native, NativeStep)
     seq = torch.randint(3, 300, (3, 60), generator=torch.Generator().manual_seed(1))
     full = model.prefill(seq)  # (3, 60, vocab) from scratch, through the eager layers
     lengths = [5, 31, 17]  # continuous batching: each row at its own position
@@ -77,10 +95,6 @@ def test_native_step_is_used_where_it_applies(tmp_path, spm_path, kernels, monke
     assert build(quantize="int4").engine.native is not None  # auto: not compiled, the native step instead
     assert build(quantize="int4", compile="on").engine.native is None  # asked to compile: compiled
     assert build(dtype="bf16").engine.native is None  # its products are fp32
-    dense = build(batch=6)
-    assert not dense.engine.native.fits(5)  # dense: beyond 4 rows PyTorch's matrix product is faster
-    out5 = dense.generate([ids] * 5, max_gen_len=6, temperature=0)[0]  # so 5 rows run the eager layers
-    assert out5 == [dense.generate([ids], max_gen_len=6, temperature=0)[0][0]] * 5
     monkeypatch.setenv("LLAMA_CLI_NATIVE", "0")
     assert build(quantize="int4").engine.native is None
 

@@ -31,7 +31,7 @@ def _product(ops, mode, x, q, scale, offset):
 @pytest.mark.parametrize("mode,out,inp,group", [("int4", 48, 64, 32), ("int4", 96, 256, 64), ("int4", 40, 384, 128),
                                                 ("int4", 8, 512, 256), ("int8", 48, 64, 0), ("int8", 24, 384, 0),
                                                 ("int8", 40, 256, 32), ("int8", 16, 512, 128)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 33])  # 33: past the kernel's rows, dequantized for BLAS
 def test_kernel_is_the_dequantized_product(ops, mode, out, inp, group, rows):
     g = torch.Generator().manual_seed(out + rows)
     w = torch.randn(out, inp, generator=g)
@@ -49,7 +49,7 @@ def test_kernel_is_the_dequantized_product(ops, mode, out, inp, group, rows):
 
 
 @pytest.mark.parametrize("out,inp", [(48, 64), (40, 100), (8, 1536)])  # 100: a tail past the vector width
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 5 and 9: past the kernel's rows, BLAS
 def test_dense_kernel_is_the_product(ops, out, inp, rows):
     g = torch.Generator().manual_seed(inp + rows)
     w, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)

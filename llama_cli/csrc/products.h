@@ -1,7 +1,8 @@
 // x @ W.T for a few fp32 rows x and a weight W in one of quant.py's forms, on raw buffers: the products
 // decoding spends its time in. Activations stay fp32, so the results equal the dequantized weight's product up
 // to the order of the additions. Each output's rows are split among torch's threads (an OpenMP loop:
-// at::parallel_for measured 1.3-1.5x slower here); each weight byte is converted once for up to 4 rows.
+// at::parallel_for measured 1.3-1.5x slower here); each weight byte is converted once for up to BLOCK_ROWS rows
+// (vec.h: 8 with AVX-512, 4 with AVX2).
 //
 // int4: q (out, in/2) bytes; within each group of g columns (g a multiple of 32), byte j holds column j in
 // its low nibble and column j + g/2 in its high one; w = v * scale + offset with scale, offset (out, in/g)
@@ -9,14 +10,58 @@
 // per-group sums of x, computed once per row.
 // int8: q (out, in) int8, w = q * scale, scale (out, in/g) fp32 (one group a row: g = in).
 // dense: w (out, in) fp32.
+//
+// Beyond a few rows (DENSE_KERNEL_ROWS dense, QUANT_KERNEL_ROWS quantized, measured) a matrix product that
+// reuses each weight for many rows wins: the weight (dequantized first, where quantized) goes to at::mm.
 #pragma once
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 
 #include <vector>
 
 #include "vec.h"
 
 namespace llama_cli_native {
+
+constexpr int64_t DENSE_KERNEL_ROWS = 8;  // native.DENSE_MAX_ROWS
+constexpr int64_t QUANT_KERNEL_ROWS = 32;  // quant.NATIVE_MAX_ROWS
+
+// y (rows, out) = x (rows, in) @ w.T through at::mm (BLAS)
+inline void blas_product(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y) {
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor yt = at::from_blob(y, {rows, out}, opts);
+  at::mm_out(yt, at::from_blob(const_cast<float*>(x), {rows, in}, opts),
+             at::from_blob(const_cast<float*>(w), {out, in}, opts).t());
+}
+
+// The (out, in) fp32 weight a quantized form stands for (offset null: int8)
+template <typename Q>
+at::Tensor dequantized(const Q* q, const float* scale, const float* offset, int64_t out, int64_t in, int64_t groups) {
+  at::Tensor w = at::empty({out, in}, at::TensorOptions().dtype(at::kFloat));
+  float* wp = w.data_ptr<float>();
+  const int64_t g = in / groups;
+  const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t o = 0; o < out; o++) {
+    for (int64_t k = 0; k < groups; k++) {
+      const float s = scale[o * groups + k];
+      float* wk = wp + o * in + k * g;
+      if (offset == nullptr) {
+        for (int64_t j = 0; j < g; j++) wk[j] = float(q[o * in + k * g + j]) * s;
+      } else {
+        const float m = offset[o * groups + k];
+        const Q* pk = q + o * (in / 2) + k * (g / 2);
+        for (int64_t j = 0; j < g / 2; j++) {
+          wk[j] = float(pk[j] & 15) * s + m;
+          wk[j + g / 2] = float(pk[j] >> 4) * s + m;
+        }
+      }
+    }
+  }
+  return w;
+}
 
 template <int R>
 void int4_block(const float* x, const float* xsum, const uint8_t* q, const float* scale, const float* offset,
@@ -63,6 +108,10 @@ void int4_block(const float* x, const float* xsum, const uint8_t* q, const float
 
 inline void int4_product(const float* x, int64_t rows, int64_t in, const uint8_t* q, const float* scale,
                          const float* offset, int64_t out, int64_t groups, float* y) {
+  if (rows > QUANT_KERNEL_ROWS) {
+    at::Tensor w = dequantized(q, scale, offset, out, in, groups);
+    return blas_product(x, rows, in, w.data_ptr<float>(), out, y);
+  }
   const int64_t g = in / groups;
   std::vector<float> xsum(rows * groups);  // each row's sum over each group: what the offsets multiply
   for (int64_t i = 0; i < rows * groups; i++) {
@@ -102,6 +151,10 @@ void int8_block(const float* x, const int8_t* q, const float* scale, float* y, i
 
 inline void int8_product(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* scale,
                          int64_t out, int64_t groups, float* y) {
+  if (rows > QUANT_KERNEL_ROWS) {
+    at::Tensor w = dequantized(q, scale, static_cast<const float*>(nullptr), out, in, groups);
+    return blas_product(x, rows, in, w.data_ptr<float>(), out, y);
+  }
   in_row_blocks(rows, [&](auto R, int64_t r) { int8_block<R()>(x + r * in, q, scale, y + r * out, out, in, groups); });
 }
 
@@ -129,6 +182,7 @@ void dense_block(const float* x, const float* w, float* y, int64_t out, int64_t 
 }
 
 inline void dense_product(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y) {
+  if (rows > DENSE_KERNEL_ROWS) return blas_product(x, rows, in, w, out, y);
   in_row_blocks(rows, [&](auto R, int64_t r) { dense_block<R()>(x + r * in, w, y + r * out, out, in); });
 }
 

@@ -84,11 +84,19 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; i++) y[i] += a * x[i];
 }
 
-// Runs block(R, r) over rows 0..rows-1 in blocks of 4 rows, then the rest (R a compile-time constant).
-template <typename F>
+// The most rows a kernel multiplies per pass over a weight: their accumulators must stay in registers
+// (AVX-512 has 32 vector registers, AVX2 16).
+constexpr int64_t BLOCK_ROWS = L == 16 ? 8 : 4;
+
+// Runs block(R, r) over rows 0..rows-1 in blocks of BLOCK_ROWS rows, then the rest (R a compile-time constant).
+template <int64_t MaxR = BLOCK_ROWS, typename F>
 void in_row_blocks(int64_t rows, F block) {
   for (int64_t r = 0; r < rows;) {
-    switch (std::min<int64_t>(rows - r, 4)) {
+    switch (std::min<int64_t>(rows - r, MaxR)) {
+      case 8: block(std::integral_constant<int, 8>{}, r); r += 8; break;
+      case 7: block(std::integral_constant<int, 7>{}, r); r += 7; break;
+      case 6: block(std::integral_constant<int, 6>{}, r); r += 6; break;
+      case 5: block(std::integral_constant<int, 5>{}, r); r += 5; break;
       case 4: block(std::integral_constant<int, 4>{}, r); r += 4; break;
       case 3: block(std::integral_constant<int, 3>{}, r); r += 3; break;
       case 2: block(std::integral_constant<int, 2>{}, r); r += 2; break;
