@@ -215,9 +215,10 @@ class Engine:
             model.decode_head_fn = torch.compile(head_fn, fullgraph=True, options=opts)
         else:  # a model an earlier engine compiled runs its plain step again
             model.decode_block_fn, model.decode_head_fn = run_block, run_head
-        # uncompiled on the CPU, a layer in one native call where the weights are on our kernels (cpu_step.py)
+        # steps not compiled on the CPU: a layer in one native call where the weights are on our kernels
+        # (cpu_step.py); compiled steps are for 1-2 rows only
         self.native = None
-        if not compile and self.device.type == "cpu":
+        if self.device.type == "cpu":
             from .cpu_step import NativeStep
 
             self.native = NativeStep.prepare(model)

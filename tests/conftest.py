@@ -31,3 +31,17 @@ def tiny_ckpt(tmp_path_factory, spm_path):
 def tiny_ckpt2(tmp_path_factory, spm_path, tiny_ckpt):
     """The same weights as tiny_ckpt, written in 2 shards."""
     return make_model_folder(tmp_path_factory.mktemp("tiny2"), spm_path, TINY, n_shards=2)
+
+
+@pytest.fixture
+def ops():
+    """torch.ops.llama_cli, our CPU kernels (llama_cli/native.py); skipped on platforms they are not for."""
+    import torch
+
+    from llama_cli import native
+
+    why = native._cpu_ok()
+    if why is not None:  # not x86-64 Linux with AVX2; CI's machine is
+        pytest.skip(f"our CPU kernels are {why}")
+    assert native.ready(), native._state.get("why")  # where they are for, they must build
+    return torch.ops.llama_cli

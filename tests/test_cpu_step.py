@@ -7,27 +7,19 @@ import pytest
 import torch
 
 from helpers import TINY, make_model_folder
-from llama_cli import Llama, native
+from llama_cli import Llama
 from llama_cli.cpu_step import NativeStep
 
 BIG = {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 128}
-
-
-@pytest.fixture
-def kernels():
-    why = native._cpu_ok()
-    if why is not None:  # a platform the kernels are not for (not x86-64 Linux with AVX2); CI's machine is
-        pytest.skip(f"our CPU kernels are {why}")
-    assert native.ready(), native._state.get("why")
 
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("mode,rows", [("int4", 36), ("int8", 34), (None, 6)])
-def test_native_step_with_many_rows(tmp_path, spm_path, kernels, mode, rows):
-    """Past the kernels' few rows (32 quantized, 4 dense) the products go to PyTorch's matrix product: the same
+@pytest.mark.parametrize("mode,rows", [("int4", 36), ("int8", 34), (None, 10)])
+def test_native_step_with_many_rows(tmp_path, spm_path, ops, mode, rows):
+    """Past the kernels' few rows (32 quantized, 8 dense) the products go to PyTorch's matrix product: the same
     logits, rows at their own positions."""
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=7)
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, rows, quantize=mode)
@@ -45,7 +37,7 @@ def test_native_step_with_many_rows(tmp_path, spm_path, kernels, mode, rows):
 
 @pytest.mark.parametrize("mode", ["int4", "int8", None])
 @pytest.mark.parametrize("params", [BIG, {**BIG, "n_kv_heads": None}, {**BIG, "n_kv_heads": 1}], ids=["gqa", "mha", "mqa"])
-def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path, kernels, mode, params):
+def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path, ops, mode, params):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=3)
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 4, quantize=mode, compile="off")
     eng, model = llama.engine, llama.model
@@ -69,7 +61,7 @@ def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path,
     assert len(calls) == 25 * BIG["n_layers"]  # one native call per layer and step, nothing else
 
 
-def test_native_step_reads_only_each_rows_positions(tmp_path, spm_path, kernels):
+def test_native_step_reads_only_each_rows_positions(tmp_path, spm_path, ops):
     """Cache positions past a row's own hold garbage here, and nothing changes: a row reads its positions only."""
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=4)
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 4096, 2, quantize="int4", compile="off")
@@ -84,7 +76,7 @@ def test_native_step_reads_only_each_rows_positions(tmp_path, spm_path, kernels)
     assert rel_err(step[1], llama.model.prefill(seq[1:, :7])[0, -1]) < 1e-4
 
 
-def test_native_step_is_used_where_it_applies(tmp_path, spm_path, kernels, monkeypatch):
+def test_native_step_is_used_where_it_applies(tmp_path, spm_path, ops, monkeypatch):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=5)
     tok = str(folder / "tokenizer.model")
     ids = [1, 20, 30, 40]
@@ -93,13 +85,20 @@ def test_native_step_is_used_where_it_applies(tmp_path, spm_path, kernels, monke
         return Llama.build(str(folder), tok, 64, kw.pop("batch", 1), **kw)
 
     assert build(quantize="int4").engine.native is not None  # auto: not compiled, the native step instead
-    assert build(quantize="int4", compile="on").engine.native is None  # asked to compile: compiled
+    compiled = build(quantize="int4", compile="on", batch=4)  # asked to compile: 1-2 rows compiled, more native
+    calls = []
+    real = compiled.engine.native.op
+    compiled.engine.native.op = lambda *a: calls.append(len(a[0])) or real(*a)
+    compiled.generate([ids], max_gen_len=3, temperature=0)
+    assert calls == []
+    compiled.generate([ids] * 3, max_gen_len=3, temperature=0)
+    assert set(calls) == {3}
     assert build(dtype="bf16").engine.native is None  # its products are fp32
     monkeypatch.setenv("LLAMA_CLI_NATIVE", "0")
     assert build(quantize="int4").engine.native is None
 
 
-def test_native_step_refuses_what_it_cannot_run(tmp_path, spm_path, kernels):
+def test_native_step_refuses_what_it_cannot_run(tmp_path, spm_path, ops):
     """Positions outside the cache (the engine never asks for them), and mismatched weights: a clear error."""
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=6)
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, quantize="int4")

@@ -15,15 +15,6 @@ from llama_cli.quant import dequantize, quantize
 BIG = {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 128}
 
 
-@pytest.fixture
-def ops():
-    why = native._cpu_ok()
-    if why is not None:  # a platform the kernels are not for (not x86-64 Linux with AVX2); CI's machine is
-        pytest.skip(f"our CPU kernels are {why}")
-    assert native.ready(), native._state.get("why")  # where they are for, they must build
-    return torch.ops.llama_cli
-
-
 def _product(ops, mode, x, q, scale, offset):
     return ops.int4_gemv(x, q, scale, offset) if mode == "int4" else ops.int8_gemv(x, q, scale)
 
