@@ -114,7 +114,7 @@ def _load() -> None:
             pass  # a ninja on PATH, if any
         from torch.utils import cpp_extension
 
-        log.info("building our CPU kernels for this machine (once, about 7 s on 2 cores) in %s", build)
+        log.info("building our CPU kernels for this machine (once, about 9 s on 2 cores) in %s", build)
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
