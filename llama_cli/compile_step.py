@@ -21,9 +21,13 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
       llama-cli compile --ckpt_dir checkpoints/smollm2-135m
 
     On the CPU the compiled step serves batches of 1-2 prompts (--max_batch_size 1 or 2), where it
-    streams the weights several times faster than eager PyTorch; bigger batches run eager. The step is
-    kept for one KV cache size: compile with the --max_batch_size and --max_seq_len (rounded up to 64)
-    that the runs will use (their defaults are the same as a run's).
+    streams the weights several times faster than eager PyTorch; bigger batches run eager. Where our CPU
+    kernels are built (x86 CPUs) and the model runs in fp32 in one process, the uncompiled step (each
+    layer one native call) is faster still, and --compile auto does not compile or use a compiled step
+    (this command says so; --compile on does).
+
+    The step is kept for one KV cache size: compile with the --max_batch_size and --max_seq_len (rounded
+    up to 64) that the runs will use (their defaults are the same as a run's).
 
     Args:
       ckpt_dir: the checkpoint folder (consolidated.NN.pth + params.json).
@@ -47,6 +51,9 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
     start = time.perf_counter()
     llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, compile="on", cuda_graphs="off")
+    if llama.engine.native is not None:
+        log.warning("on this machine %s decodes faster uncompiled (each layer one native call, with our CPU kernels): "
+                    "--compile auto will not use this compiled step; --compile on does", ckpt_dir)
     rows = range(1, min(max_batch_size, GEMV_MAX_ROWS) + 1) if llama.device.type == "cpu" else [max_batch_size]
     for n in rows:
         llama.generate([[1, 2, 3]] * n, max_gen_len=3, temperature=0)

@@ -122,6 +122,11 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     if native_cpu_ok():
         assert "use our CPU kernel" in proc.stderr and "compiled the decode step" not in proc.stderr
+        # and compiling ahead says that auto will not use what it compiles
+        proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder), "--max_seq_len", "256"], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert "--compile auto will not use this compiled step" in proc.stderr
 
 
 def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch):
