@@ -12,9 +12,11 @@ else touches the model or its cache rows:
 A decode step's cost follows the live tokens, not `max_seq_len`: it attends over the first
 `kv_len` cache positions, where kv_len is just past the furthest live row (eager and compiled
 CPU steps: exactly that; CUDA graphs, which need static shapes: the next length bucket, a power
-of two). Three ways to run the step, chosen per device (`--compile`, `--cuda_graphs`):
+of two). The ways to run the step, chosen per device (`--compile`, `--cuda_graphs`):
 
 - eager PyTorch;
+- on the CPU, where every linear layer is on our kernels (one process, fp32): each layer as one native
+  call (cpu_step.py), each row attending over its own positions only; faster than compiled there;
 - CUDA graphs captured straight from the step (one per padded row count and length bucket,
   captured on first use in well under a second each), so a token costs one graph replay;
 - torch.compile of one layer (`model.run_block`, the same graph serves every layer, its cache
@@ -50,7 +52,7 @@ WARM_TOKENS_QUANTIZED, COLD_TOKENS_QUANTIZED = 16, 128
 # (~7-10 ms): a kept step repays from ~250-500 tokens, a first compile from ~2,000-4,000
 WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS = 512, 4096
 # (Where every layer runs as one native call instead (cpu_step.py: one process, fp32), auto never compiles: that
-# step is faster than the compiled one, SmolLM2-135M Q4_1 134 tokens/s against 82-95, fp32 66 against 45-59.)
+# step is faster than the compiled one, SmolLM2-135M Q4_1 146 tokens/s against 100, fp32 53-71 against 48.)
 # CUDA, int8 weights (no library kernel: the captured eager step dequantizes every weight per call): 38 tok/s
 # against 234-252 compiled for the 7B shape at batch 1 on an H100, a first compile 55-65 s: it repays from
 # ~2,500 tokens; a kept one from a few
@@ -98,9 +100,9 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     short job is never slower end to end than eager (quantized weights: WARM_TOKENS_QUANTIZED and
     COLD_TOKENS_QUANTIZED, their eager step being much slower). `quantized`: weights whose eager step
     dequantizes them per call; `kernels`: linear layers on our CPU kernels, whose eager step is fast too
-    (WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS); `native_step`: the uncompiled step runs each layer as one native
-    call (cpu_step.py), faster than compiled: auto leaves compiling off. On CUDA the captured eager step needs no compiling, so auto leaves compiling
-    off there, except for such weights at 1-2 rows (int8: compiled, the dequantizing fuses into the
+    (WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS); `native_step`: the uncompiled step runs each layer as one
+    native call (cpu_step.py), faster than compiled: auto leaves compiling off. On CUDA the captured eager
+    step needs no compiling, so auto leaves compiling off there, except for such weights at 1-2 rows (int8: compiled, the dequantizing fuses into the
     product), where a kept step is used from WARM_TOKENS_QUANTIZED tokens and a first compile from
     COLD_TOKENS_CUDA_DEQUANTIZING."""
     compile = _mode("--compile", compile)
