@@ -62,20 +62,20 @@ class RunConfig:
       debug: show the Python traceback on errors.
       schedule: continuous (the default, where a finished prompt's batch slot is refilled at once, best
         for prompt files) or static (Meta's way, where each batch runs until its longest completion ends).
-      compile: compile the decoding step with torch.compile, one of on, off, auto. On the CPU in one
-        process with fp32 weights on our C++ kernels (x86 CPUs), auto does not compile: the uncompiled step
-        runs each layer as one native call, faster than compiled. Otherwise auto compiles on the CPU for
+      compile: compile the decoding step with torch.compile, one of on, off, auto. auto does not compile
+        on x86 CPUs running fp32 in one process, where the uncompiled step runs each layer as one native
+        call (our C++ kernels), faster than compiled. Otherwise auto compiles on the CPU for
         --max_batch_size 1-2 for jobs of 512+ tokens when this model shape and cache size were compiled
         before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels are not
-        built, the uncompiled step is slower: 128+ and 1024+, for quantized weights 16+ and 128+); on GPUs
-        auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2: a step kept from before
-        for 16+ tokens, a first compile, about a minute, for 2048+).
+        built the uncompiled step is slower, so from 128+ and 1024+ tokens, for quantized weights 16+ and
+        128+); on GPUs auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2, a step
+        kept from before for 16+ tokens, a first compile, about a minute, for 2048+).
       cuda_graphs: capture the decoding step as CUDA graphs, one of on, off, auto (auto means on CUDA GPUs).
       quantize: int8 or int4, to quantize the linear layers' weights at load, and the token embeddings to int8
         (weight-only; activations stay in --dtype). Fewer bytes per weight is faster decoding where it is
-        memory-bound (batch 1-2 compiled on the CPU; on x86 CPUs int4 and int8 also through our C++ kernels,
-        built once on first use, LLAMA_CLI_NATIVE=0 to turn them off; on CUDA GPUs int4 on the tinygemm kernel, int8 only
-        compiled at batch 1-2).
+        memory-bound, on x86 CPUs through our C++ kernels, built once on first use (LLAMA_CLI_NATIVE=0 turns
+        them off), uncompiled or compiled (SmolLM2-135M int4 about 3x its fp32 compiled speed); on other
+        CPUs at batch 1-2 compiled; on CUDA GPUs int4 on the tinygemm kernel, int8 only compiled at batch 1-2.
       group_size: weights per quantization group along the input dimension. int8 takes 0 (one group per
         output row, the default), 32, 64, 128 or 256; int4 takes 32 (the default, measured best), 64, 128
         or 256.
@@ -85,7 +85,8 @@ class RunConfig:
 
     Exit codes are 0 when done, 2 for bad usage or input, 1 for a failure while running or when some
     prompts got error entries, 130 when interrupted. Multi-node runs use torchrun --nnodes N --node_rank R
-    --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT -m llama_cli (see README).
+    --nproc_per_node G --rdzv_backend c10d, --rdzv_endpoint the first node's host and port, and -m llama_cli
+    (see README).
     """
     ckpt_dir: Optional[str] = None
     tokenizer_path: Optional[str] = None
