@@ -4,7 +4,10 @@ products, so a layer's norms, products (our kernels), rotary embedding, cache wr
 feed-forward run in one C++ call. Each row attends over its own positions only, so a step costs what the
 live tokens need, and rows at different positions (continuous batching) need no mask.
 
-Used by the decode engine for uncompiled steps in one process on the CPU with fp32 activations, where
+With model parallelism (torchrun, gloo) each layer is two native calls, its attention and its feed-forward
+halves, each output all-reduced across the processes before its residual is added, as the eager layers do.
+
+Used by the decode engine for uncompiled steps on the CPU with fp32 activations, where
 every layer's linear weights are on our kernels (native.py: int4, int8 or dense fp32), for any number of
 rows (beyond a few rows the products go to PyTorch's matrix product, as the eager layers' do). Its results
 are the eager layers' up to the order of the additions (tests/test_cpu_step.py)."""
@@ -39,7 +42,7 @@ class NativeStep:
     @staticmethod
     def prepare(model: Transformer) -> Optional["NativeStep"]:
         """The step for `model`, or None where it does not apply (see the module's doc)."""
-        if model.device.type != "cpu" or model.mp.world_size != 1 or model.norm.weight.dtype != torch.float32:
+        if model.device.type != "cpu" or model.norm.weight.dtype != torch.float32:
             return None
         layers = []
         for layer in model.layers:
@@ -58,7 +61,19 @@ class NativeStep:
         h = m.tok_embeddings(tokens[:, None])[:, 0].contiguous()  # (n, dim)
         positions = positions.contiguous()
         cos, sin = m.rope_cos, m.rope_sin
+        if m.mp.world_size > 1:
+            return self._parallel(h, positions)
         for layer, (wq, wk, wv, wo, w1, w3, w2), an, fn, eps in self.layers:
             a = layer.attention
             h = op(h, wq, wk, wv, wo, w1, w3, w2, an, fn, eps, a.cache_k, a.cache_v, positions, cos, sin)
+        return run_head(m, h)
+
+    def _parallel(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        m, ops = self.model, torch.ops.llama_cli
+        for layer, (wq, wk, wv, wo, w1, w3, w2), an, fn, eps in self.layers:
+            a = layer.attention
+            part = ops.decode_attention(h, wq, wk, wv, wo, an, eps, a.cache_k, a.cache_v, positions, m.rope_cos,
+                                        m.rope_sin)
+            h = h + m.mp.all_reduce(part)
+            h = h + m.mp.all_reduce(ops.decode_feed_forward(h, w1, w3, w2, fn, eps))
         return run_head(m, h)

@@ -15,8 +15,9 @@ CPU steps: exactly that; CUDA graphs, which need static shapes: the next length 
 of two). The ways to run the step, chosen per device (`--compile`, `--cuda_graphs`):
 
 - eager PyTorch;
-- on the CPU, where every linear layer is on our kernels (one process, fp32): each layer as one native
-  call (cpu_step.py), each row attending over its own positions only; faster than compiled there;
+- on the CPU, where every linear layer is on our kernels (fp32): each layer as one native call (two
+  under torchrun; cpu_step.py), each row attending over its own positions only; in one process faster
+  than compiled;
 - CUDA graphs captured straight from the step (one per padded row count and length bucket,
   captured on first use in well under a second each), so a token costs one graph replay;
 - torch.compile of one layer (`model.run_block`, the same graph serves every layer, its cache

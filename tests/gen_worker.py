@@ -17,4 +17,5 @@ sampled, _ = llama.generate(ids, max_gen_len=12, temperature=0.9, top_p=0.9)
 rank = dist.get_rank() if dist.is_initialized() else 0
 world = dist.get_world_size() if dist.is_initialized() else 1
 with open(f"{out}.{rank}", "w") as f:
-    json.dump({"greedy": tokens, "sampled": sampled, "world": world}, f)
+    # "native": decode steps ran as native calls per layer (cpu_step.py), where our CPU kernels build
+    json.dump({"greedy": tokens, "sampled": sampled, "world": world, "native": llama.engine.native is not None}, f)

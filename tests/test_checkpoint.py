@@ -26,6 +26,10 @@ def test_torchrun_gloo_matches_single_process(tmp_path, spm_path, tiny_ckpt, sha
     single = greedy(tiny_ckpt[0])
     got = run_torchrun(procs, folder, tmp_path / "out")
     assert got["greedy"] == single
+    from llama_cli import native
+
+    # where our CPU kernels build, each process decodes through its layers' two native halves (cpu_step.py)
+    assert got["native"] == native.available()
 
 
 def test_sampling_identical_across_ranks_and_to_single_process(tmp_path, tiny_ckpt2):

@@ -2,7 +2,8 @@
 // TransformerBlock computes for one new token per row (fp32 throughout), in one call instead of ~20 operator
 // calls (eager) or one compiled graph plus dynamo's checks (compiled), which for a small model cost more than
 // the products themselves. Row b writes its key and value at positions[b] of cache row b and attends over
-// cache positions 0..positions[b] of that row, so the work follows each row's own length.
+// cache positions 0..positions[b] of that row, so the work follows each row's own length. Split in its
+// attention and feed-forward halves for model parallelism (the caller all-reduces each half's output).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -76,11 +77,12 @@ inline void rotate(float* x, int64_t heads, int64_t hd, const float* cos, const 
   }
 }
 
-inline at::Tensor decode_layer(const at::Tensor& x, at::TensorList wq_, at::TensorList wk_, at::TensorList wv_,
-                               at::TensorList wo_, at::TensorList w1_, at::TensorList w3_, at::TensorList w2_,
-                               const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
-                               const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
-                               const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+// The attention half of a layer, without its residual: attention(norm(x)) @ wo.T, (rows, dim). With model
+// parallelism (one process per slice of the heads) the caller all-reduces it before adding it to x.
+inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::TensorList wk_, at::TensorList wv_,
+                                   at::TensorList wo_, const at::Tensor& attention_norm, double eps,
+                                   const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
+                                   const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "decode_layer: x must be (rows, dim) fp32");
   const int64_t B = x.size(0), dim = x.size(1);
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.scalar_type() == at::kFloat && cache_k.is_contiguous() &&
@@ -88,15 +90,13 @@ inline at::Tensor decode_layer(const at::Tensor& x, at::TensorList wq_, at::Tens
               "decode_layer: the caches must be (batch, kv_heads, length, head_dim) fp32");
   const int64_t hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
   TORCH_CHECK(B <= cache_k.size(0), "decode_layer: more rows than the cache has");
-  const Weight wq(wq_, "wq"), wk(wk_, "wk"), wv(wv_, "wv"), wo(wo_, "wo"), w1(w1_, "w1"), w3(w3_, "w3"), w2(w2_, "w2");
-  const int64_t hq = wq.out / hd, hidden = w1.out;
-  TORCH_CHECK(wq.in == dim && wk.in == dim && wv.in == dim && w1.in == dim && w3.in == dim && wq.out % hd == 0 &&
-              wk.out == hkv * hd && wv.out == hkv * hd && hq % hkv == 0 && wo.in == hq * hd && wo.out == dim &&
-              w3.out == hidden && w2.in == hidden && w2.out == dim,
+  const Weight wq(wq_, "wq"), wk(wk_, "wk"), wv(wv_, "wv"), wo(wo_, "wo");
+  const int64_t hq = wq.out / hd;
+  TORCH_CHECK(wq.in == dim && wk.in == dim && wv.in == dim && wq.out % hd == 0 && wk.out == hkv * hd &&
+              wv.out == hkv * hd && hq % hkv == 0 && wo.in == hq * hd && wo.out == dim,
               "decode_layer: the weights' shapes do not fit the model's");
-  TORCH_CHECK(attention_norm.numel() == dim && ffn_norm.numel() == dim && attention_norm.scalar_type() == at::kFloat &&
-              ffn_norm.scalar_type() == at::kFloat && attention_norm.is_contiguous() && ffn_norm.is_contiguous(),
-              "decode_layer: the norms' weights must be (dim,) fp32");
+  TORCH_CHECK(attention_norm.numel() == dim && attention_norm.scalar_type() == at::kFloat &&
+              attention_norm.is_contiguous(), "decode_layer: the norms' weights must be (dim,) fp32");
   TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B && positions.scalar_type() == at::kLong,
               "decode_layer: positions must be (rows,) int64");
   TORCH_CHECK(rope_cos.dim() == 2 && rope_cos.size(1) * 2 == hd && rope_sin.sizes() == rope_cos.sizes() &&
@@ -108,12 +108,11 @@ inline at::Tensor decode_layer(const at::Tensor& x, at::TensorList wq_, at::Tens
     TORCH_CHECK(pos[b] >= 0 && pos[b] < S && pos[b] < rope_cos.size(0), "decode_layer: a position is outside the cache");
     longest = std::max(longest, pos[b] + 1);
   }
-  const float e = float(eps);
   const float* xp = x.data_ptr<float>();
   std::vector<float> xn(B * dim), q(B * hq * hd), k(B * hkv * hd), v(B * hkv * hd), attn(B * hq * hd);
 
-  // attention: norm, q/k/v, rotary, the cache writes
-  for (int64_t b = 0; b < B; b++) rms_norm(xp + b * dim, attention_norm.data_ptr<float>(), e, dim, xn.data() + b * dim);
+  // norm, q/k/v, rotary, the cache writes
+  for (int64_t b = 0; b < B; b++) rms_norm(xp + b * dim, attention_norm.data_ptr<float>(), float(eps), dim, xn.data() + b * dim);
   wq.apply(xn.data(), B, q.data());
   wk.apply(xn.data(), B, k.data());
   wv.apply(xn.data(), B, v.data());
@@ -159,19 +158,46 @@ inline at::Tensor decode_layer(const at::Tensor& x, at::TensorList wq_, at::Tens
     for (int64_t i = 0; i < hd; i++) o[i] *= inv;
   }
   at::Tensor out = at::empty({B, dim}, x.options());
-  float* hp = out.data_ptr<float>();
-  wo.apply(attn.data(), B, hp);
-  for (int64_t i = 0; i < B * dim; i++) hp[i] += xp[i];  // h = x + attention
-
-  // feed-forward: h + w2(silu(w1 hn) * w3 hn)
-  for (int64_t b = 0; b < B; b++) rms_norm(hp + b * dim, ffn_norm.data_ptr<float>(), e, dim, xn.data() + b * dim);
-  std::vector<float> gate(B * hidden), up(B * hidden), down(B * dim);
-  w1.apply(xn.data(), B, gate.data());
-  w3.apply(xn.data(), B, up.data());
-  for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-  w2.apply(gate.data(), B, down.data());
-  for (int64_t i = 0; i < B * dim; i++) hp[i] += down[i];
+  wo.apply(attn.data(), B, out.data_ptr<float>());
   return out;
+}
+
+// The feed-forward half, without its residual: w2(silu(w1 hn) * w3 hn) with hn = norm(h), (rows, dim).
+inline at::Tensor decode_feed_forward(const at::Tensor& h, at::TensorList w1_, at::TensorList w3_, at::TensorList w2_,
+                                      const at::Tensor& ffn_norm, double eps) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(), "decode_layer: h must be (rows, dim) fp32");
+  const int64_t B = h.size(0), dim = h.size(1);
+  const Weight w1(w1_, "w1"), w3(w3_, "w3"), w2(w2_, "w2");
+  const int64_t hidden = w1.out;
+  TORCH_CHECK(w1.in == dim && w3.in == dim && w3.out == hidden && w2.in == hidden && w2.out == dim,
+              "decode_layer: the weights' shapes do not fit the model's");
+  TORCH_CHECK(ffn_norm.numel() == dim && ffn_norm.scalar_type() == at::kFloat && ffn_norm.is_contiguous(),
+              "decode_layer: the norms' weights must be (dim,) fp32");
+  std::vector<float> hn(B * dim), gate(B * hidden), up(B * hidden);
+  const float* hp = h.data_ptr<float>();
+  for (int64_t b = 0; b < B; b++) rms_norm(hp + b * dim, ffn_norm.data_ptr<float>(), float(eps), dim, hn.data() + b * dim);
+  w1.apply(hn.data(), B, gate.data());
+  w3.apply(hn.data(), B, up.data());
+  for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  at::Tensor out = at::empty({B, dim}, h.options());
+  w2.apply(gate.data(), B, out.data_ptr<float>());
+  return out;
+}
+
+// A whole layer in one process: h = x + attention; h + feed-forward.
+inline at::Tensor decode_layer(const at::Tensor& x, at::TensorList wq, at::TensorList wk, at::TensorList wv,
+                               at::TensorList wo, at::TensorList w1, at::TensorList w3, at::TensorList w2,
+                               const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
+                               const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
+                               const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
+  at::Tensor h = decode_attention(x, wq, wk, wv, wo, attention_norm, eps, cache_k, cache_v, positions, rope_cos, rope_sin);
+  float* hp = h.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < h.numel(); i++) hp[i] += xp[i];
+  at::Tensor f = decode_feed_forward(h, w1, w3, w2, ffn_norm, eps);
+  const float* fp = f.data_ptr<float>();
+  for (int64_t i = 0; i < h.numel(); i++) hp[i] += fp[i];
+  return h;
 }
 
 }  // namespace llama_cli_native

@@ -1,7 +1,8 @@
 // Our CPU kernels, registered as the operators llama_cli::int4_gemv, int8_gemv, dense_gemv (x @ W.T for a
-// few fp32 rows: products.h) and llama_cli::decode_layer (one transformer layer of a decode step:
-// decode_layer.h), for x86 CPUs with AVX2 or AVX-512 (vec.h). Built on first use by native.py
-// (torch.utils.cpp_extension), called from eager code and, the products, from compiled steps too.
+// few fp32 rows: products.h) and llama_cli::decode_layer (one transformer layer of a decode step, or its
+// halves decode_attention and decode_feed_forward: decode_layer.h), for x86 CPUs with AVX2 or AVX-512
+// (vec.h). Built on first use by native.py (torch.utils.cpp_extension), called from eager code and, the
+// products, from compiled steps too.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -61,10 +62,15 @@ TORCH_LIBRARY(llama_cli, m) {
   m.def("decode_layer(Tensor x, Tensor[] wq, Tensor[] wk, Tensor[] wv, Tensor[] wo, Tensor[] w1, Tensor[] w3, "
         "Tensor[] w2, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor(a!) cache_k, Tensor(b!) cache_v, "
         "Tensor positions, Tensor rope_cos, Tensor rope_sin) -> Tensor");
+  m.def("decode_attention(Tensor x, Tensor[] wq, Tensor[] wk, Tensor[] wv, Tensor[] wo, Tensor attention_norm, "
+        "float eps, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor positions, Tensor rope_cos, Tensor rope_sin) -> Tensor");
+  m.def("decode_feed_forward(Tensor h, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor ffn_norm, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama_cli, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_gemv", &int8_gemv);
   m.impl("dense_gemv", &dense_gemv);
   m.impl("decode_layer", &decode_layer);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("decode_feed_forward", &decode_feed_forward);
 }
