@@ -61,6 +61,22 @@ def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path,
     assert len(calls) == 25 * BIG["n_layers"]  # one native call per layer and step, nothing else
 
 
+@pytest.mark.parametrize("params", [BIG, {**BIG, "n_heads": 16, "n_kv_heads": 1}], ids=["gqa", "mqa-16"])
+def test_native_step_over_long_rows(tmp_path, spm_path, ops, params):
+    """Rows past the attention's spans of 256 positions (split over threads, merged per head), and 16 query
+    heads sharing one key/value head: the logits of recomputing from scratch."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=8)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 1024, 2, quantize="int4")
+    seq = torch.randint(3, 300, (2, 720), generator=torch.Generator().manual_seed(5))
+    full = llama.model.prefill(seq)
+    lengths = [700, 255]
+    llama.engine.prefill([0, 1], [seq[0, :700].tolist(), seq[1, :255].tolist()])
+    for k in range(4):  # row 1 crosses from one span to two
+        pos = [n + k for n in lengths]
+        step = llama.engine.decode(torch.stack([seq[0, pos[0]], seq[1, pos[1]]]), pos)
+        assert max(rel_err(step[i], full[i, p]) for i, p in enumerate(pos)) < 1e-4
+
+
 def test_native_step_reads_only_each_rows_positions(tmp_path, spm_path, ops):
     """Cache positions past a row's own hold garbage here, and nothing changes: a row reads its positions only."""
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=4)

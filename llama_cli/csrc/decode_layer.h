@@ -77,6 +77,91 @@ inline void rotate(float* x, int64_t heads, int64_t hd, const float* cos, const 
   }
 }
 
+// Attention of one new token per row: query head j of row b (q: (B, hq, hd)) over cache positions
+// 0..pos[b] of row b, key/value head j / rep (rep = hq / hkv), into out (B, hq, hd). Work is split in tasks of
+// one row, one key/value head and a span of at most SPAN positions: a task reads its keys and values once for
+// all rep query heads that share them (grouped-query attention reads each cache entry once, not rep times:
+// the step is bound by reading the cache at long lengths), and long rows split over threads; the spans'
+// partial softmax sums then merge per head (as flash-decoding does).
+inline void attend(const float* q, const float* ck, const float* cv, const int64_t* pos, int64_t B, int64_t hq,
+                   int64_t hkv, int64_t S, int64_t hd, float* out) {
+  constexpr int64_t SPAN = 256;
+  const int64_t rep = hq / hkv;
+  const float scale = 1.f / std::sqrt(float(hd));
+  std::vector<int64_t> task_row, task_head, task_from, first;  // first[b * hkv + h]: its first task
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t h = 0; h < hkv; h++) {
+      first.push_back(int64_t(task_row.size()));
+      for (int64_t t = 0; t <= pos[b]; t += SPAN) {
+        task_row.push_back(b);
+        task_head.push_back(h);
+        task_from.push_back(t);
+      }
+    }
+    work += hq * (pos[b] + 1) * hd;
+  }
+  first.push_back(int64_t(task_row.size()));
+  const int64_t tasks = int64_t(task_row.size());
+  // per task and query head: the span's largest score, its sum of exp(score - largest), and the
+  // exp-weighted sum of its values
+  std::vector<float> top(tasks * rep), total(tasks * rep), part(tasks * rep * hd);
+  const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (work >= (1 << 16))
+  for (int64_t i = 0; i < tasks; i++) {
+    const int64_t b = task_row[i], h = task_head[i], from = task_from[i];
+    const int64_t n = std::min(pos[b] + 1 - from, SPAN);
+    const float* keys = ck + ((b * hkv + h) * S + from) * hd;
+    const float* values = cv + ((b * hkv + h) * S + from) * hd;
+    const float* qs = q + (b * hq + h * rep) * hd;  // the rep query heads of this key/value head
+    float w[SPAN * 8];
+    std::vector<float> wide_w;  // more than 8 query heads per key/value head: on the heap
+    float* ws = w;
+    if (rep > 8) {
+      wide_w.resize(rep * SPAN);
+      ws = wide_w.data();
+    }
+    for (int64_t t = 0; t < n; t++)
+      for (int64_t r = 0; r < rep; r++) ws[r * SPAN + t] = dot(qs + r * hd, keys + t * hd, hd) * scale;
+    for (int64_t r = 0; r < rep; r++) {
+      float* wr = ws + r * SPAN;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < n; t++) m = std::max(m, wr[t]);
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; t++) {
+        wr[t] = std::exp(wr[t] - m);
+        sum += wr[t];
+      }
+      top[i * rep + r] = m;
+      total[i * rep + r] = sum;
+    }
+    float* o = part.data() + i * rep * hd;
+    std::fill_n(o, rep * hd, 0.f);
+    for (int64_t t = 0; t < n; t++)
+      for (int64_t r = 0; r < rep; r++) axpy(ws[r * SPAN + t], values + t * hd, o + r * hd, hd);
+  }
+  // merge each head's spans: out = sum_i exp(top_i - m) part_i / sum_i exp(top_i - m) total_i
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t h = 0; h < hkv; h++) {
+      const int64_t i0 = first[b * hkv + h], i1 = first[b * hkv + h + 1];
+      for (int64_t r = 0; r < rep; r++) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t i = i0; i < i1; i++) m = std::max(m, top[i * rep + r]);
+        float* o = out + (b * hq + h * rep + r) * hd;
+        std::fill_n(o, hd, 0.f);
+        float sum = 0.f;
+        for (int64_t i = i0; i < i1; i++) {
+          const float f = std::exp(top[i * rep + r] - m);
+          sum += f * total[i * rep + r];
+          axpy(f, part.data() + (i * rep + r) * hd, o, hd);
+        }
+        const float inv = 1.f / sum;
+        for (int64_t d = 0; d < hd; d++) o[d] *= inv;
+      }
+    }
+  }
+}
+
 // The attention half of a layer, without its residual: attention(norm(x)) @ wo.T, (rows, dim). With model
 // parallelism (one process per slice of the heads) the caller all-reduces it before adding it to x.
 inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::TensorList wk_, at::TensorList wv_,
@@ -103,11 +188,8 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
               rope_cos.scalar_type() == at::kFloat && rope_sin.scalar_type() == at::kFloat &&
               rope_cos.is_contiguous() && rope_sin.is_contiguous(), "decode_layer: rope tables must be (length, head_dim/2) fp32");
   const int64_t* pos = positions.data_ptr<int64_t>();
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; b++) {
+  for (int64_t b = 0; b < B; b++)
     TORCH_CHECK(pos[b] >= 0 && pos[b] < S && pos[b] < rope_cos.size(0), "decode_layer: a position is outside the cache");
-    longest = std::max(longest, pos[b] + 1);
-  }
   const float* xp = x.data_ptr<float>();
   std::vector<float> xn(B * dim), q(B * hq * hd), k(B * hkv * hd), v(B * hkv * hd), attn(B * hq * hd);
 
@@ -129,34 +211,7 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
       std::copy_n(v.data() + (b * hkv + h) * hd, hd, cv + at);
     }
   }
-  // each query head over its own row's positions 0..pos (heads share key/value heads in groups of rep)
-  const int64_t rep = hq / hkv;
-  const float scale = 1.f / std::sqrt(float(hd));
-  const bool wide = B * hq * longest * hd >= (1 << 16);  // threads only where there is work enough for them
-  const int threads = at::get_num_threads();
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (wide)
-  for (int64_t bh = 0; bh < B * hq; bh++) {
-    const int64_t b = bh / hq, h = bh % hq, n = pos[b] + 1;
-    const float* qh = q.data() + bh * hd;
-    const float* keys = ck + (b * hkv + h / rep) * S * hd;
-    const float* values = cv + (b * hkv + h / rep) * S * hd;
-    std::vector<float> w(n);
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; t++) {
-      w[t] = dot(qh, keys + t * hd, hd) * scale;
-      top = std::max(top, w[t]);
-    }
-    float total = 0.f;
-    for (int64_t t = 0; t < n; t++) {
-      w[t] = std::exp(w[t] - top);
-      total += w[t];
-    }
-    float* o = attn.data() + bh * hd;
-    std::fill_n(o, hd, 0.f);
-    for (int64_t t = 0; t < n; t++) axpy(w[t], values + t * hd, o, hd);
-    const float inv = 1.f / total;
-    for (int64_t i = 0; i < hd; i++) o[i] *= inv;
-  }
+  attend(q.data(), ck, cv, pos, B, hq, hkv, S, hd, attn.data());
   at::Tensor out = at::empty({B, dim}, x.options());
   wo.apply(attn.data(), B, out.data_ptr<float>());
   return out;
