@@ -37,6 +37,7 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16, as you will run it. Default is bf16 on GPUs, fp32 on cpu.
     """
+    from .cpu_step import NativeStep
     from .generation import Llama
     from .parallel import GEMV_MAX_ROWS
     from .tokenizer import find_tokenizer
@@ -51,7 +52,7 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
     start = time.perf_counter()
     llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, compile="on", cuda_graphs="off")
-    if llama.engine.native is not None:
+    if NativeStep.replaces_compiling(llama.model):
         log.warning("on this machine %s decodes faster uncompiled (each layer one native call, with our CPU kernels): "
                     "--compile auto will not use this compiled step; --compile on does", ckpt_dir)
     rows = range(1, min(max_batch_size, GEMV_MAX_ROWS) + 1) if llama.device.type == "cpu" else [max_batch_size]

@@ -157,10 +157,7 @@ class Llama:
         weights = _weights_for_device(model, args, quantize, group_size, tied, device)
         dequantizing = weights == "dequantizing"
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
-        # where every layer is one native call, auto does not compile (engine.decide_compile); under torchrun the
-        # layers' native halves measured slower than the compiled step (38.6 against 44.7 tok/s, 2 processes),
-        # so there auto weighs compiling as for our kernels
-        native_step = weights == "kernels" and mp.world_size == 1 and NativeStep.prepare(model) is not None
+        native_step = NativeStep.replaces_compiling(model)  # then auto does not compile (engine.decide_compile)
         compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
                                    kernels=weights == "kernels", native_step=native_step)
         if is_cuda(device) and dequantizing and not compiling:

@@ -134,15 +134,6 @@ def _load() -> None:
     def _(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
 
-    @torch.library.register_fake("llama_cli::decode_layer")
-    def _(x, *rest):
-        return torch.empty_like(x)
-
-
-DENSE_MAX_ROWS = 8  # up to this many rows dense_gemv beats PyTorch's fp32 product (measured 2-3x at 1-4 rows,
-# 1.3-2x at 8 with AVX-512's 8-row blocks; from 16 rows the BLAS matrix product wins for large weights); the
-# operator itself hands more rows to BLAS too (csrc/products.h, DENSE_KERNEL_ROWS)
-
 
 def use_dense(model) -> int:
     """Mark a CPU model's dense fp32 linear layers for dense_gemv in uncompiled steps, where the kernels build;
@@ -161,12 +152,13 @@ def use_dense(model) -> int:
 
 
 def dense_linear(x, weight):
-    """x @ weight.T for a layer use_dense marked: our kernel for a few fp32 rows uncompiled, else as before."""
+    """x @ weight.T for a layer use_dense marked: our operator for fp32 rows uncompiled (its kernel for up to 8
+    rows, BLAS beyond: csrc/products.h), else as before."""
     import torch
 
     from .parallel import linear
 
     x2 = x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling() or x2.shape[0] > DENSE_MAX_ROWS or x.dtype != torch.float32:
+    if torch.compiler.is_compiling() or x.dtype != torch.float32:
         return linear(x, weight)
     return torch.ops.llama_cli.dense_gemv(x2.contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])

@@ -11,8 +11,8 @@ group-wise along the input dimension (a group never straddles a model-parallel s
 dequantizes, in a form that torch.compile fuses into the streaming multiply-and-sum the CPU uses
 for one or two rows (parallel.linear), so only the small integers cross the memory bus; eager
 code dequantizes the weight and calls the dense product (correct everywhere, not faster). On x86 CPUs
-both forms go through our C++ kernels for up to NATIVE_MAX_ROWS rows, eager and compiled (native_form,
-native.py); on CUDA, int4 goes through PyTorch's tinygemm kernel (kernel_form). The token
+both forms go through our C++ kernels, eager and compiled (native_form, native.py; past their few rows
+the operators dequantize the weight for a matrix product themselves); on CUDA, int4 goes through PyTorch's tinygemm kernel (kernel_form). The token
 embeddings of a quantized model are int8 (embedding_form; a lookup dequantizes the rows it reads).
 """
 
@@ -192,9 +192,6 @@ def kernel_form(m, device: torch.device) -> bool:
     return True
 
 
-NATIVE_MAX_ROWS = 32  # up to this many rows our CPU kernels (native.py) beat dequantizing (measured: 6.6x at
-# 32 rows for a 1536x576 int4 weight; the dense product of the dequantized weight wins for long prompts)
-
 
 def native_form(m) -> bool:
     """Mark a quantized linear layer `m` on the CPU for our C++ kernels (native.py), where its form fits:
@@ -232,7 +229,8 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if m.kernel in ("int4-native", "int8-native"):
-        if x2.shape[0] > NATIVE_MAX_ROWS or x.dtype != torch.float32:  # long prompts, or activations not fp32
+        # the operators take any row count (past 32 rows they dequantize for a matrix product: csrc/products.h)
+        if x.dtype != torch.float32:  # activations not fp32
             from .parallel import GEMV_MAX_ROWS
 
             return quantized_linear(x, m.qweight, m.qscale, m.qoffset, GEMV_MAX_ROWS)
