@@ -23,7 +23,7 @@ from .model import Transformer, run_head
 
 def _parts(m) -> Optional[list]:
     """A linear layer's tensors in decode_layer's form, or None where it is not on our kernels."""
-    if m.kernel == "dense-native" and m.weight.is_contiguous():
+    if m.kernel == "dense-native":  # (native.use_dense marks contiguous fp32 weights only)
         return [m.weight]
     if m.kernel == "int8-native":
         return [m.qweight, m.qscale]

@@ -18,47 +18,6 @@
 
 namespace llama_cli_native {
 
-// A linear layer's weight in one of quant.py's forms, told apart by its parts: [w] dense fp32, [q, scale] int8,
-// [q, scale, offset] int4.
-struct Weight {
-  at::TensorList parts;
-  int64_t out, in;
-
-  Weight(at::TensorList p, const char* name) : parts(p) {
-    TORCH_CHECK(p.size() >= 1 && p.size() <= 3, "decode_layer: ", name, " must be [w], [q, scale] or [q, scale, offset]");
-    for (const auto& t : p) TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
-                                        "decode_layer: ", name, "'s parts must be contiguous 2-D CPU tensors");
-    out = p[0].size(0);
-    if (p.size() == 1) {
-      TORCH_CHECK(p[0].scalar_type() == at::kFloat, "decode_layer: dense ", name, " must be fp32");
-      in = p[0].size(1);
-      return;
-    }
-    const bool int4 = p.size() == 3;
-    TORCH_CHECK(p[0].scalar_type() == (int4 ? at::kByte : at::kChar), "decode_layer: ", name, "'s integers must be ",
-                int4 ? "uint8 (int4)" : "int8");
-    in = int4 ? p[0].size(1) * 2 : p[0].size(1);
-    for (size_t i = 1; i < p.size(); i++)
-      TORCH_CHECK(p[i].scalar_type() == at::kFloat && p[i].size(0) == out && p[i].sizes() == p[1].sizes(),
-                  "decode_layer: ", name, "'s tables must be (out, groups) fp32");
-    const int64_t groups = p[1].size(1);
-    TORCH_CHECK(groups > 0 && in % groups == 0 && (in / groups) % 32 == 0,
-                "decode_layer: ", name, " needs groups of a multiple of 32 columns");
-  }
-
-  // y (rows, out) = x (rows, in) @ W.T
-  void apply(const float* x, int64_t rows, float* y) const {
-    if (parts.size() == 1) {
-      dense_product(x, rows, in, parts[0].data_ptr<float>(), out, y);
-    } else if (parts.size() == 2) {
-      int8_product(x, rows, in, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), out, parts[1].size(1), y);
-    } else {
-      int4_product(x, rows, in, parts[0].data_ptr<uint8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(),
-                   out, parts[1].size(1), y);
-    }
-  }
-};
-
 // Meta's RMSNorm: x / sqrt(mean(x^2) + eps), then times the weight
 inline void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y) {
   const float r = 1.f / std::sqrt(dot(x, x, n) / float(n) + eps);
@@ -175,7 +134,8 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
               "decode_layer: the caches must be (batch, kv_heads, length, head_dim) fp32");
   const int64_t hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
   TORCH_CHECK(B <= cache_k.size(0), "decode_layer: more rows than the cache has");
-  const Weight wq(wq_, "wq"), wk(wk_, "wk"), wv(wv_, "wv"), wo(wo_, "wo");
+  const Weight wq(wq_, "decode_layer", "wq"), wk(wk_, "decode_layer", "wk"), wv(wv_, "decode_layer", "wv"),
+      wo(wo_, "decode_layer", "wo");
   const int64_t hq = wq.out / hd;
   TORCH_CHECK(wq.in == dim && wk.in == dim && wv.in == dim && wq.out % hd == 0 && wk.out == hkv * hd &&
               wv.out == hkv * hd && hq % hkv == 0 && wo.in == hq * hd && wo.out == dim,
@@ -222,7 +182,7 @@ inline at::Tensor decode_feed_forward(const at::Tensor& h, at::TensorList w1_, a
                                       const at::Tensor& ffn_norm, double eps) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(), "decode_layer: h must be (rows, dim) fp32");
   const int64_t B = h.size(0), dim = h.size(1);
-  const Weight w1(w1_, "w1"), w3(w3_, "w3"), w2(w2_, "w2");
+  const Weight w1(w1_, "decode_layer", "w1"), w3(w3_, "decode_layer", "w3"), w2(w2_, "decode_layer", "w2");
   const int64_t hidden = w1.out;
   TORCH_CHECK(w1.in == dim && w3.in == dim && w3.out == hidden && w2.in == hidden && w2.out == dim,
               "decode_layer: the weights' shapes do not fit the model's");

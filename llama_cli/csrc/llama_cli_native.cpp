@@ -14,44 +14,26 @@ namespace {
 
 using namespace llama_cli_native;
 
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& offset) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "int4_gemv: x must be (rows, in) fp32");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(1) * 2 == x.size(1),
-              "int4_gemv: q must be (out, in/2) uint8");
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
-              scale.is_contiguous() && offset.is_contiguous() && scale.sizes() == offset.sizes() &&
-              scale.size(0) == q.size(0), "int4_gemv: scale and offset must be (out, groups) fp32");
-  const int64_t rows = x.size(0), in = x.size(1), out = q.size(0), groups = scale.size(1);
-  TORCH_CHECK(groups > 0 && in % groups == 0 && (in / groups) % 32 == 0,
-              "int4_gemv: groups of a multiple of 32 columns");
-  at::Tensor y = at::empty({rows, out}, x.options());
-  int4_product(x.data_ptr<float>(), rows, in, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(),
-               out, groups, y.data_ptr<float>());
+// x @ W.T for x (rows, in) fp32 and a weight in one of Weight's forms
+at::Tensor product(const char* who, const at::Tensor& x, at::TensorList parts) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), who, ": x must be (rows, in) fp32");
+  const Weight w(parts, who, "the weight");
+  TORCH_CHECK(w.in == x.size(1), who, ": the weight (q (out, in/2) uint8 for int4, (out, in) int8 or fp32 otherwise) ",
+              "does not fit x's ", x.size(1), " columns");
+  at::Tensor y = at::empty({x.size(0), w.out}, x.options());
+  w.apply(x.data_ptr<float>(), x.size(0), y.data_ptr<float>());
   return y;
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& offset) {
+  return product("int4_gemv", x, {q, scale, offset});
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "int8_gemv: x must be (rows, in) fp32");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
-              "int8_gemv: q must be (out, in) int8");
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == q.size(0),
-              "int8_gemv: scale must be (out, groups) fp32");
-  const int64_t rows = x.size(0), in = x.size(1), out = q.size(0), groups = scale.size(1);
-  TORCH_CHECK(groups > 0 && in % groups == 0 && (in / groups) % 32 == 0, "int8_gemv: groups of a multiple of 32 columns");
-  at::Tensor y = at::empty({rows, out}, x.options());
-  int8_product(x.data_ptr<float>(), rows, in, q.data_ptr<int8_t>(), scale.data_ptr<float>(), out, groups,
-               y.data_ptr<float>());
-  return y;
+  return product("int8_gemv", x, {q, scale});
 }
 
-at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "dense_gemv: x must be (rows, in) fp32");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == x.size(1),
-              "dense_gemv: w must be (out, in) fp32");
-  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  dense_product(x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr<float>(), w.size(0), y.data_ptr<float>());
-  return y;
-}
+at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& w) { return product("dense_gemv", x, {w}); }
 
 }  // namespace
 

@@ -16,6 +16,7 @@
 // operators take any row count, so this is the one place that decides.
 #pragma once
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -188,5 +189,47 @@ inline void dense_product(const float* x, int64_t rows, int64_t in, const float*
   if (rows > DENSE_KERNEL_ROWS) return blas_product(x, rows, in, w, out, y);
   in_row_blocks(rows, [&](auto R, int64_t r) { dense_block<R()>(x + r * in, w, y + r * out, out, in); });
 }
+
+// A linear layer's weight in one of quant.py's forms, told apart by its parts: [w] dense fp32, [q, scale] int8,
+// [q, scale, offset] int4.
+struct Weight {
+  at::TensorList parts;
+  int64_t out, in;
+
+  // who: the operator, for its messages; name: which weight
+  Weight(at::TensorList p, const char* who, const char* name) : parts(p) {
+    TORCH_CHECK(p.size() >= 1 && p.size() <= 3, who, ": ", name, " must be [w], [q, scale] or [q, scale, offset]");
+    for (const auto& t : p) TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(),
+                                        who, ": ", name, "'s parts must be contiguous 2-D CPU tensors");
+    out = p[0].size(0);
+    if (p.size() == 1) {
+      TORCH_CHECK(p[0].scalar_type() == at::kFloat, who, ": dense ", name, " must be fp32");
+      in = p[0].size(1);
+      return;
+    }
+    const bool int4 = p.size() == 3;
+    TORCH_CHECK(p[0].scalar_type() == (int4 ? at::kByte : at::kChar), who, ": ", name, "'s integers must be ",
+                int4 ? "uint8 (int4)" : "int8");
+    in = int4 ? p[0].size(1) * 2 : p[0].size(1);
+    for (size_t i = 1; i < p.size(); i++)
+      TORCH_CHECK(p[i].scalar_type() == at::kFloat && p[i].size(0) == out && p[i].sizes() == p[1].sizes(),
+                  who, ": ", name, "'s tables must be (out, groups) fp32");
+    const int64_t groups = p[1].size(1);
+    TORCH_CHECK(groups > 0 && in % groups == 0 && (in / groups) % 32 == 0,
+                who, ": ", name, " needs groups of a multiple of 32 columns");
+  }
+
+  // y (rows, out) = x (rows, in) @ W.T
+  void apply(const float* x, int64_t rows, float* y) const {
+    if (parts.size() == 1) {
+      dense_product(x, rows, in, parts[0].data_ptr<float>(), out, y);
+    } else if (parts.size() == 2) {
+      int8_product(x, rows, in, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), out, parts[1].size(1), y);
+    } else {
+      int4_product(x, rows, in, parts[0].data_ptr<uint8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(),
+                   out, parts[1].size(1), y);
+    }
+  }
+};
 
 }  // namespace llama_cli_native
