@@ -33,6 +33,7 @@ IGNORED = ("rope.freqs",)  # Llama 2 checkpoints carry precomputed rotary tables
 # A quantized weight "X.weight" is stored as "X.weight.q" (integers), "X.weight.scale" and, for int4,
 # "X.weight.offset" (quant.py): split like X.weight, the group tables replicated when a row is one group.
 QPARTS = (".q", ".scale", ".offset")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 # params.json: the keys it may carry, with the Python types each accepts.
 PARAM_TYPES = {
@@ -377,9 +378,16 @@ class CheckpointReader:
                             f"{list(want)} in {os.path.basename(self.files[0])}; the shards do not belong together")
         return t
 
+    def stored_linear_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the linear layers' weights are stored in (read off the first one), or None where they are
+        stored quantized."""
+        t = self.shard(0).get("layers.0.attention.wq.weight")
+        return t.dtype if isinstance(t, torch.Tensor) else None
+
     def rank_state_dict(self, world_size: int, rank: int, dtype: torch.dtype,
-                        device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
-        """The state dict of `Transformer(args, ModelParallel(world_size, rank))`.
+                        device: torch.device = torch.device("cpu"), keep_half: bool = False) -> dict[str, torch.Tensor]:
+        """The state dict of `Transformer(args, ModelParallel(world_size, rank))`, in `dtype`; with keep_half,
+        linear weights stored in bf16 or fp16 stay so (devices.keeps_half_weights).
 
         Goes shard by shard: each shard's pieces of this rank's slices are copied into place and
         the shard is unmapped before the next is opened, so peak memory stays near the size of
@@ -417,18 +425,19 @@ class CheckpointReader:
         # shard that is also copied from would keep all of that shard's touched pages resident.
         in_place = len(needed) == 1
         for s in needed:
-            self._copy_shard(s, needed[0], specs, out, dtype, device, in_place)
+            self._copy_shard(s, needed[0], specs, out, dtype, device, in_place, keep_half)
             self._open.pop(s, None)  # unmap this shard's pages (views kept in `out` stay valid)
         self._open.clear()
         return {k: v.contiguous() for k, v in out.items()}
 
-    def _copy_shard(self, s, first, specs, out, dtype, device, in_place) -> None:
+    def _copy_shard(self, s, first, specs, out, dtype, device, in_place, keep_half) -> None:
         """Copy shard s's pieces of every target slice into `out` (no reference to s survives). Quantized
-        parts keep their stored dtypes."""
+        parts keep their stored dtypes, and with keep_half linear weights stored in bf16 or fp16 too."""
         model_dtype = dtype
         for name, (full, dim, start, end, source, src) in specs.items():
-            dtype = None if name.endswith(QPARTS) else model_dtype
             for piece, dst_dim, dst_off in self._pieces(s, first, full, dim, start, end, source, src):
+                kept = name.endswith(QPARTS) or (keep_half and is_linear(name) and piece.dtype in HALF_DTYPES)
+                dtype = None if kept else model_dtype
                 shape = list(full)
                 if dim is not None:
                     shape[dim] = end - start

@@ -105,8 +105,8 @@ def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64)) -> s
     attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
 
     def form(m):  # a linear layer's weight: shape and storage (dense, or quantized with its group count)
-        if m.weight is not None:
-            return list(m.weight.shape)
+        if m.weight is not None:  # (a dense weight's dtype where it is kept apart from the activations')
+            return list(m.weight.shape) + ([str(m.weight.dtype)] if m.weight.dtype != dtype else [])
         return [list(m.qweight.shape), str(m.qweight.dtype), list(m.qscale.shape), m.qoffset is not None]
 
     desc = {"dim": model.params.dim, "heads": attn.n_local_heads, "kv_heads": attn.n_local_kv_heads,

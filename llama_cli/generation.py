@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, compiled, distributed, memory
 from .cpu_step import NativeStep
-from .devices import is_cuda, pick_device, pick_dtype
+from .devices import is_cuda, keeps_half_weights, pick_device, pick_dtype
 from .engine import Engine, cache_length, decide_compile, decide_graphs
 from .errors import UserError
 from .model import Transformer, check_parallel
@@ -110,7 +110,8 @@ class Llama:
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
         that the model's heads divide into. device/dtype default to this rank's GPU in bf16
-        (fp16 where bf16 is unsupported), else CPU in fp32. compile and cuda_graphs: "on", "off"
+        (fp16 where bf16 is unsupported), else CPU in fp32 (there, with the default dtype, linear weights
+        stored in bf16 or fp16 stay so where our kernels run: devices.keeps_half_weights). compile and cuda_graphs: "on", "off"
         or "auto" (see engine.decide_compile / decide_graphs; expected_tokens, the job's total
         tokens to generate, informs compile on the CPU). chat_format: how chat_completion turns dialogs
         into tokens (chat.py): auto (the checkpoint's template, else Meta's format for its tokenizer),
@@ -124,6 +125,7 @@ class Llama:
             raise UserError(f"seed must be an integer, got {seed!r}")
         world_size, rank, local_rank = distributed.world()
         device = pick_device(device, local_rank)
+        keep_half = keeps_half_weights(device, dtype)
         dtype = pick_dtype(device, dtype)
         graphs = decide_graphs(cuda_graphs, device)
         if quantize is not None:
@@ -138,11 +140,13 @@ class Llama:
         tokenizer = load_tokenizer(tokenizer_path)
         checkpoint.resolve_vocab_size(args, tokenizer.n_words, tokenizer_path)
         check_parallel(args, world_size)
-        memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len)
+        reader = checkpoint.CheckpointReader(files, args)
+        stored = reader.stored_linear_dtype()
+        half = stored if keep_half and stored in checkpoint.HALF_DTYPES else None  # linear weights kept as stored
+        memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len, linear_dtype=half)
         mp = distributed.setup(device, model_parallel_size)
 
-        reader = checkpoint.CheckpointReader(files, args)
-        state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device)
+        state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device, keep_half=half is not None)
         tied = reader.tied
         reader.close()
         with torch.device("meta"):
@@ -166,8 +170,9 @@ class Llama:
                         "use --compile on with --max_batch_size 1 or 2 (a first compile takes about a minute, kept "
                         "for later runs), or --quantize int4, which runs on tinygemm without compiling")
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling)
-        log.info("loaded %s (%d shard(s)) on %s as %s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
-                 device, str(dtype).replace("torch.", ""), mp.rank, mp.world_size, time.perf_counter() - start)
+        kept = f" (linear weights {str(half)[6:]} as stored)" if half is not None and quantize is None else ""
+        log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
+                 device, str(dtype).replace("torch.", ""), kept, mp.rank, mp.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, seed: int = 1,

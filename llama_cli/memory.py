@@ -14,12 +14,15 @@ from .model import ModelArgs
 GiB = 1024 ** 3
 
 
-def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one rank's weights (the output layer counted even when tied: it is the bound)."""
+def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype,
+                 linear_dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of one rank's weights (the output layer counted even when tied: it is the bound); linear_dtype:
+    the linear layers' weights are kept in it (as stored) rather than in dtype."""
     from .checkpoint import is_linear, weight_table
 
     kv_heads = max(1, args.n_kv_heads // world_size)
     elt = torch.finfo(dtype).bits // 8
+    linear_elt = torch.finfo(linear_dtype or dtype).bits // 8
     q = args.quantization
     total = 0
     for name, (shape, dim) in weight_table(args).items():
@@ -37,7 +40,7 @@ def weight_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
             groups = shape[1] // form["group_size"] if form["group_size"] else 1
             total += n // (2 if form["mode"] == "int4" else 1) + n * groups // shape[1] * 4 * 2
         else:
-            total += n * elt
+            total += n * (linear_elt if is_linear(name) else elt)
     return total
 
 
@@ -70,22 +73,26 @@ def free_bytes(device: torch.device) -> Optional[int]:
 
 
 def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype,
-              max_batch_size: int, max_seq_len: int, free: Optional[int] = None) -> None:
+              max_batch_size: int, max_seq_len: int, free: Optional[int] = None,
+              linear_dtype: Optional[torch.dtype] = None) -> None:
     """Raise UserError, with the numbers and what to lower, when this rank would not fit."""
     free = free_bytes(device) if free is None else free
     if free is None:
         return
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
-    weights = weight_bytes(args, world_size, dtype)
+    weights = weight_bytes(args, world_size, dtype, linear_dtype)
     kv = kv_cache_bytes(args, world_size, max_batch_size, max_seq_len, dtype)
     need = (weights + kv) * sharing
     if need <= free:
         return
     where = f"{device}" + (f" for {sharing} processes" if sharing > 1 else "")
     if weights * sharing > free:
+        what = ("load them quantized (--quantize int8, or int4: a quarter or an eighth of fp32's bytes), or spread "
+                "them over more machines (torchrun --nnodes N)" if device.type == "cpu" else
+                "use more GPUs (torchrun --nproc_per_node N), a smaller --dtype or --quantize int8|int4")
         raise UserError(
             f"the weights need {weights / GiB:.2f} GiB per process but only {free / GiB:.2f} GiB is free on {where}; "
-            f"use more GPUs (torchrun --nproc_per_node N) or a smaller --dtype")
+            f"{what}")
     per_row = kv / max_batch_size
     fits = int((free / sharing - weights) // per_row)
     hint = (f"--max_batch_size {fits}" if fits >= 1 else

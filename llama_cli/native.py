@@ -135,15 +135,22 @@ def _load() -> None:
         return x.new_empty((x.shape[0], w.shape[0]))
 
 
+HALF = ("bfloat16", "float16")  # dense weights the kernels read as stored, widening each value to fp32
+
+
 def use_dense(model) -> int:
-    """Mark a CPU model's dense fp32 linear layers for dense_gemv in uncompiled steps, where the kernels build;
-    how many it marked. (Compiled steps keep inductor's fused multiply-and-sum, which streams as fast.)"""
+    """Mark a CPU model's dense linear layers for dense_gemv in uncompiled steps, where the kernels build and the
+    activations are fp32 (the weights fp32, or bf16/fp16 as stored); how many it marked. (Compiled steps keep
+    inductor's fused multiply-and-sum, which streams as fast.)"""
     import torch
 
     from .parallel import _Linear
 
+    if model.norm.weight.dtype != torch.float32:  # bf16/fp16 activations: PyTorch's own products
+        return 0
     layers = [m for m in model.modules() if isinstance(m, _Linear) and m.weight is not None and m.kernel is None
-              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
+              and (m.weight.dtype == torch.float32 or str(m.weight.dtype)[6:] in HALF)
+              and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
     if not layers or not available():
         return 0
     for m in layers:
@@ -153,7 +160,7 @@ def use_dense(model) -> int:
 
 def dense_linear(x, weight):
     """x @ weight.T for a layer use_dense marked: our operator for fp32 rows uncompiled (its kernel for up to 8
-    rows, BLAS beyond: csrc/products.h), else as before."""
+    rows, BLAS beyond, a half-width weight widened first: csrc/products.h), else as before."""
     import torch
 
     from .parallel import linear

@@ -25,7 +25,11 @@ GEMV_MAX_ROWS = 2  # up to this many rows, compiled code computes x @ W.T as a f
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. Compiled for the CPU, a few rows (batch-1 decoding) are written as a
     multiply-and-sum, which inductor turns into one streaming pass over the weight: about 3x the
-    bandwidth of the BLAS matrix-vector product. (GPUs keep cuBLAS, which streams well.)"""
+    bandwidth of the BLAS matrix-vector product. (GPUs keep cuBLAS, which streams well.) A weight kept in
+    its stored half width under fp32 activations (the CPU's default, see devices.keeps_half_weights) is
+    widened for the product (compiled, inside the fused pass)."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
     if torch.compiler.is_compiling() and weight.device.type == "cpu" and x.shape[:-1].numel() <= GEMV_MAX_ROWS:
         return (x.unsqueeze(-2) * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
     return F.linear(x, weight)

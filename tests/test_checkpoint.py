@@ -32,6 +32,18 @@ def test_torchrun_gloo_matches_single_process(tmp_path, spm_path, tiny_ckpt, sha
     assert got["native"] == native.available()
 
 
+@pytest.mark.parametrize("shards", [2, 1])  # 2: each rank's slices in place from its shard's map; 1: copied
+def test_torchrun_keeps_bf16_weights_as_stored(tmp_path, spm_path, shards):
+    """A bf16 checkpoint on 2 CPU processes: each keeps its slices of the linear weights in bf16 (where our
+    kernels run) and generates what one process does."""
+    from llama_cli import native
+
+    folder, _ = make_model_folder(tmp_path / "ck", spm_path, TINY, n_shards=shards, seed=11, dtype=torch.bfloat16)
+    got = run_torchrun(2, folder, tmp_path / "out")
+    assert got["greedy"] == greedy(folder)
+    assert got["linear_dtype"] == ("bfloat16" if native.available() else "float32")
+
+
 def test_sampling_identical_across_ranks_and_to_single_process(tmp_path, tiny_ckpt2):
     folder = tiny_ckpt2[0]
     got = run_torchrun(2, folder, tmp_path / "out")
@@ -244,8 +256,17 @@ def test_weights_that_do_not_fit_are_refused_with_numbers():
     from llama_cli.memory import preflight
 
     args = model_args({"dim": 4096, "n_layers": 32, "n_heads": 32}, 32000)
-    with pytest.raises(UserError, match=r"weights need 12\.\d\d GiB per process but only 8\.00 GiB.*nproc_per_node"):
+    with pytest.raises(UserError, match=r"weights need 12\.\d\d GiB per process but only 8\.00 GiB.*--quantize int8"):
         preflight(args, 1, torch.device("cpu"), torch.bfloat16, 1, 64, free=8 * 1024 ** 3)
     preflight(args, 2, torch.device("cpu"), torch.bfloat16, 1, 64, free=8 * 1024 ** 3)  # half fits
+    # fp32 activations with the linear weights kept in bf16 as stored (the CPU's default): the embeddings in fp32
+    with pytest.raises(UserError, match=r"weights need 25\.\d\d GiB per process but only 14\.00 GiB"):
+        preflight(args, 1, torch.device("cpu"), torch.float32, 1, 64, free=14 * 1024 ** 3)
+    preflight(args, 1, torch.device("cpu"), torch.float32, 1, 64, free=14 * 1024 ** 3, linear_dtype=torch.bfloat16)
+    from llama_cli.memory import weight_bytes
+
+    embeddings = 32000 * 4096
+    assert (weight_bytes(args, 1, torch.float32, torch.bfloat16) - embeddings * 4
+            == weight_bytes(args, 1, torch.bfloat16) - embeddings * 2 + 2 * 4096 * 65)  # norms (2 a layer + 1) fp32
     with pytest.raises(UserError, match=r"KV cache needs 8\.00 GiB .*6\.28 GiB of weights.*--max_batch_size 30\)"):
         preflight(args, 2, torch.device("cpu"), torch.bfloat16, 32, 1024, free=14 * 1024 ** 3)

@@ -174,6 +174,31 @@ def test_kept_step_is_keyed_by_the_cache_size(tiny_ckpt):
     assert key(1, 512) == key(1, 512) and len({key(1, 512), key(1, 256), key(2, 512)}) == 3
 
 
+def test_compiled_step_with_weights_kept_in_bf16(tmp_path, spm_path):
+    """A bf16 checkpoint on the CPU keeps its linear weights in bf16 under fp32 activations (where our kernels
+    run): the compiled step widens them inside its fused products and agrees with the uncompiled one; its kept
+    step is keyed apart from the widened model's."""
+    from helpers import TINY, make_model_folder
+
+    from llama_cli import compiled, native
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=12, dtype=torch.bfloat16)
+    tok = str(folder / "tokenizer.model")
+    fast = Llama.build(str(folder), tok, 64, 1, compile="on")
+    plain = Llama.build(str(folder), tok, 64, 1, compile="off")
+    wide = Llama.build(str(folder), tok, 64, 1, compile="off", dtype="fp32")
+    kept = torch.bfloat16 if native.available() else torch.float32
+    assert fast.model.layers[0].feed_forward.w1.weight.dtype == kept
+    ids = [1, 5, 9, 13]
+    calls, real = [], fast.engine._run_compiled
+    fast.engine._run_compiled = lambda *a: calls.append(1) or real(*a)
+    got = fast.generate([ids], max_gen_len=8, temperature=0)[0][0]
+    assert len(calls) == 7  # every decode step compiled
+    assert_same_or_near_tie(plain, ids, got, plain.generate([ids], max_gen_len=8, temperature=0)[0][0])
+    key = [compiled.shape_key(x.model, torch.float32, x.device) for x in (fast, wide)]
+    assert (key[0] != key[1]) == native.available()
+
+
 def test_module_guards_are_skipped_only_for_uniform_layers_and_own_code(tmp_path, spm_path):
     """On the CPU the compiled layer skips dynamo's guards on modules (their checks cost every call) where
     that is safe: all layers have one structure, and each model compiles its own copy of the layer function,

@@ -1,5 +1,6 @@
 """The CPU decode step as one native call per layer (llama_cli/cpu_step.py, csrc/decode_layer.h): its logits
-are the model's recomputed from scratch and the plain eager layers', for int4, int8 and dense fp32 weights,
+are the model's recomputed from scratch and the plain eager layers', for int4, int8 and dense weights (fp32, or
+bf16/fp16 as a checkpoint stored them),
 grouped-query and multi-head attention, rows at their own positions; it is used exactly where it applies.
 (Greedy generation through it against HF transformers: test_model.py.)"""
 
@@ -17,12 +18,26 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("mode,rows", [("int4", 36), ("int8", 34), (None, 10)])
+STORED = {"bf16": torch.bfloat16, "fp16": torch.float16}  # dense weights kept as stored, fp32 activations
+
+
+def build_for(tmp_path, spm_path, mode, params, seed, *args, **kw):
+    """A model with int4/int8 weights (quantized at load), dense fp32 ones (mode None), or dense bf16/fp16 ones
+    kept as a checkpoint stored them."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=seed, dtype=STORED.get(mode, torch.float32))
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), *args,
+                        quantize=None if mode in STORED else mode, **kw)
+    if mode in STORED:
+        assert llama.model.layers[0].feed_forward.w2.weight.dtype == STORED[mode]
+        assert llama.model.norm.weight.dtype == torch.float32
+    return llama
+
+
+@pytest.mark.parametrize("mode,rows", [("int4", 36), ("int8", 34), (None, 10), ("bf16", 10), ("fp16", 12)])
 def test_native_step_with_many_rows(tmp_path, spm_path, ops, mode, rows):
-    """Past the kernels' few rows (32 quantized, 8 dense) the products go to PyTorch's matrix product: the same
-    logits, rows at their own positions."""
-    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=7)
-    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, rows, quantize=mode)
+    """Past the kernels' few rows (32 quantized, 8 dense) the products go to PyTorch's matrix product (the
+    weight widened or dequantized first): the same logits, rows at their own positions."""
+    llama = build_for(tmp_path, spm_path, mode, BIG, 7, 64, rows)
     eng, model = llama.engine, llama.model
     seq = torch.randint(3, 300, (rows, 20), generator=torch.Generator().manual_seed(3))
     full = model.prefill(seq)
@@ -35,11 +50,10 @@ def test_native_step_with_many_rows(tmp_path, spm_path, ops, mode, rows):
         assert max(rel_err(step[i], full[i, p]) for i, p in enumerate(pos)) < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8", None])
+@pytest.mark.parametrize("mode", ["int4", "int8", None, "bf16", "fp16"])
 @pytest.mark.parametrize("params", [BIG, {**BIG, "n_kv_heads": None}, {**BIG, "n_kv_heads": 1}], ids=["gqa", "mha", "mqa"])
 def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path, ops, mode, params):
-    folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=3)
-    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 96, 4, quantize=mode, compile="off")
+    llama = build_for(tmp_path, spm_path, mode, params, 3, 96, 4, compile="off")
     eng, model = llama.engine, llama.model
     assert isinstance(eng.native, NativeStep)
     seq = torch.randint(3, 300, (3, 60), generator=torch.Generator().manual_seed(1))

@@ -65,6 +65,42 @@ def test_greedy_generation_matches_hf(tiny_ckpt, spm_path):
             assert_greedy_matches(g[:first_diff + 1], logits, start=len(p))
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_half_width_checkpoint_runs_in_fp32_on_the_cpu_and_matches_hf(tmp_path, spm_path, stored):
+    """Meta's checkpoints store bf16 (older ones fp16). On the CPU the linear weights stay so where our kernels
+    run, widened to fp32 as they are read (exact): greedy tokens match HF transformers in fp32 on the stored
+    values, and the logits an explicit --dtype fp32 (widened at load) gives."""
+    from helpers import make_model_folder
+
+    folder, weights = make_model_folder(tmp_path / "m", spm_path, TINY, seed=2, dtype=stored)
+    tok = str(folder / "tokenizer.model")
+    llama = Llama.build(str(folder), tok, max_seq_len=128, max_batch_size=2)
+    m = llama.model
+    assert m.tok_embeddings.weight.dtype == m.norm.weight.dtype == torch.float32  # activations fp32
+    if native.available():
+        assert {x.weight.dtype for x in (m.output, m.layers[0].attention.wq, m.layers[1].feed_forward.w2)} == {stored}
+        assert llama.engine.native is not None
+    else:  # PyTorch's products need one dtype: widened at load
+        assert m.layers[0].attention.wq.weight.dtype == torch.float32
+    hf = to_hf(TINY, {k: v.float() for k, v in weights.items()}, llama.tokenizer.n_words)
+    prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in ["Hello world", "The cat sleeps because"]]
+    gen, _ = llama.generate(prompts, max_gen_len=30, temperature=0)
+    for p, g in zip(prompts, gen):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + g])).logits[0]
+        assert_greedy_matches(g, logits, start=len(p))
+    wide = Llama.build(str(folder), tok, max_seq_len=128, max_batch_size=2, dtype="fp32")
+    assert wide.model.layers[0].attention.wq.weight.dtype == torch.float32
+    ids = prompts[1]
+    a = [llama.engine.prefill([0], [ids])]
+    b = [wide.engine.prefill([0], [ids])]
+    for k in range(4):
+        token = a[-1].argmax(-1)
+        a.append(llama.engine.decode(token, [len(ids) + k]))
+        b.append(wide.engine.decode(token, [len(ids) + k]))
+    assert rel_err(torch.cat(a), torch.cat(b)) < 1e-5
+
+
 def test_wrong_token_is_detected():
     """The tie check above must fail on a token that is merely plausible."""
     logits = torch.tensor([[0.0, 5.0, 4.0], [0.0, 5.0, 4.0]])

@@ -49,6 +49,35 @@ def test_dense_kernel_is_the_product(ops, out, inp, rows):
     assert got.shape == (rows, out) and ((got - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+# fp16's edge cases: zeros, the smallest subnormal and one with its top bit, the largest finite value, values
+# whose widening must be exact; bf16's likewise (subnormals, a large value)
+HALF_EDGES = {torch.float16: [0.0, -0.0, 2 ** -24, -(2 ** -15), 65504.0, 1 / 3, -2.5, 1e-3],
+              torch.bfloat16: [0.0, -0.0, 2 ** -133, -(2 ** -127), 1e38, 1 / 3, -2.5, 1e-3]}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out,inp", [(48, 64), (40, 100), (8, 1536)])  # 100: a tail past the vector width
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])  # 9: past the kernel's rows, widened for BLAS
+def test_dense_kernel_reads_half_width_weights_exactly(ops, dtype, out, inp, rows):
+    """A bf16 or fp16 weight (as a checkpoint stores it) times fp32 rows: the product with the weight widened
+    to fp32, which is exact; each edge value, in the vector body and in the tail, comes through as PyTorch
+    widens it."""
+    g = torch.Generator().manual_seed(inp + rows)
+    w, x = torch.randn(out, inp, generator=g).to(dtype), torch.randn(rows, inp, generator=g)
+    ref = x @ w.float().T
+    got = ops.dense_gemv(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, out)
+    assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    edges = torch.tensor(HALF_EDGES[dtype], dtype=dtype)
+    w2 = torch.zeros(len(edges), inp, dtype=dtype)
+    for i in range(len(edges)):
+        w2[i, i] = edges[i]  # in the body
+        w2[i, inp - 1] = edges[i]  # the last column: the tail where inp is not a multiple of the vector width
+    x2 = torch.zeros(1, inp)
+    x2[0, :len(edges)], x2[0, inp - 1] = 1.0, 0.5
+    assert torch.equal(ops.dense_gemv(x2, w2)[0], edges.float() * 1.5)
+
+
 def test_kernels_refuse_other_forms(ops):
     q, scale, offset = quantize(torch.randn(16, 64), "int4", 32)
     with pytest.raises(RuntimeError, match="fp32"):
@@ -58,6 +87,8 @@ def test_kernels_refuse_other_forms(ops):
     q8, s8, _ = quantize(torch.randn(16, 64), "int8", 0)
     with pytest.raises(RuntimeError, match="int8"):
         ops.int8_gemv(torch.randn(1, 64), q8.to(torch.uint8), s8)
+    with pytest.raises(RuntimeError, match="dense_gemv: dense the weight must be fp32, bf16 or fp16"):
+        ops.dense_gemv(torch.randn(1, 64), torch.ones(8, 64, dtype=torch.float64))
 
 
 def _decode_logits(llama, ids, steps=4):
@@ -127,6 +158,19 @@ for mode, out, inp, group, rows in [("int4", 48, 64, 32, 1), ("int4", 96, 256, 6
     ref = x @ dequantize(q, s, m).T
     got = torch.ops.llama_cli.int4_gemv(x, q, s, m) if mode == "int4" else torch.ops.llama_cli.int8_gemv(x, q, s)
     worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+for dtype, edges in [(torch.float16, [2 ** -24, -(2 ** -15), 65504.0, 1 / 3, -0.0]),  # the dense kernel's widening
+                     (torch.bfloat16, [2 ** -133, 3.38e38, 1 / 3, -2.5, -0.0])]:
+    for inp, rows in [(100, 1), (64, 3), (37, 9)]:
+        w = torch.randn(24, inp, generator=torch.Generator().manual_seed(inp)).to(dtype)
+        x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows))
+        ref = x.double() @ w.double().T
+        got = torch.ops.llama_cli.dense_gemv(x, w)
+        worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+        w[0, :5] = w[1, -5:] = torch.tensor(edges, dtype=dtype)
+        one_hot = torch.eye(inp)  # each edge value alone, at the start of a row and in its tail: exact
+        y = torch.ops.llama_cli.dense_gemv(torch.cat([one_hot[:5], one_hot[-5:]]).contiguous(), w)
+        if not (torch.equal(y[:5, 0], w[0, :5].float()) and torch.equal(y[5:, 1], w[1, -5:].float())):
+            worst = 1.0
 # a whole decode step, each layer one call (cpu_step.py), against the plain eager layers
 sys.path.insert(0, "tests")
 from helpers import TINY, model_args, random_weights
@@ -136,12 +180,17 @@ from llama_cli.parallel import _Linear
 from llama_cli.quant import native_form, quantize_model
 
 params = {**TINY, "dim": 128, "multiple_of": 128}
-for mode in ("int4", "int8", None):
+for mode in ("int4", "int8", None, "bf16"):
     with torch.device("meta"):
         m = Transformer(model_args(params, 320))
-    m.load_state_dict(random_weights(params, 320, seed=3), assign=True)
+    weights = random_weights(params, 320, seed=3)
+    if mode == "bf16":  # linear weights kept in bf16 under fp32 activations
+        weights = {k: v.bfloat16() if k.endswith(("w1.weight", "w2.weight", "w3.weight", "wq.weight", "wk.weight",
+                                                  "wv.weight", "wo.weight", "output.weight")) else v
+                   for k, v in weights.items()}
+    m.load_state_dict(weights, assign=True)
     m.requires_grad_(False)
-    if mode:
+    if mode in ("int4", "int8"):
         quantize_model(m, mode, 32)
     m.allocate_cache(2, 64)
     m.prefill(torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(0)))
@@ -149,7 +198,7 @@ for mode in ("int4", "int8", None):
     ref = m.decode(tokens, pos, 10, eager=True)
     for x in m.modules():
         if isinstance(x, _Linear):
-            native_form(x) if mode else setattr(x, "kernel", "dense-native")
+            native_form(x) if mode in ("int4", "int8") else setattr(x, "kernel", "dense-native")
     got = NativeStep.prepare(m)(tokens, pos)
     worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
 print(worst)

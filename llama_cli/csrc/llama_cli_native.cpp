@@ -1,5 +1,5 @@
 // Our CPU kernels, registered as the operators llama_cli::int4_gemv, int8_gemv, dense_gemv (x @ W.T for a
-// few fp32 rows: products.h) and llama_cli::decode_layer (one transformer layer of a decode step, or its
+// few fp32 rows, the weight dense (fp32, bf16, fp16) or quantized: products.h) and llama_cli::decode_layer (one transformer layer of a decode step, or its
 // halves decode_attention and decode_feed_forward: decode_layer.h), for x86 CPUs with AVX2 or AVX-512
 // (vec.h). Built on first use by native.py (torch.utils.cpp_extension), called from eager code and, the
 // products, from compiled steps too.
@@ -18,7 +18,7 @@ using namespace llama_cli_native;
 at::Tensor product(const char* who, const at::Tensor& x, at::TensorList parts) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), who, ": x must be (rows, in) fp32");
   const Weight w(parts, who, "the weight");
-  TORCH_CHECK(w.in == x.size(1), who, ": the weight (q (out, in/2) uint8 for int4, (out, in) int8 or fp32 otherwise) ",
+  TORCH_CHECK(w.in == x.size(1), who, ": the weight (q (out, in/2) uint8 for int4, (out, in) otherwise) ",
               "does not fit x's ", x.size(1), " columns");
   at::Tensor y = at::empty({x.size(0), w.out}, x.options());
   w.apply(x.data_ptr<float>(), x.size(0), y.data_ptr<float>());

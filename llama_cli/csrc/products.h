@@ -9,7 +9,7 @@
 // fp32. So y_o = sum_groups scale_og * (sum_j x_j v_oj) + offset_og * (sum_j x_j): the offsets meet the
 // per-group sums of x, computed once per row.
 // int8: q (out, in) int8, w = q * scale, scale (out, in/g) fp32 (one group a row: g = in).
-// dense: w (out, in) fp32.
+// dense: w (out, in) fp32, bf16 or fp16.
 //
 // Beyond a few rows (DENSE_KERNEL_ROWS dense, QUANT_KERNEL_ROWS quantized, measured) a matrix product that
 // reuses each weight for many rows wins: the weight (dequantized first, where quantized) goes to at::mm. The
@@ -30,6 +30,8 @@ namespace llama_cli_native {
 // dense: measured 2-3x at::mm at 1-4 rows, 1.3-2x at 8 (AVX-512's 8-row blocks); from 16 rows at::mm wins for
 // large weights. int4: 6.6x dequantizing + at::mm at 32 rows for a 1536x576 weight.
 constexpr int64_t DENSE_KERNEL_ROWS = 8;
+constexpr int64_t HALF_KERNEL_ROWS = 16;  // bf16/fp16 weights: at 16 rows 184-280 us for SmolLM2's weights (fp32 at::mm
+                                          // 250-253), 8.8 ms at 4096 x 4096 (8.3); widening first for at::mm: 29 ms, or 11 in blocks
 constexpr int64_t QUANT_KERNEL_ROWS = 32;
 
 // y (rows, out) = x (rows, in) @ w.T through at::mm (BLAS)
@@ -40,18 +42,38 @@ inline void blas_product(const float* x, int64_t rows, int64_t in, const float* 
              at::from_blob(const_cast<float*>(w), {out, in}, opts).t());
 }
 
-// The (out, in) fp32 weight a quantized form stands for (offset null: int8)
+// y = x @ W.T through at::mm for a weight stored in another form: fill(o0, n, dst) writes W's rows o0..o0+n-1 as
+// fp32 into dst, a block of rows at a time into one kept scratch buffer (16 MB: measured 5-10% faster than 4 MB for 400 rows). A whole fp32 copy of the weight
+// allocated per call cost more in page faults than the conversion (4096 x 4096 bf16: 23 ms against 8 for the
+// product of 17 rows).
+template <typename Fill>
+void converted_product(const float* x, int64_t rows, int64_t in, int64_t out, float* y, Fill fill) {
+  const int64_t block = std::max<int64_t>(16, std::min(out, (int64_t(1) << 22) / in));
+  thread_local std::vector<float> scratch;
+  if (int64_t(scratch.size()) < block * in) scratch.resize(block * in);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, in}, opts);
+  at::Tensor yt = at::from_blob(y, {rows, out}, opts);
+  for (int64_t o0 = 0; o0 < out; o0 += block) {
+    const int64_t n = std::min(block, out - o0);
+    fill(o0, n, scratch.data());
+    at::Tensor part = yt.narrow(1, o0, n);  // rows of stride `out`: BLAS writes it in place
+    at::mm_out(part, xt, at::from_blob(scratch.data(), {n, in}, opts).t());
+  }
+}
+
+// Rows o0..o0+n-1 of the (out, in) fp32 weight a quantized form stands for (offset null: int8), into dst
 template <typename Q>
-at::Tensor dequantized(const Q* q, const float* scale, const float* offset, int64_t out, int64_t in, int64_t groups) {
-  at::Tensor w = at::empty({out, in}, at::TensorOptions().dtype(at::kFloat));
-  float* wp = w.data_ptr<float>();
+void dequantize_rows(const Q* q, const float* scale, const float* offset, int64_t in, int64_t groups, int64_t o0,
+                     int64_t n, float* dst) {
   const int64_t g = in / groups;
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t o = 0; o < out; o++) {
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t o = o0 + i;
     for (int64_t k = 0; k < groups; k++) {
       const float s = scale[o * groups + k];
-      float* wk = wp + o * in + k * g;
+      float* wk = dst + i * in + k * g;
       if (offset == nullptr) {
         for (int64_t j = 0; j < g; j++) wk[j] = float(q[o * in + k * g + j]) * s;
       } else {
@@ -64,7 +86,6 @@ at::Tensor dequantized(const Q* q, const float* scale, const float* offset, int6
       }
     }
   }
-  return w;
 }
 
 template <int R>
@@ -113,8 +134,9 @@ void int4_block(const float* x, const float* xsum, const uint8_t* q, const float
 inline void int4_product(const float* x, int64_t rows, int64_t in, const uint8_t* q, const float* scale,
                          const float* offset, int64_t out, int64_t groups, float* y) {
   if (rows > QUANT_KERNEL_ROWS) {
-    at::Tensor w = dequantized(q, scale, offset, out, in, groups);
-    return blas_product(x, rows, in, w.data_ptr<float>(), out, y);
+    return converted_product(x, rows, in, out, y, [&](int64_t o0, int64_t n, float* dst) {
+      dequantize_rows(q, scale, offset, in, groups, o0, n, dst);
+    });
   }
   const int64_t g = in / groups;
   std::vector<float> xsum(rows * groups);  // each row's sum over each group: what the offsets multiply
@@ -156,21 +178,23 @@ void int8_block(const float* x, const int8_t* q, const float* scale, float* y, i
 inline void int8_product(const float* x, int64_t rows, int64_t in, const int8_t* q, const float* scale,
                          int64_t out, int64_t groups, float* y) {
   if (rows > QUANT_KERNEL_ROWS) {
-    at::Tensor w = dequantized(q, scale, static_cast<const float*>(nullptr), out, in, groups);
-    return blas_product(x, rows, in, w.data_ptr<float>(), out, y);
+    return converted_product(x, rows, in, out, y, [&](int64_t o0, int64_t n, float* dst) {
+      dequantize_rows(q, scale, static_cast<const float*>(nullptr), in, groups, o0, n, dst);
+    });
   }
   in_row_blocks(rows, [&](auto R, int64_t r) { int8_block<R()>(x + r * in, q, scale, y + r * out, out, in, groups); });
 }
 
-// Dense fp32 weights (uncompiled steps: PyTorch's BLAS call streams the weight at about a third of the memory's
-// speed here for one row).
-template <int R>
-void dense_block(const float* x, const float* w, float* y, int64_t out, int64_t in) {
+// Dense weights, fp32 or half-width as stored (bf16, fp16; each converted to fp32 as it is read, exactly) for
+// uncompiled steps: PyTorch's BLAS call streams an fp32 weight at about a third of the memory's speed here for
+// one row, and has no product of fp32 rows with a half-width weight at all.
+template <int R, typename T>
+void dense_block(const float* x, const T* w, float* y, int64_t out, int64_t in) {
   const int threads = at::get_num_threads();
   const int64_t body = in - in % L;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t o = 0; o < out; o++) {
-    const float* wo = w + o * in;
+    const T* wo = w + o * in;
     V acc[R];
     for (int r = 0; r < R; r++) acc[r] = vzero();
     for (int64_t c = 0; c < body; c += L) {
@@ -179,19 +203,34 @@ void dense_block(const float* x, const float* w, float* y, int64_t out, int64_t 
     }
     for (int r = 0; r < R; r++) {
       float v = vsum(acc[r]);
-      for (int64_t c = body; c < in; c++) v += wo[c] * x[r * in + c];
+      for (int64_t c = body; c < in; c++) v += to_float(wo[c]) * x[r * in + c];
       y[r * out + o] = v;
     }
   }
 }
 
-inline void dense_product(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y) {
-  if (rows > DENSE_KERNEL_ROWS) return blas_product(x, rows, in, w, out, y);
+template <typename T>
+void dense_product(const float* x, int64_t rows, int64_t in, const T* w, int64_t out, float* y) {
+  // a half-width weight costs the kernel half the bytes, and at::mm a widening first: the kernel up to 16 rows
+  if (rows > (std::is_same_v<T, float> ? DENSE_KERNEL_ROWS : HALF_KERNEL_ROWS)) {
+    if constexpr (std::is_same_v<T, float>) {
+      return blas_product(x, rows, in, w, out, y);
+    } else {
+      return converted_product(x, rows, in, out, y, [&](int64_t o0, int64_t n, float* dst) {
+        const T* src = w + o0 * in;
+        const int64_t count = n * in, body = count - count % L;
+        const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t i = 0; i < body; i += L) vstore(dst + i, vload(src + i));
+        for (int64_t i = body; i < count; i++) dst[i] = to_float(src[i]);
+      });
+    }
+  }
   in_row_blocks(rows, [&](auto R, int64_t r) { dense_block<R()>(x + r * in, w, y + r * out, out, in); });
 }
 
-// A linear layer's weight in one of quant.py's forms, told apart by its parts: [w] dense fp32, [q, scale] int8,
-// [q, scale, offset] int4.
+// A linear layer's weight in one of quant.py's forms, told apart by its parts: [w] dense (fp32, bf16 or fp16),
+// [q, scale] int8, [q, scale, offset] int4.
 struct Weight {
   at::TensorList parts;
   int64_t out, in;
@@ -203,7 +242,9 @@ struct Weight {
                                         who, ": ", name, "'s parts must be contiguous 2-D CPU tensors");
     out = p[0].size(0);
     if (p.size() == 1) {
-      TORCH_CHECK(p[0].scalar_type() == at::kFloat, who, ": dense ", name, " must be fp32");
+      const auto t = p[0].scalar_type();
+      TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, who, ": dense ", name,
+                  " must be fp32, bf16 or fp16");
       in = p[0].size(1);
       return;
     }
@@ -222,7 +263,11 @@ struct Weight {
   // y (rows, out) = x (rows, in) @ W.T
   void apply(const float* x, int64_t rows, float* y) const {
     if (parts.size() == 1) {
-      dense_product(x, rows, in, parts[0].data_ptr<float>(), out, y);
+      switch (parts[0].scalar_type()) {
+        case at::kBFloat16: return dense_product(x, rows, in, static_cast<const bf16_t*>(parts[0].data_ptr()), out, y);
+        case at::kHalf: return dense_product(x, rows, in, static_cast<const f16_t*>(parts[0].data_ptr()), out, y);
+        default: return dense_product(x, rows, in, parts[0].data_ptr<float>(), out, y);
+      }
     } else if (parts.size() == 2) {
       int8_product(x, rows, in, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), out, parts[1].size(1), y);
     } else {

@@ -5,9 +5,47 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace llama_cli_native {
+
+// Half-width weights as stored (Meta's bf16, older fp16 checkpoints), read as fp32: both conversions are exact.
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16_t v) {  // bf16 is fp32's upper half
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_float(f16_t v) {  // IEEE half -> float, subnormals, infinities and NaNs included
+  const uint32_t sign = uint32_t(v.bits & 0x8000) << 16, exp = (v.bits >> 10) & 0x1f;
+  uint32_t mant = v.bits & 0x3ff, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000 | (mant << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    u = sign;
+  } else {  // subnormal: shift the mantissa up to an implicit leading one
+    uint32_t e = 113;
+    while (!(mant & 0x400)) {
+      mant <<= 1;
+      e--;
+    }
+    u = sign | (e << 23) | ((mant & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 #if defined(__AVX512F__)
 using V = __m512;
@@ -15,6 +53,11 @@ constexpr int64_t L = 16;
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset(float s) { return _mm512_set1_ps(s); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload(const bf16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline V vload(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
@@ -35,6 +78,19 @@ constexpr int64_t L = 8;
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset(float s) { return _mm256_set1_ps(s); }
 inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vload(const bf16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+#if defined(__F16C__)
+inline V vload(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#else
+inline V vload(const f16_t* p) {
+  alignas(32) float f[8];
+  for (int i = 0; i < 8; i++) f[i] = to_float(p[i]);
+  return _mm256_load_ps(f);
+}
+#endif
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
@@ -58,6 +114,8 @@ constexpr int64_t L = 1;
 inline V vzero() { return 0.f; }
 inline V vset(float s) { return s; }
 inline V vload(const float* p) { return *p; }
+inline V vload(const bf16_t* p) { return to_float(*p); }
+inline V vload(const f16_t* p) { return to_float(*p); }
 inline void vstore(float* p, V v) { *p = v; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline V vmul(V a, V b) { return a * b; }
