@@ -1,4 +1,4 @@
-"""Our hand-written CPU kernels (csrc/, one library): the int4, int8 and fp32 matrix products for a few rows
+"""Our hand-written CPU kernels (csrc/, one library): the int4, int8 and dense matrix products for a few rows
 on x86 CPUs (products.h), and a whole decode layer in one call (decode_layer.h, used by cpu_step.py).
 
 Decoding one or two rows on the CPU spends its time in x @ W.T. For quantized weights neither PyTorch's
@@ -6,8 +6,10 @@ CPU kernels nor inductor's generated code come near the memory's speed: inductor
 value with about one instruction per weight (docs/benchmarks.md), and eager code dequantizes the whole
 weight on every call. The C++ kernels convert sixteen weights at a time (AVX-512; eight with AVX2), each
 once for up to eight rows (AVX-512; four with AVX2), and keep fp32 activations, so their results equal the
-dequantized weight's product up to the order of the additions. Dense fp32 weights get one too, for
-uncompiled steps: PyTorch's BLAS call streams a weight at about a third of the memory's speed for one row.
+dequantized weight's product up to the order of the additions. Dense weights get one too, for
+uncompiled steps: PyTorch's BLAS call streams an fp32 weight at about a third of the memory's speed for one
+row, and has no product of fp32 rows with the bf16 or fp16 weights a checkpoint stores, which the kernel
+widens exactly as it reads them (devices.keeps_half_weights).
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, which torch.compile on the CPU
 needs too, and ninja) for this machine's CPU, once, into ~/.cache/llama-cli/native/<key> (or

@@ -4,13 +4,14 @@ side by side:
     python scripts/bench_quant.py [--tokens 3000] [--ctx 512] [--skip_quality] [--skip_speed] [--rounds 5]
                                   [--text_file F] [--portable]
 
-Converts the GGUF twice (kept as it is: int4 groups of 32 with the file's values, embeddings Q8_0; and
---dequantize: fp32), then
+Converts the GGUF three times (kept as it is: int4 groups of 32 with the file's values, embeddings Q8_0;
+--dequantize: fp32; and --dequantize --dtype bf16, whose linear weights a CPU run keeps in bf16 under fp32
+activations), then
 - quality: on the same English text (the first --tokens tokens of --text_file, see below), the
-  perplexity of: the fp32 model, the Q4_1 file as it is,
+  perplexity of: the fp32 model, the Q4_1 file as it is, the bf16 copy,
   and the fp32 model quantized at load to int8 (per row), int4 group 64 and int4 group 32; and the share
   of greedy tokens identical to the fp32 model's on a fixed prompt set (64 tokens each, batch 1);
-- speed: batch-1 decode tokens/s of fp32, int8 and int4 (at load) and the Q4_1 file as it is, each
+- speed: batch-1 decode tokens/s of fp32, bf16 weights, int8 and int4 (at load) and the Q4_1 file as it is, each
   uncompiled (the native step: one C++ call a layer, what --compile auto runs) and compiled; with
   --portable also without our CPU kernels (LLAMA_CLI_NATIVE=0, as where they are not built); and
   of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with
@@ -101,24 +102,25 @@ def main() -> None:
     gguf = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
     text = None if a.skip_quality else english_text(a.text_file)  # a wrong --text_file fails before converting
     with tempfile.TemporaryDirectory() as tmp:
-        asis, dense = Path(tmp) / "q4_1", Path(tmp) / "fp32"
-        for out, extra in ((asis, []), (dense, ["--dequantize"])):
+        asis, dense, half = Path(tmp) / "q4_1", Path(tmp) / "fp32", Path(tmp) / "bf16"
+        for out, extra in ((asis, []), (dense, ["--dequantize"]), (half, ["--dequantize", "--dtype", "bf16"])):
             subprocess.run([sys.executable, "-m", "llama_cli", "convert", "--src", str(gguf), "--out", str(out),
                             "--quiet", *extra], check=True, cwd=REPO)
-        sizes = {p.name: sum(f.stat().st_size for f in p.glob("*.pth")) / 1e6 for p in (asis, dense)}
-        print(f"SmolLM2-135M-Instruct; checkpoints: as-is {sizes['q4_1']:.1f} MB, dequantized {sizes['fp32']:.0f} MB, "
-              f"the GGUF {gguf.stat().st_size / 1e6:.1f} MB\n", flush=True)
+        sizes = {p.name: sum(f.stat().st_size for f in p.glob("*.pth")) / 1e6 for p in (asis, dense, half)}
+        print(f"SmolLM2-135M-Instruct; checkpoints: as-is {sizes['q4_1']:.1f} MB, dequantized {sizes['fp32']:.0f} MB "
+              f"(bf16 {sizes['bf16']:.0f} MB), the GGUF {gguf.stat().st_size / 1e6:.1f} MB\n", flush=True)
         if not a.skip_quality:
-            quality(a, asis, dense, text)
+            quality(a, asis, dense, half, text)
         if not a.skip_speed:
-            speed(a, asis, dense, gguf)
+            speed(a, asis, dense, half, gguf)
 
 
-def quality(a, asis: Path, dense: Path, text: tuple[str, str]) -> None:
+def quality(a, asis: Path, dense: Path, half: Path, text: tuple[str, str]) -> None:
     from llama_cli import Llama
     from llama_cli.perplexity import score
 
     runs = [("fp32 (the GGUF dequantized)", dense, None, None), ("Q4_1 as it is (int4 g32)", asis, None, None),
+            ("bf16 weights (the fp32 copy rounded; fp32 activations)", half, None, None),
             ("int8 per row (quantized at load)", dense, "int8", 0), ("int4 g64 (at load)", dense, "int4", 64),
             ("int4 g32 (at load)", dense, "int4", 32)]
     text, what = text
@@ -146,7 +148,7 @@ def quality(a, asis: Path, dense: Path, text: tuple[str, str]) -> None:
     print(flush=True)
 
 
-def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
+def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
     """Batch-1 decode tokens/s, forms interleaved round by round; medians."""
     import statistics
 
@@ -159,12 +161,14 @@ def speed(a, asis: Path, dense: Path, gguf: Path) -> None:
     # uncompiled, each layer one native call (cpu_step.py; what --compile auto runs on the CPU), and compiled
     forms = [("llama-cli fp32, compiled", dense, None, True, "on"),
              ("llama-cli fp32, native step", dense, None, True, "off"),
+             ("llama-cli bf16 weights (fp32 activations), native step", half, None, True, "off"),
              ("llama-cli int8 per row (at load), native step", dense, "int8", True, "off"),
              ("llama-cli int4 g32 (at load; embeddings int8 per row), native step", dense, "int4", True, "off"),
              ("llama-cli Q4_1 as it is (int4 g32; embeddings Q8_0 = int8 g32), native step", asis, None, True, "off"),
              ("llama-cli int8 per row (at load), compiled", dense, "int8", True, "on"),
              ("llama-cli int4 g32 (at load), compiled", dense, "int4", True, "on"),
-             ("llama-cli Q4_1 as it is, compiled", asis, None, True, "on")]
+             ("llama-cli Q4_1 as it is, compiled", asis, None, True, "on"),
+             ("llama-cli bf16 weights (fp32 activations), compiled", half, None, True, "on")]
     if a.portable:  # where our kernels are not built (LLAMA_CLI_NATIVE=0): no kernels, no native step
         forms += [("llama-cli fp32, eager, portable", dense, None, False, "off"),
                   ("llama-cli int4 g32 (at load), compiled, portable", dense, "int4", False, "on"),
