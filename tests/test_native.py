@@ -57,7 +57,7 @@ HALF_EDGES = {torch.float16: [0.0, -0.0, 2 ** -24, -(2 ** -15), 65504.0, 1 / 3, 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out,inp", [(48, 64), (40, 100), (8, 1536)])  # 100: a tail past the vector width
-@pytest.mark.parametrize("rows", [1, 3, 8, 9])  # 9: past the kernel's rows, widened for BLAS
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 13])  # 13: past the kernel's rows, widened for BLAS
 def test_dense_kernel_reads_half_width_weights_exactly(ops, dtype, out, inp, rows):
     """A bf16 or fp16 weight (as a checkpoint stores it) times fp32 rows: the product with the weight widened
     to fp32, which is exact; each edge value, in the vector body and in the tail, comes through as PyTorch
@@ -76,6 +76,27 @@ def test_dense_kernel_reads_half_width_weights_exactly(ops, dtype, out, inp, row
     x2 = torch.zeros(1, inp)
     x2[0, :len(edges)], x2[0, inp - 1] = 1.0, 0.5
     assert torch.equal(ops.dense_gemv(x2, w2)[0], edges.float() * 1.5)
+
+
+@pytest.mark.parametrize("form", ["int4", "int8", "bf16", "fp16", "fp32"])
+def test_products_past_the_kernels_rows(ops, form):
+    """Past the kernels' rows the weight goes to BLAS (widened or dequantized a block of its rows at a time into
+    one scratch buffer: 66,000 rows of 64 make two blocks), as W @ x.T up to 128 rows and x @ W.T beyond."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(66_000, 64, generator=g)
+    if form in ("int4", "int8"):
+        parts = quantize(w, form, 32)
+        ref_w = dequantize(*parts)
+        parts = parts if form == "int4" else parts[:2]
+    else:
+        parts = (w.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[form]),)
+        ref_w = parts[0].float()
+    op = {"int4": ops.int4_gemv, "int8": ops.int8_gemv}.get(form, ops.dense_gemv)
+    for rows in (13, 40, 130):
+        x = torch.randn(rows, 64, generator=g)
+        ref = x.double() @ ref_w.double().T
+        got = op(x, *parts)
+        assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5, rows
 
 
 def test_kernels_refuse_other_forms(ops):

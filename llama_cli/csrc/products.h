@@ -30,8 +30,11 @@ namespace llama_cli_native {
 // dense: measured 2-3x at::mm at 1-4 rows, 1.3-2x at 8 (AVX-512's 8-row blocks); from 16 rows at::mm wins for
 // large weights. int4: 6.6x dequantizing + at::mm at 32 rows for a 1536x576 weight.
 constexpr int64_t DENSE_KERNEL_ROWS = 8;
-constexpr int64_t HALF_KERNEL_ROWS = 16;  // bf16/fp16 weights: at 16 rows 184-280 us for SmolLM2's weights (fp32 at::mm
-                                          // 250-253), 8.8 ms at 4096 x 4096 (8.3); widening first for at::mm: 29 ms, or 11 in blocks
+// bf16/fp16 weights: the kernel reads half the bytes, BLAS needs them widened first. Measured (two builds
+// alternating): at 12 rows the kernel wins for every weight tried (4096 x 4096 6.8-7.5 ms against 7.5-8.5; SmolLM2's
+// 1536 x 576 0.13 against 0.36); at 16 rows only for SmolLM2's (49152 x 576 output: 10 against 12), widening for
+// the 7B-sized ones (4096 x 4096 6.1 against 9.2).
+constexpr int64_t HALF_KERNEL_ROWS = 12;
 constexpr int64_t QUANT_KERNEL_ROWS = 32;
 
 // Up to this many rows BLAS computes y.T = W @ x.T (then transposed into y) rather than x @ W.T: measured 1.1-1.9x
@@ -220,7 +223,7 @@ void dense_block(const float* x, const T* w, float* y, int64_t out, int64_t in) 
 
 template <typename T>
 void dense_product(const float* x, int64_t rows, int64_t in, const T* w, int64_t out, float* y) {
-  // a half-width weight costs the kernel half the bytes, and at::mm a widening first: the kernel up to 16 rows
+  // a half-width weight costs the kernel half the bytes, and at::mm a widening first: the kernel up to 12 rows
   if (rows > (std::is_same_v<T, float> ? DENSE_KERNEL_ROWS : HALF_KERNEL_ROWS)) {
     if constexpr (std::is_same_v<T, float>) {
       return blas_product(x, rows, in, w, out, y);
