@@ -7,9 +7,9 @@ live tokens need, and rows at different positions (continuous batching) need no 
 With model parallelism (torchrun, gloo) each layer is two native calls, its attention and its feed-forward
 halves, each output all-reduced across the processes before its residual is added, as the eager layers do.
 
-Used by the decode engine for uncompiled steps on the CPU with fp32 activations, where
-every layer's linear weights are on our kernels (native.py: int4, int8, or dense fp32/bf16/fp16), for any number of
-rows (beyond a few rows the products go to PyTorch's matrix product, as the eager layers' do). Its results
+Used by the decode engine for uncompiled steps on the CPU with fp32 activations, where every layer's linear
+weights are on our kernels (native.py: int4, int8, or dense fp32/bf16/fp16), for any number of rows (beyond a
+few rows the products go to PyTorch's matrix product, as the eager layers' do). Its results
 are the eager layers' up to the order of the additions (tests/test_cpu_step.py)."""
 
 from __future__ import annotations

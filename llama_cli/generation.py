@@ -110,10 +110,10 @@ class Llama:
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
         that the model's heads divide into. device/dtype default to this rank's GPU in bf16
-        (fp16 where bf16 is unsupported), else CPU in fp32 (there, with the default dtype, linear weights
-        stored in bf16 or fp16 stay so where our kernels run: devices.keeps_half_weights). compile and cuda_graphs: "on", "off"
-        or "auto" (see engine.decide_compile / decide_graphs; expected_tokens, the job's total
-        tokens to generate, informs compile on the CPU). chat_format: how chat_completion turns dialogs
+        (fp16 where bf16 is unsupported), else CPU in fp32 (there, with the default dtype, linear
+        weights stored in bf16 or fp16 stay so where our kernels run: devices.keeps_half_weights).
+        compile and cuda_graphs: "on", "off" or "auto" (see engine.decide_compile / decide_graphs;
+        expected_tokens, the job's total tokens to generate, informs compile on the CPU). chat_format: how chat_completion turns dialogs
         into tokens (chat.py): auto (the checkpoint's template, else Meta's format for its tokenizer),
         llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only, quant.py; group_size
         along the input dimension, default per channel for int8 and 128 for int4).
@@ -170,9 +170,9 @@ class Llama:
                         "use --compile on with --max_batch_size 1 or 2 (a first compile takes about a minute, kept "
                         "for later runs), or --quantize int4, which runs on tinygemm without compiling")
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling)
-        kept = f" (linear weights {str(half)[6:]} as stored)" if half is not None and quantize is None else ""
+        kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
         log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
-                 device, str(dtype).replace("torch.", ""), kept, mp.rank, mp.world_size, time.perf_counter() - start)
+                 device, str(dtype)[6:], kept, mp.rank, mp.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, seed: int = 1,

@@ -137,9 +137,6 @@ def _load() -> None:
         return x.new_empty((x.shape[0], w.shape[0]))
 
 
-HALF = ("bfloat16", "float16")  # dense weights the kernels read as stored, widening each value to fp32
-
-
 def use_dense(model) -> int:
     """Mark a CPU model's dense linear layers for dense_gemv in uncompiled steps, where the kernels build and the
     activations are fp32 (the weights fp32, or bf16/fp16 as stored); how many it marked. (Compiled steps keep
@@ -151,7 +148,7 @@ def use_dense(model) -> int:
     if model.norm.weight.dtype != torch.float32:  # bf16/fp16 activations: PyTorch's own products
         return 0
     layers = [m for m in model.modules() if isinstance(m, _Linear) and m.weight is not None and m.kernel is None
-              and (m.weight.dtype == torch.float32 or str(m.weight.dtype)[6:] in HALF)
+              and m.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
               and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
     if not layers or not available():
         return 0

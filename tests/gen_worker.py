@@ -18,5 +18,6 @@ rank = dist.get_rank() if dist.is_initialized() else 0
 world = dist.get_world_size() if dist.is_initialized() else 1
 with open(f"{out}.{rank}", "w") as f:
     # "native": decode steps ran as native calls per layer (cpu_step.py), where our CPU kernels build
+    wq = llama.model.layers[0].attention.wq.weight  # None where quantized
     json.dump({"greedy": tokens, "sampled": sampled, "world": world, "native": llama.engine.native is not None,
-               "linear_dtype": str(getattr(llama.model.layers[0].attention.wq.weight, "dtype", "torch.quantized"))[6:]}, f)
+               "linear_dtype": "quantized" if wq is None else str(wq.dtype)[6:]}, f)

@@ -24,7 +24,8 @@ STORED = {"bf16": torch.bfloat16, "fp16": torch.float16}  # dense weights kept a
 def build_for(tmp_path, spm_path, mode, params, seed, *args, **kw):
     """A model with int4/int8 weights (quantized at load), dense fp32 ones (mode None), or dense bf16/fp16 ones
     kept as a checkpoint stored them."""
-    folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=seed, dtype=STORED.get(mode, torch.float32))
+    stored = STORED.get(mode, torch.float32)
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=seed, dtype=stored)
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), *args,
                         quantize=None if mode in STORED else mode, **kw)
     if mode in STORED:

@@ -1,8 +1,8 @@
-// Our CPU kernels, registered as the operators llama_cli::int4_gemv, int8_gemv, dense_gemv (x @ W.T for a
-// few fp32 rows, the weight dense (fp32, bf16, fp16) or quantized: products.h) and llama_cli::decode_layer (one transformer layer of a decode step, or its
-// halves decode_attention and decode_feed_forward: decode_layer.h), for x86 CPUs with AVX2 or AVX-512
-// (vec.h). Built on first use by native.py (torch.utils.cpp_extension), called from eager code and, the
-// products, from compiled steps too.
+// Our CPU kernels, registered as the operators llama_cli::int4_gemv, int8_gemv, dense_gemv (x @ W.T for fp32
+// rows x, the weight quantized or dense in fp32, bf16 or fp16: products.h) and llama_cli::decode_layer (one
+// transformer layer of a decode step, or its halves decode_attention and decode_feed_forward: decode_layer.h),
+// for x86 CPUs with AVX2 or AVX-512 (vec.h). Built on first use by native.py (torch.utils.cpp_extension), called
+// from eager code and, the products, from compiled steps too.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -11,8 +11,9 @@
 // int8: q (out, in) int8, w = q * scale, scale (out, in/g) fp32 (one group a row: g = in).
 // dense: w (out, in) fp32, bf16 or fp16.
 //
-// Beyond a few rows (DENSE_KERNEL_ROWS dense, QUANT_KERNEL_ROWS quantized, measured) a matrix product that
-// reuses each weight for many rows wins: the weight (dequantized first, where quantized) goes to at::mm. The
+// Beyond a few rows (DENSE_KERNEL_ROWS fp32, HALF_KERNEL_ROWS bf16/fp16, QUANT_KERNEL_ROWS quantized, measured) a
+// matrix product that reuses each weight for many rows wins: the weight (widened or dequantized first, a block of
+// its rows at a time, where it is not fp32) goes to at::mm. The
 // operators take any row count, so this is the one place that decides.
 #pragma once
 #include <ATen/Parallel.h>
@@ -31,20 +32,20 @@ namespace llama_cli_native {
 // large weights. int4: 6.6x dequantizing + at::mm at 32 rows for a 1536x576 weight.
 constexpr int64_t DENSE_KERNEL_ROWS = 8;
 // bf16/fp16 weights: the kernel reads half the bytes, BLAS needs them widened first. Measured (two builds
-// alternating): at 12 rows the kernel wins for every weight tried (4096 x 4096 6.8-7.5 ms against 7.5-8.5; SmolLM2's
-// 1536 x 576 0.13 against 0.36); at 16 rows only for SmolLM2's (49152 x 576 output: 10 against 12), widening for
-// the 7B-sized ones (4096 x 4096 6.1 against 9.2).
+// alternating): at 12 rows the kernel wins for every weight tried (4096 x 4096 6.8-7.5 ms against 7.5-8.5;
+// SmolLM2's 1536 x 576 0.13 against 0.36); at 16 rows only for SmolLM2's (49152 x 576 output: 10 against 12),
+// widening for the 7B-sized ones (4096 x 4096 6.1 against 9.2).
 constexpr int64_t HALF_KERNEL_ROWS = 12;
 constexpr int64_t QUANT_KERNEL_ROWS = 32;
 
-// Up to this many rows BLAS computes y.T = W @ x.T (then transposed into y) rather than x @ W.T: measured 1.1-1.9x
-// faster from 9 to 128 rows for 7B-sized weights and tall output layers (32000 x 512, 16 rows: 8.6 ms against 12.4;
-// 4096 x 4096: 5.6 against 8.9; 11008 x 4096 at 128 rows: 79 against 100), equal for SmolLM2's small ones; past
-// ~192 rows the two trade places by shape.
+// Up to this many rows BLAS computes y.T = W @ x.T (then transposed into y) rather than x @ W.T: measured
+// 1.1-1.9x faster from 9 to 128 rows for 7B-sized weights and tall output layers (32000 x 512, 16 rows: 8.6 ms
+// against 12.4; 4096 x 4096: 5.6 against 8.9; 11008 x 4096 at 128 rows: 79 against 100), equal for SmolLM2's
+// small ones; past ~192 rows the two trade places by shape.
 constexpr int64_t TRANSPOSED_MAX_ROWS = 128;
 
-// y (rows, out) = x (rows, in) @ w.T through at::mm (BLAS); w (out, in) may be a block of a larger weight, whose
-// products go into the columns y_col0.. of y, a row of y being y_stride floats
+// y (rows, out) = x (rows, in) @ w.T through at::mm (BLAS); y_stride: the distance between y's rows where w is a
+// block of a larger weight's rows and y the matching block of columns of its output
 inline void blas_product(const float* x, int64_t rows, int64_t in, const float* w, int64_t out, float* y,
                          int64_t y_stride = -1) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
@@ -59,9 +60,9 @@ inline void blas_product(const float* x, int64_t rows, int64_t in, const float* 
 }
 
 // y = x @ W.T through at::mm for a weight stored in another form: fill(o0, n, dst) writes W's rows o0..o0+n-1 as
-// fp32 into dst, a block of rows at a time into one kept scratch buffer (16 MB: measured 5-10% faster than 4 MB for 400 rows). A whole fp32 copy of the weight
-// allocated per call cost more in page faults than the conversion (4096 x 4096 bf16: 23 ms against 8 for the
-// product of 17 rows).
+// fp32 into dst, a block of rows at a time, into one scratch buffer kept per thread (16 MB: measured 5-10% faster
+// than 4 MB at 400 rows). A whole fp32 copy of the weight allocated per call cost more in page faults than the
+// conversion (4096 x 4096 bf16: 23 ms against 8 for the product of 17 rows).
 template <typename Fill>
 void converted_product(const float* x, int64_t rows, int64_t in, int64_t out, float* y, Fill fill) {
   const int64_t block = std::max<int64_t>(16, std::min(out, (int64_t(1) << 22) / in));
