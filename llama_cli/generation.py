@@ -143,7 +143,10 @@ class Llama:
         reader = checkpoint.CheckpointReader(files, args)
         stored = reader.stored_linear_dtype()
         half = stored if keep_half and stored in checkpoint.HALF_DTYPES else None  # linear weights kept as stored
-        memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len, linear_dtype=half)
+        widened = (stored if half is None and stored in checkpoint.HALF_DTYPES and dtype == torch.float32
+                   and keeps_half_weights(device, None) else None)  # by an explicit --dtype fp32
+        memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len, linear_dtype=half,
+                         stored_half=widened)
         mp = distributed.setup(device, model_parallel_size)
 
         state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device, keep_half=half is not None)

@@ -74,8 +74,10 @@ def free_bytes(device: torch.device) -> Optional[int]:
 
 def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype,
               max_batch_size: int, max_seq_len: int, free: Optional[int] = None,
-              linear_dtype: Optional[torch.dtype] = None) -> None:
-    """Raise UserError, with the numbers and what to lower, when this rank would not fit."""
+              linear_dtype: Optional[torch.dtype] = None, stored_half: Optional[torch.dtype] = None) -> None:
+    """Raise UserError, with the numbers and what to lower, when this rank would not fit. stored_half: the
+    half-width dtype the linear weights are stored in, where an explicit --dtype fp32 widens them on the CPU
+    (the message then says what leaving --dtype at its default would need)."""
     free = free_bytes(device) if free is None else free
     if free is None:
         return
@@ -90,6 +92,10 @@ def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: tor
         what = ("load them quantized (--quantize int8, or int4: a quarter or an eighth of fp32's bytes), or spread "
                 "them over more machines (torchrun --nnodes N)" if device.type == "cpu" else
                 "use more GPUs (torchrun --nproc_per_node N), a smaller --dtype or --quantize int8|int4")
+        if stored_half is not None:
+            kept = weight_bytes(args, world_size, dtype, stored_half)
+            what = (f"leave out --dtype fp32 to keep the linear weights in {str(stored_half)[6:]} as stored "
+                    f"({kept / GiB:.2f} GiB), or {what}")
         raise UserError(
             f"the weights need {weights / GiB:.2f} GiB per process but only {free / GiB:.2f} GiB is free on {where}; "
             f"{what}")

@@ -44,6 +44,19 @@ def test_torchrun_keeps_bf16_weights_as_stored(tmp_path, spm_path, shards):
     assert got["linear_dtype"] == ("bfloat16" if native.available() else "float32")
 
 
+def test_explicit_fp32_that_does_not_fit_says_the_stored_bf16_would(tmp_path, spm_path, monkeypatch):
+    from llama_cli import memory, native
+
+    folder, _ = make_model_folder(tmp_path / "ck", spm_path, TINY, seed=13, dtype=torch.bfloat16)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)
+    with pytest.raises(UserError, match="the weights need") as e:
+        Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, dtype="fp32")
+    assert ("leave out --dtype fp32 to keep the linear weights in bfloat16 as stored" in str(e.value)) == native.available()
+    with pytest.raises(UserError, match="the weights need") as e:
+        Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1)  # the default keeps them already
+    assert "leave out" not in str(e.value)
+
+
 def test_sampling_identical_across_ranks_and_to_single_process(tmp_path, tiny_ckpt2):
     folder = tiny_ckpt2[0]
     got = run_torchrun(2, folder, tmp_path / "out")
@@ -263,6 +276,9 @@ def test_weights_that_do_not_fit_are_refused_with_numbers():
     with pytest.raises(UserError, match=r"weights need 25\.\d\d GiB per process but only 14\.00 GiB"):
         preflight(args, 1, torch.device("cpu"), torch.float32, 1, 64, free=14 * 1024 ** 3)
     preflight(args, 1, torch.device("cpu"), torch.float32, 1, 64, free=14 * 1024 ** 3, linear_dtype=torch.bfloat16)
+    with pytest.raises(UserError, match=r"25\.\d\d GiB .*; leave out --dtype fp32 to keep the linear weights in "
+                                        r"bfloat16 as stored \(12\.\d\d GiB\), or load them quantized"):
+        preflight(args, 1, torch.device("cpu"), torch.float32, 1, 64, free=14 * 1024 ** 3, stored_half=torch.bfloat16)
     from llama_cli.memory import weight_bytes
 
     embeddings = 32000 * 4096
