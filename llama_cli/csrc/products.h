@@ -75,7 +75,9 @@ void converted_product(const float* x, int64_t rows, int64_t in, int64_t out, fl
   }
 }
 
-// Rows o0..o0+n-1 of the (out, in) fp32 weight a quantized form stands for (offset null: int8), into dst
+// Rows o0..o0+n-1 of the (out, in) fp32 weight a quantized form stands for (offset null: int8), into dst, L weights
+// at a time (a group's columns are a multiple of 32): q * scale (+ offset), within a rounding of quant.dequantize's
+// values (the compiler may fuse the multiply-add)
 template <typename Q>
 void dequantize_rows(const Q* q, const float* scale, const float* offset, int64_t in, int64_t groups, int64_t o0,
                      int64_t n, float* dst) {
@@ -85,16 +87,19 @@ void dequantize_rows(const Q* q, const float* scale, const float* offset, int64_
   for (int64_t i = 0; i < n; i++) {
     const int64_t o = o0 + i;
     for (int64_t k = 0; k < groups; k++) {
-      const float s = scale[o * groups + k];
+      const V s = vset(scale[o * groups + k]);
       float* wk = dst + i * in + k * g;
       if (offset == nullptr) {
-        for (int64_t j = 0; j < g; j++) wk[j] = float(q[o * in + k * g + j]) * s;
+        const int8_t* qk = reinterpret_cast<const int8_t*>(q) + o * in + k * g;
+        for (int64_t j = 0; j < g; j += L) vstore(wk + j, vmul(bytes(qk + j), s));
       } else {
-        const float m = offset[o * groups + k];
-        const Q* pk = q + o * (in / 2) + k * (g / 2);
-        for (int64_t j = 0; j < g / 2; j++) {
-          wk[j] = float(pk[j] & 15) * s + m;
-          wk[j + g / 2] = float(pk[j] >> 4) * s + m;
+        const V m = vset(offset[o * groups + k]);
+        const uint8_t* pk = reinterpret_cast<const uint8_t*>(q) + o * (in / 2) + k * (g / 2);
+        for (int64_t j = 0; j < g / 2; j += L) {
+          V lo, hi;
+          nibbles(pk + j, lo, hi);
+          vstore(wk + j, vadd(vmul(lo, s), m));
+          vstore(wk + j + g / 2, vadd(vmul(hi, s), m));
         }
       }
     }

@@ -61,6 +61,7 @@ inline V vload(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reint
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 // L bytes -> their low and high nibbles as floats
 inline void nibbles(const uint8_t* p, V& lo, V& hi) {
@@ -94,6 +95,7 @@ inline V vload(const f16_t* p) {
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 inline float vsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
@@ -119,6 +121,7 @@ inline V vload(const f16_t* p) { return to_float(*p); }
 inline void vstore(float* p, V v) { *p = v; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline V vmul(V a, V b) { return a * b; }
+inline V vadd(V a, V b) { return a + b; }
 inline float vsum(V v) { return v; }
 inline void nibbles(const uint8_t* p, V& lo, V& hi) { lo = float(*p & 15); hi = float(*p >> 4); }
 inline V bytes(const int8_t* p) { return float(*p); }
