@@ -66,6 +66,21 @@ def test_quantized_model_is_the_model_on_dequantized_weights(tmp_path, spm_path,
     assert 0 < err < tol  # and within the quantization's error of the unquantized one
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_bf16_weights_kept_as_stored(tmp_path, spm_path, mode):
+    """A bf16 checkpoint on the CPU keeps its linear weights in bf16 until --quantize replaces them: the same
+    integers and tables as quantizing them widened to fp32 at load (--dtype fp32)."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=8, dtype=torch.bfloat16)
+    tok = str(folder / "tokenizer.model")
+    kept = Llama.build(str(folder), tok, 64, 1, quantize=mode)
+    wide = Llama.build(str(folder), tok, 64, 1, quantize=mode, dtype="fp32")
+    for a, b in [(kept.model.layers[1].feed_forward.w2, wide.model.layers[1].feed_forward.w2),
+                 (kept.model.output, wide.model.output)]:
+        assert a.weight is None and torch.equal(a.qweight, b.qweight) and torch.equal(a.qscale, b.qscale)
+    seq = torch.randint(3, kept.tokenizer.n_words, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(kept.model(seq), wide.model(seq), rtol=1e-5, atol=1e-5)
+
+
 def test_quantized_compiled_greedy_equals_eager(tmp_path, spm_path):
     from helpers import assert_same_or_near_tie
 
