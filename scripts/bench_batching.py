@@ -1,7 +1,7 @@
 """Continuous vs static batching on a prompt file: tokens/s side by side, in one run.
 
     python scripts/bench_batching.py [--prompts 256] [--batch 16] [--dim 512 --n_layers 8] [--device cpu]
-                                     [--input_order] [--rounds N]
+                                     [--input_order] [--rounds N] [--where]
 
 Makes a random checkpoint (or uses --ckpt_dir) and a JSONL file of --prompts prompts with mixed
 lengths (4-200 tokens) and mixed max_gen_len (8-256), then runs both schedules greedily at the same
@@ -38,13 +38,45 @@ def make_requests(llama, n_prompts: int, seed: int = 0):
     return reqs
 
 
+def breakdown(llama, run) -> dict:
+    """Where one run's time goes: seconds in the engine's decode steps and prefills (the device synchronized
+    after each, so a step's device time counts as the step's) and in everything else (the scheduler, sampling,
+    stop checks, reading tokens back: host time a GPU would idle through). run: a callable doing the run."""
+    import torch
+
+    eng, spent = llama.engine, {"decode_s": 0.0, "prefill_s": 0.0}
+    real = {"decode": eng.decode, "prefill": eng.prefill}
+
+    def timed(name):
+        def call(*a, **k):
+            start = time.perf_counter()
+            out = real[name](*a, **k)
+            if llama.device.type != "cpu":
+                torch.accelerator.synchronize()
+            spent[f"{name}_s"] += time.perf_counter() - start
+            return out
+        return call
+
+    eng.decode, eng.prefill = timed("decode"), timed("prefill")
+    try:
+        start = time.perf_counter()
+        run()
+        if llama.device.type != "cpu":
+            torch.accelerator.synchronize()
+        total = time.perf_counter() - start
+    finally:
+        eng.decode, eng.prefill = real["decode"], real["prefill"]
+    return {**spent, "other_s": total - spent["decode_s"] - spent["prefill_s"], "total_s": total}
+
+
 def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, input_order: bool = False,
-            rounds: int = 1) -> dict:
+            rounds: int = 1, where: bool = False) -> dict:
     """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
     its own max_gen_len in both. keep: the result holds the requests and both schedules' tokens too.
     input_order: the continuous schedule also with its prompts started strictly in input order (without
     scheduler.tail_longest_first), as "continuous_input_order". rounds: each schedule that many times,
-    interleaved, the median time counted. Also the decode steps and prefill calls each schedule made."""
+    interleaved, the median time counted. Also the decode steps and prefill calls each schedule made.
+    where: then one more, untimed run of each schedule with breakdown() (as "<schedule>_where")."""
     import statistics
 
     import torch
@@ -67,7 +99,7 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     runs = [("static", run_static), ("continuous", run_continuous)]
     if input_order:
         runs.append(("continuous_input_order", in_input_order))
-    secs, outs, tokens, steps = {}, {}, {}, {}
+    secs, outs, tokens, steps, where_runs = {}, {}, {}, {}, {}
     eng = llama.engine
     try:
         for _ in range(rounds):
@@ -83,6 +115,8 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
                 outs.setdefault(name, out)
                 tokens[name] = stats.tokens
                 steps[name] = (eng.steps - steps0, eng.prefills - prefills0)
+        for name, fn in runs if where else ():
+            where_runs[name] = breakdown(llama, lambda: fn(llama, reqs, Options(), lambda r: None))
     finally:
         llama.tokenizer.stop_ids, llama._stop = stop, stop_t
     same = sum(outs["static"][i] == outs["continuous"][i] for i in range(len(reqs)))
@@ -90,6 +124,7 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     rate = {k: tokens[k] / t[k] for k in t}
     res = {"prompts": len(reqs), "tokens": tokens["static"], "rounds": rounds, "identical": same,
            "ratio": rate["continuous"] / rate["static"]}
+    res.update({f"{name}_where": w for name, w in where_runs.items()})
     for name, _ in runs:
         res.update({f"{name}_s": t[name], f"{name}_tok_s": rate[name], f"{name}_steps": steps[name][0],
                     f"{name}_prefills": steps[name][1], f"{name}_all_s": secs[name]})
@@ -112,6 +147,8 @@ def main() -> None:
                     help="also time the continuous schedule starting prompts strictly in input order")
     ap.add_argument("--rounds", type=int, default=1, help="run each schedule this many times, interleaved; "
                     "the median time counts")
+    ap.add_argument("--where", action="store_true", help="then run each schedule once more, untimed, and print "
+                    "where its time goes: decode steps, prefills, everything else (host work)")
     a = ap.parse_args()
 
     import torch
@@ -128,7 +165,7 @@ def main() -> None:
                             "--dtype", "fp32"], check=True)
     llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256, max_batch_size=a.batch,
                         device=a.device, dtype=a.dtype)
-    res = compare(llama, a.prompts, a.seed, input_order=a.input_order, rounds=a.rounds)
+    res = compare(llama, a.prompts, a.seed, input_order=a.input_order, rounds=a.rounds, where=a.where)
     dev = f"{llama.device} ({torch.cuda.get_device_name() if llama.device.type == 'cuda' else os.cpu_count()} " \
           f"{'GPU' if llama.device.type == 'cuda' else 'cores'})"
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
@@ -141,6 +178,14 @@ def main() -> None:
         print(f"| {name.replace('_', ' ')} | {res['tokens']} | {res[name + '_steps']} | {res[name + '_prefills']} "
               f"| {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
     print(f"\ncontinuous / static: {res['ratio']:.2f}x; identical outputs: {res['identical']}/{res['prompts']} prompts")
+    if a.where:
+        print("\nWhere the time goes (one more run of each, the device synchronized after each engine call):\n")
+        print("| schedule | decode steps s | prefills s | everything else s | total s |")
+        print("|---|---|---|---|---|")
+        for name in ("static", "continuous") + (("continuous_input_order",) if a.input_order else ()):
+            w = res[name + "_where"]
+            print(f"| {name.replace('_', ' ')} | {w['decode_s']:.2f} | {w['prefill_s']:.2f} | {w['other_s']:.2f} "
+                  f"| {w['total_s']:.2f} |")
 
 
 if __name__ == "__main__":

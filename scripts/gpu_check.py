@@ -435,15 +435,19 @@ def seq_len_rows(llama):
                   f"{r4k:.1f} vs {r256:.1f} tok/s ({100 * r4k / r256:.0f}%)")
 
 
-@section(40)
+@section(65)  # two timed runs (~25 s) and the two breakdown runs again, on an H100
 def batching_rows(llama):
     """Continuous vs static on 64 mixed prompts (the batching bench's workload), CUDA graphs."""
     from bench_batching import compare
 
     ours_engine(llama, 16, 200 + 256, True, False)
-    res = compare(llama, n_prompts=64, seed=0, keep=True)
+    res = compare(llama, n_prompts=64, seed=0, keep=True, where=True)
     reqs, a, b = res.pop("requests"), res.pop("static_out"), res.pop("continuous_out")
     RESULTS["notes"]["batching"] = res
+    for name in ("static", "continuous"):  # the host time between steps is what the GPU idles through
+        w = res[f"{name}_where"]
+        say(f"{name}: decode steps {w['decode_s']:.2f} s, prefills {w['prefill_s']:.2f} s, everything else "
+            f"{w['other_s']:.2f} s of {w['total_s']:.2f} s (device synchronized after each engine call)")
     check("continuous >= 2x static on 64 mixed prompts (7B shape, batch 16)", res["ratio"] >= 2.0,
           f"{res['ratio']:.2f}x ({res['static_tok_s']:.0f} -> {res['continuous_tok_s']:.0f} tok/s), "
           f"identical {res['identical']}/{res['prompts']}")
