@@ -127,6 +127,10 @@ class Llama:
         device = pick_device(device, local_rank)
         keep_half = keeps_half_weights(device, dtype)
         dtype = pick_dtype(device, dtype)
+        if device.type == "cpu" and dtype != torch.float32 and keeps_half_weights(device, None):
+            log.warning("--dtype %s on the CPU computes in %s without our kernels (SmolLM2-135M: about a third of "
+                        "the speed); leave --dtype out to keep bf16/fp16-stored weights as they are with fp32 "
+                        "arithmetic", str(dtype)[6:], str(dtype)[6:])
         graphs = decide_graphs(cuda_graphs, device)
         if quantize is not None:
             from .quant import check_mode

@@ -1,8 +1,10 @@
 """The CPU decode step as one native call per layer (llama_cli/cpu_step.py, csrc/decode_layer.h): its logits
 are the model's recomputed from scratch and the plain eager layers', for int4, int8 and dense weights (fp32, or
-bf16/fp16 as a checkpoint stored them),
-grouped-query and multi-head attention, rows at their own positions; it is used exactly where it applies.
+bf16/fp16 as a checkpoint stored them), grouped-query and multi-head attention, rows at their own positions; it
+is used exactly where it applies.
 (Greedy generation through it against HF transformers: test_model.py.)"""
+
+import logging
 
 import pytest
 import torch
@@ -107,7 +109,7 @@ def test_native_step_reads_only_each_rows_positions(tmp_path, spm_path, ops):
     assert rel_err(step[1], llama.model.prefill(seq[1:, :7])[0, -1]) < 1e-4
 
 
-def test_native_step_is_used_where_it_applies(tmp_path, spm_path, ops, monkeypatch):
+def test_native_step_is_used_where_it_applies(tmp_path, spm_path, ops, monkeypatch, caplog):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=5)
     tok = str(folder / "tokenizer.model")
     ids = [1, 20, 30, 40]
@@ -124,7 +126,9 @@ def test_native_step_is_used_where_it_applies(tmp_path, spm_path, ops, monkeypat
     assert calls == []
     compiled.generate([ids] * 3, max_gen_len=3, temperature=0)
     assert set(calls) == {3}
-    assert build(dtype="bf16").engine.native is None  # its products are fp32
+    with caplog.at_level(logging.WARNING, logger="llama_cli"):
+        assert build(dtype="bf16").engine.native is None  # its products are fp32
+    assert "--dtype bfloat16 on the CPU computes in bfloat16 without our kernels" in caplog.text
     monkeypatch.setenv("LLAMA_CLI_NATIVE", "0")
     assert build(quantize="int4").engine.native is None
 
