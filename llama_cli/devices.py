@@ -60,14 +60,14 @@ def pick_dtype(device: torch.device, requested: Union[str, torch.dtype, None] = 
     return torch.float16
 
 
-def keeps_half_weights(device: torch.device, requested: Union[str, torch.dtype, None]) -> bool:
-    """Whether linear weights stored in bf16 or fp16 (Meta's checkpoints) stay so at load, under fp32
-    activations: on the CPU with --dtype left to its default, where our kernels are built (native.py), which
-    widen each weight to fp32 as they read it (exact), so the results are fp32's, from half the memory and
-    half the bytes read per token. An explicit --dtype fp32 widens them at load instead."""
+def keeps_half_weights(device: torch.device) -> bool:
+    """Whether linear weights stored in bf16 or fp16 (Meta's checkpoints) can stay so under fp32 activations:
+    on the CPU where our kernels are built (native.py), which widen each weight to fp32 as they read it (exact),
+    so the results are fp32's, from half the memory and half the bytes read per token. Llama.build keeps them
+    so when --dtype is left at its default; an explicit --dtype fp32 widens them at load."""
     from . import native
 
-    return device.type == "cpu" and (requested is None or requested == "auto") and native.available()
+    return device.type == "cpu" and native.available()
 
 
 def is_cuda(device: torch.device) -> bool:

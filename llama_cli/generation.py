@@ -125,12 +125,14 @@ class Llama:
             raise UserError(f"seed must be an integer, got {seed!r}")
         world_size, rank, local_rank = distributed.world()
         device = pick_device(device, local_rank)
-        keep_half = keeps_half_weights(device, dtype)
+        default_dtype = dtype is None or dtype == "auto"
         dtype = pick_dtype(device, dtype)
-        if device.type == "cpu" and dtype != torch.float32 and keeps_half_weights(device, None):
+        half_ok = keeps_half_weights(device)  # the CPU with our kernels
+        if half_ok and dtype != torch.float32:
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
             log.warning("--dtype %s on the CPU computes in %s without our kernels (SmolLM2-135M: about a third of "
                         "the speed); leave --dtype out to keep bf16/fp16-stored weights as they are with fp32 "
-                        "arithmetic", str(dtype)[6:], str(dtype)[6:])
+                        "arithmetic", name, name)
         graphs = decide_graphs(cuda_graphs, device)
         if quantize is not None:
             from .quant import check_mode
@@ -146,9 +148,9 @@ class Llama:
         check_parallel(args, world_size)
         reader = checkpoint.CheckpointReader(files, args)
         stored = reader.stored_linear_dtype()
-        half = stored if keep_half and stored in checkpoint.HALF_DTYPES else None  # linear weights kept as stored
-        widened = (stored if half is None and stored in checkpoint.HALF_DTYPES and dtype == torch.float32
-                   and keeps_half_weights(device, None) else None)  # by an explicit --dtype fp32
+        stored_half = stored if half_ok and stored in checkpoint.HALF_DTYPES and dtype == torch.float32 else None
+        half = stored_half if default_dtype else None  # linear weights kept as stored
+        widened = None if default_dtype else stored_half  # by an explicit --dtype fp32
         memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len, linear_dtype=half,
                          stored_half=widened)
         mp = distributed.setup(device, model_parallel_size)

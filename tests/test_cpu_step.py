@@ -128,7 +128,7 @@ def test_native_step_is_used_where_it_applies(tmp_path, spm_path, ops, monkeypat
     assert set(calls) == {3}
     with caplog.at_level(logging.WARNING, logger="llama_cli"):
         assert build(dtype="bf16").engine.native is None  # its products are fp32
-    assert "--dtype bfloat16 on the CPU computes in bfloat16 without our kernels" in caplog.text
+    assert "--dtype bf16 on the CPU computes in bf16 without our kernels" in caplog.text
     monkeypatch.setenv("LLAMA_CLI_NATIVE", "0")
     assert build(quantize="int4").engine.native is None
 
