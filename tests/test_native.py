@@ -40,7 +40,7 @@ def test_kernel_is_the_dequantized_product(ops, mode, out, inp, group, rows):
 
 
 @pytest.mark.parametrize("out,inp", [(48, 64), (40, 100), (8, 1536)])  # 100: a tail past the vector width
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 5 and 9: past the kernel's rows, BLAS
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17])  # past the kernel's rows (8; 16 for narrow weights), BLAS
 def test_dense_kernel_is_the_product(ops, out, inp, rows):
     g = torch.Generator().manual_seed(inp + rows)
     w, x = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g)
@@ -57,7 +57,7 @@ HALF_EDGES = {torch.float16: [0.0, -0.0, 2 ** -24, -(2 ** -15), 65504.0, 1 / 3, 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out,inp", [(48, 64), (40, 100), (8, 1536)])  # 100: a tail past the vector width
-@pytest.mark.parametrize("rows", [1, 3, 8, 12, 13])  # 13: past the kernel's rows, widened for BLAS
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 13, 17])  # past the kernel's rows (12; 16 narrow): widened, BLAS
 def test_dense_kernel_reads_half_width_weights_exactly(ops, dtype, out, inp, rows):
     """A bf16 or fp16 weight (as a checkpoint stores it) times fp32 rows: the product with the weight widened
     to fp32, which is exact; each edge value, in the vector body and in the tail, comes through as PyTorch

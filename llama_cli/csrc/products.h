@@ -11,9 +11,9 @@
 // int8: q (out, in) int8, w = q * scale, scale (out, in/g) fp32 (one group a row: g = in).
 // dense: w (out, in) fp32, bf16 or fp16.
 //
-// Beyond a few rows (DENSE_KERNEL_ROWS fp32, HALF_KERNEL_ROWS bf16/fp16, QUANT_KERNEL_ROWS quantized, measured) a
-// matrix product that reuses each weight for many rows wins: the weight (widened or dequantized first, a block of
-// its rows at a time, where it is not fp32) goes to at::mm. The
+// Beyond a few rows (DENSE_KERNEL_ROWS fp32, HALF_KERNEL_ROWS bf16/fp16, NARROW_KERNEL_ROWS either for narrow
+// weights, QUANT_KERNEL_ROWS quantized, measured) a matrix product that reuses each weight for many rows wins: the
+// weight (widened or dequantized first, a block of its rows at a time, where it is not fp32) goes to at::mm. The
 // operators take any row count, so this is the one place that decides.
 #pragma once
 #include <ATen/Parallel.h>
@@ -36,6 +36,12 @@ constexpr int64_t DENSE_KERNEL_ROWS = 8;
 // SmolLM2's 1536 x 576 0.13 against 0.36); at 16 rows only for SmolLM2's (49152 x 576 output: 10 against 12),
 // widening for the 7B-sized ones (4096 x 4096 6.1 against 9.2).
 constexpr int64_t HALF_KERNEL_ROWS = 12;
+// Narrow weights (at most NARROW_IN columns, as SmolLM2's but its w2): the kernel up to 16 rows, dense fp32 or
+// half-width alike. Measured end to end (scripts/bench_batching.py --prompts 32, two builds alternating, 16-row
+// steps): SmolLM2 bf16 continuous 167-170 tok/s against 124, fp32 135-147 against 124-126, the dim-512 bench
+// model 762-840 against 726-728.
+constexpr int64_t NARROW_IN = 1024;
+constexpr int64_t NARROW_KERNEL_ROWS = 16;
 constexpr int64_t QUANT_KERNEL_ROWS = 32;
 
 // Up to this many rows BLAS computes y.T = W @ x.T (then transposed into y) rather than x @ W.T: measured
@@ -230,7 +236,10 @@ void dense_block(const float* x, const T* w, float* y, int64_t out, int64_t in) 
 template <typename T>
 void dense_product(const float* x, int64_t rows, int64_t in, const T* w, int64_t out, float* y) {
   // a half-width weight costs the kernel half the bytes, and at::mm a widening first: the kernel up to 12 rows
-  if (rows > (std::is_same_v<T, float> ? DENSE_KERNEL_ROWS : HALF_KERNEL_ROWS)) {
+  // (16 for narrow weights, as fp32's)
+  const int64_t kernel_rows =
+      in <= NARROW_IN ? NARROW_KERNEL_ROWS : std::is_same_v<T, float> ? DENSE_KERNEL_ROWS : HALF_KERNEL_ROWS;
+  if (rows > kernel_rows) {
     if constexpr (std::is_same_v<T, float>) {
       return blas_product(x, rows, in, w, out, y);
     } else {
