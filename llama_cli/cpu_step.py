@@ -9,8 +9,8 @@ halves, each output all-reduced across the processes before its residual is adde
 
 Used by the decode engine for uncompiled steps on the CPU with fp32 activations, where every layer's linear
 weights are on our kernels (native.py: int4, int8, or dense fp32/bf16/fp16), for any number of rows (beyond a
-few rows the products go to PyTorch's matrix product, as the eager layers' do). Its results
-are the eager layers' up to the order of the additions (tests/test_cpu_step.py)."""
+few rows the products go to PyTorch's matrix product, as the eager layers' do). Its results are the eager
+layers' up to the order of the additions (tests/test_cpu_step.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .model import Transformer, run_head
 
 def _parts(m) -> Optional[list]:
     """A linear layer's tensors in decode_layer's form, or None where it is not on our kernels."""
-    if m.kernel == "dense-native":  # (native.use_dense marks contiguous fp32 weights only)
+    if m.kernel == "dense-native":  # (native.use_dense marks contiguous fp32, bf16 or fp16 weights only)
         return [m.weight]
     if m.kernel == "int8-native":
         return [m.qweight, m.qscale]

@@ -98,6 +98,29 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
     return "dequantizing" if quantized else "dense"
 
 
+def _warn_half_activations(dtype: torch.dtype) -> None:
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    log.warning("--dtype %s on the CPU computes in %s without our kernels (SmolLM2-135M: about a third of the "
+                "speed); leave --dtype out to keep bf16/fp16-stored weights as they are with fp32 arithmetic",
+                name, name)
+
+
+def _compiling(model, weights: str, compile, device, max_batch_size: int, key: str,
+               expected_tokens: Optional[int]) -> bool:
+    """Whether the decode step is compiled (engine.decide_compile), for `weights` as _weights_for_device
+    returned; warns where CUDA weights then dequantize on every step."""
+    dequantizing = weights == "dequantizing"
+    native_step = NativeStep.replaces_compiling(model)  # then auto does not compile
+    compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
+                               kernels=weights == "kernels", native_step=native_step)
+    if is_cuda(device) and dequantizing and not compiling:
+        log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every "
+                    "step unless the step is compiled (measured: about a quarter of bf16's speed); for speed "
+                    "use --compile on with --max_batch_size 1 or 2 (a first compile takes about a minute, kept "
+                    "for later runs), or --quantize int4, which runs on tinygemm without compiling")
+    return compiling
+
+
 class Llama:
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
@@ -113,10 +136,10 @@ class Llama:
         (fp16 where bf16 is unsupported), else CPU in fp32 (there, with the default dtype, linear
         weights stored in bf16 or fp16 stay so where our kernels run: devices.keeps_half_weights).
         compile and cuda_graphs: "on", "off" or "auto" (see engine.decide_compile / decide_graphs;
-        expected_tokens, the job's total tokens to generate, informs compile on the CPU). chat_format: how chat_completion turns dialogs
-        into tokens (chat.py): auto (the checkpoint's template, else Meta's format for its tokenizer),
-        llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only, quant.py; group_size
-        along the input dimension, default per channel for int8 and 128 for int4).
+        expected_tokens, the job's total tokens to generate, informs compile on the CPU). chat_format: how
+        chat_completion turns dialogs into tokens (chat.py): auto (the checkpoint's template, else Meta's
+        format for its tokenizer), llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only,
+        quant.py; group_size along the input dimension, default per channel for int8 and 128 for int4).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -129,10 +152,7 @@ class Llama:
         dtype = pick_dtype(device, dtype)
         half_ok = keeps_half_weights(device)  # the CPU with our kernels
         if half_ok and dtype != torch.float32:
-            name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-            log.warning("--dtype %s on the CPU computes in %s without our kernels (SmolLM2-135M: about a third of "
-                        "the speed); leave --dtype out to keep bf16/fp16-stored weights as they are with fp32 "
-                        "arithmetic", name, name)
+            _warn_half_activations(dtype)
         graphs = decide_graphs(cuda_graphs, device)
         if quantize is not None:
             from .quant import check_mode
@@ -147,10 +167,10 @@ class Llama:
         checkpoint.resolve_vocab_size(args, tokenizer.n_words, tokenizer_path)
         check_parallel(args, world_size)
         reader = checkpoint.CheckpointReader(files, args)
-        stored = reader.stored_linear_dtype()
+        stored = reader.stored_linear_dtype()  # linear weights that can stay bf16/fp16 under fp32 activations:
         stored_half = stored if half_ok and stored in checkpoint.HALF_DTYPES and dtype == torch.float32 else None
-        half = stored_half if default_dtype else None  # linear weights kept as stored
-        widened = None if default_dtype else stored_half  # by an explicit --dtype fp32
+        half = stored_half if default_dtype else None  # kept so by default,
+        widened = None if default_dtype else stored_half  # widened by an explicit --dtype fp32
         memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len, linear_dtype=half,
                          stored_half=widened)
         mp = distributed.setup(device, model_parallel_size)
@@ -168,16 +188,8 @@ class Llama:
         del state  # the model holds the tensors now
         model.requires_grad_(False)
         weights = _weights_for_device(model, args, quantize, group_size, tied, device)
-        dequantizing = weights == "dequantizing"
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
-        native_step = NativeStep.replaces_compiling(model)  # then auto does not compile (engine.decide_compile)
-        compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
-                                   kernels=weights == "kernels", native_step=native_step)
-        if is_cuda(device) and dequantizing and not compiling:
-            log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every "
-                        "step unless the step is compiled (measured: about a quarter of bf16's speed); for speed "
-                        "use --compile on with --max_batch_size 1 or 2 (a first compile takes about a minute, kept "
-                        "for later runs), or --quantize int4, which runs on tinygemm without compiling")
+        compiling = _compiling(model, weights, compile, device, max_batch_size, key, expected_tokens)
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling)
         kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
         log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, in %.2f s", ckpt_dir, len(files),

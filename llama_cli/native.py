@@ -158,8 +158,8 @@ def use_dense(model) -> int:
 
 
 def dense_linear(x, weight):
-    """x @ weight.T for a layer use_dense marked: our operator for fp32 rows uncompiled (its kernel for up to 8
-    rows, BLAS beyond, a half-width weight widened first: csrc/products.h), else as before."""
+    """x @ weight.T for a layer use_dense marked: our operator for fp32 rows uncompiled (its kernel for a few
+    rows, BLAS beyond, a half-width weight widened first: csrc/products.h decides), else as before."""
     import torch
 
     from .parallel import linear

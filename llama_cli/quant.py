@@ -12,7 +12,8 @@ dequantizes, in a form that torch.compile fuses into the streaming multiply-and-
 for one or two rows (parallel.linear), so only the small integers cross the memory bus; eager
 code dequantizes the weight and calls the dense product (correct everywhere, not faster). On x86 CPUs
 both forms go through our C++ kernels, eager and compiled (native_form, native.py; past their few rows
-the operators dequantize the weight for a matrix product themselves); on CUDA, int4 goes through PyTorch's tinygemm kernel (kernel_form). The token
+the operators dequantize the weight for a matrix product themselves); on CUDA, int4 goes through
+PyTorch's tinygemm kernel (kernel_form). The token
 embeddings of a quantized model are int8 (embedding_form; a lookup dequantizes the rows it reads).
 """
 
@@ -190,7 +191,6 @@ def kernel_form(m, device: torch.device) -> bool:
         m.kernel, m.kscales = "int4-cpu", sz
     m.kgroup = g
     return True
-
 
 
 def native_form(m) -> bool:

@@ -154,7 +154,8 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
   std::vector<float> xn(B * dim), q(B * hq * hd), k(B * hkv * hd), v(B * hkv * hd), attn(B * hq * hd);
 
   // norm, q/k/v, rotary, the cache writes
-  for (int64_t b = 0; b < B; b++) rms_norm(xp + b * dim, attention_norm.data_ptr<float>(), float(eps), dim, xn.data() + b * dim);
+  for (int64_t b = 0; b < B; b++)
+    rms_norm(xp + b * dim, attention_norm.data_ptr<float>(), float(eps), dim, xn.data() + b * dim);
   wq.apply(xn.data(), B, q.data());
   wk.apply(xn.data(), B, k.data());
   wv.apply(xn.data(), B, v.data());
@@ -180,7 +181,8 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
 // The feed-forward half, without its residual: w2(silu(w1 hn) * w3 hn) with hn = norm(h), (rows, dim).
 inline at::Tensor decode_feed_forward(const at::Tensor& h, at::TensorList w1_, at::TensorList w3_, at::TensorList w2_,
                                       const at::Tensor& ffn_norm, double eps) {
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(), "decode_layer: h must be (rows, dim) fp32");
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
+              "decode_layer: h must be (rows, dim) fp32");
   const int64_t B = h.size(0), dim = h.size(1);
   const Weight w1(w1_, "decode_layer", "w1"), w3(w3_, "decode_layer", "w3"), w2(w2_, "decode_layer", "w2");
   const int64_t hidden = w1.out;
@@ -190,7 +192,8 @@ inline at::Tensor decode_feed_forward(const at::Tensor& h, at::TensorList w1_, a
               "decode_layer: the norms' weights must be (dim,) fp32");
   std::vector<float> hn(B * dim), gate(B * hidden), up(B * hidden);
   const float* hp = h.data_ptr<float>();
-  for (int64_t b = 0; b < B; b++) rms_norm(hp + b * dim, ffn_norm.data_ptr<float>(), float(eps), dim, hn.data() + b * dim);
+  for (int64_t b = 0; b < B; b++)
+    rms_norm(hp + b * dim, ffn_norm.data_ptr<float>(), float(eps), dim, hn.data() + b * dim);
   w1.apply(hn.data(), B, gate.data());
   w3.apply(hn.data(), B, up.data());
   for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
@@ -205,7 +208,8 @@ inline at::Tensor decode_layer(const at::Tensor& x, at::TensorList wq, at::Tenso
                                const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
                                const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
                                const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
-  at::Tensor h = decode_attention(x, wq, wk, wv, wo, attention_norm, eps, cache_k, cache_v, positions, rope_cos, rope_sin);
+  at::Tensor h =
+      decode_attention(x, wq, wk, wv, wo, attention_norm, eps, cache_k, cache_v, positions, rope_cos, rope_sin);
   float* hp = h.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < h.numel(); i++) hp[i] += xp[i];
