@@ -74,7 +74,7 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
     if is_cuda(device) and quantized:
         from .quant import dequantizing_layers, use_kernels
 
-        log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device))
+        log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device, model.norm.weight.dtype))
         # fast only compiled, and for 1-2 rows (engine.decide_compile)
         return "dequantizing" if dequantizing_layers(model) else "dense"
     if device.type == "cpu" and quantized:

@@ -110,7 +110,9 @@ def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs
     """x @ W.T for a quantized W. Compiled for the CPU with at most gemv_rows rows: one streaming pass over
     the integers (each byte of int4 feeding both halves of its group), sum over groups of
     scale_g * sum_i x_i q_i, plus offset_g * sum_i x_i for int4."""
-    if torch.compiler.is_compiling() and q.device.type == "cpu" and x.shape[:-1].numel() <= gemv_rows:
+    per_row_int8 = offset is None and scale.shape[1] == 1
+    fused = q.device.type == "cpu" or not per_row_int8  # (a GPU's int8 per row: below, in the activations' dtype)
+    if torch.compiler.is_compiling() and fused and x.shape[:-1].numel() <= gemv_rows:
         out, groups = scale.shape
         inp = x.shape[-1]
         g = inp // groups
@@ -127,7 +129,7 @@ def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs
             y = ((a * (p & 15) + b * p) * s).sum((-1, -2))
             y = y + (xg.sum(-1) * offset.float()).sum(-1)
         return y.to(x.dtype)
-    if offset is None and scale.shape[1] == 1:  # int8 per row: the scale after the product
+    if per_row_int8:  # the scale after the product
         s = scale[:, 0].to(x.dtype)
         if not torch.compiler.is_compiling():
             return torch.nn.functional.linear(x, q.to(x.dtype)) * s
@@ -161,6 +163,11 @@ def widen_tables(model) -> None:
 # thread that walks its row alone (uncoalesced reads), so int8 goes through quantized_linear, which a
 # compiled step fuses into one pass over the weight.
 INNER_K_TILES = (8, 4, 2)  # the kernel's tiling of the input dimension, largest that divides it
+# How int4 layers run on CUDA: "tinygemm" (kernel_form), or "fused": kept in our form with their tables in
+# the activations' dtype, so that a compiled step fuses the unpacking into one multiply-and-sum pass over the
+# bytes (quantized_linear, as on the CPU; uncompiled, such a layer dequantizes on every call). A benchmark
+# knob: scripts/gpu_check.py (int4_candidates) measures both at the 7B shape before either is the default.
+CUDA_INT4 = "tinygemm"
 
 
 def kernel_form(m, device: torch.device) -> bool:
@@ -252,12 +259,19 @@ def dequantizing_layers(model) -> int:
     return sum(m.qweight is not None and m.kernel is None for m in model.modules() if isinstance(m, _Linear))
 
 
-def use_kernels(model, device: torch.device) -> int:
-    """kernel_form for every quantized linear layer of a model; returns how many took one."""
+def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+    """kernel_form for every quantized linear layer of a model; returns how many took one. With CUDA_INT4
+    "fused" none does, and the int4 layers' tables take the activations' `dtype` instead (half of fp32's
+    bytes; tinygemm's tables are bf16 too)."""
     from .parallel import _Linear
 
-    return sum(kernel_form(m, device) for m in model.modules()
-               if isinstance(m, _Linear) and m.qweight is not None)
+    layers = [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]
+    if CUDA_INT4 == "fused":
+        for m in layers:
+            if m.qoffset is not None:
+                m.qscale, m.qoffset = m.qscale.to(dtype), m.qoffset.to(dtype)
+        return 0
+    return sum(kernel_form(m, device) for m in layers)
 
 
 def quantize_model(model, mode: str, group_size: int, tied: bool = False) -> int:

@@ -20,6 +20,8 @@ has too little left for it, and results are written to --out after every check a
    and continuous); continuous vs static batching on 64 mixed prompts (bf16, where the schedules' greedy
    tokens part: near-ties?) and on 32 in fp32 (near-ties of 1e-3); HF transformers eager; Meta's
    reference (its own loop, fp16, in a subprocess; --meta names a folder holding Meta's `llama` package).
+   Where the budget allows (or with --only int4_candidates), int4 kept in our form and fused by the compiler
+   (quant.CUDA_INT4 "fused") against tinygemm, groups of 32 and 128, batch 1.
 --quick (a second look after changes): no compiled decode rows, int8 compiled as the only quantized row,
 the tiny check for int8 only, the changed parts first.
 """
@@ -46,7 +48,7 @@ PROMPT_LEN, NEW = 16, 256
 # GPU_CHECK_DRY=1: the 7B part's plumbing on the CPU with a small shape (to check this script without a GPU)
 DRY = os.environ.get("GPU_CHECK_DRY") == "1"
 DEV = "cpu" if DRY else "cuda"
-SHAPE = ({"dim": 256, "n_layers": 2, "n_heads": 8, "multiple_of": 64} if DRY else
+SHAPE = ({"dim": 256, "n_layers": 2, "n_heads": 8, "multiple_of": 128} if DRY else
          {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256})
 RESULTS: dict = {"checks": [], "table": [], "notes": {}}
 FAILURES = 0
@@ -245,6 +247,57 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
         for mode, target in (("int8", 1.6), ("int4", 2.5)):
             check(f"{mode} batch 1 >= {target}x the bf16 rate", best[mode] >= target * base,
                   f"{best[mode]:.1f} vs {base:.1f} tok/s ({best[mode] / base:.2f}x)")
+
+
+@section(240)
+def int4_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
+    """int4 kept in our form (quant.CUDA_INT4 "fused": a compiled step fuses the unpacking into one
+    multiply-and-sum pass over the bytes, as on the CPU) against tinygemm, compiled + CUDA graphs at batch 1:
+    first the tiny model (logits against the CPU's dequantized model, greedy against eager), then the 7B
+    shape with groups of 32 and 128 (and tinygemm with 128), each against the bf16 rate."""
+    import torch
+
+    from helpers import TINY, make_model_folder, train_sentencepiece
+    from llama_cli import Llama, quant
+
+    spm = train_sentencepiece(tmp / "tokf.model")
+    tiny, _ = make_model_folder(tmp / "tinyf", spm, {**TINY, "dim": 128, "multiple_of": 128})
+    seq = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    ttok = str(tiny / "tokenizer.model")
+    ref = Llama.build(str(tiny), ttok, 64, 2, device="cpu", dtype="fp32", compile="off", quantize="int4").model(seq)
+    saved = quant.CUDA_INT4
+    try:
+        quant.CUDA_INT4 = "fused"
+        with untuned():
+            runs = {}
+            for name, comp in (("eager", "off"), ("compiled+graphs", "on")):
+                llama = Llama.build(str(tiny), ttok, 64, 2, dtype="bf16", device=DEV, compile=comp, quantize="int4")
+                if name == "eager":
+                    got = llama.model(seq.to(llama.device)).float().cpu()
+                    err = ((got - ref).abs().max() / ref.abs().max()).item()
+                    check("int4 fused form on CUDA == CPU dequantized model (bf16 error)", err < 0.1,
+                          f"relative error {err:.2e}")
+                runs[name] = llama.generate(seq.tolist(), max_gen_len=16, temperature=0)[0]
+            check("int4 fused: compiled+graphs greedy == eager greedy (first 8 tokens)",
+                  [r[:8] for r in runs["compiled+graphs"]] == [r[:8] for r in runs["eager"]])
+        g = torch.Generator().manual_seed(1)
+        prompts = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g).tolist()
+        base = RESULTS["notes"].get("bf16_b1_best")
+        for form, group in (("fused", 32), ("fused", 128), ("tinygemm", 128)):
+            quant.CUDA_INT4 = form
+            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
+                                compile="on", dtype="bf16", device=DEV, quantize="int4", group_size=group)
+            quiet_stops(llama)
+            ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
+                                       lambda: llama.engine)
+            ratio = f"; {rate / base:.2f}x bf16" if base else ""
+            row(f"llama-cli int4 g{group} {form}, compiled + CUDA graphs", 1, rate, ttft, wbytes, bw,
+                f"compile {llama.engine.warmup_s:.1f} s{ratio}")
+            RESULTS["notes"][f"int4_g{group}_{form}_b1"] = rate
+            llama = None
+            free()
+    finally:
+        quant.CUDA_INT4 = saved
 
 
 def make_7b(folder: Path):
@@ -633,7 +686,7 @@ def main() -> int:
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (nccl, tiny_agreement, "
                     "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
-                    "batching_fp32, hf_rows, meta_rows); default all")
+                    "batching_fp32, hf_rows, int4_candidates, meta_rows); default all")
     ap.add_argument("--quick", action="store_true",
                     help="no compiled rows in the decode table; of the quantized rows only int8 compiled, after the "
                     "reference rows; the tiny quantized check (int8 only) last")
@@ -698,6 +751,7 @@ def main() -> int:
                     free()
                 batching_fp32(folder, tok)
                 hf_rows(params, w, wbytes, bw)
+                int4_candidates(tmp, folder, tok, wbytes, bw)
             del w
             if a.meta and not DRY:
                 meta_rows(folder, tok, a.meta, wbytes, bw)

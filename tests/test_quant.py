@@ -33,15 +33,21 @@ def test_int4_packing():
     assert p[0, 16] == v[0, 32] | (v[0, 48] << 4)
 
 
-@pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32)])
-def test_compiled_product_equals_eager(mode, group):
+@pytest.mark.parametrize("mode,group,dtype", [("int8", 0, torch.float32), ("int4", 32, torch.float32),
+                                              ("int4", 32, torch.bfloat16)])
+def test_compiled_product_equals_eager(mode, group, dtype):
+    """bf16: activations and int4 tables as quant.CUDA_INT4 "fused" has them (the sums still in fp32)."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     q, scale, offset = quantize(w, mode, group)
-    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(2))
+    scale, offset = scale.to(dtype), None if offset is None else offset.to(dtype)
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ref = x.float() @ dequantize(q, scale, offset).T
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # of the largest output (bf16: the weights rounded too)
     eager = quantized_linear(x, q, scale, offset, 2)
-    assert torch.allclose(eager, x @ dequantize(q, scale, offset).T, atol=1e-5)
+    assert (eager.float() - ref).abs().max() <= tol * ref.abs().max()
     compiled = torch.compile(quantized_linear, fullgraph=True)(x, q, scale, offset, 2)
-    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert compiled.dtype == dtype
+    assert (compiled.float() - ref).abs().max() <= 10 * tol * ref.abs().max()
 
 
 @pytest.mark.parametrize("mode,group,tol", [("int8", 0, 0.03), ("int4", 32, 0.3)])
@@ -221,6 +227,36 @@ def test_int8_on_cuda_warns_when_not_compiled(tmp_path, spm_path, monkeypatch, c
     with caplog.at_level(logging.WARNING, logger="llama_cli"):
         Llama.build(str(folder), tok, 64, 1, quantize="int4", compile="off")
     assert "dequantized on every step" not in caplog.text
+
+
+def test_int4_fused_form_for_cuda(tmp_path, spm_path, monkeypatch):
+    """quant.CUDA_INT4 = "fused" (gpu_check's candidate to tinygemm): the int4 layers keep our form, tables in
+    the activations' dtype, no library kernel; compiled, one fused multiply-and-sum per product (run here on
+    the CPU in bf16, the CUDA branch patched in as in the test above): the eager model's greedy tokens, and
+    eager it is the model on the dequantized weights with those tables."""
+    from helpers import assert_same_or_near_tie
+
+    import llama_cli.generation as generation
+    import llama_cli.quant as quant
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=8)
+    tok = str(folder / "tokenizer.model")
+    monkeypatch.setattr(generation, "is_cuda", lambda device: True)
+    monkeypatch.setattr(quant, "CUDA_INT4", "fused")
+    kw = dict(quantize="int4", group_size=32, dtype="bf16")
+    eager = Llama.build(str(folder), tok, 64, 1, compile="off", **kw)
+    compiled = Llama.build(str(folder), tok, 64, 1, compile="on", **kw)
+    wq = compiled.model.layers[0].attention.wq
+    assert wq.kernel is None and wq.qscale.dtype == wq.qoffset.dtype == torch.bfloat16
+    assert compiled.engine.compiled
+    seq = torch.randint(3, eager.tokenizer.n_words, (1, 12), generator=torch.Generator().manual_seed(5))
+    w = dequantize(wq.qweight, wq.qscale, wq.qoffset, torch.bfloat16)
+    x = torch.randn(1, 1, BIG["dim"], generator=torch.Generator().manual_seed(6)).bfloat16()
+    assert torch.equal(wq(x), torch.nn.functional.linear(x, w))  # eager: dequantized with the bf16 tables
+    ids = seq[0].tolist()
+    a = eager.generate([ids], max_gen_len=16, temperature=0)[0][0]
+    b = compiled.generate([ids], max_gen_len=16, temperature=0)[0][0]
+    assert_same_or_near_tie(eager, ids, b, a)
 
 
 def test_quantize_refusals(tmp_path, spm_path, capsys):
