@@ -21,7 +21,8 @@ has too little left for it, and results are written to --out after every check a
    tokens part: near-ties?) and on 32 in fp32 (near-ties of 1e-3); HF transformers eager; Meta's
    reference (its own loop, fp16, in a subprocess; --meta names a folder holding Meta's `llama` package).
    Where the budget allows (or with --only int4_candidates), int4 kept in our form and fused by the compiler
-   (quant.CUDA_INT4 "fused") against tinygemm, groups of 32 and 128, batch 1.
+   (quant.CUDA_INT4 "fused") against tinygemm, groups of 32 and 128, batch 1. Named in --only, b16_candidates:
+   batch 16 compiled with inductor's max-autotune.
 --quick (a second look after changes): no compiled decode rows, int8 compiled as the only quantized row,
 the tiny check for int8 only, the changed parts first.
 """
@@ -488,6 +489,32 @@ def seq_len_rows(llama):
                   f"{r4k:.1f} vs {r256:.1f} tok/s ({100 * r4k / r256:.0f}%)")
 
 
+@section(240)
+def b16_candidates(folder: Path, tok: str, wbytes: int, bw: float):
+    """Batch 16 compiled + CUDA graphs with inductor's max-autotune (its Triton matrix-product templates
+    timed against cuBLAS for each product shape) on top of the default options: the candidate for the
+    batch-16 target, whose products cuBLAS streams at ~2/3 of the copy bandwidth. Runs only when named in
+    --only (with decode_rows for the default's row beside it)."""
+    from llama_cli import Llama, engine
+
+    saved = engine.CUDA_COMPILE_OPTIONS
+    try:
+        engine.CUDA_COMPILE_OPTIONS = {**saved, "max_autotune": True}
+        llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 16, cuda_graphs="auto" if DRY else "on",
+                            compile="on", dtype="bf16", device=DEV)
+        quiet_stops(llama)
+        prompts = table_prompts()
+        ttft, rate = time_generate(lambda n: llama.generate(prompts[:16], max_gen_len=n, temperature=0), 16, NEW,
+                                   lambda: llama.engine)
+        row("llama-cli compiled (max-autotune) + CUDA graphs", 16, rate, ttft, wbytes, bw,
+            f"compile {llama.engine.warmup_s:.1f} s")
+        RESULTS["notes"]["b16_max_autotune"] = rate
+    finally:
+        engine.CUDA_COMPILE_OPTIONS = saved
+        llama = None
+        free()
+
+
 @section(65)  # two timed runs (~25 s) and the two breakdown runs again, on an H100
 def batching_rows(llama):
     """Continuous vs static on 64 mixed prompts (the batching bench's workload), CUDA graphs."""
@@ -686,7 +713,7 @@ def main() -> int:
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (nccl, tiny_agreement, "
                     "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
-                    "batching_fp32, hf_rows, int4_candidates, meta_rows); default all")
+                    "batching_fp32, hf_rows, int4_candidates, meta_rows); default all of these; b16_candidates runs only when named")
     ap.add_argument("--quick", action="store_true",
                     help="no compiled rows in the decode table; of the quantized rows only int8 compiled, after the "
                     "reference rows; the tiny quantized check (int8 only) last")
@@ -752,6 +779,8 @@ def main() -> int:
                 batching_fp32(folder, tok)
                 hf_rows(params, w, wbytes, bw)
                 int4_candidates(tmp, folder, tok, wbytes, bw)
+                if ONLY is not None:  # named only
+                    b16_candidates(folder, tok, wbytes, bw)
             del w
             if a.meta and not DRY:
                 meta_rows(folder, tok, a.meta, wbytes, bw)
