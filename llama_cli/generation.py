@@ -271,15 +271,19 @@ class Llama:
 
     def generate_settings(self, prompt_tokens: Sequence[Sequence[int]], settings: Sequence[Settings], *,
                           logprobs: bool = False, echo: bool = False,
-                          on_step: Optional[Callable[[List[int]], None]] = None) -> List[Generated]:
-        """`generate` with each prompt's own (resolved) settings; returns a Generated per prompt."""
+                          on_step: Optional[Callable[[List[int]], None]] = None,
+                          on_first: Optional[Callable[[], None]] = None) -> List[Generated]:
+        """`generate` with each prompt's own (resolved) settings; returns a Generated per prompt. on_first, if
+        given, is called once a batch's first tokens are chosen (on the host: on a GPU the loop otherwise reads
+        them back only every few steps, unless on_step wants every step's)."""
         bs = self.engine.max_batch_size
         out: List[Generated] = []
         for i in range(0, len(prompt_tokens), bs):
-            out += self._generate_batch(prompt_tokens[i:i + bs], settings[i:i + bs], logprobs, echo, on_step)
+            out += self._generate_batch(prompt_tokens[i:i + bs], settings[i:i + bs], logprobs, echo, on_step,
+                                        on_first)
         return out
 
-    def _generate_batch(self, prompt_tokens, settings, logprobs, echo, on_step) -> List[Generated]:
+    def _generate_batch(self, prompt_tokens, settings, logprobs, echo, on_step, on_first=None) -> List[Generated]:
         """Meta's static scheme: every row starts at the shortest prompt's length; longer prompts have
         their own tokens fed in one step at a time; each row stops at a stop token or its own end."""
         bsz = len(prompt_tokens)
@@ -330,6 +334,9 @@ class Llama:
                             stopped_at[i] = cur_pos + 1  # tokens up to the one that completed the stop text
             if on_step is not None:
                 on_step(next_token.tolist())
+            elif on_first is not None and cur_pos == min_len:
+                next_token.tolist()  # (waits for it)
+                on_first()
             if (cur_pos - min_len) % check_every == check_every - 1 and bool(done.all()):
                 break
             if cur_pos + 1 < total_len:

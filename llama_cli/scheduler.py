@@ -66,9 +66,12 @@ class _Run:
             self.stats.errors += 1
             on_result(r)
 
-    def token(self, tokens: list[int]) -> None:
+    def first(self) -> None:
         if self.stats.first_token_s is None:
             self.stats.first_token_s = time.perf_counter() - self.start
+
+    def token(self, tokens: list[int]) -> None:
+        self.first()
         if self.on_step is not None:
             self.on_step(tokens)
 
@@ -91,8 +94,11 @@ def run_static(llama, requests: list[PromptRequest], opts: Options, on_result: C
     bs = llama.max_batch_size
     for i in range(0, len(run.ready), bs):
         batch = run.ready[i:i + bs]
+        # every step's tokens on the host only for a caller that wants them (streaming): on a GPU that read
+        # waits for the step, and the next one is launched only after it
         outs = llama.generate_settings([ids for _, ids in batch], [r.settings for r, _ in batch],
-                                       logprobs=opts.logprobs, echo=opts.echo, on_step=run.token)
+                                       logprobs=opts.logprobs, echo=opts.echo,
+                                       on_step=run.token if run.on_step is not None else None, on_first=run.first)
         for (req, ids), g in zip(batch, outs):
             run.report(req, g.tokens, g.logprobs, g.finish_reason, len(g.tokens) - (len(ids) if opts.echo else 0),
                        g.text)
@@ -135,6 +141,30 @@ def tail_longest_first(ready: list, window: int, max_seq_len: int) -> list:
     return ready[:cut] + sorted(ready[cut:], key=room, reverse=True)
 
 
+# Whether the continuous schedule launches each decode step before reading back the tokens of the step before
+# it (None: where the device runs asynchronously to the host, CUDA). Reading a step's tokens waits for the
+# GPU, and the host's work after it (stop checks, results, the next launch) then leaves the GPU idle: on an
+# H100 ~1-3 ms a step against 5-9 ms of GPU time (docs/benchmarks.md). Launched ahead, a step runs while the
+# host settles the one before; a row that the earlier token ends gets one wasted token, dropped. On the CPU
+# steps run as they are launched, so nothing would overlap (the tests force it on to check the logic).
+AHEAD: Optional[bool] = None
+
+
+@dataclass
+class _Step:
+    """A launched decode step: the live rows it ran for (row index, slot) and its tokens (n,), with their
+    log-probabilities when asked, on the host once `ready` (an event; None: already there)."""
+    rows: list
+    tokens: object
+    logprobs: object
+    ready: object = None
+
+    def host(self) -> tuple[list, Optional[list]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist(), None if self.logprobs is None else self.logprobs.tolist()
+
+
 class _Continuous:
     """The continuous schedule's state: the slots, the prompts still to start, each slot's next token,
     and the sampler; run() refills free slots and steps the live ones until every prompt is done."""
@@ -142,6 +172,7 @@ class _Continuous:
     def __init__(self, llama, run: _Run, opts: Options):
         import torch
 
+        from .devices import is_cuda
         from .sampling import Sampler
 
         self.llama, self.job, self.opts = llama, run, opts
@@ -153,30 +184,69 @@ class _Continuous:
         self.queue = list(reversed(tail_longest_first(run.ready, 2 * self.bs, self.max_seq_len)))
         self.last = torch.zeros(self.bs, dtype=torch.long, device=llama.device)  # each slot's next fed token
         self.sampler = Sampler(self.bs, llama.model.params.vocab_size, llama.device, llama.generator)
+        self.cuda = is_cuda(llama.device)
+        self.ahead = self.cuda if AHEAD is None else AHEAD
 
     def run(self) -> Stats:
-        import torch
-
-        slots = self.slots
-        while self.queue or any(slots):
+        slots, flight = self.slots, None  # flight: the step launched and not yet settled
+        while True:
             free = [i for i in range(self.bs) if slots[i] is None]
             if free and self.queue:
                 self.refill(free)
                 continue  # a prompt may end at its first token: fill again before decoding
-            self.pack()
-            active = [i for i in range(self.bs) if slots[i] is not None]
-            if not active:
+            if flight is None:
+                self.pack()
+            # with holes to pack (no prompts left to fill them) the step in flight settles first
+            holes = flight is not None and any(slots[i] is None for i in range(self.last_live() + 1))
+            step = None if holes else self.launch(flight)
+            if flight is None and step is None:
                 break
-            n = active[-1] + 1
-            logits = self.engine.decode(self.last[:n], [slots[i].pos if slots[i] else 0 for i in range(n)])
-            nxt = self.sampler.sample(logits)  # (n,)
-            self.sampler.accept(nxt)
-            lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0].tolist() if self.opts.logprobs else None
-            nxt_host = nxt.tolist()
-            for i in active:
-                slots[i].pos += 1
-                self.accept(i, nxt_host[i], lps[i] if lps else None)
+            if flight is not None:
+                self.settle(flight)
+            flight = step
+            if flight is not None and not self.ahead:
+                self.settle(flight)
+                flight = None
         return self.job.stats
+
+    def last_live(self) -> int:
+        return max((i for i in range(self.bs) if self.slots[i] is not None), default=-1)
+
+    def launch(self, flight: Optional[_Step]) -> Optional[_Step]:
+        """Run one decode step for the live rows (rows 0..n-1, free ones in between fed anything), each at
+        its next position: one further where `flight`, launched before, holds its token still unread."""
+        import torch
+
+        slots = self.slots
+        active = [i for i in range(self.bs) if slots[i] is not None]
+        if not active:
+            return None
+        ahead = {i for i, s in flight.rows if slots[i] is s} if flight is not None else set()
+        n = active[-1] + 1
+        positions = [0] * n
+        for i in active:
+            positions[i] = slots[i].pos + (i in ahead)
+        logits = self.engine.decode(self.last[:n], positions)
+        nxt = self.sampler.sample(logits)  # (n,)
+        self.sampler.accept(nxt)
+        self.last[:n] = nxt  # on the device: the next step's input without a trip through the host
+        lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0] if self.opts.logprobs else None
+        step = _Step([(i, slots[i]) for i in active], nxt, lps)
+        if self.cuda:  # copied into pinned memory behind this step, read once it is there
+            step.tokens = torch.empty(nxt.shape, dtype=nxt.dtype, pin_memory=True).copy_(nxt, non_blocking=True)
+            if lps is not None:
+                step.logprobs = torch.empty(lps.shape, dtype=lps.dtype, pin_memory=True).copy_(lps, non_blocking=True)
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        return step
+
+    def settle(self, step: _Step) -> None:
+        """Take a launched step's tokens into its rows, except rows whose prompt has ended since."""
+        tokens, lps = step.host()
+        for i, slot in step.rows:
+            if self.slots[i] is slot:
+                slot.pos += 1
+                self.accept(i, tokens[i], lps[i] if lps else None)
 
     def finish(self, i: int, reason: str) -> None:
         s, echo = self.slots[i], self.opts.echo
@@ -203,7 +273,6 @@ class _Continuous:
             return self.finish(i, "length")
         if s.pos + 1 >= self.max_seq_len:
             return self.finish(i, "max_seq_len")
-        self.last[i] = token
 
     def refill(self, free: list[int]) -> None:
         """Start the next prompts in the free slots, their prompts prefilled together."""
@@ -227,7 +296,9 @@ class _Continuous:
         else:
             logits = self.engine.prefill(rows, ids)
         tok = self.sampler.sample(logits, rows=rows)
-        self.sampler.accept(tok, rows=torch.as_tensor(rows, device=self.llama.device))
+        rows_t = torch.as_tensor(rows, device=self.llama.device)
+        self.sampler.accept(tok, rows=rows_t)
+        self.last[rows_t] = tok
         lps = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0].tolist() if self.opts.logprobs else None
         for k, (i, t) in enumerate(zip(rows, tok.tolist())):
             self.accept(i, t, lps[k] if lps else None)

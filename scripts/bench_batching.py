@@ -1,7 +1,7 @@
 """Continuous vs static batching on a prompt file: tokens/s side by side, in one run.
 
     python scripts/bench_batching.py [--prompts 256] [--batch 16] [--dim 512 --n_layers 8] [--device cpu]
-                                     [--input_order] [--rounds N] [--where]
+                                     [--input_order] [--settled] [--rounds N] [--where]
 
 Makes a random checkpoint (or uses --ckpt_dir) and a JSONL file of --prompts prompts with mixed
 lengths (4-200 tokens) and mixed max_gen_len (8-256), then runs both schedules greedily at the same
@@ -70,13 +70,15 @@ def breakdown(llama, run) -> dict:
 
 
 def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, input_order: bool = False,
-            rounds: int = 1, where: bool = False) -> dict:
+            rounds: int = 1, where: bool = False, settled: bool = False) -> dict:
     """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
     its own max_gen_len in both. keep: the result holds the requests and both schedules' tokens too.
     input_order: the continuous schedule also with its prompts started strictly in input order (without
     scheduler.tail_longest_first), as "continuous_input_order". rounds: each schedule that many times,
     interleaved, the median time counted. Also the decode steps and prefill calls each schedule made.
-    where: then one more, untimed run of each schedule with breakdown() (as "<schedule>_where")."""
+    where: then one more, untimed run of each schedule with breakdown() (as "<schedule>_where").
+    settled: the continuous schedule also settling each step before launching the next (scheduler.AHEAD off,
+    as on the CPU; on by default on CUDA), as "continuous_settled"."""
     import statistics
 
     import torch
@@ -97,8 +99,17 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     llama.tokenizer.stop_ids = frozenset()
     llama._stop = torch.tensor([-1], device=llama.device)
     runs = [("static", run_static), ("continuous", run_continuous)]
+    def settling(*a, **k):
+        keep_ahead, scheduler.AHEAD = scheduler.AHEAD, False
+        try:
+            return run_continuous(*a, **k)
+        finally:
+            scheduler.AHEAD = keep_ahead
+
     if input_order:
         runs.append(("continuous_input_order", in_input_order))
+    if settled:
+        runs.append(("continuous_settled", settling))
     secs, outs, tokens, steps, where_runs = {}, {}, {}, {}, {}
     eng = llama.engine
     try:
@@ -147,6 +158,8 @@ def main() -> None:
                     help="also time the continuous schedule starting prompts strictly in input order")
     ap.add_argument("--rounds", type=int, default=1, help="run each schedule this many times, interleaved; "
                     "the median time counts")
+    ap.add_argument("--settled", action="store_true", help="also time the continuous schedule reading each "
+                    "step's tokens before launching the next (on CUDA it launches ahead; on the CPU the two are one)")
     ap.add_argument("--where", action="store_true", help="then run each schedule once more, untimed, and print "
                     "where its time goes: decode steps, prefills, everything else (host work)")
     a = ap.parse_args()
@@ -165,7 +178,9 @@ def main() -> None:
                             "--dtype", "fp32"], check=True)
     llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256, max_batch_size=a.batch,
                         device=a.device, dtype=a.dtype)
-    res = compare(llama, a.prompts, a.seed, input_order=a.input_order, rounds=a.rounds, where=a.where)
+    res = compare(llama, a.prompts, a.seed, input_order=a.input_order, rounds=a.rounds, where=a.where,
+                  settled=a.settled)
+    extra = (("continuous_input_order",) if a.input_order else ()) + (("continuous_settled",) if a.settled else ())
     dev = f"{llama.device} ({torch.cuda.get_device_name() if llama.device.type == 'cuda' else os.cpu_count()} " \
           f"{'GPU' if llama.device.type == 'cuda' else 'cores'})"
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
@@ -174,7 +189,7 @@ def main() -> None:
     print(f"| schedule | generated tokens | decode steps | prefill calls | seconds{' (median)' * (a.rounds > 1)} "
           "| tokens/s |")
     print("|---|---|---|---|---|---|")
-    for name in ("static", "continuous") + (("continuous_input_order",) if a.input_order else ()):
+    for name in ("static", "continuous") + extra:
         print(f"| {name.replace('_', ' ')} | {res['tokens']} | {res[name + '_steps']} | {res[name + '_prefills']} "
               f"| {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
     print(f"\ncontinuous / static: {res['ratio']:.2f}x; identical outputs: {res['identical']}/{res['prompts']} prompts")
@@ -182,7 +197,7 @@ def main() -> None:
         print("\nWhere the time goes (one more run of each, the device synchronized after each engine call):\n")
         print("| schedule | decode steps s | prefills s | everything else s | total s |")
         print("|---|---|---|---|---|")
-        for name in ("static", "continuous") + (("continuous_input_order",) if a.input_order else ()):
+        for name in ("static", "continuous") + extra:
             w = res[name + "_where"]
             print(f"| {name.replace('_', ' ')} | {w['decode_s']:.2f} | {w['prefill_s']:.2f} | {w['other_s']:.2f} "
                   f"| {w['total_s']:.2f} |")

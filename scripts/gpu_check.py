@@ -515,15 +515,17 @@ def b16_candidates(folder: Path, tok: str, wbytes: int, bw: float):
         free()
 
 
-@section(65)  # two timed runs (~25 s) and the two breakdown runs again, on an H100
+@section(80)  # three timed runs (~35 s) and the two breakdown runs again, on an H100
 def batching_rows(llama):
     """Continuous vs static on 64 mixed prompts (the batching bench's workload), CUDA graphs."""
     from bench_batching import compare
 
     ours_engine(llama, 16, 200 + 256, True, False)
-    res = compare(llama, n_prompts=64, seed=0, keep=True, where=True)
+    res = compare(llama, n_prompts=64, seed=0, keep=True, where=True, settled=True)
     reqs, a, b = res.pop("requests"), res.pop("static_out"), res.pop("continuous_out")
     RESULTS["notes"]["batching"] = res
+    say(f"continuous launching each step ahead (the default) {res['continuous_tok_s']:.0f} tok/s, settling each "
+        f"step first {res['continuous_settled_tok_s']:.0f}; static {res['static_tok_s']:.0f}")
     for name in ("static", "continuous"):  # the host time between steps is what the GPU idles through
         w = res[f"{name}_where"]
         say(f"{name}: decode steps {w['decode_s']:.2f} s, prefills {w['prefill_s']:.2f} s, everything else "

@@ -134,3 +134,72 @@ def test_cli_file_gets_finish_order_stdout_gets_input_order(tmp_path, spm_path, 
     assert [json.loads(x)["index"] for x in stdout.splitlines()] == list(range(6))
     file_order = [json.loads(x)["index"] for x in out.read_text().splitlines()]
     assert sorted(file_order) == list(range(6)) and file_order != list(range(6))
+
+
+def _mixed_requests():
+    """Prompts that end every way: max_gen_len, a stop token, a stop text, the cache's end (max_seq_len 224);
+    greedy, sampled and penalized rows side by side."""
+    base = make_requests(18, seed=3)
+    prompts = [r.prompt for r in base] + [" ".join(["the cat runs"] * 16)]  # ~190 tokens: runs into the end
+    n = len(prompts)
+    gens = [r.settings.max_gen_len for r in base] + [90]
+    stops = [[] for _ in range(n)]
+    stops[2] = stops[7] = ["e", "a"]
+    temps = [0.0] * n
+    temps[4] = temps[11] = 0.9
+    reps = [1.0] * n
+    reps[5] = 1.3
+    return requests(prompts, max_gen_len=gens, stop=stops, temperature=temps, repetition_penalty=reps)
+
+
+@pytest.mark.parametrize("opts", [Options(), Options(logprobs=True, echo=True)])
+def test_launching_ahead_gives_the_same_results(llama, monkeypatch, opts):
+    """scheduler.AHEAD (on by default on CUDA): each step launched before the last one's tokens are read, rows
+    that the last token ended dropped from it. For greedy rows (penalized too) the same tokens, finish reasons,
+    texts and log-probabilities as settling every step first (this tiny model's rows are computed alike in
+    any batch); sampled rows draw differently (the wasted steps draw too). A few more steps (the wasted
+    ones): the ahead path did run."""
+    import llama_cli.scheduler as scheduler
+
+    reqs = _mixed_requests()
+    got = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(scheduler, "AHEAD", ahead)
+        llama.generator.manual_seed(5)
+        steps = llama.engine.steps
+        out = {}
+        run_continuous(llama, reqs, opts, lambda r: out.__setitem__(r.request.index, r))
+        got[ahead] = out, llama.engine.steps - steps
+    (a, steps_a), (b, steps_b) = got[False], got[True]
+    assert sorted(a) == sorted(b) == list(range(len(reqs)))
+    reasons = {r.finish_reason for r in a.values()}
+    assert reasons == {"length", "stop", "max_seq_len"}
+    cut = [a[i] for i in (2, 7) if a[i].finish_reason == "stop" and a[i].generation != llama.tokenizer.decode(
+        a[i].tokens)]
+    assert cut and all("e" not in r.generation[-8:] for r in cut)  # a stop text ended a row
+    for i in a:
+        if reqs[i].settings.temperature > 0:  # drawn from the seeded generator, which wasted steps draw from too
+            assert b[i].finish_reason in ("length", "stop") and len(b[i].tokens) >= (len(a[i].tokens) if
+                                                                                   opts.echo else 1)
+            continue
+        assert (a[i].tokens, a[i].finish_reason, a[i].generation) == (b[i].tokens, b[i].finish_reason,
+                                                                      b[i].generation), i
+        if opts.logprobs:
+            assert torch.allclose(torch.tensor(a[i].logprobs), torch.tensor(b[i].logprobs), atol=1e-5)
+    assert steps_b > steps_a
+
+
+def test_time_to_first_token_without_per_step_callbacks(llama):
+    """Both schedules report the time to the first token; the static one without asking for every step's
+    tokens on the host (generate_settings' on_first: once a batch, after its first tokens)."""
+    import time
+
+    reqs = make_requests(6, seed=4)
+    for schedule in (run_static, run_continuous):
+        start = time.perf_counter()
+        stats = schedule(llama, reqs, Options(), lambda r: None)
+        assert 0 < stats.first_token_s < time.perf_counter() - start
+    calls = []
+    ids = [llama.tokenizer.encode(r.prompt, bos=True, eos=False) for r in reqs]
+    llama.generate_settings(ids, [r.settings for r in reqs], on_first=lambda: calls.append(1))
+    assert len(calls) == 2  # two batches of at most 4
