@@ -19,7 +19,9 @@ of two). The ways to run the step, chosen per device (`--compile`, `--cuda_graph
   under torchrun; cpu_step.py), each row attending over its own positions only; in one process faster
   than compiled;
 - CUDA graphs captured straight from the step (one per padded row count and length bucket,
-  captured on first use in well under a second each), so a token costs one graph replay;
+  captured on first use in well under a second each), so a token costs one graph replay; prefills of
+  one or two prompts (the continuous schedule's refills), padded to a power-of-two length, replay graphs
+  too from the second prefill of a shape on (an eager prefill is launch-bound on a GPU);
 - torch.compile of one layer (`model.run_block`, the same graph serves every layer, its cache
   length dynamic) and of the output layer: seconds to compile instead of minutes for the whole
   model, and kept in a persistent cache (compiled.py) so later runs start at once.
@@ -64,6 +66,11 @@ COLD_TOKENS_CUDA_DEQUANTIZING = 2048
 # 182.3 tok/s against 160.7, for ~30 s of compiling against 6.5 (kept on disk for later runs).
 CUDA_COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 MIN_BUCKET = 256  # the shortest cache length a CUDA graph attends over
+# Prefill graphs (_PrefillGraph): for refills of at most this many prompts, padded to a power-of-two length of
+# at least PREFILL_MIN tokens, captured at a shape's PREFILL_REUSE-th use (a one-prompt run captures none).
+# An eager prefill launches ~20 kernels a layer from Python: 21 ms for a 100-token prompt at the 7B shape on
+# an H100 (docs/benchmarks.md), where reading the weights once takes ~5 ms.
+PREFILL_GRAPH_ROWS, PREFILL_MIN, PREFILL_REUSE = 2, 16, 2
 ALIGN = 64  # cache lengths are whole multiples of this: attention kernels want aligned key lengths
 
 
@@ -168,6 +175,40 @@ class _Graph:
         return self.logits[:n].clone()  # the next replay overwrites the output
 
 
+class _PrefillGraph:
+    """Prefill of `size` prompts right-padded to `length` tokens into given cache rows, returning each one's
+    last real token's logits, with static input and output buffers: captured as a CUDA graph on CUDA GPUs.
+    Its warm-up and capture runs really write: into the rows of the call that creates it, which that call
+    then overwrites. Elsewhere the same buffers run eagerly, which is how the CPU tests check this logic."""
+
+    def __init__(self, model: Transformer, size: int, length: int, rows: torch.Tensor, pool=None):
+        device = model.device
+        self.model = model
+        self.tokens = torch.zeros(size, length, dtype=torch.long, device=device)
+        self.rows, self.last = rows.clone(), torch.zeros(size, dtype=torch.long, device=device)
+        self.graph = None
+        if not is_cuda(device):
+            return
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model.prefill(self.tokens, self.rows, last=self.last)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = model.prefill(self.tokens, self.rows, last=self.last)
+
+    def run(self, tokens: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.rows.copy_(rows)
+        self.last.copy_(last)
+        if self.graph is None:
+            return self.model.prefill(self.tokens, self.rows, last=self.last)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the output
+
+
 class Engine:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, *, compile: bool = False,
                  cuda_graphs: bool = False, compile_key: Optional[str] = None):
@@ -182,6 +223,9 @@ class Engine:
         self.steps = self.prefills = 0  # decode steps and prefill calls run (for benchmarks)
         self.buckets = length_buckets(max_seq_len)
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self.cache_len = cache_length(max_seq_len)
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._prefill_uses: dict[tuple[int, int], int] = {}
         self._pool = None
         self._compiled_sizes: set[int] = set()
         # attention kernels: on CUDA not cuDNN's, which builds a plan for every new shape (every prompt
@@ -253,7 +297,8 @@ class Engine:
         longest = max(lengths)
         if longest > self.max_seq_len:
             raise UserError(f"a prompt of {longest} tokens does not fit max_seq_len {self.max_seq_len}")
-        tokens = torch.zeros((len(prompts), longest), dtype=torch.long)
+        shape = None if all_logits else self._prefill_shape(len(prompts), longest)
+        tokens = torch.zeros((len(prompts), shape[1] if shape else longest), dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
@@ -262,7 +307,29 @@ class Engine:
             logits = self.model.prefill(tokens, row_t)  # (n, longest, vocab)
             return [logits[i, :n] for i, n in enumerate(lengths)]
         last = torch.as_tensor([n - 1 for n in lengths], dtype=torch.long).to(self.device)
+        if shape is not None:
+            return self._prefill_graph(shape, row_t).run(tokens, row_t, last)
         return self.model.prefill(tokens, row_t, last=last)
+
+    def _prefill_shape(self, n: int, longest: int) -> Optional[tuple[int, int]]:
+        """(prompts, padded length) of the prefill graph this prefill replays, or None: eager."""
+        if not self.cuda_graphs or n > PREFILL_GRAPH_ROWS:
+            return None
+        shape = (n, min(self.cache_len, max(PREFILL_MIN, 1 << (longest - 1).bit_length())))
+        self._prefill_uses[shape] = self._prefill_uses.get(shape, 0) + 1
+        return shape if shape in self._prefill_graphs or self._prefill_uses[shape] >= PREFILL_REUSE else None
+
+    def _prefill_graph(self, shape: tuple[int, int], rows: torch.Tensor) -> _PrefillGraph:
+        graph = self._prefill_graphs.get(shape)
+        if graph is None:
+            start = time.perf_counter()
+            if self._pool is None and is_cuda(self.device):
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = self._prefill_graphs[shape] = _PrefillGraph(self.model, *shape, rows, self._pool)
+            spent = time.perf_counter() - start
+            self.warmup_s += spent
+            log.debug("captured the prefill of %d prompt(s) of up to %d tokens in %.2f s", *shape, spent)
+        return graph
 
     def _decode(self, tokens, positions):
         n = tokens.shape[0]

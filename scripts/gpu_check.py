@@ -151,6 +151,8 @@ class untuned:
 
 @section(45)
 def tiny_agreement(tmp: Path):
+    import torch
+
     from helpers import TINY, make_model_folder, near_tie_gap, train_sentencepiece
     from llama_cli import Llama
 
@@ -168,6 +170,14 @@ def tiny_agreement(tmp: Path):
         models[name] = llama
     first = [r[:4] for r in runs["cpu-fp32"]]
     check("bf16 GPU greedy starts like fp32 CPU greedy (4 tokens)", [r[:4] for r in runs["eager"]] == first)
+    # prefill graphs (a refill's shape captured at its second use): the eager prefill's logits
+    eng, ref_eng = models["graphs"].engine, models["eager"].engine
+    for k in range(3):
+        p = [[5 + k, 9, 14, 3] * 5, [7, 8] * (3 + k)]
+        got, want = eng.prefill([0, 1], p).float(), ref_eng.prefill([0, 1], p).float()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+    check("prefill graph == eager prefill (bf16 error)", bool(eng._prefill_graphs) and err < 2e-2,
+          f"relative error {err:.2e}; graphs {sorted(eng._prefill_graphs)}")
     eager = models["eager"]
     for name in ("graphs", "compiled+graphs"):
         worst = 0.0
@@ -175,7 +185,7 @@ def tiny_agreement(tmp: Path):
             ids = eager.tokenizer.encode(p, bos=True, eos=False)
             k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
             if k is not None:
-                logits = eager.model(__import__("torch").tensor([ids + want[:k]]))[0, -1].float()
+                logits = eager.model(torch.tensor([ids + want[:k]]))[0, -1].float()
                 worst = max(worst, near_tie_gap(logits, got[k], want[k]))
         # bf16 logits: a near-tie is within 1% of the logit scale (the CPU tests use 1e-3 in fp32)
         check(f"{name} greedy == eager greedy, up to near-ties (GPU bf16)", worst <= 1e-2,

@@ -113,6 +113,36 @@ def test_static_buffer_steps_equal_eager_and_keep_live_rows(seq):
     assert torch.equal(b.layers[0].attention.cache_k[2], before)
 
 
+def test_prefill_graphs_pad_and_keep_live_rows():
+    """The prefill-graph logic (engine._PrefillGraph: static buffers, prompts padded to a power-of-two length,
+    captured at a shape's second use, the warm-up runs writing the creating call's rows) run eagerly on the
+    CPU: the same logits and cache contents as the eager engine's prefill, rows not prefilled untouched,
+    one graph per (prompts, padded length), none for a shape used once, three prompts or all_logits."""
+    from llama_cli.engine import PREFILL_MIN
+
+    seq = torch.randint(3, VOCAB, (4, 300), generator=torch.Generator().manual_seed(6))
+    a, b = model(), model()
+    eager, graphs = Engine(a, 4, 320), Engine(b, 4, 320, cuda_graphs=True)
+    for eng in (eager, graphs):  # a live row 3 beside the refills
+        eng.prefill([3], [seq[3, :50].tolist()])
+    live = b.layers[0].attention.cache_k[3].clone()
+    calls = [([0], [37]), ([1], [40]), ([2], [33]), ([0, 2], [5, 9]), ([1, 2], [7, 3]), ([0], [300]),
+             ([0, 1, 2], [4, 5, 6])]
+    for rows, lengths in calls:
+        prompts = [seq[r, :n].tolist() for r, n in zip(rows, lengths)]
+        x, y = eager.prefill(rows, prompts), graphs.prefill(rows, prompts)
+        assert rel_err(y, x) < 1e-5, (rows, lengths)
+        for r, n in zip(rows, lengths):
+            for m, eng_m in ((b, a),):
+                got, want = m.layers[1].attention.cache_v[r, :, :n], eng_m.layers[1].attention.cache_v[r, :, :n]
+                assert rel_err(got, want) < 1e-5
+    assert set(graphs._prefill_graphs) == {(1, 64), (2, PREFILL_MIN)}  # 37, 40, 33 -> 64; 9, 7 -> 16
+    assert torch.equal(b.layers[0].attention.cache_k[3], live)
+    assert graphs._prefill_uses[(1, 320)] == 1  # 300 tokens: the cache's length, used once: eager
+    x = graphs.prefill([0], [seq[0, :37].tolist()], all_logits=True)[0]
+    assert x.shape == (37, VOCAB)
+
+
 def test_rotary_eager_and_compiled_forms_agree():
     x = torch.randn(2, 5, 3, 8)
     ang = torch.randn(2, 5, 4)
