@@ -137,6 +137,20 @@ def decide_graphs(cuda_graphs, device: torch.device) -> bool:
     return cuda_graphs != "off" and is_cuda(device)
 
 
+def _capture(device: torch.device, pool, fn):
+    """(CUDA graph, its output) of fn, captured after two warm-up runs on a side stream (which really run)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class _Graph:
     """One decode step for `size` rows attending over `kv_len` positions, with static input and output
     buffers: captured as a CUDA graph on CUDA GPUs (one replay per token). Elsewhere the same buffers
@@ -153,15 +167,7 @@ class _Graph:
         if not is_cuda(device):
             self.logits = model.decode(self.tokens, self.positions, kv_len)
             return
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model.decode(self.tokens, self.positions, kv_len)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model.decode(self.tokens, self.positions, kv_len)
+        self.graph, self.logits = _capture(device, pool, lambda: model.decode(self.tokens, self.positions, kv_len))
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
@@ -187,17 +193,9 @@ class _PrefillGraph:
         self.tokens = torch.zeros(size, length, dtype=torch.long, device=device)
         self.rows, self.last = rows.clone(), torch.zeros(size, dtype=torch.long, device=device)
         self.graph = None
-        if not is_cuda(device):
-            return
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model.prefill(self.tokens, self.rows, last=self.last)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model.prefill(self.tokens, self.rows, last=self.last)
+        if is_cuda(device):
+            self.graph, self.logits = _capture(device, pool,
+                                               lambda: model.prefill(self.tokens, self.rows, last=self.last))
 
     def run(self, tokens: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)

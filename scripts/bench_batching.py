@@ -99,6 +99,7 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     llama.tokenizer.stop_ids = frozenset()
     llama._stop = torch.tensor([-1], device=llama.device)
     runs = [("static", run_static), ("continuous", run_continuous)]
+
     def settling(*a, **k):
         keep_ahead, scheduler.AHEAD = scheduler.AHEAD, False
         try:

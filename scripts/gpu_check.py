@@ -725,7 +725,8 @@ def main() -> int:
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (nccl, tiny_agreement, "
                     "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
-                    "batching_fp32, hf_rows, int4_candidates, meta_rows); default all of these; b16_candidates runs only when named")
+                    "batching_fp32, hf_rows, int4_candidates, meta_rows); default all of these; "
+                    "b16_candidates runs only when named")
     ap.add_argument("--quick", action="store_true",
                     help="no compiled rows in the decode table; of the quantized rows only int8 compiled, after the "
                     "reference rows; the tiny quantized check (int8 only) last")
