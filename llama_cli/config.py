@@ -23,7 +23,14 @@ class RunConfig:
       llama-cli --ckpt_dir llama-2-7b --prompts_file prompts.jsonl --output jsonl --output_file out.jsonl --resume
       echo "Once upon a time" | llama-cli --ckpt_dir llama-2-7b --temperature 0
       torchrun --nproc_per_node 2 -m llama_cli --ckpt_dir llama-2-13b --prompt "Hi"
-      llama-cli convert --help    (also reshard, compile)
+
+    Subcommands (each with its own --help):
+      llama-cli chat --ckpt_dir llama-2-7b-chat            talk with a chat model in the terminal
+      llama-cli convert --src model.gguf --out my-model    a GGUF file or HF folder into a checkpoint folder
+      llama-cli quantize --ckpt_dir X --out Y --mode int4  write an int8/int4 checkpoint folder
+      llama-cli perplexity --ckpt_dir X --text_file F      the model's perplexity on a text
+      llama-cli reshard --ckpt_dir X --out Y --shards 2    split or merge checkpoint shards
+      llama-cli compile --ckpt_dir X                       compile the decode step ahead, kept for later runs
 
     Args:
       ckpt_dir: folder with consolidated.NN.pth shards and params.json (any shard count, any process count).

@@ -370,6 +370,10 @@ def test_help_shows_every_flag_with_its_whole_text():
         lines = [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith(("Type:", "Default:"))]
         assert " ".join(lines[1:]).endswith((".", ")")), lines[0]
     assert "cuda_graphs" in text and "min_p" in text
+    from llama_cli.cli import _subcommands
+
+    for name in _subcommands():  # every subcommand is named in the main help
+        assert f"llama-cli {name} --" in text, name
 
 
 def test_version(capsys):
