@@ -203,3 +203,36 @@ def test_time_to_first_token_without_per_step_callbacks(llama):
     ids = [llama.tokenizer.encode(r.prompt, bos=True, eos=False) for r in reqs]
     llama.generate_settings(ids, [r.settings for r in reqs], on_first=lambda: calls.append(1))
     assert len(calls) == 2  # two batches of at most 4
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_launching_ahead_at_other_batch_sizes(tmp_path, spm_path, monkeypatch, batch):
+    """Ahead against settled on random request sets at batch 1 (a one-prompt run on a GPU) and 3: prompts
+    ending by length, stop text and the cache's end (max_seq_len 96), log-probabilities on: identical."""
+    import llama_cli.scheduler as scheduler
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, {**TINY, "n_layers": 2}, seed=3)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=96, max_batch_size=batch)
+    words = "the cat dog sun moon red blue runs jumps under over hello world 42 and".split()
+    reasons = set()
+    for seed in range(3):
+        rng = random.Random(seed)
+        n = rng.randint(2, 9)
+        prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+        stops = [[rng.choice("eao")] if rng.random() < 0.3 else [] for _ in range(n)]
+        reqs = requests(prompts, temperature=0, max_gen_len=[rng.choice([1, 2, 10, 40, 90]) for _ in range(n)],
+                        stop=stops)
+        outs = []
+        for ahead in (False, True):
+            monkeypatch.setattr(scheduler, "AHEAD", ahead)
+            out = {}
+            run_continuous(llama, reqs, Options(logprobs=True), lambda r: out.__setitem__(
+                r.request.index, (r.tokens, r.finish_reason, r.generation, r.logprobs)))
+            outs.append(out)
+        assert outs[0].keys() == outs[1].keys() == set(range(n))
+        reasons.update(r[1] for r in outs[0].values())
+        for i in range(n):
+            a, b = outs[0][i], outs[1][i]
+            assert a[:3] == b[:3], (seed, i)
+            assert torch.allclose(torch.tensor(a[3]), torch.tensor(b[3]), atol=1e-5)
+    assert reasons == {"length", "stop", "max_seq_len"}
