@@ -72,11 +72,13 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
 
         widen_tables(model)
     if is_cuda(device) and quantized:
-        from .quant import dequantizing_layers, use_kernels
+        from . import quant
 
-        log.info("%d int4 layers use CUDA's tinygemm kernel", use_kernels(model, device, model.norm.weight.dtype))
+        n = quant.use_kernels(model, device, model.norm.weight.dtype)
+        if n:
+            log.info("%d int4 layers use the %s kernel", n, "Triton" if quant.CUDA_INT4 == "triton" else "tinygemm")
         # fast only compiled, and for 1-2 rows (engine.decide_compile)
-        return "dequantizing" if dequantizing_layers(model) else "dense"
+        return "dequantizing" if quant.dequantizing_layers(model) else "dense"
     if device.type == "cpu" and quantized:
         from .quant import dequantizing_layers, use_native
 

@@ -163,11 +163,13 @@ def widen_tables(model) -> None:
 # thread that walks its row alone (uncoalesced reads), so int8 goes through quantized_linear, which a
 # compiled step fuses into one pass over the weight.
 INNER_K_TILES = (8, 4, 2)  # the kernel's tiling of the input dimension, largest that divides it
-# How int4 layers run on CUDA: "tinygemm" (kernel_form), or "fused": kept in our form with their tables in
-# the activations' dtype, so that a compiled step fuses the unpacking into one multiply-and-sum pass over the
-# bytes (quantized_linear, as on the CPU; uncompiled, such a layer dequantizes on every call). A benchmark
-# knob: scripts/gpu_check.py (int4_candidates) measures both at the 7B shape before either is the default.
+# How int4 layers run on CUDA: "tinygemm" (kernel_form); "fused": kept in our form with their tables in the
+# activations' dtype, so that a compiled step fuses the unpacking into one multiply-and-sum pass over the bytes
+# (quantized_linear, as on the CPU; uncompiled, such a layer dequantizes on every call); or "triton": the same
+# form through our Triton kernel for one or two rows (int4_triton.py), fast without compiling. A benchmark
+# knob: scripts/gpu_check.py (int4_candidates) measures them at the 7B shape before another is the default.
 CUDA_INT4 = "tinygemm"
+TRITON_ROWS = 2  # up to this many rows the "triton" form runs the kernel; past them it dequantizes
 
 
 def kernel_form(m, device: torch.device) -> bool:
@@ -245,6 +247,12 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
             y = torch.ops.llama_cli.int4_gemv(x2.contiguous(), m.qweight, m.qscale, m.qoffset)
         else:
             y = torch.ops.llama_cli.int8_gemv(x2.contiguous(), m.qweight, m.qscale)
+    elif m.kernel == "int4-triton":
+        if x2.shape[0] > TRITON_ROWS:
+            return torch.nn.functional.linear(x, dequantize(m.qweight, m.qscale, m.qoffset, x.dtype))
+        from .int4_triton import int4_rows
+
+        y = int4_rows(x2, m.qweight, m.qscale, m.qoffset)
     elif m.kernel == "int4":
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
     else:
@@ -261,17 +269,24 @@ def dequantizing_layers(model) -> int:
 
 def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
     """kernel_form for every quantized linear layer of a model; returns how many took one. With CUDA_INT4
-    "fused" none does, and the int4 layers' tables take the activations' `dtype` instead (half of fp32's
-    bytes; tinygemm's tables are bf16 too)."""
+    "fused" or "triton" the int4 layers' tables take the activations' `dtype` instead (half of fp32's bytes;
+    tinygemm's tables are bf16 too), and with "triton" the layers whose groups the kernel takes (a power of
+    two of at least 32 columns) are marked for it."""
     from .parallel import _Linear
 
     layers = [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]
-    if CUDA_INT4 == "fused":
-        for m in layers:
-            if m.qoffset is not None:
-                m.qscale, m.qoffset = m.qscale.to(dtype), m.qoffset.to(dtype)
-        return 0
-    return sum(kernel_form(m, device) for m in layers)
+    if CUDA_INT4 == "tinygemm":
+        return sum(kernel_form(m, device) for m in layers)
+    from . import int4_triton
+
+    n = 0
+    for m in [m for m in layers if m.qoffset is not None]:
+        m.qscale, m.qoffset = m.qscale.to(dtype).contiguous(), m.qoffset.to(dtype).contiguous()
+        half = m.qweight.shape[1] // m.qscale.shape[1]  # bytes a group
+        if CUDA_INT4 == "triton" and int4_triton.available() and half >= 16 and half & (half - 1) == 0:
+            m.qweight, m.kernel = m.qweight.contiguous(), "int4-triton"
+            n += 1
+    return n
 
 
 def quantize_model(model, mode: str, group_size: int, tied: bool = False) -> int:

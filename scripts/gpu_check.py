@@ -20,8 +20,9 @@ has too little left for it, and results are written to --out after every check a
    and continuous); continuous vs static batching on 64 mixed prompts (bf16, where the schedules' greedy
    tokens part: near-ties?) and on 32 in fp32 (near-ties of 1e-3); HF transformers eager; Meta's
    reference (its own loop, fp16, in a subprocess; --meta names a folder holding Meta's `llama` package).
-   Where the budget allows (or with --only int4_candidates), int4 kept in our form and fused by the compiler
-   (quant.CUDA_INT4 "fused") against tinygemm, groups of 32 and 128, batch 1. Named in --only, b16_candidates:
+   Where the budget allows (or with --only int4_candidates), int4 kept in our form, through our Triton kernel
+   (quant.CUDA_INT4 "triton") or fused by the compiler ("fused"), against tinygemm, groups of 32 and 128,
+   batch 1. Named in --only, b16_candidates:
    batch 16 compiled with inductor's max-autotune.
 --quick (a second look after changes): no compiled decode rows, int8 compiled as the only quantized row,
 the tiny check for int8 only, the changed parts first.
@@ -260,12 +261,13 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
                   f"{best[mode]:.1f} vs {base:.1f} tok/s ({best[mode] / base:.2f}x)")
 
 
-@section(240)
+@section(300)
 def int4_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
-    """int4 kept in our form (quant.CUDA_INT4 "fused": a compiled step fuses the unpacking into one
-    multiply-and-sum pass over the bytes, as on the CPU) against tinygemm, compiled + CUDA graphs at batch 1:
-    first the tiny model (logits against the CPU's dequantized model, greedy against eager), then the 7B
-    shape with groups of 32 and 128 (and tinygemm with 128), each against the bf16 rate."""
+    """int4 kept in our form against tinygemm at batch 1: quant.CUDA_INT4 "fused" (a compiled step fuses the
+    unpacking into one multiply-and-sum pass over the bytes, as on the CPU) and "triton" (our Triton kernel,
+    int4_triton.py, fast without compiling). First the tiny model (logits against the CPU's dequantized model,
+    greedy against eager), then the 7B shape with groups of 32 and 128, each row against the bf16 rate; a
+    candidate that fails is a FAIL line and the others still run."""
     import torch
 
     from helpers import TINY, make_model_folder, train_sentencepiece
@@ -278,35 +280,59 @@ def int4_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
     ref = Llama.build(str(tiny), ttok, 64, 2, device="cpu", dtype="fp32", compile="off", quantize="int4").model(seq)
     saved = quant.CUDA_INT4
     try:
-        quant.CUDA_INT4 = "fused"
         with untuned():
-            runs = {}
-            for name, comp in (("eager", "off"), ("compiled+graphs", "on")):
-                llama = Llama.build(str(tiny), ttok, 64, 2, dtype="bf16", device=DEV, compile=comp, quantize="int4")
-                if name == "eager":
-                    got = llama.model(seq.to(llama.device)).float().cpu()
-                    err = ((got - ref).abs().max() / ref.abs().max()).item()
-                    check("int4 fused form on CUDA == CPU dequantized model (bf16 error)", err < 0.1,
-                          f"relative error {err:.2e}")
-                runs[name] = llama.generate(seq.tolist(), max_gen_len=16, temperature=0)[0]
-            check("int4 fused: compiled+graphs greedy == eager greedy (first 8 tokens)",
-                  [r[:8] for r in runs["compiled+graphs"]] == [r[:8] for r in runs["eager"]])
+            for form in ("fused", "triton"):
+                quant.CUDA_INT4 = form
+                runs = {}
+                for name, comp in (("eager", "off"), ("graphs", "off"), ("compiled+graphs", "on")):
+                    llama = Llama.build(str(tiny), ttok, 64, 2, dtype="bf16", device=DEV, compile=comp,
+                                        cuda_graphs="off" if name == "eager" else "auto", quantize="int4")
+                    if name == "eager":
+                        x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(5)).to(llama.device)
+                        one = llama.model.layers[0].attention.wq(x.bfloat16()).float().cpu()  # one row: the kernel
+                        cpu_wq = quant.dequantize(*(t.cpu() for t in (llama.model.layers[0].attention.wq.qweight,
+                                                                         llama.model.layers[0].attention.wq.qscale,
+                                                                         llama.model.layers[0].attention.wq.qoffset)))
+                        want = x.float().cpu() @ cpu_wq.T
+                        got = llama.model(seq.to(llama.device)).float().cpu()
+                        err = max(((got - ref).abs().max() / ref.abs().max()).item(),
+                                  ((one - want).abs().max() / want.abs().max()).item())
+                        check(f"int4 {form} form on CUDA == CPU dequantized model (bf16 error)", err < 0.1,
+                              f"relative error {err:.2e}")
+                    try:
+                        runs[name] = llama.generate(seq.tolist(), max_gen_len=16, temperature=0)[0]
+                    except Exception as e:  # noqa: BLE001 - one candidate's failure is reported, the rest run
+                        check(f"int4 {form} {name} runs", False, f"{type(e).__name__}: {e}")
+                check(f"int4 {form}: graphs and compiled+graphs greedy == eager greedy (first 8 tokens)",
+                      all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs) and len(runs) == 3)
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g).tolist()
         base = RESULTS["notes"].get("bf16_b1_best")
-        for form, group in (("fused", 32), ("fused", 128), ("tinygemm", 128)):
+        for form, group, comp in (("triton", 32, "off"), ("triton", 128, "off"), ("fused", 32, "on"),
+                                  ("fused", 128, "on"), ("tinygemm", 128, "on"), ("triton", 128, "on")):
             quant.CUDA_INT4 = form
-            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
-                                compile="on", dtype="bf16", device=DEV, quantize="int4", group_size=group)
-            quiet_stops(llama)
-            ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
-                                       lambda: llama.engine)
+            impl = "compiled + CUDA graphs" if comp == "on" else "CUDA graphs"
+            try:
+                llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
+                                    compile=comp, dtype="bf16", device=DEV, quantize="int4", group_size=group)
+                quiet_stops(llama)
+                ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
+                                           lambda: llama.engine)
+                warm = llama.engine.warmup_s
+            except Exception as e:  # noqa: BLE001
+                check(f"int4 g{group} {form}, {impl} runs", False, f"{type(e).__name__}: {e}")
+                continue
+            finally:
+                llama = None
+                free()
             ratio = f"; {rate / base:.2f}x bf16" if base else ""
-            row(f"llama-cli int4 g{group} {form}, compiled + CUDA graphs", 1, rate, ttft, wbytes, bw,
-                f"compile {llama.engine.warmup_s:.1f} s{ratio}")
-            RESULTS["notes"][f"int4_g{group}_{form}_b1"] = rate
-            llama = None
-            free()
+            row(f"llama-cli int4 g{group} {form}, {impl}", 1, rate, ttft, wbytes, bw,
+                f"capture/compile {warm:.1f} s{ratio}")
+            RESULTS["notes"][f"int4_g{group}_{form}_{comp}_b1"] = rate
+        from llama_cli import int4_triton
+
+        RESULTS["notes"]["int4_triton_configs"] = int4_triton.best_configs()
+        say(f"Triton int4 kernel, best configuration per weight shape: {int4_triton.best_configs()}")
     finally:
         quant.CUDA_INT4 = saved
 

@@ -1,6 +1,8 @@
 """Weight-only int8/int4: the forms round-trip within their step, the quantized model is exactly the
 model on the dequantized weights (checked against HF transformers), compiled = eager, bad input refused."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -257,6 +259,30 @@ def test_int4_fused_form_for_cuda(tmp_path, spm_path, monkeypatch):
     a = eager.generate([ids], max_gen_len=16, temperature=0)[0][0]
     b = compiled.generate([ids], max_gen_len=16, temperature=0)[0][0]
     assert_same_or_near_tie(eager, ids, b, a)
+
+
+def test_int4_triton_kernel_in_the_interpreter(tmp_path, spm_path):
+    """llama_cli/int4_triton.py (quant.CUDA_INT4 "triton", gpu_check's second candidate to tinygemm) run by
+    Triton's interpreter on the CPU (tests/triton_worker.py): the dequantized weight's product within fp32's
+    and bf16's rounding, ragged output and group counts included, in the activations' dtype; and a model whose
+    int4 layers use it gives the dequantizing model's greedy tokens. (The GPU's compiled kernel: gpu_check.)"""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    env = {**subprocess_env(), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "triton_worker.py"), str(tmp_path), spm_path],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in res["kernel"]:
+        assert r["out_dtype"] == r["dtype"]
+        assert r["err"] < (1e-5 if r["dtype"] == "torch.float32" else 1e-2), r
+    m = res["model"]
+    assert m["kinds"] == ["None", "int4-triton"]  # the int4 linear layers; the int8 embeddings/output keep theirs
+    assert m["same_tokens"] and m["one_row_err"] < 1e-5
 
 
 def test_quantize_refusals(tmp_path, spm_path, capsys):

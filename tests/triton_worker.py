@@ -1,0 +1,61 @@
+"""Run by tests/test_quant.py in a subprocess with TRITON_INTERPRET=1 (Triton's interpreter, on the CPU):
+checks llama_cli/int4_triton.py's kernel against the dequantized weight's product, and a model whose int4
+layers use it (quant.CUDA_INT4 "triton", the CUDA branch patched in) against the same model dequantizing.
+Prints one JSON line of results; the test asserts on them."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import TINY, make_model_folder  # noqa: E402
+from llama_cli import Llama, quant  # noqa: E402
+from llama_cli.int4_triton import CONFIGS, int4_rows  # noqa: E402
+from llama_cli.quant import dequantize, quantize  # noqa: E402
+
+
+def kernel_errors() -> list:
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    # outputs not a multiple of BLOCK_N; groups not a multiple of a program's (256 bytes: 16 of 32, 4 of 128)
+    block_n = CONFIGS[0][0]  # the interpreter runs the first configuration
+    for n, k, g, rows, dtype in ((3 * block_n + 5, 256, 32, 1, torch.float32), (40, 384, 128, 2, torch.float32),
+                                 (24, 640, 64, 2, torch.bfloat16), (block_n, 1024, 256, 1, torch.bfloat16)):
+        w = torch.randn(n, k, generator=gen)
+        q, s, m = quantize(w, "int4", g)
+        s, m = s.to(dtype), m.to(dtype)
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        ref = x.float() @ dequantize(q, s, m).T
+        got = int4_rows(x, q, s, m)
+        out.append({"shape": [n, k, g, rows], "dtype": str(dtype), "out_dtype": str(got.dtype),
+                    "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
+    return out
+
+
+def model_check(folder: Path) -> dict:
+    import llama_cli.generation as generation
+
+    generation.is_cuda = lambda device: True  # the CUDA branch of build, with the CPU's tensors
+    tok = str(folder / "tokenizer.model")
+    quant.CUDA_INT4 = "fused"  # our form, dequantized on every call (uncompiled)
+    plain = Llama.build(str(folder), tok, 64, 2, compile="off", quantize="int4", group_size=32)
+    quant.CUDA_INT4 = "triton"
+    kern = Llama.build(str(folder), tok, 64, 2, compile="off", quantize="int4", group_size=32)
+    kinds = sorted({str(getattr(m, "kernel", None)) for m in kern.model.modules() if getattr(m, "qweight", None) is not None})
+    ids = [[1, 5, 9, 14, 3, 7], [1, 22, 8]]
+    a = plain.generate(ids, max_gen_len=8, temperature=0)[0]
+    b = kern.generate(ids, max_gen_len=8, temperature=0)[0]
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(3))
+    wq_k, wq_p = kern.model.layers[0].attention.wq, plain.model.layers[0].attention.wq
+    one = (wq_k(x) - wq_p(x)).abs().max().item() / wq_p(x).abs().max().item()
+    return {"kinds": kinds, "same_tokens": a == b, "one_row_err": one}
+
+
+if __name__ == "__main__":
+    tmp = Path(sys.argv[1])
+    folder, _ = make_model_folder(tmp / "m", sys.argv[2], {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2,
+                                                           "multiple_of": 128}, seed=2)
+    print(json.dumps({"kernel": kernel_errors(), "model": model_check(folder)}))
