@@ -76,7 +76,7 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
 
         n = quant.use_kernels(model, device, model.norm.weight.dtype)
         if n:
-            log.info("%d int4 layers use the %s kernel", n, "Triton" if quant.CUDA_INT4 == "triton" else "tinygemm")
+            log.info("%d quantized layers use a GPU kernel (int4: %s, int8: %s)", n, quant.CUDA_INT4, quant.CUDA_INT8)
         # fast only compiled, and for 1-2 rows (engine.decide_compile)
         return "dequantizing" if quant.dequantizing_layers(model) else "dense"
     if device.type == "cpu" and quantized:

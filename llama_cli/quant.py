@@ -166,10 +166,13 @@ INNER_K_TILES = (8, 4, 2)  # the kernel's tiling of the input dimension, largest
 # How int4 layers run on CUDA: "tinygemm" (kernel_form); "fused": kept in our form with their tables in the
 # activations' dtype, so that a compiled step fuses the unpacking into one multiply-and-sum pass over the bytes
 # (quantized_linear, as on the CPU; uncompiled, such a layer dequantizes on every call); or "triton": the same
-# form through our Triton kernel for one or two rows (int4_triton.py), fast without compiling. A benchmark
-# knob: scripts/gpu_check.py (int4_candidates) measures them at the 7B shape before another is the default.
+# form through our Triton kernel for one or two rows (triton_gemv.py), fast without compiling. A benchmark
+# knob: scripts/gpu_check.py (quant_candidates) measures them at the 7B shape before another is the default.
 CUDA_INT4 = "tinygemm"
-TRITON_ROWS = 2  # up to this many rows the "triton" form runs the kernel; past them it dequantizes
+# int8 with one scale per row on CUDA: "compiled" (quantized_linear: fast only in a compiled step) or "triton"
+# (triton_gemv.py, fast without compiling); a benchmark knob as CUDA_INT4 is
+CUDA_INT8 = "compiled"
+TRITON_ROWS = 2  # up to this many rows the "triton" forms run their kernel; past them they dequantize
 
 
 def kernel_form(m, device: torch.device) -> bool:
@@ -247,12 +250,13 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
             y = torch.ops.llama_cli.int4_gemv(x2.contiguous(), m.qweight, m.qscale, m.qoffset)
         else:
             y = torch.ops.llama_cli.int8_gemv(x2.contiguous(), m.qweight, m.qscale)
-    elif m.kernel == "int4-triton":
+    elif m.kernel in ("int4-triton", "int8-triton"):
         if x2.shape[0] > TRITON_ROWS:
             return torch.nn.functional.linear(x, dequantize(m.qweight, m.qscale, m.qoffset, x.dtype))
-        from .int4_triton import int4_rows
+        from .triton_gemv import int4_rows, int8_rows
 
-        y = int4_rows(x2, m.qweight, m.qscale, m.qoffset)
+        y = int4_rows(x2, m.qweight, m.qscale, m.qoffset) if m.qoffset is not None else int8_rows(x2, m.qweight,
+                                                                                                 m.qscale)
     elif m.kernel == "int4":
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
     else:
@@ -271,21 +275,26 @@ def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16
     """kernel_form for every quantized linear layer of a model; returns how many took one. With CUDA_INT4
     "fused" or "triton" the int4 layers' tables take the activations' `dtype` instead (half of fp32's bytes;
     tinygemm's tables are bf16 too), and with "triton" the layers whose groups the kernel takes (a power of
-    two of at least 32 columns) are marked for it."""
+    two of at least 32 columns) are marked for it; with CUDA_INT8 "triton" so are int8 layers of one scale a
+    row (their scales in `dtype`)."""
     from .parallel import _Linear
 
-    layers = [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]
-    if CUDA_INT4 == "tinygemm":
-        return sum(kernel_form(m, device) for m in layers)
-    from . import int4_triton
+    from . import triton_gemv
 
     n = 0
-    for m in [m for m in layers if m.qoffset is not None]:
-        m.qscale, m.qoffset = m.qscale.to(dtype).contiguous(), m.qoffset.to(dtype).contiguous()
-        half = m.qweight.shape[1] // m.qscale.shape[1]  # bytes a group
-        if CUDA_INT4 == "triton" and int4_triton.available() and half >= 16 and half & (half - 1) == 0:
-            m.qweight, m.kernel = m.qweight.contiguous(), "int4-triton"
-            n += 1
+    for m in [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]:
+        if m.qoffset is None:  # int8
+            if CUDA_INT8 == "triton" and triton_gemv.available() and m.qscale.shape[1] == 1:
+                m.qweight, m.qscale, m.kernel = m.qweight.contiguous(), m.qscale.to(dtype).contiguous(), "int8-triton"
+                n += 1
+        elif CUDA_INT4 == "tinygemm":
+            n += kernel_form(m, device)
+        else:
+            m.qscale, m.qoffset = m.qscale.to(dtype).contiguous(), m.qoffset.to(dtype).contiguous()
+            half = m.qweight.shape[1] // m.qscale.shape[1]  # bytes a group
+            if CUDA_INT4 == "triton" and triton_gemv.available() and half >= 16 and half & (half - 1) == 0:
+                m.qweight, m.kernel = m.qweight.contiguous(), "int4-triton"
+                n += 1
     return n
 
 

@@ -20,9 +20,9 @@ has too little left for it, and results are written to --out after every check a
    and continuous); continuous vs static batching on 64 mixed prompts (bf16, where the schedules' greedy
    tokens part: near-ties?) and on 32 in fp32 (near-ties of 1e-3); HF transformers eager; Meta's
    reference (its own loop, fp16, in a subprocess; --meta names a folder holding Meta's `llama` package).
-   Where the budget allows (or with --only int4_candidates), int4 kept in our form, through our Triton kernel
-   (quant.CUDA_INT4 "triton") or fused by the compiler ("fused"), against tinygemm, groups of 32 and 128,
-   batch 1. Named in --only, b16_candidates:
+   Where the budget allows (or with --only quant_candidates), int4 and int8 through the candidates to what
+   runs them now: our Triton kernels (quant.CUDA_INT4 / CUDA_INT8 "triton") and int4 fused by the compiler
+   ("fused"), against tinygemm, groups of 32 and 128, batch 1. Named in --only, b16_candidates:
    batch 16 compiled with inductor's max-autotune.
 --quick (a second look after changes): no compiled decode rows, int8 compiled as the only quantized row,
 the tiny check for int8 only, the changed parts first.
@@ -261,80 +261,85 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
                   f"{best[mode]:.1f} vs {base:.1f} tok/s ({best[mode] / base:.2f}x)")
 
 
-@section(300)
-def int4_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
-    """int4 kept in our form against tinygemm at batch 1: quant.CUDA_INT4 "fused" (a compiled step fuses the
-    unpacking into one multiply-and-sum pass over the bytes, as on the CPU) and "triton" (our Triton kernel,
-    int4_triton.py, fast without compiling). First the tiny model (logits against the CPU's dequantized model,
-    greedy against eager), then the 7B shape with groups of 32 and 128, each row against the bf16 rate; a
-    candidate that fails is a FAIL line and the others still run."""
+@section(360)
+def quant_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
+    """int4 and int8 per row at batch 1 through the candidates to what runs now (tinygemm; int8's compiled
+    multiply-and-sum): quant.CUDA_INT4 "fused" (our int4 form, the unpacking fused into a compiled step's
+    multiply-and-sum) and "triton" / CUDA_INT8 "triton" (triton_gemv.py, fast without compiling). First the
+    tiny model (one row and a whole pass against the CPU's dequantized model, greedy of eager, graphs and
+    compiled + graphs), then the 7B shape, each row against the bf16 rate; a candidate that fails is a FAIL
+    line and the others still run; then the configurations the Triton kernels' autotuning chose."""
     import torch
 
     from helpers import TINY, make_model_folder, train_sentencepiece
-    from llama_cli import Llama, quant
+    from llama_cli import Llama, quant, triton_gemv
 
     spm = train_sentencepiece(tmp / "tokf.model")
     tiny, _ = make_model_folder(tmp / "tinyf", spm, {**TINY, "dim": 128, "multiple_of": 128})
     seq = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
     ttok = str(tiny / "tokenizer.model")
-    ref = Llama.build(str(tiny), ttok, 64, 2, device="cpu", dtype="fp32", compile="off", quantize="int4").model(seq)
-    saved = quant.CUDA_INT4
+    saved = quant.CUDA_INT4, quant.CUDA_INT8
+
+    def use(mode, form):
+        quant.CUDA_INT4, quant.CUDA_INT8 = (form, "compiled") if mode == "int4" else ("tinygemm", form)
+
     try:
         with untuned():
-            for form in ("fused", "triton"):
-                quant.CUDA_INT4 = form
+            for mode, form in (("int4", "fused"), ("int4", "triton"), ("int8", "triton")):
+                ref = Llama.build(str(tiny), ttok, 64, 2, device="cpu", dtype="fp32", compile="off",
+                                  quantize=mode).model(seq)
+                use(mode, form)
                 runs = {}
                 for name, comp in (("eager", "off"), ("graphs", "off"), ("compiled+graphs", "on")):
-                    llama = Llama.build(str(tiny), ttok, 64, 2, dtype="bf16", device=DEV, compile=comp,
-                                        cuda_graphs="off" if name == "eager" else "auto", quantize="int4")
-                    if name == "eager":
-                        x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(5)).to(llama.device)
-                        one = llama.model.layers[0].attention.wq(x.bfloat16()).float().cpu()  # one row: the kernel
-                        cpu_wq = quant.dequantize(*(t.cpu() for t in (llama.model.layers[0].attention.wq.qweight,
-                                                                         llama.model.layers[0].attention.wq.qscale,
-                                                                         llama.model.layers[0].attention.wq.qoffset)))
-                        want = x.float().cpu() @ cpu_wq.T
-                        got = llama.model(seq.to(llama.device)).float().cpu()
-                        err = max(((got - ref).abs().max() / ref.abs().max()).item(),
-                                  ((one - want).abs().max() / want.abs().max()).item())
-                        check(f"int4 {form} form on CUDA == CPU dequantized model (bf16 error)", err < 0.1,
-                              f"relative error {err:.2e}")
                     try:
+                        llama = Llama.build(str(tiny), ttok, 64, 2, dtype="bf16", device=DEV, compile=comp,
+                                            cuda_graphs="off" if name == "eager" else "auto", quantize=mode)
+                        if name == "eager":
+                            wq = llama.model.layers[0].attention.wq
+                            x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(5)).to(llama.device)
+                            one = wq(x.bfloat16()).float().cpu()  # one row: the kernel
+                            want = x.float().cpu() @ quant.dequantize(*(None if t is None else t.cpu() for t in (
+                                wq.qweight, wq.qscale, wq.qoffset))).T
+                            got = llama.model(seq.to(llama.device)).float().cpu()
+                            err = max(((got - ref).abs().max() / ref.abs().max()).item(),
+                                      ((one - want).abs().max() / want.abs().max()).item())
+                            check(f"{mode} {form} on CUDA == CPU dequantized model (bf16 error; kernel "
+                                  f"{wq.kernel})", err < 0.1, f"relative error {err:.2e}")
                         runs[name] = llama.generate(seq.tolist(), max_gen_len=16, temperature=0)[0]
                     except Exception as e:  # noqa: BLE001 - one candidate's failure is reported, the rest run
-                        check(f"int4 {form} {name} runs", False, f"{type(e).__name__}: {e}")
-                check(f"int4 {form}: graphs and compiled+graphs greedy == eager greedy (first 8 tokens)",
-                      all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs) and len(runs) == 3)
+                        check(f"{mode} {form} {name} runs", False, f"{type(e).__name__}: {e}")
+                check(f"{mode} {form}: graphs and compiled+graphs greedy == eager greedy (first 8 tokens)",
+                      len(runs) == 3 and all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs))
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g).tolist()
         base = RESULTS["notes"].get("bf16_b1_best")
-        for form, group, comp in (("triton", 32, "off"), ("triton", 128, "off"), ("fused", 32, "on"),
-                                  ("fused", 128, "on"), ("tinygemm", 128, "on"), ("triton", 128, "on")):
-            quant.CUDA_INT4 = form
-            impl = "compiled + CUDA graphs" if comp == "on" else "CUDA graphs"
+        for mode, form, group, comp in (("int4", "triton", 32, "off"), ("int4", "triton", 128, "off"),
+                                        ("int8", "triton", None, "off"), ("int4", "fused", 32, "on"),
+                                        ("int4", "fused", 128, "on"), ("int4", "tinygemm", 128, "on"),
+                                        ("int4", "triton", 128, "on"), ("int8", "triton", None, "on")):
+            use(mode, form)
+            impl = f"{mode}{f' g{group}' if group else ''} {form}, " + (
+                "compiled + CUDA graphs" if comp == "on" else "CUDA graphs")
             try:
                 llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
-                                    compile=comp, dtype="bf16", device=DEV, quantize="int4", group_size=group)
+                                    compile=comp, dtype="bf16", device=DEV, quantize=mode, group_size=group)
                 quiet_stops(llama)
                 ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
                                            lambda: llama.engine)
                 warm = llama.engine.warmup_s
             except Exception as e:  # noqa: BLE001
-                check(f"int4 g{group} {form}, {impl} runs", False, f"{type(e).__name__}: {e}")
+                check(f"{impl} runs", False, f"{type(e).__name__}: {e}")
                 continue
             finally:
                 llama = None
                 free()
             ratio = f"; {rate / base:.2f}x bf16" if base else ""
-            row(f"llama-cli int4 g{group} {form}, {impl}", 1, rate, ttft, wbytes, bw,
-                f"capture/compile {warm:.1f} s{ratio}")
-            RESULTS["notes"][f"int4_g{group}_{form}_{comp}_b1"] = rate
-        from llama_cli import int4_triton
-
-        RESULTS["notes"]["int4_triton_configs"] = int4_triton.best_configs()
-        say(f"Triton int4 kernel, best configuration per weight shape: {int4_triton.best_configs()}")
+            row(f"llama-cli {impl}", 1, rate, ttft, wbytes, bw, f"capture/compile {warm:.1f} s{ratio}")
+            RESULTS["notes"][f"{mode}_g{group}_{form}_{comp}_b1"] = rate
+        RESULTS["notes"]["triton_configs"] = triton_gemv.best_configs()
+        say(f"Triton kernels, best configuration per weight shape: {triton_gemv.best_configs()}")
     finally:
-        quant.CUDA_INT4 = saved
+        quant.CUDA_INT4, quant.CUDA_INT8 = saved
 
 
 def make_7b(folder: Path):
@@ -751,7 +756,7 @@ def main() -> int:
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (nccl, tiny_agreement, "
                     "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
-                    "batching_fp32, hf_rows, int4_candidates, meta_rows); default all of these; "
+                    "batching_fp32, hf_rows, quant_candidates, meta_rows); default all of these; "
                     "b16_candidates runs only when named")
     ap.add_argument("--quick", action="store_true",
                     help="no compiled rows in the decode table; of the quantized rows only int8 compiled, after the "
@@ -817,7 +822,7 @@ def main() -> int:
                     free()
                 batching_fp32(folder, tok)
                 hf_rows(params, w, wbytes, bw)
-                int4_candidates(tmp, folder, tok, wbytes, bw)
+                quant_candidates(tmp, folder, tok, wbytes, bw)
                 if ONLY is not None:  # named only
                     b16_candidates(folder, tok, wbytes, bw)
             del w

@@ -261,11 +261,12 @@ def test_int4_fused_form_for_cuda(tmp_path, spm_path, monkeypatch):
     assert_same_or_near_tie(eager, ids, b, a)
 
 
-def test_int4_triton_kernel_in_the_interpreter(tmp_path, spm_path):
-    """llama_cli/int4_triton.py (quant.CUDA_INT4 "triton", gpu_check's second candidate to tinygemm) run by
-    Triton's interpreter on the CPU (tests/triton_worker.py): the dequantized weight's product within fp32's
-    and bf16's rounding, ragged output and group counts included, in the activations' dtype; and a model whose
-    int4 layers use it gives the dequantizing model's greedy tokens. (The GPU's compiled kernel: gpu_check.)"""
+def test_triton_kernels_in_the_interpreter(tmp_path, spm_path):
+    """llama_cli/triton_gemv.py (quant.CUDA_INT4 / CUDA_INT8 "triton": gpu_check's candidates) run by Triton's
+    interpreter on the CPU (tests/triton_worker.py): int4 and int8 per row, the dequantized weight's product
+    within fp32's and bf16's rounding, ragged output, group and input counts included, in the activations'
+    dtype; and int4 and int8 models on them give the dequantizing models' greedy tokens. (The GPU's compiled
+    kernels: gpu_check.)"""
     import json
     import subprocess
     import sys
@@ -280,9 +281,11 @@ def test_int4_triton_kernel_in_the_interpreter(tmp_path, spm_path):
     for r in res["kernel"]:
         assert r["out_dtype"] == r["dtype"]
         assert r["err"] < (1e-5 if r["dtype"] == "torch.float32" else 1e-2), r
-    m = res["model"]
-    assert m["kinds"] == ["None", "int4-triton"]  # the int4 linear layers; the int8 embeddings/output keep theirs
-    assert m["same_tokens"] and m["one_row_err"] < 1e-5
+    # every linear layer on its kernel (the output layer too); None: the int8 embeddings, a lookup
+    assert res["int4"]["kinds"] == ["None", "int4-triton"]
+    assert res["int8"]["kinds"] == ["None", "int8-triton"]
+    for m in (res["int4"], res["int8"]):
+        assert m["same_tokens"] and m["one_row_err"] < 1e-5
 
 
 def test_quantize_refusals(tmp_path, spm_path, capsys):

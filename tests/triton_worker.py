@@ -1,5 +1,5 @@
 """Run by tests/test_quant.py in a subprocess with TRITON_INTERPRET=1 (Triton's interpreter, on the CPU):
-checks llama_cli/int4_triton.py's kernel against the dequantized weight's product, and a model whose int4
+checks llama_cli/triton_gemv.py's kernel against the dequantized weight's product, and a model whose int4
 layers use it (quant.CUDA_INT4 "triton", the CUDA branch patched in) against the same model dequantizing.
 Prints one JSON line of results; the test asserts on them."""
 
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TINY, make_model_folder  # noqa: E402
 from llama_cli import Llama, quant  # noqa: E402
-from llama_cli.int4_triton import CONFIGS, int4_rows  # noqa: E402
+from llama_cli.triton_gemv import CONFIGS, INT8_CONFIGS, int4_rows, int8_rows  # noqa: E402
 from llama_cli.quant import dequantize, quantize  # noqa: E402
 
 
@@ -32,18 +32,32 @@ def kernel_errors() -> list:
         got = int4_rows(x, q, s, m)
         out.append({"shape": [n, k, g, rows], "dtype": str(dtype), "out_dtype": str(got.dtype),
                     "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
+    # int8 per row: outputs and inputs not multiples of the first configuration's blocks
+    block_n, block_k = INT8_CONFIGS[0][:2]
+    for n, k, rows, dtype in ((2 * block_n + 3, block_k + 96, 1, torch.float32), (block_n, 3 * block_k, 2, torch.bfloat16)):
+        w = torch.randn(n, k, generator=gen)
+        q, s, _ = quantize(w, "int8", 0)
+        s = s.to(dtype)
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        ref = x.float() @ dequantize(q, s, None).T
+        got = int8_rows(x, q, s)
+        out.append({"shape": [n, k, 0, rows], "dtype": str(dtype), "out_dtype": str(got.dtype),
+                    "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
     return out
 
 
-def model_check(folder: Path) -> dict:
+def model_check(folder: Path, mode: str) -> dict:
+    """A model quantized to `mode` with its layers on the Triton kernels against the same model dequantizing
+    (int4: our form uncompiled; int8: its per-row product uncompiled)."""
     import llama_cli.generation as generation
 
     generation.is_cuda = lambda device: True  # the CUDA branch of build, with the CPU's tensors
     tok = str(folder / "tokenizer.model")
-    quant.CUDA_INT4 = "fused"  # our form, dequantized on every call (uncompiled)
-    plain = Llama.build(str(folder), tok, 64, 2, compile="off", quantize="int4", group_size=32)
-    quant.CUDA_INT4 = "triton"
-    kern = Llama.build(str(folder), tok, 64, 2, compile="off", quantize="int4", group_size=32)
+    kw = dict(compile="off", quantize=mode, group_size=32 if mode == "int4" else None)
+    quant.CUDA_INT4, quant.CUDA_INT8 = "fused", "compiled"
+    plain = Llama.build(str(folder), tok, 64, 2, **kw)
+    quant.CUDA_INT4 = quant.CUDA_INT8 = "triton"
+    kern = Llama.build(str(folder), tok, 64, 2, **kw)
     kinds = sorted({str(getattr(m, "kernel", None)) for m in kern.model.modules() if getattr(m, "qweight", None) is not None})
     ids = [[1, 5, 9, 14, 3, 7], [1, 22, 8]]
     a = plain.generate(ids, max_gen_len=8, temperature=0)[0]
@@ -58,4 +72,5 @@ if __name__ == "__main__":
     tmp = Path(sys.argv[1])
     folder, _ = make_model_folder(tmp / "m", sys.argv[2], {**TINY, "dim": 128, "n_heads": 4, "n_kv_heads": 2,
                                                            "multiple_of": 128}, seed=2)
-    print(json.dumps({"kernel": kernel_errors(), "model": model_check(folder)}))
+    print(json.dumps({"kernel": kernel_errors(), "int4": model_check(folder, "int4"),
+                      "int8": model_check(folder, "int8")}))
