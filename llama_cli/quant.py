@@ -251,8 +251,8 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
         else:
             y = torch.ops.llama_cli.int8_gemv(x2.contiguous(), m.qweight, m.qscale)
     elif m.kernel in ("int4-triton", "int8-triton"):
-        if x2.shape[0] > TRITON_ROWS:
-            return torch.nn.functional.linear(x, dequantize(m.qweight, m.qscale, m.qoffset, x.dtype))
+        if x2.shape[0] > TRITON_ROWS:  # (prefill) the weight dequantized for a matrix product
+            return quantized_linear(x, m.qweight, m.qscale, m.qoffset, 0)
         from .triton_gemv import int4_rows, int8_rows
 
         y = int4_rows(x2, m.qweight, m.qscale, m.qoffset) if m.qoffset is not None else int8_rows(x2, m.qweight,
@@ -279,8 +279,8 @@ def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16
     row (their scales in `dtype`)."""
     from .parallel import _Linear
 
-    from . import triton_gemv
-
+    if CUDA_INT4 != "tinygemm" or CUDA_INT8 != "compiled":
+        from . import triton_gemv
     n = 0
     for m in [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]:
         if m.qoffset is None:  # int8

@@ -33,17 +33,17 @@ def available() -> bool:
 # (outputs a program computes, bytes of each weight row it reads per iteration, warps, pipeline stages): the
 # configurations timed on the first call for each weight shape (on a GPU; untimed yet, so several), the first
 # of them alone under the interpreter
-CONFIGS = ((16, 256, 4, 3), (8, 256, 2, 3), (8, 512, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (4, 1024, 4, 2))
+INT4_CONFIGS = ((16, 256, 4, 3), (8, 256, 2, 3), (8, 512, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (4, 1024, 4, 2))
 
 
-def _configs():
+def _int4_configs():
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return [triton.Config({"BLOCK_N": n, "GROUP_BYTES": b}, num_warps=w, num_stages=st)
-            for n, b, w, st in CONFIGS[:1 if interpreted else None]]
+            for n, b, w, st in INT4_CONFIGS[:1 if interpreted else None]]
 
 
 if triton is not None:
-    @triton.autotune(configs=_configs(), key=["N", "K", "HALF"])
+    @triton.autotune(configs=_int4_configs(), key=["N", "K", "HALF"])
     @triton.jit
     def _int4_rows(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, N, K, GROUPS,
                    HALF: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_BYTES: tl.constexpr):
@@ -68,6 +68,18 @@ if triton is not None:
             m = tl.load(m_ptr + n[:, None] * GROUPS + g[None, :], mask=tmask, other=0.0).to(tl.float32)
             acc += tl.sum(t * s + m * tl.sum(xlo + xhi, axis=1)[None, :], axis=1)
         tl.store(y_ptr + row * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) @ W.T for W in our int4 form (groups of a power of two, at least 32 columns): (rows, out) in
+    x's dtype. Meant for one or two rows (each row reads the weight once)."""
+    rows, k = x.shape
+    n, groups = scale.shape
+    half = k // groups // 2
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    _int4_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](x.contiguous(), q, scale, offset, y, n, k,
+                                                                     groups, HALF=half)
+    return y
 
 
 # (outputs a program computes, bytes of each weight row it reads per iteration, warps, pipeline stages)
@@ -104,18 +116,6 @@ def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     n = q.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _int8_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](x.contiguous(), q, scale, y, n, k)
-    return y
-
-
-def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) @ W.T for W in our int4 form (groups of a power of two, at least 32 columns): (rows, out) in
-    x's dtype. Meant for one or two rows (each row reads the weight once)."""
-    rows, k = x.shape
-    n, groups = scale.shape
-    half = k // groups // 2
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _int4_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](x.contiguous(), q, scale, offset, y, n, k,
-                                                                     groups, HALF=half)
     return y
 
 

@@ -1,7 +1,7 @@
 """Run by tests/test_quant.py in a subprocess with TRITON_INTERPRET=1 (Triton's interpreter, on the CPU):
-checks llama_cli/triton_gemv.py's kernel against the dequantized weight's product, and a model whose int4
-layers use it (quant.CUDA_INT4 "triton", the CUDA branch patched in) against the same model dequantizing.
-Prints one JSON line of results; the test asserts on them."""
+checks llama_cli/triton_gemv.py's int4 and int8 kernels against the dequantized weights' products, and int4
+and int8 models whose layers use them (quant.CUDA_INT4 / CUDA_INT8 "triton", the CUDA branch patched in)
+against the same models dequantizing. Prints one JSON line of results; the test asserts on them."""
 
 import json
 import sys
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TINY, make_model_folder  # noqa: E402
 from llama_cli import Llama, quant  # noqa: E402
-from llama_cli.triton_gemv import CONFIGS, INT8_CONFIGS, int4_rows, int8_rows  # noqa: E402
+from llama_cli.triton_gemv import INT4_CONFIGS, INT8_CONFIGS, int4_rows, int8_rows  # noqa: E402
 from llama_cli.quant import dequantize, quantize  # noqa: E402
 
 
@@ -21,7 +21,7 @@ def kernel_errors() -> list:
     out = []
     gen = torch.Generator().manual_seed(0)
     # outputs not a multiple of BLOCK_N; groups not a multiple of a program's (256 bytes: 16 of 32, 4 of 128)
-    block_n = CONFIGS[0][0]  # the interpreter runs the first configuration
+    block_n = INT4_CONFIGS[0][0]  # the interpreter runs the first configuration
     for n, k, g, rows, dtype in ((3 * block_n + 5, 256, 32, 1, torch.float32), (40, 384, 128, 2, torch.float32),
                                  (24, 640, 64, 2, torch.bfloat16), (block_n, 1024, 256, 1, torch.bfloat16)):
         w = torch.randn(n, k, generator=gen)
@@ -34,7 +34,8 @@ def kernel_errors() -> list:
                     "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
     # int8 per row: outputs and inputs not multiples of the first configuration's blocks
     block_n, block_k = INT8_CONFIGS[0][:2]
-    for n, k, rows, dtype in ((2 * block_n + 3, block_k + 96, 1, torch.float32), (block_n, 3 * block_k, 2, torch.bfloat16)):
+    for n, k, rows, dtype in ((2 * block_n + 3, block_k + 96, 1, torch.float32),
+                              (block_n, 3 * block_k, 2, torch.bfloat16)):
         w = torch.randn(n, k, generator=gen)
         q, s, _ = quantize(w, "int8", 0)
         s = s.to(dtype)
@@ -58,7 +59,8 @@ def model_check(folder: Path, mode: str) -> dict:
     plain = Llama.build(str(folder), tok, 64, 2, **kw)
     quant.CUDA_INT4 = quant.CUDA_INT8 = "triton"
     kern = Llama.build(str(folder), tok, 64, 2, **kw)
-    kinds = sorted({str(getattr(m, "kernel", None)) for m in kern.model.modules() if getattr(m, "qweight", None) is not None})
+    kinds = sorted({str(getattr(m, "kernel", None)) for m in kern.model.modules()
+                    if getattr(m, "qweight", None) is not None})
     ids = [[1, 5, 9, 14, 3, 7], [1, 22, 8]]
     a = plain.generate(ids, max_gen_len=8, temperature=0)[0]
     b = kern.generate(ids, max_gen_len=8, temperature=0)[0]
