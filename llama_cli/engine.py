@@ -213,7 +213,8 @@ class Engine:
         self.model = model
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = model.device
-        model.allocate_cache(max_batch_size, cache_length(max_seq_len))
+        self.cache_len = cache_length(max_seq_len)
+        model.allocate_cache(max_batch_size, self.cache_len)
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
         self.compile_key = compile_key
@@ -221,7 +222,6 @@ class Engine:
         self.steps = self.prefills = 0  # decode steps and prefill calls run (for benchmarks)
         self.buckets = length_buckets(max_seq_len)
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self.cache_len = cache_length(max_seq_len)
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         self._prefill_uses: dict[tuple[int, int], int] = {}
         self._pool = None
@@ -320,13 +320,20 @@ class Engine:
     def _prefill_graph(self, shape: tuple[int, int], rows: torch.Tensor) -> _PrefillGraph:
         graph = self._prefill_graphs.get(shape)
         if graph is None:
-            start = time.perf_counter()
-            if self._pool is None and is_cuda(self.device):
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = self._prefill_graphs[shape] = _PrefillGraph(self.model, *shape, rows, self._pool)
-            spent = time.perf_counter() - start
-            self.warmup_s += spent
-            log.debug("captured the prefill of %d prompt(s) of up to %d tokens in %.2f s", *shape, spent)
+            graph = self._prefill_graphs[shape] = self._captured(
+                lambda pool: _PrefillGraph(self.model, *shape, rows, pool),
+                "the prefill of %d prompt(s) of up to %d tokens" % shape)
+        return graph
+
+    def _captured(self, make, what: str):
+        """make(pool): a new graph in the engine's one memory pool (CUDA), its time counted as warm-up."""
+        start = time.perf_counter()
+        if self._pool is None and is_cuda(self.device):
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = make(self._pool)
+        spent = time.perf_counter() - start
+        self.warmup_s += spent
+        log.debug("captured %s in %.2f s", what, spent)
         return graph
 
     def _decode(self, tokens, positions):
@@ -365,13 +372,9 @@ class Engine:
         kv_len = next(b for b in self.buckets if b >= need)
         graph = self._graphs.get((size, kv_len))
         if graph is None:
-            start = time.perf_counter()
-            if self._pool is None and is_cuda(self.device):
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = self._graphs[(size, kv_len)] = _Graph(self.model, size, kv_len, self._pool)
-            spent = time.perf_counter() - start
-            self.warmup_s += spent
-            log.debug("captured the decode step for %d rows over %d positions in %.2f s", size, kv_len, spent)
+            graph = self._graphs[(size, kv_len)] = self._captured(
+                lambda pool: _Graph(self.model, size, kv_len, pool),
+                f"the decode step for {size} rows over {kv_len} positions")
         return graph
 
 

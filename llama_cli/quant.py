@@ -255,8 +255,10 @@ def kernel_linear(x: torch.Tensor, m) -> torch.Tensor:
             return quantized_linear(x, m.qweight, m.qscale, m.qoffset, 0)
         from .triton_gemv import int4_rows, int8_rows
 
-        y = int4_rows(x2, m.qweight, m.qscale, m.qoffset) if m.qoffset is not None else int8_rows(x2, m.qweight,
-                                                                                                 m.qscale)
+        if m.kernel == "int4-triton":
+            y = int4_rows(x2, m.qweight, m.qscale, m.qoffset)
+        else:
+            y = int8_rows(x2, m.qweight, m.qscale)
     elif m.kernel == "int4":
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), m.qweight, m.kgroup, m.kscales)
     else:
@@ -271,31 +273,35 @@ def dequantizing_layers(model) -> int:
     return sum(m.qweight is not None and m.kernel is None for m in model.modules() if isinstance(m, _Linear))
 
 
+def triton_form(m, dtype: torch.dtype) -> bool:
+    """Put a quantized linear layer `m` on CUDA in the form CUDA_INT4 / CUDA_INT8 ask for, other than tinygemm:
+    int4 ("fused" or "triton") keeps our form, its tables in the activations' `dtype` (half of fp32's bytes;
+    tinygemm's are bf16 too); "triton" marks the layers our kernels take (int4 groups a power of two of at least
+    32 columns; int8 one scale a row, in `dtype`) where Triton is installed. Returns whether it marked `m`."""
+    if m.qoffset is not None:
+        m.qscale, m.qoffset = m.qscale.to(dtype).contiguous(), m.qoffset.to(dtype).contiguous()
+        half = m.qweight.shape[1] // m.qscale.shape[1]  # bytes a group
+        fits, kind = CUDA_INT4 == "triton" and half >= 16 and half & (half - 1) == 0, "int4-triton"
+    else:
+        fits, kind = CUDA_INT8 == "triton" and m.qscale.shape[1] == 1, "int8-triton"
+    if not fits:
+        return False
+    from . import triton_gemv
+
+    if not triton_gemv.available():
+        return False
+    m.qweight, m.qscale, m.kernel = m.qweight.contiguous(), m.qscale.to(dtype).contiguous(), kind
+    return True
+
+
 def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
-    """kernel_form for every quantized linear layer of a model; returns how many took one. With CUDA_INT4
-    "fused" or "triton" the int4 layers' tables take the activations' `dtype` instead (half of fp32's bytes;
-    tinygemm's tables are bf16 too), and with "triton" the layers whose groups the kernel takes (a power of
-    two of at least 32 columns) are marked for it; with CUDA_INT8 "triton" so are int8 layers of one scale a
-    row (their scales in `dtype`)."""
+    """Put every quantized linear layer of a CUDA model in the form its kernel takes: int4 kernel_form
+    (tinygemm) or triton_form, as CUDA_INT4 and CUDA_INT8 say; returns how many took a kernel."""
     from .parallel import _Linear
 
-    if CUDA_INT4 != "tinygemm" or CUDA_INT8 != "compiled":
-        from . import triton_gemv
-    n = 0
-    for m in [m for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None]:
-        if m.qoffset is None:  # int8
-            if CUDA_INT8 == "triton" and triton_gemv.available() and m.qscale.shape[1] == 1:
-                m.qweight, m.qscale, m.kernel = m.qweight.contiguous(), m.qscale.to(dtype).contiguous(), "int8-triton"
-                n += 1
-        elif CUDA_INT4 == "tinygemm":
-            n += kernel_form(m, device)
-        else:
-            m.qscale, m.qoffset = m.qscale.to(dtype).contiguous(), m.qoffset.to(dtype).contiguous()
-            half = m.qweight.shape[1] // m.qscale.shape[1]  # bytes a group
-            if CUDA_INT4 == "triton" and triton_gemv.available() and half >= 16 and half & (half - 1) == 0:
-                m.qweight, m.kernel = m.qweight.contiguous(), "int4-triton"
-                n += 1
-    return n
+    tinygemm = CUDA_INT4 == "tinygemm"
+    return sum(kernel_form(m, device) if tinygemm and m.qoffset is not None else triton_form(m, dtype)
+               for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None)
 
 
 def quantize_model(model, mode: str, group_size: int, tied: bool = False) -> int:

@@ -34,16 +34,18 @@ def available() -> bool:
 # configurations timed on the first call for each weight shape (on a GPU; untimed yet, so several), the first
 # of them alone under the interpreter
 INT4_CONFIGS = ((16, 256, 4, 3), (8, 256, 2, 3), (8, 512, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (4, 1024, 4, 2))
+INT8_CONFIGS = ((16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (4, 1024, 4, 3))
 
 
-def _int4_configs():
+def _configs(table, bytes_name: str) -> list:
+    """A table's configurations as Triton's, its second column named bytes_name (the first alone interpreted)."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return [triton.Config({"BLOCK_N": n, "GROUP_BYTES": b}, num_warps=w, num_stages=st)
-            for n, b, w, st in INT4_CONFIGS[:1 if interpreted else None]]
+    return [triton.Config({"BLOCK_N": n, bytes_name: b}, num_warps=w, num_stages=st)
+            for n, b, w, st in table[:1 if interpreted else None]]
 
 
 if triton is not None:
-    @triton.autotune(configs=_int4_configs(), key=["N", "K", "HALF"])
+    @triton.autotune(configs=_configs(INT4_CONFIGS, "GROUP_BYTES"), key=["N", "K", "HALF"])
     @triton.jit
     def _int4_rows(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, N, K, GROUPS,
                    HALF: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_BYTES: tl.constexpr):
@@ -82,18 +84,8 @@ def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: tor
     return y
 
 
-# (outputs a program computes, bytes of each weight row it reads per iteration, warps, pipeline stages)
-INT8_CONFIGS = ((16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (4, 1024, 4, 3))
-
-
-def _int8_configs():
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": b}, num_warps=w, num_stages=st)
-            for n, b, w, st in INT8_CONFIGS[:1 if interpreted else None]]
-
-
 if triton is not None:
-    @triton.autotune(configs=_int8_configs(), key=["N", "K"])
+    @triton.autotune(configs=_configs(INT8_CONFIGS, "BLOCK_K"), key=["N", "K"])
     @triton.jit
     def _int8_rows(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

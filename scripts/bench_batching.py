@@ -86,31 +86,26 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     import llama_cli.scheduler as scheduler
     from llama_cli.scheduler import Options, run_continuous, run_static
 
-    def in_input_order(*a, **k):
-        keep_order = scheduler.tail_longest_first
-        scheduler.tail_longest_first = lambda ready, window, max_seq_len: ready
-        try:
-            return run_continuous(*a, **k)
-        finally:
-            scheduler.tail_longest_first = keep_order
+    def continuous_with(name, value):  # the continuous schedule with one of scheduler's settings changed
+        def run(*a, **k):
+            saved = getattr(scheduler, name)
+            setattr(scheduler, name, value)
+            try:
+                return run_continuous(*a, **k)
+            finally:
+                setattr(scheduler, name, saved)
+        return run
 
     reqs = make_requests(llama, n_prompts, seed)
     stop, stop_t = llama.tokenizer.stop_ids, llama._stop
     llama.tokenizer.stop_ids = frozenset()
     llama._stop = torch.tensor([-1], device=llama.device)
     runs = [("static", run_static), ("continuous", run_continuous)]
-
-    def settling(*a, **k):
-        keep_ahead, scheduler.AHEAD = scheduler.AHEAD, False
-        try:
-            return run_continuous(*a, **k)
-        finally:
-            scheduler.AHEAD = keep_ahead
-
     if input_order:
-        runs.append(("continuous_input_order", in_input_order))
+        runs.append(("continuous_input_order",
+                     continuous_with("tail_longest_first", lambda ready, window, max_seq_len: ready)))
     if settled:
-        runs.append(("continuous_settled", settling))
+        runs.append(("continuous_settled", continuous_with("AHEAD", False)))
     secs, outs, tokens, steps, where_runs = {}, {}, {}, {}, {}
     eng = llama.engine
     try:

@@ -293,9 +293,8 @@ def quant_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
                                   quantize=mode).model(seq)
                 use(mode, form)
                 runs = {}
-                for name, comp in (("eager", "off"), ("graphs", "off"), ("compiled+graphs", "on")):
-                    if name not in steps:
-                        continue
+                for name in steps:
+                    comp = "on" if name == "compiled+graphs" else "off"
                     try:
                         llama = Llama.build(str(tiny), ttok, 64, 2, dtype="bf16", device=DEV, compile=comp,
                                             cuda_graphs="off" if name == "eager" else "auto", quantize=mode)

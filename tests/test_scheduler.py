@@ -152,6 +152,22 @@ def _mixed_requests():
     return requests(prompts, max_gen_len=gens, stop=stops, temperature=temps, repetition_penalty=reps)
 
 
+def _settled_and_ahead(llama, reqs, opts, monkeypatch) -> list:
+    """The continuous schedule run settling every step, then launching ahead (scheduler.AHEAD), the generator
+    seeded alike: [(results by index, decode steps run)] for each."""
+    import llama_cli.scheduler as scheduler
+
+    got = []
+    for ahead in (False, True):
+        monkeypatch.setattr(scheduler, "AHEAD", ahead)
+        llama.generator.manual_seed(5)
+        steps = llama.engine.steps
+        out = {}
+        run_continuous(llama, reqs, opts, lambda r: out.__setitem__(r.request.index, r))
+        got.append((out, llama.engine.steps - steps))
+    return got
+
+
 @pytest.mark.parametrize("opts", [Options(), Options(logprobs=True, echo=True)])
 def test_launching_ahead_gives_the_same_results(llama, monkeypatch, opts):
     """scheduler.AHEAD (on by default on CUDA): each step launched before the last one's tokens are read, rows
@@ -159,18 +175,8 @@ def test_launching_ahead_gives_the_same_results(llama, monkeypatch, opts):
     texts and log-probabilities as settling every step first (this tiny model's rows are computed alike in
     any batch); sampled rows draw differently (the wasted steps draw too). A few more steps (the wasted
     ones): the ahead path did run."""
-    import llama_cli.scheduler as scheduler
-
     reqs = _mixed_requests()
-    got = {}
-    for ahead in (False, True):
-        monkeypatch.setattr(scheduler, "AHEAD", ahead)
-        llama.generator.manual_seed(5)
-        steps = llama.engine.steps
-        out = {}
-        run_continuous(llama, reqs, opts, lambda r: out.__setitem__(r.request.index, r))
-        got[ahead] = out, llama.engine.steps - steps
-    (a, steps_a), (b, steps_b) = got[False], got[True]
+    (a, steps_a), (b, steps_b) = _settled_and_ahead(llama, reqs, opts, monkeypatch)
     assert sorted(a) == sorted(b) == list(range(len(reqs)))
     reasons = {r.finish_reason for r in a.values()}
     assert reasons == {"length", "stop", "max_seq_len"}
@@ -209,8 +215,6 @@ def test_time_to_first_token_without_per_step_callbacks(llama):
 def test_launching_ahead_at_other_batch_sizes(tmp_path, spm_path, monkeypatch, batch):
     """Ahead against settled on random request sets at batch 1 (a one-prompt run on a GPU) and 3: prompts
     ending by length, stop text and the cache's end (max_seq_len 96), log-probabilities on: identical."""
-    import llama_cli.scheduler as scheduler
-
     folder, _ = make_model_folder(tmp_path / "m", spm_path, {**TINY, "n_layers": 2}, seed=3)
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=96, max_batch_size=batch)
     words = "the cat dog sun moon red blue runs jumps under over hello world 42 and".split()
@@ -222,17 +226,11 @@ def test_launching_ahead_at_other_batch_sizes(tmp_path, spm_path, monkeypatch, b
         stops = [[rng.choice("eao")] if rng.random() < 0.3 else [] for _ in range(n)]
         reqs = requests(prompts, temperature=0, max_gen_len=[rng.choice([1, 2, 10, 40, 90]) for _ in range(n)],
                         stop=stops)
-        outs = []
-        for ahead in (False, True):
-            monkeypatch.setattr(scheduler, "AHEAD", ahead)
-            out = {}
-            run_continuous(llama, reqs, Options(logprobs=True), lambda r: out.__setitem__(
-                r.request.index, (r.tokens, r.finish_reason, r.generation, r.logprobs)))
-            outs.append(out)
-        assert outs[0].keys() == outs[1].keys() == set(range(n))
-        reasons.update(r[1] for r in outs[0].values())
+        (a, _), (b, _) = _settled_and_ahead(llama, reqs, Options(logprobs=True), monkeypatch)
+        assert a.keys() == b.keys() == set(range(n))
+        reasons.update(r.finish_reason for r in a.values())
         for i in range(n):
-            a, b = outs[0][i], outs[1][i]
-            assert a[:3] == b[:3], (seed, i)
-            assert torch.allclose(torch.tensor(a[3]), torch.tensor(b[3]), atol=1e-5)
+            assert (a[i].tokens, a[i].finish_reason, a[i].generation) == (b[i].tokens, b[i].finish_reason,
+                                                                          b[i].generation), (seed, i)
+            assert torch.allclose(torch.tensor(a[i].logprobs), torch.tensor(b[i].logprobs), atol=1e-5)
     assert reasons == {"length", "stop", "max_seq_len"}
