@@ -140,7 +140,6 @@ def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="ll
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_src))
-        kinds = {True: 3}
         toks = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
         types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
                  for i in range(sp.vocab_size())]
@@ -151,7 +150,6 @@ def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="ll
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
         w.add_unk_token_id(0)
-        del kinds
     else:
         data = json.loads(Path(tokenizer_src).read_text())
         vocab = data["model"]["vocab"]
