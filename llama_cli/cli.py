@@ -44,13 +44,18 @@ def check_output_file(path: Optional[str], resume: bool) -> None:
         raise UserError(f"cannot write --output_file {path}: {e.strerror}; choose a writable path") from None
 
 
+def nothing_to_do(output_file: str) -> int:
+    log.info("nothing to do: every prompt already has a result in %s", output_file)
+    return 0
+
+
 def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     from . import distributed
     from .prompts import PromptRequest, ResultWriter, read_prompts, scan_output
     from .scheduler import Options, run_continuous, run_static
 
     stdout = stdout or sys.stdout
-    world_size, rank, _ = distributed.world()
+    world_size, rank, local_rank = distributed.world()
     setup_logging(quiet=cfg.quiet or rank != 0)
     requests: list = []
     done: set = set()
@@ -67,17 +72,24 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     from .generation import Llama
 
     t0 = time.perf_counter()
-    work = sum(r.settings.max_gen_len for r in requests if r.index not in done)
-    llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size, seed=cfg.seed,
+    pending = [r for r in requests if r.index not in done]
+    if world_size == 1 and not pending:  # said before loading the model (under torchrun, once it is loaded)
+        return nothing_to_do(cfg.output_file)
+    # in one process, a KV cache for as many rows as the prompts can use: one prompt needs one, not
+    # --max_batch_size's (memory; the batch size `llama-cli compile` kept a step for). Under torchrun only rank 0
+    # knows the prompts before the model's process group exists (which the checks in build precede).
+    rows = min(cfg.max_batch_size, len(pending)) if world_size == 1 else cfg.max_batch_size
+    work = sum(r.settings.max_gen_len for r in pending)
+    llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, rows, seed=cfg.seed,
                         device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                         expected_tokens=work or None, chat_format=cfg.chat_format, quantize=cfg.quantize,
                         group_size=cfg.group_size)
     load_s = time.perf_counter() - t0
-    pending = [r.to_json() for r in requests if r.index not in done]
-    pending = [PromptRequest.from_json(r) for r in distributed.broadcast_json(pending, llama.device)]
-    if not pending:
-        log.info("nothing to do: every prompt already has a result in %s", cfg.output_file)
-        return 0
+    if world_size > 1:
+        pending = [PromptRequest.from_json(r) for r in distributed.broadcast_json([r.to_json() for r in pending],
+                                                                                  llama.device)]
+        if not pending:
+            return nothing_to_do(cfg.output_file)
 
     sink = stdout if rank == 0 else open(os.devnull, "w")
     # with --stream the text goes out as it is made; the writer then keeps only --output_file

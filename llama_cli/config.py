@@ -53,7 +53,8 @@ class RunConfig:
       stop: end the generation where this text appears (it is not part of the output); repeat for several.
       max_seq_len: longest prompt + completion, in tokens (sizes the KV cache).
       max_gen_len: most tokens to generate per prompt.
-      max_batch_size: prompts decoded together; prompt files run in batches of this size.
+      max_batch_size: prompts decoded together; prompt files run in batches of this size. In one process the
+        KV cache holds min(this, the number of prompts) rows (one prompt, one row).
       seed: random seed; the same seed gives the same samples.
       logprobs: also report each generated token's log-probability (needs --output jsonl).
       echo: include the prompt tokens in the generation (and its logprobs).
@@ -75,7 +76,7 @@ class RunConfig:
       compile: compile the decoding step with torch.compile, one of on, off, auto. auto does not compile
         on x86 CPUs running fp32 in one process, where the uncompiled step runs each layer as one native
         call (our C++ kernels), faster than compiled. Otherwise auto compiles on the CPU for
-        --max_batch_size 1-2 for jobs of 512+ tokens when this model shape and cache size were compiled
+        --max_batch_size 1-2 (or 1-2 prompts) for jobs of 512+ tokens when this model shape and cache size were compiled
         before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels are not
         built the uncompiled step is slower, so from 128+ and 1024+ tokens, for quantized weights 16+ and
         128+); on GPUs auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2, a step

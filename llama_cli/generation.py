@@ -141,7 +141,7 @@ class Llama:
         expected_tokens, the job's total tokens to generate, informs compile on the CPU). chat_format: how
         chat_completion turns dialogs into tokens (chat.py): auto (the checkpoint's template, else Meta's
         format for its tokenizer), llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only,
-        quant.py; group_size along the input dimension, default per channel for int8 and 128 for int4).
+        quant.py; group_size along the input dimension, default per channel for int8 and 32 for int4).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)

@@ -114,6 +114,34 @@ def test_console_script_help_is_fast():
     assert probe.stdout.strip() == "False"  # --help never imports torch
 
 
+def test_cache_rows_follow_the_prompts(capsys, ckpt, tmp_path, monkeypatch):
+    """One process builds a KV cache of as many rows as the prompts can use: one prompt, one row, whatever
+    --max_batch_size says (a 7B model's cache at --max_seq_len 4096 is 2 GB a row; and `llama-cli compile`
+    keeps its step for batch 1); more prompts, up to --max_batch_size; a resumed file with nothing left
+    loads no model."""
+    from llama_cli.generation import Llama
+
+    rows, real = [], Llama.build
+
+    def build(*a, **kw):
+        llama = real(*a, **kw)
+        rows.append(llama.model.layers[0].attention.cache_k.shape[0])
+        return llama
+
+    monkeypatch.setattr(Llama, "build", staticmethod(build))
+    for prompts, batch in ((["Hi"], "8"), (["a", "b", "c"], "2"), (["a", "b", "c"], "8")):
+        args = [a for p in prompts for a in ("--prompt", p)]
+        out_file = tmp_path / f"{len(prompts)}-{batch}.jsonl"
+        code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, *args, "--max_batch_size", batch, "--output", "jsonl",
+                                 "--output_file", out_file, *BASE)
+        assert code == 0 and len(jsonl(out)) == len(prompts) and "loaded" in err, err
+    assert rows == [1, 2, 3]
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "a", "--prompt", "b", "--prompt", "c",
+                             "--output", "jsonl", "--output_file", out_file, "--resume", *BASE)
+    assert code == 0 and out == "" and "nothing to do" in err and "loaded" not in err
+    assert rows == [1, 2, 3]
+
+
 def test_output_file_and_resume_after_kill(ckpt, tmp_path):
     n = 40
     f = tmp_path / "p.jsonl"
