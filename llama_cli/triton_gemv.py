@@ -30,53 +30,91 @@ def available() -> bool:
     return triton is not None
 
 
-# (outputs a program computes, bytes of each weight row it reads per iteration, warps, pipeline stages): the
-# configurations timed on the first call for each weight shape (on a GPU; untimed yet, so several), the first
-# of them alone under the interpreter
-INT4_CONFIGS = ((16, 256, 4, 3), (8, 256, 2, 3), (8, 512, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (4, 1024, 4, 2),
-                (8, 1024, 4, 2), (16, 1024, 8, 2), (2, 2048, 4, 2))
-INT8_CONFIGS = ((16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (4, 1024, 4, 3), (8, 1024, 4, 2),
-                (16, 1024, 8, 2), (4, 2048, 4, 2))
+# (outputs a program computes, bytes of each weight row it reads per iteration, warps, pipeline stages, how x
+# reaches the threads): the configurations timed on the first call for each weight shape (on a GPU; untimed
+# yet, so several), the first of them alone under the interpreter. x: 0, loaded once per program and handed to
+# the threads that need it through shared memory (a barrier or more an iteration); 1, each thread loads the
+# part of x its own weights meet, shaped as they are (no barrier; every row of the tile loads it again, from
+# the cache, and int4 sums its groups again). Which wins on a GPU is for the autotuner to find (the PTX does
+# not tell).
+INT4_CONFIGS = ((16, 256, 4, 3, 0), (8, 512, 4, 3, 0), (16, 512, 4, 2, 0), (4, 1024, 4, 2, 0), (8, 1024, 4, 2, 0),
+                (16, 1024, 8, 2, 0), (16, 256, 4, 3, 1), (8, 512, 4, 3, 1), (4, 1024, 4, 2, 1), (8, 1024, 4, 2, 1),
+                (16, 1024, 8, 2, 1), (2, 2048, 4, 2, 1))
+INT8_CONFIGS = ((16, 256, 4, 3, 0), (8, 512, 4, 3, 0), (4, 1024, 4, 3, 0), (8, 1024, 4, 2, 0), (16, 1024, 8, 2, 0),
+                (16, 256, 4, 3, 1), (8, 512, 4, 3, 1), (4, 1024, 4, 3, 1), (8, 1024, 4, 2, 1), (16, 1024, 8, 2, 1),
+                (4, 2048, 4, 2, 1))
+
+
+def _config(entry, bytes_name: str):
+    n, b, w, st, x_tile = entry
+    return triton.Config({"BLOCK_N": n, bytes_name: b, "X_TILE": x_tile}, num_warps=w, num_stages=st)
 
 
 def _configs(table, bytes_name: str) -> list:
     """A table's configurations as Triton's, its second column named bytes_name (the first alone interpreted)."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return [triton.Config({"BLOCK_N": n, bytes_name: b}, num_warps=w, num_stages=st)
-            for n, b, w, st in table[:1 if interpreted else None]]
+    return [_config(e, bytes_name) for e in table[:1 if interpreted else None]]
+
+
+if triton is not None:
+    @triton.jit
+    def _small_int_to_float(v, minus: tl.constexpr = 0.0):
+        """Integers 0 <= v < 2^23 as fp32, less `minus`, exactly: v's bits under the exponent of 2^23, less
+        2^23 + minus. A logic op and an add, where a conversion instruction runs 16 a clock per SM on sm_80 and
+        sm_90 (CUDA's throughput table), against 64-128 for those; two per int4 weight byte would bound the
+        kernel near 2 TB/s on an H100."""
+        return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + minus)
 
 
 if triton is not None:
     @triton.autotune(configs=_configs(INT4_CONFIGS, "GROUP_BYTES"), key=["N", "K", "HALF"])
     @triton.jit
     def _int4_rows(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, N, K, QROW, GROUPS,
-                   HALF: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_BYTES: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_BYTES: tl.constexpr, X_TILE: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's outputs
         row = tl.program_id(1)
         nmask = n < N
         j = tl.arange(0, HALF)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, GROUP_BYTES // HALF), dtype=tl.float32)  # summed across threads once, at the end
         x_row = x_ptr + row * K
         for k0 in range(0, GROUPS, GROUP_BYTES // HALF):  # GROUP_BYTES // HALF groups an iteration
             g = k0 + tl.arange(0, GROUP_BYTES // HALF)
             gmask = g < GROUPS
             qb = tl.load(q_ptr + n[:, None, None] * QROW + g[None, :, None] * HALF + j[None, None, :],
-                         mask=nmask[:, None, None] & gmask[None, :, None], other=0)  # (BLOCK_N, groups, HALF)
-            xlo = tl.load(x_row + g[:, None] * (2 * HALF) + j[None, :], mask=gmask[:, None], other=0.0)
-            xhi = tl.load(x_row + g[:, None] * (2 * HALF) + HALF + j[None, :], mask=gmask[:, None], other=0.0)
-            xlo, xhi = xlo.to(tl.float32), xhi.to(tl.float32)
-            t = tl.sum((qb & 15).to(tl.float32) * xlo[None, :, :] + (qb >> 4).to(tl.float32) * xhi[None, :, :],
-                       axis=2)  # (BLOCK_N, groups)
+                         mask=nmask[:, None, None] & gmask[None, :, None], other=0).to(tl.int32)  # (BLOCK_N, groups, HALF)
+            if X_TILE:  # x's two halves of each group as (BLOCK_N, groups, HALF), see INT4_CONFIGS
+                xp = x_row + g[None, :, None] * (2 * HALF) + j[None, None, :] + 0 * n[:, None, None]
+                xlo = tl.load(xp, mask=gmask[None, :, None], other=0.0).to(tl.float32)
+                xhi = tl.load(xp + HALF, mask=gmask[None, :, None], other=0.0).to(tl.float32)
+                xsum = tl.sum(xlo + xhi, axis=2)  # (BLOCK_N, groups)
+            else:  # as (groups, HALF), once
+                xp = x_row + g[:, None] * (2 * HALF) + j[None, :]
+                xlo = tl.load(xp, mask=gmask[:, None], other=0.0).to(tl.float32)
+                xhi = tl.load(xp + HALF, mask=gmask[:, None], other=0.0).to(tl.float32)
+                xsum = tl.sum(xlo + xhi, axis=1)[None, :]
+                xlo, xhi = xlo[None, :, :], xhi[None, :, :]
+            t = tl.sum(_small_int_to_float(qb & 15) * xlo + _small_int_to_float(qb >> 4) * xhi, axis=2)  # (BLOCK_N, groups)
             tmask = nmask[:, None] & gmask[None, :]
             s = tl.load(s_ptr + n[:, None] * GROUPS + g[None, :], mask=tmask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + n[:, None] * GROUPS + g[None, :], mask=tmask, other=0.0).to(tl.float32)
-            acc += tl.sum(t * s + m * tl.sum(xlo + xhi, axis=1)[None, :], axis=1)
+            acc += t * s + m * xsum
+        acc = tl.sum(acc, axis=1)
         tl.store(y_ptr + row * N + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def _launch(kernel, config, grid_n: int, rows: int, *args, **kw) -> None:
+    """The autotuned kernel, or with config (a table entry's triton.Config) that configuration alone."""
+    if config is None:
+        kernel[lambda meta: (triton.cdiv(grid_n, meta["BLOCK_N"]), rows)](*args, **kw)
+    else:
+        kernel.fn[(triton.cdiv(grid_n, config.kwargs["BLOCK_N"]), rows)](
+            *args, **kw, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, config=None) -> torch.Tensor:
     """x (rows, in) @ W.T for W in our int4 form (groups of a power of two, at least 32 columns): (rows, out) in
-    x's dtype. Meant for one or two rows (each row reads the weight once)."""
+    x's dtype. Meant for one or two rows (each row reads the weight once). config: one of INT4_CONFIGS as
+    _config makes it, instead of the autotuned choice (the tests)."""
     rows, k = x.shape
     n, groups = scale.shape
     half = k // groups // 2
@@ -84,35 +122,41 @@ def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: tor
     # q's row length in bytes passed on its own: Triton specializes integer arguments divisible by 16, so
     # it knows each weight row starts 16-byte aligned and loads 16 bytes at a time (from K // 2 it would
     # know 8, and loaded 8: the PTX compiled for sm_90, tests/test_quant.py)
-    _int4_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](x.contiguous(), q, scale, offset, y, n, k,
-                                                                     q.stride(0), groups, HALF=half)
+    _launch(_int4_rows, config, n, rows, x.contiguous(), q, scale, offset, y, n, k, q.stride(0), groups, HALF=half)
     return y
 
 
 if triton is not None:
     @triton.autotune(configs=_configs(INT8_CONFIGS, "BLOCK_K"), key=["N", "K"])
     @triton.jit
-    def _int8_rows(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int8_rows(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   X_TILE: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row = tl.program_id(1)
         nmask = n < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed across threads once, at the end
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < K
             w = tl.load(q_ptr + n[:, None] * K + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-            x = tl.load(x_ptr + row * K + k, mask=kmask, other=0.0).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if X_TILE:  # x as (BLOCK_N, BLOCK_K), see INT4_CONFIGS
+                x = tl.load(x_ptr + row * K + k[None, :] + 0 * n[:, None], mask=kmask[None, :], other=0.0)
+            else:
+                x = tl.load(x_ptr + row * K + k, mask=kmask, other=0.0)[None, :]
+            x = x.to(tl.float32)
+            acc += _small_int_to_float(w.to(tl.int32) + 128, 128.0) * x
+        acc = tl.sum(acc, axis=1)
         s = tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * N + n, (acc * s).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) @ W.T for W int8 with one scale per output row: (rows, out) in x's dtype."""
+def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config=None) -> torch.Tensor:
+    """x (rows, in) @ W.T for W int8 with one scale per output row: (rows, out) in x's dtype (config: as
+    int4_rows')."""
     rows, k = x.shape
     n = q.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _int8_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows)](x.contiguous(), q, scale, y, n, k)
+    _launch(_int8_rows, config, n, rows, x.contiguous(), q, scale, y, n, k)
     return y
 
 

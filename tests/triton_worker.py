@@ -13,37 +13,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TINY, make_model_folder  # noqa: E402
 from llama_cli import Llama, quant  # noqa: E402
-from llama_cli.triton_gemv import INT4_CONFIGS, INT8_CONFIGS, int4_rows, int8_rows  # noqa: E402
+from llama_cli.triton_gemv import INT4_CONFIGS, INT8_CONFIGS, _config, int4_rows, int8_rows  # noqa: E402
 from llama_cli.quant import dequantize, quantize  # noqa: E402
 
 
 def kernel_errors() -> list:
+    """Each kernel in the first configuration of each way x reaches the threads (X_TILE 0 and 1)."""
     out = []
     gen = torch.Generator().manual_seed(0)
-    # outputs not a multiple of BLOCK_N; groups not a multiple of a program's (256 bytes: 16 of 32, 4 of 128)
-    block_n = INT4_CONFIGS[0][0]  # the interpreter runs the first configuration
-    for n, k, g, rows, dtype in ((3 * block_n + 5, 256, 32, 1, torch.float32), (40, 384, 128, 2, torch.float32),
-                                 (24, 640, 64, 2, torch.bfloat16), (block_n, 1024, 256, 1, torch.bfloat16)):
-        w = torch.randn(n, k, generator=gen)
-        q, s, m = quantize(w, "int4", g)
-        s, m = s.to(dtype), m.to(dtype)
-        x = torch.randn(rows, k, generator=gen).to(dtype)
-        ref = x.float() @ dequantize(q, s, m).T
-        got = int4_rows(x, q, s, m)
-        out.append({"shape": [n, k, g, rows], "dtype": str(dtype), "out_dtype": str(got.dtype),
-                    "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
-    # int8 per row: outputs and inputs not multiples of the first configuration's blocks
-    block_n, block_k = INT8_CONFIGS[0][:2]
-    for n, k, rows, dtype in ((2 * block_n + 3, block_k + 96, 1, torch.float32),
-                              (block_n, 3 * block_k, 2, torch.bfloat16)):
-        w = torch.randn(n, k, generator=gen)
-        q, s, _ = quantize(w, "int8", 0)
-        s = s.to(dtype)
-        x = torch.randn(rows, k, generator=gen).to(dtype)
-        ref = x.float() @ dequantize(q, s, None).T
-        got = int8_rows(x, q, s)
-        out.append({"shape": [n, k, 0, rows], "dtype": str(dtype), "out_dtype": str(got.dtype),
-                    "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
+    for x_tile in (0, 1):
+        entry = next(e for e in INT4_CONFIGS if e[4] == x_tile)
+        cfg, block_n = _config(entry, "GROUP_BYTES"), entry[0]
+        # outputs not a multiple of BLOCK_N; groups not a multiple of a program's (256 bytes: 16 of 32, 4 of 128)
+        for n, k, g, rows, dtype in ((3 * block_n + 5, 256, 32, 1, torch.float32), (40, 384, 128, 2, torch.float32),
+                                     (24, 640, 64, 2, torch.bfloat16), (block_n, 1024, 256, 1, torch.bfloat16)):
+            w = torch.randn(n, k, generator=gen)
+            q, s, m = quantize(w, "int4", g)
+            s, m = s.to(dtype), m.to(dtype)
+            x = torch.randn(rows, k, generator=gen).to(dtype)
+            ref = x.float() @ dequantize(q, s, m).T
+            got = int4_rows(x, q, s, m, config=cfg)
+            out.append({"kernel": "int4", "x_tile": x_tile, "shape": [n, k, g, rows], "dtype": str(dtype),
+                        "out_dtype": str(got.dtype), "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
+        # int8 per row: outputs and inputs not multiples of the configuration's blocks
+        entry = next(e for e in INT8_CONFIGS if e[4] == x_tile)
+        cfg, (block_n, block_k) = _config(entry, "BLOCK_K"), entry[:2]
+        for n, k, rows, dtype in ((2 * block_n + 3, block_k + 96, 1, torch.float32),
+                                  (block_n, 3 * block_k, 2, torch.bfloat16)):
+            w = torch.randn(n, k, generator=gen)
+            q, s, _ = quantize(w, "int8", 0)
+            s = s.to(dtype)
+            x = torch.randn(rows, k, generator=gen).to(dtype)
+            ref = x.float() @ dequantize(q, s, None).T
+            got = int8_rows(x, q, s, config=cfg)
+            out.append({"kernel": "int8", "x_tile": x_tile, "shape": [n, k, 0, rows], "dtype": str(dtype),
+                        "out_dtype": str(got.dtype), "err": ((got.float() - ref).abs().max() / ref.abs().max()).item()})
     return out
 
 
