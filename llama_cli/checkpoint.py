@@ -41,6 +41,7 @@ PARAM_TYPES = {
     "vocab_size": (int,), "multiple_of": (int,), "ffn_dim_multiplier": (int, float, type(None)),
     "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
     "ffn_hidden_dim": (int, type(None)), "rope_scaling": (dict, type(None)), "quantization": (dict, type(None)),
+    "context_length": (int, type(None)),
 }
 
 

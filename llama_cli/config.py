@@ -51,7 +51,8 @@ class RunConfig:
       presence_penalty: subtract this from the logits of tokens generated so far (OpenAI's), -2 to 2.
       frequency_penalty: subtract this times each token's count so far (OpenAI's), -2 to 2.
       stop: end the generation where this text appears (it is not part of the output); repeat for several.
-      max_seq_len: longest prompt + completion, in tokens (sizes the KV cache).
+      max_seq_len: longest prompt + completion, in tokens (sizes the KV cache). Past the context the model was
+        trained for (where its params.json states it, as convert writes it) a warning says so.
       max_gen_len: most tokens to generate per prompt.
       max_batch_size: prompts decoded together; prompt files run in batches of this size. In one process the
         KV cache holds min(this, the number of prompts) rows (one prompt, one row).

@@ -100,6 +100,11 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
     return "dequantizing" if quantized else "dense"
 
 
+def _warn_past_context(max_seq_len: int, context_length: int) -> None:
+    log.warning("max_seq_len %d is past the %d positions this model was trained for (context_length in its "
+                "params.json); text generated or scored beyond them tends to degrade", max_seq_len, context_length)
+
+
 def _warn_half_activations(dtype: torch.dtype) -> None:
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     log.warning("--dtype %s on the CPU computes in %s without our kernels (SmolLM2-135M: about a third of the "
@@ -163,6 +168,8 @@ class Llama:
 
         files, params_path = checkpoint.find_checkpoint(ckpt_dir)
         args = checkpoint.load_args(params_path)
+        if args.context_length is not None and max_seq_len > args.context_length:
+            _warn_past_context(max_seq_len, args.context_length)
         if args.quantization is not None and quantize is not None:  # before reading any weights
             raise UserError(f"{ckpt_dir} is already quantized ({args.quantization['mode']}); drop --quantize")
         tokenizer = load_tokenizer(tokenizer_path)

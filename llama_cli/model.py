@@ -46,6 +46,9 @@ class ModelArgs:
     # Not in Meta's params.json: {"mode": "int8" | "int4", "group_size": G} when the checkpoint stores its
     # linear layers quantized (quant.py; written by llama-cli quantize, or convert from a GGUF).
     quantization: Optional[dict] = None
+    # Not in Meta's params.json: the positions the model was trained for, where a converted format states it
+    # (GGUF's context_length, HF's max_position_embeddings); a longer --max_seq_len is warned about.
+    context_length: Optional[int] = None
     # Derived in __post_init__.
     head_dim: int = field(init=False)
     hidden_dim: int = field(init=False)
@@ -56,6 +59,8 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
             if getattr(self, name) < 1:
                 raise UserError(f"params.json: '{name}' must be a positive integer, got {getattr(self, name)}")
+        if self.context_length is not None and self.context_length < 1:
+            raise UserError(f"params.json: 'context_length' must be a positive integer, got {self.context_length}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise UserError("params.json: 'norm_eps' and 'rope_theta' must be positive")
         if self.dim % self.n_heads:

@@ -132,6 +132,25 @@ def test_unknown_params_keys_warn_once(tmp_path, spm_path, caplog):
     assert len(warnings) == 1 and "some_future_key" in warnings[0] and "another" in warnings[0]
 
 
+def test_max_seq_len_past_the_trained_context_warns(tmp_path, spm_path, caplog):
+    """A params.json that states the trained context (convert writes it from GGUF and HF files): a longer
+    max_seq_len is warned about once, an equal or shorter one is not; and reshard keeps the key."""
+    folder, _ = make_model_folder(tmp_path / "ctx", spm_path, {**TINY, "context_length": 48})
+    for seq, warned in ((48, False), (32, False), (64, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="llama_cli"):
+            Llama.build(str(folder), str(folder / "tokenizer.model"), seq, 1)
+        msgs = [r.getMessage() for r in caplog.records if "trained for" in r.getMessage()]
+        assert len(msgs) == int(warned), (seq, msgs)
+        if warned:
+            assert "max_seq_len 64 is past the 48 positions" in msgs[0]
+    assert not [r for r in caplog.records if "unknown" in r.getMessage()]
+    from llama_cli.cli import cli
+
+    assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(tmp_path / "two"), "--shards", "2"]) == 0
+    assert json.loads((tmp_path / "two" / "params.json").read_text())["context_length"] == 48
+
+
 def build_err(folder, tokenizer=None, **kw):
     with pytest.raises(UserError) as e:
         Llama.build(str(folder), str(tokenizer or folder / "tokenizer.model"), 32, 1, **kw)
@@ -160,6 +179,8 @@ def test_error_no_pth(tmp_path, spm_path):
     (json.dumps({**TINY, "dim": "64"}), "'dim' must be int"), (json.dumps({**TINY, "n_layers": 2.5}), "'n_layers'"),
     (json.dumps({**TINY, "use_scaled_rope": "yes"}), "'use_scaled_rope' must be bool"),
     (json.dumps({"dim": 64}), "no 'n_layers'"), (json.dumps({**TINY, "n_heads": 5}), "not a multiple"),
+    (json.dumps({**TINY, "context_length": "4k"}), "'context_length' must be int or null"),
+    (json.dumps({**TINY, "context_length": 0}), "'context_length' must be a positive integer"),
 ])
 def test_error_bad_params(tmp_path, spm_path, content, match):
     folder, _ = make_model_folder(tmp_path / "p", spm_path, TINY)

@@ -70,6 +70,7 @@ def test_hf_folder_round_trip(tmp_path, spm_path, tied, rope):
     assert (tmp_path / "meta" / "chat_template.jinja").read_text() == "{{ messages[-1]['content'] }}"
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
     assert params["ffn_hidden_dim"] == 176 and params["n_kv_heads"] == 2
+    assert params["context_length"] == 256  # max_position_embeddings
     assert params.get("use_scaled_rope", False) == (rope["rope_type"] == "llama3")
     sd = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert ("output.weight" in sd) == (not tied)
@@ -204,6 +205,7 @@ def test_gguf_quant_types(tmp_path, spm_path, qname):
 
     held = write_gguf(tmp_path / "m.gguf", params, weights, getattr(Q, qname), "llama", spm_path)
     assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "params.json").read_text())["context_length"] == 256  # the file's
     sd = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
     kept = qname in ("Q8_0", "Q4_0", "Q4_1")  # linear layers and embeddings stay in our int8/int4 forms
     for name, t in held.items():

@@ -76,6 +76,9 @@ def params_from_gguf(reader, path: str) -> dict:
         params["ffn_hidden_dim"] = hidden
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         params["use_scaled_rope"] = True  # llama.cpp keeps Llama 3.1's rope scaling as a tensor
+    context = field(reader, "llama.context_length", None)
+    if context:
+        params["context_length"] = int(context)
     return params
 
 

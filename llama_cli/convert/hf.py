@@ -72,6 +72,8 @@ def params_from_config(cfg: dict) -> dict:
         raise UserError(f"config.json rope scaling of type '{kind}' is not supported (only llama3)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError("config.json asks for attention or MLP biases, which LLaMA checkpoints do not have")
+    if isinstance(cfg.get("max_position_embeddings"), int) and cfg["max_position_embeddings"] > 0:
+        params["context_length"] = cfg["max_position_embeddings"]
     return params
 
 
