@@ -77,8 +77,8 @@ class RunConfig:
       compile: compile the decoding step with torch.compile, one of on, off, auto. auto does not compile
         on x86 CPUs running fp32 in one process, where the uncompiled step runs each layer as one native
         call (our C++ kernels), faster than compiled. Otherwise auto compiles on the CPU for
-        --max_batch_size 1-2 (or 1-2 prompts) for jobs of 512+ tokens when this model shape and cache size were compiled
-        before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels are not
+        --max_batch_size 1-2 (or 1-2 prompts) for jobs of 512+ tokens when this model shape and cache size
+        were compiled before (kept on disk, see llama-cli compile), or of 4096+ tokens (where our CPU kernels are not
         built the uncompiled step is slower, so from 128+ and 1024+ tokens, for quantized weights 16+ and
         128+); on GPUs auto uses CUDA graphs instead (and compiles only int8 weights at batch 1-2, a step
         kept from before for 16+ tokens, a first compile, about a minute, for 2048+).

@@ -63,8 +63,6 @@ if triton is not None:
         kernel near 2 TB/s on an H100."""
         return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + minus)
 
-
-if triton is not None:
     @triton.autotune(configs=_configs(INT4_CONFIGS, "GROUP_BYTES"), key=["N", "K", "HALF"])
     @triton.jit
     def _int4_rows(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, N, K, QROW, GROUPS,
@@ -79,7 +77,8 @@ if triton is not None:
             g = k0 + tl.arange(0, GROUP_BYTES // HALF)
             gmask = g < GROUPS
             qb = tl.load(q_ptr + n[:, None, None] * QROW + g[None, :, None] * HALF + j[None, None, :],
-                         mask=nmask[:, None, None] & gmask[None, :, None], other=0).to(tl.int32)  # (BLOCK_N, groups, HALF)
+                         mask=nmask[:, None, None] & gmask[None, :, None], other=0)  # (BLOCK_N, groups, HALF)
+            qb = qb.to(tl.int32)
             if X_TILE:  # x's two halves of each group as (BLOCK_N, groups, HALF), see INT4_CONFIGS
                 xp = x_row + g[None, :, None] * (2 * HALF) + j[None, None, :] + 0 * n[:, None, None]
                 xlo = tl.load(xp, mask=gmask[None, :, None], other=0.0).to(tl.float32)
@@ -91,7 +90,8 @@ if triton is not None:
                 xhi = tl.load(xp + HALF, mask=gmask[:, None], other=0.0).to(tl.float32)
                 xsum = tl.sum(xlo + xhi, axis=1)[None, :]
                 xlo, xhi = xlo[None, :, :], xhi[None, :, :]
-            t = tl.sum(_small_int_to_float(qb & 15) * xlo + _small_int_to_float(qb >> 4) * xhi, axis=2)  # (BLOCK_N, groups)
+            lo, hi = _small_int_to_float(qb & 15), _small_int_to_float(qb >> 4)
+            t = tl.sum(lo * xlo + hi * xhi, axis=2)  # (BLOCK_N, groups)
             tmask = nmask[:, None] & gmask[None, :]
             s = tl.load(s_ptr + n[:, None] * GROUPS + g[None, :], mask=tmask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + n[:, None] * GROUPS + g[None, :], mask=tmask, other=0.0).to(tl.float32)

@@ -278,8 +278,8 @@ def test_triton_kernels_in_the_interpreter(tmp_path, spm_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert sorted({(r["kernel"], r["x_tile"]) for r in res["kernel"]}) == [("int4", 0), ("int4", 1), ("int8", 0),
-                                                                          ("int8", 1)]
+    kinds = sorted({(r["kernel"], r["x_tile"]) for r in res["kernel"]})
+    assert kinds == [("int4", 0), ("int4", 1), ("int8", 0), ("int8", 1)]
     for r in res["kernel"]:
         assert r["out_dtype"] == r["dtype"]
         assert r["err"] < (1e-5 if r["dtype"] == "torch.float32" else 1e-2), r
@@ -294,8 +294,9 @@ def test_triton_kernels_compile_for_a_gpu(monkeypatch):
     """Both Triton kernels compiled for an H100 (sm_90) and an A100 (sm_80) by Triton's own compiler and the
     ptxas inside its wheel (no GPU needed), for the arguments int4_rows and int8_rows pass at the 7B shape, as
     the JIT specializes them (integers divisible by 16 and 16-byte aligned pointers marked so), in every
-    configuration the autotuner tries (at the first shape; sm_80: the first configuration): each compiles, and loads the weights 16 bytes at a time, never a byte
-    at a time (int4 loaded 8 at a time while the kernel computed its row length as K // 2)."""
+    configuration the autotuner tries (at the first shape; sm_80: the first configuration): each compiles, and
+    loads the weights 16 bytes at a time, never a byte at a time (int4 loaded 8 at a time while the kernel
+    computed its row length as K // 2)."""
     import re
 
     import triton
