@@ -56,6 +56,26 @@ def score(llama, ids: list[int], ctx: int, stride: int, batch: int, progress=Non
     return nll, count
 
 
+def read_text(text_file: str) -> str:
+    if not os.path.isfile(text_file):
+        raise UserError(f"--text_file {text_file} does not exist")
+    try:
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{text_file} is not UTF-8 text; save it as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{text_file} is empty")
+    return text
+
+
+def text_ids(tokenizer, text: str, text_file) -> list[int]:
+    ids = tokenizer.encode(text, bos=tokenizer.add_bos, eos=False)
+    if len(ids) < 2:
+        raise UserError(f"{text_file} holds fewer than 2 tokens; nothing to predict")
+    return ids
+
+
 def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stride=None, max_batch_size=4,
                output="text", device=None, dtype=None, quiet=False):
     """Perplexity of a model on a text file: the last line on stdout is "perplexity: X.XXXX".
@@ -71,7 +91,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
       ctx: tokens per window (the context each prediction can see at most).
       stride: a new window starts every stride tokens; each scores only tokens the previous did not.
         Default is ctx (disjoint windows, like llama.cpp); smaller is slower and gives more context.
-      max_batch_size: windows scored together.
+      max_batch_size: windows scored together (in one process, at most as many as the text has).
       output: text (the perplexity line) or jsonl (one object with perplexity, nll, tokens, windows).
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
@@ -79,7 +99,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
     """
     from . import distributed
     from .generation import Llama
-    from .tokenizer import find_tokenizer
+    from .tokenizer import find_tokenizer, load_tokenizer
 
     if ckpt_dir is None or text_file is None:
         raise UserError("perplexity needs --ckpt_dir (the model) and --text_file (the text to score)")
@@ -91,26 +111,17 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
         raise UserError(f"--stride {stride} is larger than --ctx {ctx}: tokens between windows would be skipped")
     if output not in ("text", "jsonl"):
         raise UserError(f"--output must be text or jsonl, got {output!r}")
-    _, rank, _ = distributed.world()
-    text = None
-    if rank == 0:
-        text_file = str(text_file)
-        if not os.path.isfile(text_file):
-            raise UserError(f"--text_file {text_file} does not exist")
-        try:
-            with open(text_file, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise UserError(f"{text_file} is not UTF-8 text; save it as UTF-8") from None
-        if not text.strip():
-            raise UserError(f"{text_file} is empty")
+    world_size, rank, _ = distributed.world()
+    text = read_text(str(text_file)) if rank == 0 else None
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
-    llama = Llama.build(str(ckpt_dir), tokenizer_path, ctx, max_batch_size, device=device, dtype=dtype,
+    ids, rows = None, max_batch_size
+    if world_size == 1:  # the text known before the model: a KV cache for as many windows as it has, at most
+        ids = text_ids(load_tokenizer(tokenizer_path), text, text_file)
+        rows = min(max_batch_size, len(windows(len(ids), ctx, stride)))
+    llama = Llama.build(str(ckpt_dir), tokenizer_path, ctx, rows, device=device, dtype=dtype,
                         compile="off", cuda_graphs="off")
-    text = distributed.broadcast_json(text, llama.device)
-    ids = llama.tokenizer.encode(text, bos=llama.tokenizer.add_bos, eos=False)
-    if len(ids) < 2:
-        raise UserError(f"{text_file} holds fewer than 2 tokens; nothing to predict")
+    if ids is None:  # under torchrun only rank 0 has read it
+        ids = text_ids(llama.tokenizer, distributed.broadcast_json(text, llama.device), text_file)
     start = time.perf_counter()
     show = rank == 0 and not quiet
 

@@ -81,3 +81,56 @@ def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_cache_rows_follow_the_windows(tmp_path, spm_path, capsys, monkeypatch):
+    """In one process the KV cache holds as many rows as the text has windows, at most --max_batch_size: a
+    short text scored with the default batch of 4 allocates one row; the perplexity is the same either way."""
+    from llama_cli.generation import Llama
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6)
+    rows, real = [], Llama.build
+
+    def build(*a, **kw):
+        llama = real(*a, **kw)
+        rows.append(llama.model.layers[0].attention.cache_k.shape[0])
+        return llama
+
+    monkeypatch.setattr(Llama, "build", staticmethod(build))
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text(" ".join(corpus(3, seed=3)))
+    long.write_text(" ".join(corpus(60, seed=3)))
+    got = {}
+    for text, ctx, batch in ((short, "512", "4"), (long, "64", "2"), (long, "64", "64")):
+        code = cli(["perplexity", "--ckpt_dir", str(folder), "--text_file", str(text), "--ctx", ctx,
+                    "--max_batch_size", batch, "--output", "jsonl", "--quiet"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        got[(text.name, batch)] = json.loads(out)
+    windows_long = got[("long.txt", "64")]["windows"]
+    assert got[("short.txt", "4")]["windows"] == 1 and 2 < windows_long < 64
+    assert rows == [1, 2, windows_long]
+    assert got[("long.txt", "2")]["perplexity"] == pytest.approx(got[("long.txt", "64")]["perplexity"], rel=1e-5)
+
+
+def test_perplexity_under_torchrun(tmp_path, spm_path):
+    """Two processes (gloo, a checkpoint in two shards): rank 0 reads the text and sends it to the other; the
+    same perplexity as one process, printed once."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, subprocess_env
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6, n_shards=2)
+    (tmp_path / "t.txt").write_text(" ".join(corpus(40, seed=5)))
+    args = ["-m", "llama_cli", "perplexity", "--ckpt_dir", str(folder), "--text_file", str(tmp_path / "t.txt"),
+            "--ctx", "48", "--stride", "32", "--max_batch_size", "3", "--output", "jsonl", "--quiet"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args], env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args], env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = json.loads(two.stdout), json.loads(one.stdout)  # one line each: rank 0 alone prints
+    assert a["tokens"] == b["tokens"] and a["windows"] == b["windows"] > 1
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
