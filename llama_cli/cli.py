@@ -75,10 +75,11 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     pending = [r for r in requests if r.index not in done]
     if world_size == 1 and not pending:  # said before loading the model (under torchrun, once it is loaded)
         return nothing_to_do(cfg.output_file)
-    # in one process, a KV cache for as many rows as the prompts can use: one prompt needs one, not
-    # --max_batch_size's (memory; the batch size `llama-cli compile` kept a step for). Under torchrun only rank 0
-    # knows the prompts before the model's process group exists (which the checks in build precede).
-    rows = min(cfg.max_batch_size, len(pending)) if world_size == 1 else cfg.max_batch_size
+    # a KV cache for as many rows as the prompts can use: one prompt needs one, not --max_batch_size's (memory;
+    # the batch size `llama-cli compile` kept a step for). Under torchrun every rank has the --prompt texts, but
+    # only rank 0 has read a prompts file (the process group that could send it is made in build, after checks)
+    known = len(pending) if world_size == 1 else len(cfg.prompt)
+    rows = min(cfg.max_batch_size, known) if known else cfg.max_batch_size
     work = sum(r.settings.max_gen_len for r in pending)
     llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, rows, seed=cfg.seed,
                         device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,

@@ -54,8 +54,8 @@ class RunConfig:
       max_seq_len: longest prompt + completion, in tokens (sizes the KV cache). Past the context the model was
         trained for (where its params.json states it, as convert writes it) a warning says so.
       max_gen_len: most tokens to generate per prompt.
-      max_batch_size: prompts decoded together; prompt files run in batches of this size. In one process the
-        KV cache holds min(this, the number of prompts) rows (one prompt, one row).
+      max_batch_size: prompts decoded together; prompt files run in batches of this size. The KV cache holds
+        min(this, the number of prompts) rows (one prompt, one row; under torchrun, for --prompt texts).
       seed: random seed; the same seed gives the same samples.
       logprobs: also report each generated token's log-probability (needs --output jsonl).
       echo: include the prompt tokens in the generation (and its logprobs).

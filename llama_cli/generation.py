@@ -201,8 +201,9 @@ class Llama:
         compiling = _compiling(model, weights, compile, device, max_batch_size, key, expected_tokens)
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling)
         kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
-        log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, in %.2f s", ckpt_dir, len(files),
-                 device, str(dtype)[6:], kept, mp.rank, mp.world_size, time.perf_counter() - start)
+        log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, KV cache %d x %d positions, in %.2f s",
+                 ckpt_dir, len(files), device, str(dtype)[6:], kept, mp.rank, mp.world_size, max_batch_size,
+                 max_seq_len, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, seed: int = 1,

@@ -356,6 +356,7 @@ def test_torchrun_two_processes(tmp_path, spm_path):
     assert len(recs) == 2  # only rank 0 prints
     assert recs == jsonl(single.stdout)
     assert "initializing model parallel" in err
+    assert "KV cache 2 x 64 positions" in err  # every rank has the --prompt texts: a row each, not 4
     p = torchrun(*args, "--quiet", launcher_args=["--standalone", "--nproc_per_node", "2"])
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0 and jsonl(out) == recs
