@@ -22,7 +22,8 @@ has too little left for it, and results are written to --out after every check a
    reference (its own loop, fp16, in a subprocess; --meta names a folder holding Meta's `llama` package).
    Where the budget allows (or with --only quant_candidates), int4 and int8 through the candidates to what
    runs them now: our Triton kernels (quant.CUDA_INT4 / CUDA_INT8 "triton") and int4 fused by the compiler
-   ("fused"), against tinygemm, groups of 32 and 128, batch 1. Named in --only, b16_candidates:
+   ("fused"), against tinygemm, groups of 32 and 128, batch 1; then a table of each product alone (cuBLAS,
+   tinygemm, every Triton configuration) at the 7B weight sizes. Named in --only, b16_candidates:
    batch 16 compiled with inductor's max-autotune.
 --quick (a second look after changes): no compiled decode rows, int8 compiled as the only quantized row,
 the tiny check for int8 only, the changed parts first.
@@ -343,8 +344,77 @@ def quant_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
             RESULTS["notes"][f"{mode}_g{group}_{form}_{comp}_b1"] = rate
         RESULTS["notes"]["triton_configs"] = triton_gemv.best_configs()
         say(f"Triton kernels, best configuration per weight shape: {triton_gemv.best_configs()}")
+        kernel_table()
     finally:
         quant.CUDA_INT4, quant.CUDA_INT8 = saved
+
+
+def _bench_us(fn) -> float:
+    """Microseconds a call: Triton's do_bench on a GPU (the autotuner's own timer), a plain loop in the dry run."""
+    if DRY:
+        fn()
+        t = time.perf_counter()
+        for _ in range(3):
+            fn()
+        return (time.perf_counter() - t) / 3 * 1e6
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40) * 1e3
+
+
+def kernel_table():
+    """One row through each product on its own, at the 7B shape's weights (stacked q/k/v, wo, stacked w1/w3,
+    w2, output): cuBLAS bf16, tinygemm int4, and every configuration of our Triton kernels (int4 groups of 32
+    and 128, int8 per row), in microseconds and GB/s of weight and table bytes. Which configuration and which
+    way of loading x (X_TILE) wins, and by how much, is what a next kernel needs to know. (Dry run: a small
+    shape, the Triton rows only under TRITON_INTERPRET=1.)"""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from llama_cli import quant, triton_gemv as tg
+
+    shapes = ((768, 256), (256, 256)) if DRY else ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008),
+                                                   (32000, 4096))
+    with_triton = tg.available() and (not DRY or os.environ.get("TRITON_INTERPRET") == "1")
+    rows = RESULTS["notes"].setdefault("kernel_table", [])
+    say("| product | weight | config | us | GB/s |")
+    say("|---|---|---|---|---|")
+
+    def add(product, n, k, config, us, nbytes):
+        rows.append({"product": product, "shape": [n, k], "config": config, "us": round(us, 2),
+                     "GBs": round(nbytes / us / 1e3, 1)})
+        say(f"| {product} | {n}x{k} | {config} | {us:.1f} | {nbytes / us / 1e3:.0f} |")
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    with torch.inference_mode():
+        for n, k in shapes:
+            x = torch.randn(1, k, device=DEV, generator=g).bfloat16()
+            w = (torch.randn(n, k, device=DEV, generator=g) * k ** -0.5).bfloat16()
+            add("bf16 cuBLAS", n, k, "F.linear", _bench_us(lambda: F.linear(x, w)), 2 * n * k)
+            for group in (32, 128):
+                q, s, m = quant.quantize(w.float(), "int4", group)
+                s, m = s.bfloat16().contiguous(), m.bfloat16().contiguous()
+                nbytes = q.numel() + 2 * (s.numel() + m.numel())
+                layer = types.SimpleNamespace(qweight=q, qscale=s, qoffset=m)
+                if quant.kernel_form(layer, x.device):
+                    add(f"int4 g{group} tinygemm", n, k, "", _bench_us(lambda: quant.kernel_linear(x, layer)), nbytes)
+                for cfg in tg._int4_rows.configs if with_triton else ():
+                    us = _bench_us(lambda: tg.int4_rows(x, q, s, m, config=cfg))
+                    add(f"int4 g{group} triton", n, k, _config_name(cfg), us, nbytes)
+            q, s, _ = quant.quantize(w.float(), "int8", 0)
+            s = s.bfloat16().contiguous()
+            for cfg in tg._int8_rows.configs if with_triton else ():
+                us = _bench_us(lambda: tg.int8_rows(x, q, s, config=cfg))
+                add("int8 triton", n, k, _config_name(cfg), us, q.numel() + 2 * s.numel())
+            save()
+
+
+def _config_name(cfg) -> str:
+    kw = cfg.kwargs
+    return (f"{kw['BLOCK_N']}x{kw.get('GROUP_BYTES', kw.get('BLOCK_K'))} w{cfg.num_warps} s{cfg.num_stages} "
+            f"x{kw['X_TILE']}")
 
 
 def make_7b(folder: Path):
