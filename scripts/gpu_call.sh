@@ -6,7 +6,9 @@
 #   bash scripts/gpu_call.sh run OUT [FLAGS]  # there, with .whl and .bench carried: installs the wheels
 #                                             # into /tmp/site and runs gpu_check.py --out OUT FLAGS
 # FLAGS default to the focused call in docs/benchmarks.md (--budget 530 --only tiny_agreement,decode_rows,
-# batching_rows,quant_candidates); the log goes to OUT/gpu_check.log as well.
+# batching_rows,quant_candidates; ~8.5 minutes by the parts' estimates, so give the call a limit of ~590 s:
+# a part that would not fit the budget is skipped, and results are written after every row); the log goes
+# to OUT/gpu_check.log as well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
