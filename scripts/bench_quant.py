@@ -196,14 +196,8 @@ def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
             llama.generate([ids], max_gen_len=a.new_tokens, temperature=0)
             return (a.new_tokens - 1) / (time.perf_counter() - t - first)
         runners[name] = ours
-    try:
-        import llama_cpp
-    except ImportError:
-        llama_cpp = None
-        print("llama.cpp: not measured (pip install -e .[bench] installs llama-cpp-python)", file=sys.stderr)
-    if llama_cpp is not None:
-        lc = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=torch.get_num_threads(),
-                             n_threads_batch=torch.get_num_threads(), verbose=False)
+    lc, cpp_name = llama_cpp_model(gguf, n_ctx=256)
+    if lc is not None:
         toks = lc.tokenize(prompt.encode())
 
         def cpp():
@@ -216,7 +210,7 @@ def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
                 nxt = int(lc.scores[lc.n_tokens - 1].argmax())  # greedy, like ours
             return (a.new_tokens - 1) / (time.perf_counter() - t)
         cpp()
-        runners[f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"] = cpp
+        runners[cpp_name] = cpp
     rates = interleaved(runners, a.rounds)
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["llama-cli fp32, compiled"]
@@ -227,6 +221,21 @@ def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
     for k, v in rates.items():
         print(f"| {k} | {med[k]:.1f} | {min(v):.1f}-{max(v):.1f} | {med[k] / base:.2f}x |")
 
+
+
+def llama_cpp_model(gguf: Path, **kw):
+    """(llama.cpp on the GGUF with as many threads as torch uses, its row name), or (None, None) where
+    llama-cpp-python (an optional bench dependency) is not installed."""
+    import torch
+
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: not measured (pip install -e .[bench] installs llama-cpp-python)", file=sys.stderr)
+        return None, None
+    threads = torch.get_num_threads()
+    lc = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
+    return lc, f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"
 
 
 def interleaved(runners: dict, rounds: int) -> dict:
@@ -262,15 +271,8 @@ def prefill_speed(a, asis: Path, dense: Path, gguf: Path) -> None:
             return n / (time.perf_counter() - t)
         ours()
         runners[name] = ours
-    try:
-        import llama_cpp
-    except ImportError:
-        llama_cpp = None
-        print("llama.cpp: not measured (pip install -e .[bench] installs llama-cpp-python)", file=sys.stderr)
-    if llama_cpp is not None:
-        threads = torch.get_num_threads()
-        lc = llama_cpp.Llama(model_path=str(gguf), n_ctx=n + 8, n_batch=n, n_ubatch=n, n_threads=threads,
-                             n_threads_batch=threads, verbose=False)
+    lc, cpp_name = llama_cpp_model(gguf, n_ctx=n + 8, n_batch=n, n_ubatch=n)  # the whole prompt in one batch
+    if lc is not None:
 
         def cpp():
             lc.reset()
@@ -278,7 +280,7 @@ def prefill_speed(a, asis: Path, dense: Path, gguf: Path) -> None:
             lc.eval(ids)
             return n / (time.perf_counter() - t)
         cpp()
-        runners[f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"] = cpp
+        runners[cpp_name] = cpp
     rates = interleaved(runners, a.rounds)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nPrompt processing: one prompt of {n} random tokens, {a.rounds} rounds interleaved, medians; "

@@ -258,3 +258,19 @@ def requests(prompts, **settings):
         own = {k: v[i] for k, v in settings.items() if isinstance(v, list)}
         out.append(PromptRequest(i, p, resolve(base, own, "test")))
     return out
+
+
+def spy_cache_rows(monkeypatch) -> list:
+    """Patch Llama.build to record the KV cache rows of every model built (the first layer's cache_k
+    batch size); returns the list it appends to."""
+    from llama_cli.generation import Llama
+
+    rows, real = [], Llama.build
+
+    def build(*a, **kw):
+        llama = real(*a, **kw)
+        rows.append(llama.model.layers[0].attention.cache_k.shape[0])
+        return llama
+
+    monkeypatch.setattr(Llama, "build", staticmethod(build))
+    return rows

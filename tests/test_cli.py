@@ -119,16 +119,9 @@ def test_cache_rows_follow_the_prompts(capsys, ckpt, tmp_path, monkeypatch):
     --max_batch_size says (a 7B model's cache at --max_seq_len 4096 is 2 GB a row; and `llama-cli compile`
     keeps its step for batch 1); more prompts, up to --max_batch_size; a resumed file with nothing left
     loads no model."""
-    from llama_cli.generation import Llama
+    from helpers import spy_cache_rows
 
-    rows, real = [], Llama.build
-
-    def build(*a, **kw):
-        llama = real(*a, **kw)
-        rows.append(llama.model.layers[0].attention.cache_k.shape[0])
-        return llama
-
-    monkeypatch.setattr(Llama, "build", staticmethod(build))
+    rows = spy_cache_rows(monkeypatch)
     for prompts, batch in ((["Hi"], "8"), (["a", "b", "c"], "2"), (["a", "b", "c"], "8")):
         args = [a for p in prompts for a in ("--prompt", p)]
         out_file = tmp_path / f"{len(prompts)}-{batch}.jsonl"

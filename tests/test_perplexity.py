@@ -86,17 +86,10 @@ def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
 def test_cache_rows_follow_the_windows(tmp_path, spm_path, capsys, monkeypatch):
     """In one process the KV cache holds as many rows as the text has windows, at most --max_batch_size: a
     short text scored with the default batch of 4 allocates one row; the perplexity is the same either way."""
-    from llama_cli.generation import Llama
+    from helpers import spy_cache_rows
 
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6)
-    rows, real = [], Llama.build
-
-    def build(*a, **kw):
-        llama = real(*a, **kw)
-        rows.append(llama.model.layers[0].attention.cache_k.shape[0])
-        return llama
-
-    monkeypatch.setattr(Llama, "build", staticmethod(build))
+    rows = spy_cache_rows(monkeypatch)
     short, long = tmp_path / "short.txt", tmp_path / "long.txt"
     short.write_text(" ".join(corpus(3, seed=3)))
     long.write_text(" ".join(corpus(60, seed=3)))
