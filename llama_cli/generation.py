@@ -203,7 +203,7 @@ class Llama:
         kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
         log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, KV cache %d x %d positions, in %.2f s",
                  ckpt_dir, len(files), device, str(dtype)[6:], kept, mp.rank, mp.world_size, max_batch_size,
-                 max_seq_len, time.perf_counter() - start)
+                 engine.cache_len, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, seed: int = 1,

@@ -13,8 +13,8 @@ for one or two rows (parallel.linear), so only the small integers cross the memo
 code dequantizes the weight and calls the dense product (correct everywhere, not faster). On x86 CPUs
 both forms go through our C++ kernels, eager and compiled (native_form, native.py; past their few rows
 the operators dequantize the weight for a matrix product themselves); on CUDA, int4 goes through
-PyTorch's tinygemm kernel (kernel_form). The token
-embeddings of a quantized model are int8 (embedding_form; a lookup dequantizes the rows it reads).
+PyTorch's tinygemm kernel (kernel_form). The token embeddings of a quantized model are int8 (embedding_form;
+a lookup dequantizes the rows it reads).
 """
 
 from __future__ import annotations
