@@ -81,9 +81,15 @@ def test_dense_kernel_reads_half_width_weights_exactly(ops, dtype, out, inp, row
 @pytest.mark.parametrize("form", ["int4", "int8", "bf16", "fp16", "fp32"])
 def test_products_past_the_kernels_rows(ops, form):
     """Past the kernels' rows the weight goes to BLAS (widened or dequantized a block of its rows at a time into
-    one scratch buffer: 66,000 rows of 64 make two blocks), as W @ x.T up to 128 rows and x @ W.T beyond."""
+    one scratch buffer: 66,000 rows of 64 make two blocks), as W @ x.T (rows padded to a multiple of 8) up to 128
+    rows for weights of 2^21+ elements, x @ W.T for smaller ones (the second block, the 300-row weight) and beyond."""
+    for out in (66_000, 300):
+        _check_past_the_kernels(ops, form, out)
+
+
+def _check_past_the_kernels(ops, form, out):
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(66_000, 64, generator=g)
+    w = torch.randn(out, 64, generator=g)
     if form in ("int4", "int8"):
         parts = quantize(w, form, 32)
         ref_w = dequantize(*parts)
@@ -92,7 +98,7 @@ def test_products_past_the_kernels_rows(ops, form):
         parts = (w.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[form]),)
         ref_w = parts[0].float()
     op = {"int4": ops.int4_gemv, "int8": ops.int8_gemv}.get(form, ops.dense_gemv)
-    for rows in (13, 40, 130):
+    for rows in (13, 40, 47, 130):
         x = torch.randn(rows, 64, generator=g)
         ref = x.double() @ ref_w.double().T
         got = op(x, *parts)

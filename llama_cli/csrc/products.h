@@ -44,11 +44,15 @@ constexpr int64_t NARROW_IN = 1024;
 constexpr int64_t NARROW_KERNEL_ROWS = 16;
 constexpr int64_t QUANT_KERNEL_ROWS = 32;
 
-// Up to this many rows BLAS computes y.T = W @ x.T (then transposed into y) rather than x @ W.T: measured
-// 1.1-1.9x faster from 9 to 128 rows for 7B-sized weights and tall output layers (32000 x 512, 16 rows: 8.6 ms
-// against 12.4; 4096 x 4096: 5.6 against 8.9; 11008 x 4096 at 128 rows: 79 against 100), equal for SmolLM2's
-// small ones; past ~192 rows the two trade places by shape.
+// Up to this many rows, for weights of at least TRANSPOSED_MIN_WEIGHT elements, BLAS computes y.T = W @ x.T (then
+// transposed into y) rather than x @ W.T, with x's rows padded with zeros to a multiple of 8: MKL's W @ x.T is slow
+// for row counts just under a multiple of 8 or 16 (4096 x 4096 at 30 rows: 13.1 ms, padded to 32 8.8, x @ W.T 12.5).
+// Measured (/tmp script, 2-core AVX-512 VM, rows 17-128): padded W @ x.T 1.1-1.6x faster than x @ W.T for weights of
+// 16 MB and more (2048 x 2048 up to 12288 x 4096, tall output layers 32000 x 512 and 49152 x 576); for weights of
+// up to ~7 MB (SmolLM2's and the bench model's layers) x @ W.T is as fast or up to 1.4x faster (1024 x 512 at 22
+// rows: 0.20 ms against 0.26); past ~192 rows the two trade places by shape.
 constexpr int64_t TRANSPOSED_MAX_ROWS = 128;
+constexpr int64_t TRANSPOSED_MIN_WEIGHT = int64_t{1} << 21;  // elements: 8 MB of fp32
 
 // y (rows, out) = x (rows, in) @ w.T through at::mm (BLAS); y_stride: the distance between y's rows where w is a
 // block of a larger weight's rows and y the matching block of columns of its output
@@ -58,8 +62,14 @@ inline void blas_product(const float* x, int64_t rows, int64_t in, const float* 
   at::Tensor yt = at::from_blob(y, {rows, out}, {y_stride < 0 ? out : y_stride, 1}, opts);
   at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, in}, opts);
   at::Tensor wt = at::from_blob(const_cast<float*>(w), {out, in}, opts);
-  if (rows <= TRANSPOSED_MAX_ROWS) {
-    yt.copy_(at::mm(wt, xt.t()).t());
+  if (rows <= TRANSPOSED_MAX_ROWS && out * in >= TRANSPOSED_MIN_WEIGHT) {
+    const int64_t padded = (rows + 7) / 8 * 8;
+    if (padded != rows) {
+      at::Tensor xp = xt.new_zeros({padded, in});
+      xp.narrow(0, 0, rows).copy_(xt);
+      xt = xp;
+    }
+    yt.copy_(at::mm(wt, xt.t()).narrow(1, 0, rows).t());
   } else {
     at::mm_out(yt, xt, wt.t());  // rows of stride y_stride: BLAS writes them in place
   }
