@@ -174,6 +174,8 @@ class Attention(nn.Module):
             k = apply_rotary(self.wk(x).view(bsz, seqlen, hkv, hd), cos, sin, ctx.cis)
             v = self.wv(x).view(bsz, seqlen, hkv, hd)
 
+        if ctx.segments is not None:  # several prompts packed into one row, each from position 0
+            return self.wo(self._packed(q, k, v, ctx).reshape(bsz, seqlen, -1))
         # The cache writes: row r, position p <- the new key/value. Cache layout:
         # (max_batch, n_local_kv_heads, max_seq_len, head_dim). One kernel each, no host sync.
         if ctx.prefill:  # positions 0..seqlen-1 of the given rows
@@ -197,6 +199,20 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask,
                                                  enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+    def _packed(self, q, k, v, ctx) -> torch.Tensor:
+        """Attention for prompts packed one after another into one batch row (q, k, v: (1, total, heads,
+        head_dim)): each prompt, ctx.segments' (cache row, start, end), is written to its cache row and attends
+        causally over its own keys. Returns (1, total, heads, head_dim)."""
+        outs = []
+        for row, start, end in ctx.segments:
+            qi, ki, vi = (t[0, start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, head_dim)
+            self.cache_k[row, :, :end - start] = ki
+            self.cache_v[row, :, :end - start] = vi
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=end - start > 1,
+                                                       enable_gqa=qi.shape[0] != ki.shape[0]))
+        return torch.cat(outs, dim=1).transpose(0, 1)[None]
 
 
 class FeedForward(nn.Module):
@@ -236,6 +252,7 @@ class StepContext:
     kv_len: int = 0  # decode: how many cache positions to attend over
     mask: Optional[torch.Tensor] = None  # decode: (bsz, 1, 1, kv_len) bool, or None for all of them
     cis: Optional[torch.Tensor] = None  # eager: the rotary factors cos + i sin (bsz, seqlen, head_dim/2)
+    segments: Optional[list] = None  # packed prefill: each prompt's (cache row, start, end) in the one batch row
 
 
 def run_block(block: TransformerBlock, x, cos, sin, ctx) -> torch.Tensor:
@@ -338,6 +355,21 @@ class Transformer(nn.Module):
         if last is not None:
             h = h[torch.arange(bsz, device=device), last.to(device)]  # (bsz, dim)
         return run_head(self, h)
+
+    @torch.no_grad()
+    def prefill_packed(self, prompts: list, rows: list) -> torch.Tensor:
+        """Prompts of any lengths (lists of token ids) packed one after another into one batch row, none
+        padded, prompt i written to cache row rows[i]: fp32 logits (n, vocab) of each prompt's last token."""
+        if self.rope_cos is None:
+            raise RuntimeError("allocate_cache() before prefill()")
+        device = self.device
+        ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
+        segments = list(zip(rows, [0] + ends[:-1], ends))
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
+        positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
+        ctx = StepContext(positions, torch.as_tensor(rows, device=device), prefill=True, segments=segments)
+        h = self._run(tokens, ctx)
+        return run_head(self, h[0, torch.tensor(ends, device=device) - 1])
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,

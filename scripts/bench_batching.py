@@ -69,6 +69,54 @@ def breakdown(llama, run) -> dict:
     return {**spent, "other_s": total - spent["decode_s"] - spent["prefill_s"], "total_s": total}
 
 
+class Work:
+    """Counts what one run's engine calls compute, to turn into arithmetic (deterministic, unlike timings):
+    decode rows and the cache positions they attend over, prefill tokens (as the eager prefill runs them: packed
+    where the engine packs prompts of different lengths, else every prompt padded to the call's longest) and the
+    causal pairs among them, prompts (one output-layer row each). Prefill graphs (CUDA) pad further, uncounted."""
+
+    def __init__(self, eng):
+        self.eng, self.real = eng, (eng.decode, eng.prefill)
+        self.decode_rows = self.attended = self.prefill_tokens = self.prefill_pairs = self.prompts = 0
+
+    def __enter__(self):
+        decode, prefill = self.real
+
+        def counted_decode(tokens, positions):
+            self.decode_rows += len(positions)
+            self.attended += sum(p + 1 for p in positions)
+            return decode(tokens, positions)
+
+        def counted_prefill(rows, prompts, all_logits=False):
+            lengths = [len(p) for p in prompts]
+            if not (self.eng.pack_prefills and len(set(lengths)) > 1 and not all_logits):
+                lengths = [max(lengths)] * len(lengths)  # padded to the longest
+            self.prompts += len(prompts)
+            self.prefill_tokens += sum(lengths)
+            self.prefill_pairs += sum(n * (n + 1) // 2 for n in lengths)
+            return prefill(rows, prompts, all_logits)
+
+        self.eng.decode, self.eng.prefill = counted_decode, counted_prefill
+        return self
+
+    def __exit__(self, *exc):
+        self.eng.decode, self.eng.prefill = self.real
+
+    def gflop(self, args) -> dict:
+        """GFLOP of the matrix products (a multiply-add counted as 2) and of attention (scores and the weighted
+        sum of values: 4 x the query width per position attended), for the model's ModelArgs."""
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        layer = args.dim * (2 * q + 2 * kv) + 3 * args.dim * args.hidden_dim  # wq, wo, wk, wv, w1, w2, w3
+        body, head, attn = 2 * layer * args.n_layers, 2 * args.vocab_size * args.dim, 4 * q * args.n_layers
+        products = (self.decode_rows + self.prefill_tokens) * body + (self.decode_rows + self.prompts) * head
+        attention = (self.attended + self.prefill_pairs) * attn
+        decode = self.decode_rows * (body + head) + self.attended * attn
+        return {"decode_gflop": decode / 1e9, "prefill_gflop": (products + attention - decode) / 1e9,
+                "products_gflop": products / 1e9, "attention_gflop": attention / 1e9,
+                "gflop": (products + attention) / 1e9, "decode_rows": self.decode_rows,
+                "prefill_tokens": self.prefill_tokens}
+
+
 def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, input_order: bool = False,
             rounds: int = 1, where: bool = False, settled: bool = False) -> dict:
     """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
@@ -106,7 +154,7 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
                      continuous_with("tail_longest_first", lambda ready, window, max_seq_len: ready)))
     if settled:
         runs.append(("continuous_settled", continuous_with("AHEAD", False)))
-    secs, outs, tokens, steps, where_runs = {}, {}, {}, {}, {}
+    secs, outs, tokens, steps, where_runs, work = {}, {}, {}, {}, {}, {}
     eng = llama.engine
     try:
         for _ in range(rounds):
@@ -114,7 +162,9 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
                 out = {}
                 warm0, steps0, prefills0 = eng.warmup_s, eng.steps, eng.prefills
                 start = time.perf_counter()
-                stats = fn(llama, reqs, Options(), lambda r: out.__setitem__(r.request.index, r.tokens))
+                with Work(eng) as counted:
+                    stats = fn(llama, reqs, Options(), lambda r: out.__setitem__(r.request.index, r.tokens))
+                work[name] = counted.gflop(llama.model.params)
                 if llama.device.type != "cpu":
                     torch.accelerator.synchronize()
                 # graph capture excluded
@@ -134,7 +184,7 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     res.update({f"{name}_where": w for name, w in where_runs.items()})
     for name, _ in runs:
         res.update({f"{name}_s": t[name], f"{name}_tok_s": rate[name], f"{name}_steps": steps[name][0],
-                    f"{name}_prefills": steps[name][1], f"{name}_all_s": secs[name]})
+                    f"{name}_prefills": steps[name][1], f"{name}_all_s": secs[name], f"{name}_work": work[name]})
     if keep:
         res.update(requests=reqs, static_out=outs["static"], continuous_out=outs["continuous"])
     return res
@@ -189,6 +239,17 @@ def main() -> None:
         print(f"| {name.replace('_', ' ')} | {res['tokens']} | {res[name + '_steps']} | {res[name + '_prefills']} "
               f"| {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
     print(f"\ncontinuous / static: {res['ratio']:.2f}x; identical outputs: {res['identical']}/{res['prompts']} prompts")
+    print("\nThe arithmetic each schedule did (matrix products and attention; prompt tokens as the eager prefill "
+          "runs them):\n")
+    print("| schedule | decode rows | prefill tokens | GFLOP decode | GFLOP prefill | GFLOP | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("static", "continuous") + extra:
+        w = res[name + "_work"]
+        print(f"| {name.replace('_', ' ')} | {w['decode_rows']} | {w['prefill_tokens']} | {w['decode_gflop']:.0f} "
+              f"| {w['prefill_gflop']:.0f} | {w['gflop']:.0f} | {w['gflop'] / res[name + '_s']:.1f} |")
+    bound = res["static_work"]["gflop"] / res["continuous_work"]["gflop"]
+    print(f"\nstatic / continuous arithmetic: {bound:.2f}x (where a step's cost follows its arithmetic, as on a "
+          "CPU, the tokens/s ratio at equal GFLOP/s)")
     if a.where:
         print("\nWhere the time goes (one more run of each, the device synchronized after each engine call):\n")
         print("| schedule | decode steps s | prefills s | everything else s | total s |")

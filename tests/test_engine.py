@@ -53,21 +53,34 @@ def test_rows_at_their_own_positions(seq):
             assert rel_err(step[i], full[i, p]) < 1e-5
 
 
-def test_batched_ragged_prefill_equals_one_at_a_time(seq):
-    m = model()
+@pytest.mark.parametrize("kv_heads", [None, 1])
+@pytest.mark.parametrize("packed", [True, False])
+def test_batched_ragged_prefill_equals_one_at_a_time(seq, monkeypatch, packed, kv_heads):
+    """Prompts of different lengths prefilled together, on the CPU packed into one row (none padded), else
+    (all_logits, or as on a GPU) padded to the longest: the same logits and cache rows as one at a time."""
+    m = model(**({} if kv_heads is None else {"n_kv_heads": kv_heads}))
     eng = Engine(m, 4, 64)
+    calls = []
+    monkeypatch.setattr(m, "prefill_packed", lambda *a: calls.append(a) or Transformer.prefill_packed(m, *a))
+    if not packed:  # the padded path, as where the device is not the CPU
+        eng.pack_prefills = False
     prompts = [seq[0, :5].tolist(), seq[1, :23].tolist(), seq[2, :1].tolist()]
     together = eng.prefill([3, 0, 2], prompts)
-    every = eng.prefill([3, 0, 2], prompts, all_logits=True)
+    assert len(calls) == packed
     for i, p in enumerate(prompts):
         alone = m.prefill(torch.tensor([p]))[0]
         assert rel_err(together[i], alone[-1]) < 1e-5
-        assert every[i].shape == alone.shape and rel_err(every[i], alone) < 1e-5
     # the prefilled rows hold each prompt's cache: decoding the next token from row 3 continues prompt 0
-    ref = m.prefill(seq[:1, :6])[0, -1]
+    ref0, ref1 = m.prefill(seq[:1, :6])[0, -1], m.prefill(seq[1:2, :24])[0, -1]
+    eng.prefill([3, 0, 2], prompts)
     eng.move_row(3, 1)  # and a moved row carries its cache with it
     step = eng.decode(torch.stack([seq[1, 23], seq[0, 5]]), [23, 5])
-    assert rel_err(step[1], ref) < 1e-5
+    assert rel_err(step[0], ref1) < 1e-5 and rel_err(step[1], ref0) < 1e-5
+    every = eng.prefill([3, 0, 2], prompts, all_logits=True)  # every position's logits: padded
+    assert len(calls) == 2 * packed
+    for i, p in enumerate(prompts):
+        alone = m.prefill(torch.tensor([p]))[0]
+        assert every[i].shape == alone.shape and rel_err(every[i], alone) < 1e-5
 
 
 def test_decode_reads_only_the_live_part_of_the_cache(seq):
@@ -173,3 +186,28 @@ def test_attention_without_cudnn_gives_the_same_steps(seq, monkeypatch):
     with engine._no_cudnn_attention():  # the context really restricts the choice
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_batching_bench_counts_the_products_torch_counts(monkeypatch, packed):
+    """scripts/bench_batching.py's arithmetic (Work) against torch's own FLOP counter over the same engine calls
+    (PyTorch's products, no native step): its matrix products exactly, ragged prompts packed or padded."""
+    import sys
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    monkeypatch.delitem(sys.modules, "bench_batching", raising=False)
+    from bench_batching import Work
+
+    m = model()
+    eng = Engine(m, 4, 64)
+    eng.native, eng.pack_prefills = None, packed
+    with Work(eng) as work, FlopCounterMode(display=False) as counter:
+        eng.prefill([0, 1, 2], [[5] * 7, [6] * 13, [7] * 3])
+        eng.decode(torch.tensor([1, 2, 3]), [7, 13, 3])
+        eng.decode(torch.tensor([1, 2]), [8, 14])
+    got = work.gflop(m.params)
+    assert (got["decode_rows"], got["prefill_tokens"]) == (5, 23 if packed else 39)
+    assert round(got["products_gflop"] * 1e9) == counter.get_flop_counts()["Global"][torch.ops.aten.mm]
