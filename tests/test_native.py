@@ -219,10 +219,10 @@ for mode in ("int4", "int8", None, "bf16"):
     m.requires_grad_(False)
     if mode in ("int4", "int8"):
         quantize_model(m, mode, 32)
-    m.allocate_cache(2, 64)
-    m.prefill(torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(0)))
-    tokens, pos = torch.tensor([5, 7]), torch.tensor([9, 5])
-    ref = m.decode(tokens, pos, 10, eager=True)
+    m.allocate_cache(2, 64)  # rows attending over 42 and 22 positions: whole vectors (8 or 16) and a tail
+    m.prefill(torch.randint(3, 320, (2, 41), generator=torch.Generator().manual_seed(0)))
+    tokens, pos = torch.tensor([5, 7]), torch.tensor([41, 21])
+    ref = m.decode(tokens, pos, 42, eager=True)
     for x in m.modules():
         if isinstance(x, _Linear):
             native_form(x) if mode in ("int4", "int8") else setattr(x, "kernel", "dense-native")

@@ -36,6 +36,55 @@ inline void rotate(float* x, int64_t heads, int64_t hd, const float* cos, const 
   }
 }
 
+// w[0..n) <- exp(w - top) where top = max w, total = their sum (vectors of L, then the tail; exp as vexp's)
+inline void softmax_part(float* w, int64_t n, float& top, float& total) {
+  const int64_t body = n - n % L;
+  float m = -std::numeric_limits<float>::infinity();
+  if (body) {
+    V mv = vload(w);
+    for (int64_t t = L; t < body; t += L) mv = vmax(mv, vload(w + t));
+    m = vhmax(mv);
+  }
+  for (int64_t t = body; t < n; t++) m = std::max(m, w[t]);
+  const V mv = vset(m);
+  V sv = vzero();
+  for (int64_t t = 0; t < body; t += L) {
+    const V e = vexp(vadd(vload(w + t), vmul(mv, vset(-1.f))));
+    vstore(w + t, e);
+    sv = vadd(sv, e);
+  }
+  float sum = vsum(sv);
+  for (int64_t t = body; t < n; t++) {
+    w[t] = std::exp(w[t] - m);
+    sum += w[t];
+  }
+  top = m;
+  total = sum;
+}
+
+// o (rep, hd) <- sum over t < n of w[r * stride + t] values[t] for each of the rep query heads: each value vector
+// read once for all of them, the sums kept in registers for L of the hd columns at a time (up to 8 heads; beyond,
+// one head at a time)
+inline void weigh_values(const float* w, int64_t stride, const float* values, int64_t n, int64_t rep, int64_t hd,
+                         float* o) {
+  constexpr int64_t MAX_REP = 8;
+  if (rep > MAX_REP || hd % L) {
+    std::fill_n(o, rep * hd, 0.f);
+    for (int64_t t = 0; t < n; t++)
+      for (int64_t r = 0; r < rep; r++) axpy(w[r * stride + t], values + t * hd, o + r * hd, hd);
+    return;
+  }
+  for (int64_t c = 0; c < hd; c += L) {
+    V acc[MAX_REP];
+    for (int64_t r = 0; r < rep; r++) acc[r] = vzero();
+    for (int64_t t = 0; t < n; t++) {
+      const V v = vload(values + t * hd + c);
+      for (int64_t r = 0; r < rep; r++) acc[r] = vfma(vset(w[r * stride + t]), v, acc[r]);
+    }
+    for (int64_t r = 0; r < rep; r++) vstore(o + r * hd + c, acc[r]);
+  }
+}
+
 // Attention of one new token per row: query head j of row b (q: (B, hq, hd)) over cache positions
 // 0..pos[b] of row b, key/value head j / rep (rep = hq / hkv), into out (B, hq, hd). Work is split in tasks of
 // one row, one key/value head and a span of at most SPAN positions: a task reads its keys and values once for
@@ -83,21 +132,9 @@ inline void attend(const float* q, const float* ck, const float* cv, const int64
     for (int64_t t = 0; t < n; t++)
       for (int64_t r = 0; r < rep; r++) ws[r * SPAN + t] = dot(qs + r * hd, keys + t * hd, hd) * scale;
     for (int64_t r = 0; r < rep; r++) {
-      float* wr = ws + r * SPAN;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < n; t++) m = std::max(m, wr[t]);
-      float sum = 0.f;
-      for (int64_t t = 0; t < n; t++) {
-        wr[t] = std::exp(wr[t] - m);
-        sum += wr[t];
-      }
-      top[i * rep + r] = m;
-      total[i * rep + r] = sum;
+      softmax_part(ws + r * SPAN, n, top[i * rep + r], total[i * rep + r]);
     }
-    float* o = part.data() + i * rep * hd;
-    std::fill_n(o, rep * hd, 0.f);
-    for (int64_t t = 0; t < n; t++)
-      for (int64_t r = 0; r < rep; r++) axpy(ws[r * SPAN + t], values + t * hd, o + r * hd, hd);
+    weigh_values(ws, SPAN, values, n, rep, hd, part.data() + i * rep * hd);
   }
   // merge each head's spans: out = sum_i exp(top_i - m) part_i / sum_i exp(top_i - m) total_i
   for (int64_t b = 0; b < B; b++) {

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -63,6 +64,10 @@ inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
+inline V vround(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
 // L bytes -> their low and high nibbles as floats
 inline void nibbles(const uint8_t* p, V& lo, V& hi) {
   __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -102,6 +107,18 @@ inline float vsum(V v) {
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(s);
 }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline float vhmax(V v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline V vround(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2(V p, V n) {  // p * 2^n, n integral in -126..127: n added to the exponent bits of 1.0
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 inline void nibbles(const uint8_t* p, V& lo, V& hi) {
   __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
@@ -123,9 +140,31 @@ inline V vfma(V a, V b, V c) { return a * b + c; }
 inline V vmul(V a, V b) { return a * b; }
 inline V vadd(V a, V b) { return a + b; }
 inline float vsum(V v) { return v; }
+inline V vmax(V a, V b) { return std::max(a, b); }
+inline float vhmax(V v) { return v; }
+inline V vround(V v) { return std::nearbyint(v); }
+inline V vpow2(V p, V n) { return std::ldexp(p, int(n)); }
 inline void nibbles(const uint8_t* p, V& lo, V& hi) { lo = float(*p & 15); hi = float(*p >> 4); }
 inline V bytes(const int8_t* p) { return float(*p); }
 #endif
+
+// exp(x) of L floats x <= 0 (softmax's exponents): exp(x) = 2^n exp(r), n = round(x log2 e), r = x - n ln 2 in
+// [-ln2/2, ln2/2] (ln 2 in two parts), exp(r) by Cephes' expf polynomial (within ~2 ulp of std::exp); x below -87
+// (where exp underflows to subnormals) gives ~exp(-87) ~ 1.6e-38, as good as 0 beside the largest term's 1.
+inline V vexp(V x) {
+  x = vmax(x, vset(-87.f));
+  const V n = vround(vmul(x, vset(1.44269504088896341f)));
+  V r = vfma(n, vset(-0.693359375f), x);
+  r = vfma(n, vset(2.12194440e-4f), r);
+  V p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.f)));
+  return vpow2(p, n);
+}
 
 // sum_i a_i b_i over n floats (vectors, then the tail)
 inline float dot(const float* a, const float* b, int64_t n) {
