@@ -200,7 +200,6 @@ class Attention(nn.Module):
                                                  enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
-
     def _packed(self, q, k, v, ctx) -> torch.Tensor:
         """Attention for prompts packed one after another into one batch row (q, k, v: (1, total, heads,
         head_dim)): each prompt, ctx.segments' (cache row, start, end), is written to its cache row and attends

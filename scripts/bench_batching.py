@@ -5,8 +5,10 @@
 
 Makes a random checkpoint (or uses --ckpt_dir) and a JSONL file of --prompts prompts with mixed
 lengths (4-200 tokens) and mixed max_gen_len (8-256), then runs both schedules greedily at the same
-max_batch_size and prints generated tokens/s for each, their ratio, and how many prompts gave the
-same tokens in both modes.
+max_batch_size and prints generated tokens/s for each, their ratio, how many prompts gave the
+same tokens in both modes, and the arithmetic each schedule did (GFLOP of matrix products and attention,
+counted from the engine's calls: their ratio is what the tokens/s ratio would be where a step costs its
+arithmetic, as on a CPU).
 """
 
 import argparse
@@ -232,33 +234,34 @@ def main() -> None:
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
           f"{str(llama.model.norm.weight.dtype).replace('torch.', '')} on {dev}; {res['prompts']} prompts "
           f"(4-200 tokens), max_gen_len 8-256, max_batch_size {a.batch}, greedy\n")
-    print(f"| schedule | generated tokens | decode steps | prefill calls | seconds{' (median)' * (a.rounds > 1)} "
-          "| tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for name in ("static", "continuous") + extra:
-        print(f"| {name.replace('_', ' ')} | {res['tokens']} | {res[name + '_steps']} | {res[name + '_prefills']} "
-              f"| {res[name + '_s']:.1f} | {res[name + '_tok_s']:.1f} |")
+    names = ("static", "continuous") + extra
+    table(["schedule", "generated tokens", "decode steps", "prefill calls", "seconds" + " (median)" * (a.rounds > 1),
+           "tokens/s"],
+          [[res["tokens"], res[n + "_steps"], res[n + "_prefills"], f"{res[n + '_s']:.1f}", f"{res[n + '_tok_s']:.1f}"]
+           for n in names], names)
     print(f"\ncontinuous / static: {res['ratio']:.2f}x; identical outputs: {res['identical']}/{res['prompts']} prompts")
     print("\nThe arithmetic each schedule did (matrix products and attention; prompt tokens as the eager prefill "
           "runs them):\n")
-    print("| schedule | decode rows | prefill tokens | GFLOP decode | GFLOP prefill | GFLOP | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
-    for name in ("static", "continuous") + extra:
-        w = res[name + "_work"]
-        print(f"| {name.replace('_', ' ')} | {w['decode_rows']} | {w['prefill_tokens']} | {w['decode_gflop']:.0f} "
-              f"| {w['prefill_gflop']:.0f} | {w['gflop']:.0f} | {w['gflop'] / res[name + '_s']:.1f} |")
+    table(["schedule", "decode rows", "prefill tokens", "GFLOP decode", "GFLOP prefill", "GFLOP", "GFLOP/s"],
+          [[w["decode_rows"], w["prefill_tokens"], f"{w['decode_gflop']:.0f}", f"{w['prefill_gflop']:.0f}",
+            f"{w['gflop']:.0f}", f"{w['gflop'] / res[n + '_s']:.1f}"] for n in names for w in [res[n + "_work"]]],
+          names)
     bound = res["static_work"]["gflop"] / res["continuous_work"]["gflop"]
     print(f"\nstatic / continuous arithmetic: {bound:.2f}x (where a step's cost follows its arithmetic, as on a "
           "CPU, the tokens/s ratio at equal GFLOP/s)")
     if a.where:
         print("\nWhere the time goes (one more run of each, the device synchronized after each engine call):\n")
-        print("| schedule | decode steps s | prefills s | everything else s | total s |")
-        print("|---|---|---|---|---|")
-        for name in ("static", "continuous") + extra:
-            w = res[name + "_where"]
-            print(f"| {name.replace('_', ' ')} | {w['decode_s']:.2f} | {w['prefill_s']:.2f} | {w['other_s']:.2f} "
-                  f"| {w['total_s']:.2f} |")
+        table(["schedule", "decode steps s", "prefills s", "everything else s", "total s"],
+              [[f"{w[k]:.2f}" for k in ("decode_s", "prefill_s", "other_s", "total_s")]
+               for n in names for w in [res[n + "_where"]]], names)
 
+
+def table(header: list, rows: list, names) -> None:
+    """A markdown table: one row per schedule (its name first, underscores as spaces)."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, row in zip(names, rows):
+        print("| " + " | ".join([name.replace("_", " ")] + [str(c) for c in row]) + " |")
 
 if __name__ == "__main__":
     main()
