@@ -135,7 +135,8 @@ class Llama:
               device: Union[str, torch.device, None] = None, dtype: Union[str, torch.dtype, None] = None,
               compile: Union[str, bool] = "auto", cuda_graphs: Union[str, bool] = "auto",
               expected_tokens: Optional[int] = None, chat_format: str = "auto",
-              quantize: Optional[str] = None, group_size: Optional[int] = None) -> "Llama":
+              quantize: Optional[str] = None, group_size: Optional[int] = None,
+              tokenizer: Optional[Tokenizer] = None) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
@@ -147,6 +148,7 @@ class Llama:
         chat_completion turns dialogs into tokens (chat.py): auto (the checkpoint's template, else Meta's
         format for its tokenizer), llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only,
         quant.py; group_size along the input dimension, default per channel for int8 and 32 for int4).
+        tokenizer: the one at tokenizer_path where the caller has loaded it already (not loaded again).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -172,7 +174,7 @@ class Llama:
             _warn_past_context(max_seq_len, args.context_length)
         if args.quantization is not None and quantize is not None:  # before reading any weights
             raise UserError(f"{ckpt_dir} is already quantized ({args.quantization['mode']}); drop --quantize")
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = tokenizer or load_tokenizer(tokenizer_path)
         checkpoint.resolve_vocab_size(args, tokenizer.n_words, tokenizer_path)
         check_parallel(args, world_size)
         reader = checkpoint.CheckpointReader(files, args)

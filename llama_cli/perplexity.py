@@ -114,12 +114,13 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
     world_size, rank, _ = distributed.world()
     text = read_text(str(text_file)) if rank == 0 else None
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
-    ids, rows = None, max_batch_size
+    ids, rows, tokenizer = None, max_batch_size, None
     if world_size == 1:  # the text known before the model: a KV cache for as many windows as it has, at most
-        ids = text_ids(load_tokenizer(tokenizer_path), text, text_file)
+        tokenizer = load_tokenizer(tokenizer_path)
+        ids = text_ids(tokenizer, text, text_file)
         rows = min(max_batch_size, len(windows(len(ids), ctx, stride)))
     llama = Llama.build(str(ckpt_dir), tokenizer_path, ctx, rows, device=device, dtype=dtype,
-                        compile="off", cuda_graphs="off")
+                        compile="off", cuda_graphs="off", tokenizer=tokenizer)
     if ids is None:  # under torchrun only rank 0 has read it
         ids = text_ids(llama.tokenizer, distributed.broadcast_json(text, llama.device), text_file)
     start = time.perf_counter()

@@ -263,5 +263,6 @@ def table(header: list, rows: list, names) -> None:
     for name, row in zip(names, rows):
         print("| " + " | ".join([name.replace("_", " ")] + [str(c) for c in row]) + " |")
 
+
 if __name__ == "__main__":
     main()

@@ -222,7 +222,6 @@ def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
         print(f"| {k} | {med[k]:.1f} | {min(v):.1f}-{max(v):.1f} | {med[k] / base:.2f}x |")
 
 
-
 def llama_cpp_model(gguf: Path, **kw):
     """(llama.cpp on the GGUF with as many threads as torch uses, its row name), or (None, None) where
     llama-cpp-python (an optional bench dependency) is not installed."""

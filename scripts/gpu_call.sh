@@ -33,7 +33,6 @@ case "${1:-}" in
     meta=()
     [ -d .bench/meta ] && meta=(--meta .bench/meta)
     mkdir -p "$out"
-    set -o pipefail
     python3 scripts/gpu_check.py "${tok[@]}" "${meta[@]}" --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | grep -v Warning
     ;;
   *)

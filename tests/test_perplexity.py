@@ -88,8 +88,15 @@ def test_cache_rows_follow_the_windows(tmp_path, spm_path, capsys, monkeypatch):
     short text scored with the default batch of 4 allocates one row; the perplexity is the same either way."""
     from helpers import spy_cache_rows
 
+    import llama_cli.generation
+    import llama_cli.tokenizer
+
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6)
     rows = spy_cache_rows(monkeypatch)
+    loads = []  # the tokenizer is read once per run, though needed before the model is built
+    real_load = llama_cli.tokenizer.load_tokenizer
+    for module in (llama_cli.tokenizer, llama_cli.generation):
+        monkeypatch.setattr(module, "load_tokenizer", lambda path: loads.append(path) or real_load(path))
     short, long = tmp_path / "short.txt", tmp_path / "long.txt"
     short.write_text(" ".join(corpus(3, seed=3)))
     long.write_text(" ".join(corpus(60, seed=3)))
@@ -103,6 +110,7 @@ def test_cache_rows_follow_the_windows(tmp_path, spm_path, capsys, monkeypatch):
     windows_long = got[("long.txt", "64")]["windows"]
     assert got[("short.txt", "4")]["windows"] == 1 and 2 < windows_long < 64
     assert rows == [1, 2, windows_long]
+    assert len(loads) == 3
     assert got[("long.txt", "2")]["perplexity"] == pytest.approx(got[("long.txt", "64")]["perplexity"], rel=1e-5)
 
 

@@ -46,10 +46,10 @@ inline void softmax_part(float* w, int64_t n, float& top, float& total) {
     m = vhmax(mv);
   }
   for (int64_t t = body; t < n; t++) m = std::max(m, w[t]);
-  const V mv = vset(m);
+  const V minus_m = vset(-m);
   V sv = vzero();
   for (int64_t t = 0; t < body; t += L) {
-    const V e = vexp(vadd(vload(w + t), vmul(mv, vset(-1.f))));
+    const V e = vexp(vadd(vload(w + t), minus_m));
     vstore(w + t, e);
     sv = vadd(sv, e);
   }
