@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -296,9 +297,30 @@ def main(argv: Optional[list[str]] = None) -> None:
     sys.exit(cli(argv))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's time limit, torchrun stopping its workers) ends a run as Ctrl-C does:
+    the same one-line message, results already in --output_file kept, exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def cli(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
+    try:
+        return _cli(argv, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _cli(argv: list[str], debug: bool) -> int:
     try:
         if argv[:1] == ["--version"]:
             print(f"llama-cli {__version__}")
@@ -321,11 +343,12 @@ def cli(argv: Optional[list[str]] = None) -> int:
         return e.code
     except LlamaCliError as e:
         return _fail(e, e.exit_code, debug)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         kept = " results already written to --output_file are kept (rerun with --resume)" \
             if any(a.split("=")[0] == "--output_file" for a in argv) else ""
-        print(f"llama-cli: interrupted;{kept or ' nothing was saved'}", file=sys.stderr)
-        return 130
+        what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"llama-cli: {what};{kept or ' nothing was saved'}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         _silence_stdout()
         return 0

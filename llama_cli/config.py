@@ -96,9 +96,9 @@ class RunConfig:
         format for tiktoken tokenizers and Meta's Llama 2 format for SentencePiece ones.
 
     Exit codes are 0 when done, 2 for bad usage or input, 1 for a failure while running or when some
-    prompts got error entries, 130 when interrupted. Multi-node runs use torchrun --nnodes N --node_rank R
-    --nproc_per_node G --rdzv_backend c10d, --rdzv_endpoint the first node's host and port, and -m llama_cli
-    (see README).
+    prompts got error entries, 130 when interrupted (Ctrl-C), 143 when terminated (kill, a job scheduler's
+    time limit). Multi-node runs use torchrun --nnodes N --node_rank R --nproc_per_node G --rdzv_backend c10d,
+    --rdzv_endpoint the first node's host and port, and -m llama_cli (see README).
     """
     ckpt_dir: Optional[str] = None
     tokenizer_path: Optional[str] = None

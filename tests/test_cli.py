@@ -166,6 +166,28 @@ def test_output_file_and_resume_after_kill(ckpt, tmp_path):
     assert again.returncode == 0 and again.stdout == ""
 
 
+def test_sigterm_ends_a_run_like_ctrl_c(ckpt, tmp_path):
+    """kill / a job scheduler's time limit: the interrupt's one-line message, no traceback, exit 143, and the
+    results written so far kept for --resume."""
+    f = tmp_path / "p.txt"
+    f.write_text("".join(f"Prompt number {i} says hello\n" for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    args = ["--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--output_file", out,
+            "--max_batch_size", "1", "--max_seq_len", "128", "--max_gen_len", "48", "--temperature", "0", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cli", *map(str, args)], env=subprocess_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.terminate()
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert err.strip() == ("llama-cli: terminated; results already written to --output_file are kept "
+                           "(rerun with --resume)"), err
+    kept = jsonl(out.read_text())
+    assert 2 <= len(kept) < 40 and all("tokens" in r for r in kept)
+
+
 def test_long_prompt_in_file_gets_an_error_entry_and_the_rest_continue(capsys, ckpt, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("short one\n" + "word " * 200 + "\nanother short\n")
