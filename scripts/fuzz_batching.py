@@ -1,0 +1,108 @@
+"""Batching against each prompt alone, on random configurations, for as long as asked.
+
+    python scripts/fuzz_batching.py [--seconds 120] [--seed 0] [--device cpu]
+
+Each trial makes a tiny random checkpoint (1-2 layers, 1, 2 or 4 KV heads, fp32 or bf16 weights, kept as
+they are or quantized at load to int8/int4), a KV cache of 24-100 positions for 1-5 rows, and 1-12 prompts
+with random greedy settings (max_gen_len 1-200, repetition/frequency/presence penalties, top_k, stop texts),
+some too long for the cache (error entries), many running into its end (finish_reason max_seq_len). It runs
+them through the continuous or the static schedule and then each prompt alone, and reports every prompt whose
+tokens, finish reason or text differ, unless the two tokens where they part are a near-tie (within 1e-3 of
+the logit scale, the tests' rule; not for penalized prompts, whose logits the check does not recompute).
+Exits 1 when anything differed. The tests check chosen cases; this looks for the ones nobody chose.
+"""
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+WORDS = "the cat dog sun moon red blue runs jumps under over hello world 42 and . , !".split()
+
+
+def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Counter) -> list[str]:
+    """One random configuration; the differences found, as lines."""
+    import torch
+
+    from helpers import TINY, make_model_folder, near_tie_gap, requests
+    from llama_cli import Llama
+    from llama_cli.scheduler import Options, run_continuous, run_static
+
+    params = {**TINY, "n_layers": rng.choice([1, 2]), "n_kv_heads": rng.choice([1, 2, 4])}
+    dtype, quantize = rng.choice([torch.float32, torch.bfloat16]), rng.choice([None, None, "int8", "int4"])
+    make_model_folder(folder, spm, params, seed=rng.randrange(1 << 30), dtype=dtype)
+    max_seq_len, rows = rng.choice([24, 40, 64, 100]), rng.choice([1, 2, 3, 5])
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=max_seq_len,
+                        max_batch_size=rows, quantize=quantize, device=device)
+    n = rng.randint(1, 12)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_seq_len // 4))) for _ in range(n)]
+    reqs = requests(prompts, temperature=0,
+                    max_gen_len=[rng.choice([1, 2, 5, 17, 60, 200]) for _ in range(n)],
+                    repetition_penalty=[rng.choice([1.0, 1.0, 1.3, 0.8]) for _ in range(n)],
+                    frequency_penalty=[rng.choice([0.0, 0.0, 0.7]) for _ in range(n)],
+                    presence_penalty=[rng.choice([0.0, 0.0, -0.5]) for _ in range(n)],
+                    top_k=[rng.choice([0, 1, 3]) for _ in range(n)],
+                    stop=[tuple(rng.sample(WORDS, rng.choice([0, 0, 1, 2]))) for _ in range(n)])
+    schedule = rng.choice(["continuous", "static"])
+    got = {}
+    (run_continuous if schedule == "continuous" else run_static)(
+        llama, reqs, Options(), lambda r: got.__setitem__(r.request.index, r))
+    where = (f"{schedule}, {params['n_layers']} layers, {params['n_kv_heads']} KV heads, {dtype}, quantize "
+             f"{quantize}, max_seq_len {max_seq_len}, {rows} rows")
+    found = []
+    for r in reqs:
+        alone = []
+        run_continuous(llama, [r], Options(), alone.append)
+        a, b = got.get(r.index), alone[0]
+        if a is None:
+            found.append(f"prompt {r.index} got no result ({where})")
+            continue
+        stats[a.finish_reason or "error"] += 1
+        stats["tokens"] += len(a.tokens)
+        if (a.tokens, a.finish_reason, a.generation, a.error) == (b.tokens, b.finish_reason, b.generation, b.error):
+            continue
+        k = next((i for i, (p, q) in enumerate(zip(a.tokens, b.tokens)) if p != q), None)
+        if k is not None and not r.settings.penalized:
+            ids = llama.tokenizer.encode(r.prompt, bos=True, eos=False) + b.tokens[:k]
+            with torch.no_grad():
+                logits = llama.model(torch.tensor([ids], device=llama.device))[0, -1].float()
+            if near_tie_gap(logits, a.tokens[k], b.tokens[k]) <= 1e-3:
+                stats["near_ties"] += 1
+                continue
+        found.append(f"prompt {r.index} ({where}; {r.settings}):\n  batched {a.tokens} {a.finish_reason}\n"
+                     f"  alone   {b.tokens} {b.finish_reason}")
+    return found
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    from helpers import train_sentencepiece
+
+    stats, found, n = Counter(), [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        spm = train_sentencepiece(Path(tmp) / "tokenizer.model")
+        deadline = time.time() + a.seconds
+        while time.time() < deadline:
+            for line in trial(random.Random(a.seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, a.device, stats):
+                print(f"trial {n}: {line}", flush=True)
+                found.append(line)
+            n += 1
+    print(f"{n} trials, {stats['tokens']} tokens; finish reasons "
+          f"{ {k: v for k, v in stats.items() if k not in ('tokens', 'near_ties')} }; "
+          f"{stats['near_ties']} near-ties; {len(found)} differences")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
