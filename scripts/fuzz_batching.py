@@ -1,6 +1,6 @@
 """Batching against each prompt alone, on random configurations, for as long as asked.
 
-    python scripts/fuzz_batching.py [--seconds 120] [--seed 0] [--device cpu]
+    python scripts/fuzz_batching.py [--seconds 120 | --trials N] [--seed 0] [--device cpu]
 
 Each trial makes a tiny random checkpoint (1-2 layers, 1, 2 or 4 KV heads, fp32 or bf16 weights, kept as
 they are or quantized at load to int8/int4), a KV cache of 24-100 positions for 1-5 rows, and 1-12 prompts
@@ -9,7 +9,8 @@ some too long for the cache (error entries), many running into its end (finish_r
 them through the continuous or the static schedule and then each prompt alone, and reports every prompt whose
 tokens, finish reason or text differ, unless the two tokens where they part are a near-tie (within 1e-3 of
 the logit scale, the tests' rule; not for penalized prompts, whose logits the check does not recompute).
-Exits 1 when anything differed. The tests check chosen cases; this looks for the ones nobody chose.
+Exits 1 when anything differed. The tests check chosen cases and a fixed 150 of these trials
+(test_scheduler.py); this looks further, for the cases nobody chose.
 """
 
 import argparse
@@ -81,23 +82,32 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
     return found
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=120)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    a = ap.parse_args()
+def fuzz(seconds: float = 120, trials: int = 0, seed: int = 0, device: str = "cpu",
+         spm: Path = None) -> tuple[int, Counter, list[str]]:
+    """Trials until `seconds` have passed (or exactly `trials` of them, where given): (trials run, counts,
+    differences). spm: a SentencePiece tokenizer (default: trained afresh, as the tests do)."""
     from helpers import train_sentencepiece
 
     stats, found, n = Counter(), [], 0
     with tempfile.TemporaryDirectory() as tmp:
-        spm = train_sentencepiece(Path(tmp) / "tokenizer.model")
-        deadline = time.time() + a.seconds
-        while time.time() < deadline:
-            for line in trial(random.Random(a.seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, a.device, stats):
+        spm = spm or train_sentencepiece(Path(tmp) / "tokenizer.model")
+        deadline = time.time() + seconds
+        while n < trials if trials else time.time() < deadline:
+            for line in trial(random.Random(seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, device, stats):
                 print(f"trial {n}: {line}", flush=True)
                 found.append(line)
             n += 1
+    return n, stats, found
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--trials", type=int, default=0, help="run exactly this many trials instead (reproducible)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    n, stats, found = fuzz(a.seconds, a.trials, a.seed, a.device)
     print(f"{n} trials, {stats['tokens']} tokens; finish reasons "
           f"{ {k: v for k, v in stats.items() if k not in ('tokens', 'near_ties')} }; "
           f"{stats['near_ties']} near-ties; {len(found)} differences")

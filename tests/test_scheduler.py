@@ -234,3 +234,19 @@ def test_launching_ahead_at_other_batch_sizes(tmp_path, spm_path, monkeypatch, b
                                                                           b[i].generation), (seed, i)
             assert torch.allclose(torch.tensor(a[i].logprobs), torch.tensor(b[i].logprobs), atol=1e-5)
     assert reasons == {"length", "stop", "max_seq_len"}
+
+
+def test_random_configurations_batch_as_they_run_alone(monkeypatch, spm_path):
+    """scripts/fuzz_batching.py, a fixed set of its trials: random models (layers, KV heads, fp32/bf16, int8/int4),
+    cache sizes, row counts and greedy settings, batched by either schedule, each prompt the same as alone."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    monkeypatch.delitem(sys.modules, "fuzz_batching", raising=False)
+    from fuzz_batching import fuzz
+
+    n, stats, found = fuzz(trials=150, seed=1, spm=spm_path)  # ~8 s (a packed prefill not causal for prompts
+    # of 3-6 tokens: 5 differences in these trials)
+    assert n == 150 and not found, "\n".join(found)
+    assert stats["tokens"] > 2000 and {"length", "max_seq_len", "stop", "error"} <= set(stats)
