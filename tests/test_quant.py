@@ -363,3 +363,15 @@ def test_quantize_refusals(tmp_path, spm_path, capsys):
     assert "already quantized" in capsys.readouterr().err
     assert cli(["--ckpt_dir", str(tmp_path / "c"), "--prompt", "Hi", "--quantize", "int8"]) == 2
     assert "already quantized" in capsys.readouterr().err
+    # hidden size 192: groups of 64 make 3 a row, which 2 shards would cut
+    wide, _ = make_model_folder(tmp_path / "w", spm_path, {**TINY, "n_kv_heads": 4, "multiple_of": 64})
+    e = tmp_path / "e"
+    assert cli(["quantize", "--ckpt_dir", str(wide), "--out", str(e), "--mode", "int4", "--group_size", "64",
+                "--shards", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'layers.0.feed_forward.w2.weight.scale' has 3 along the dimension shards split; it " \
+        "does not divide into 2 shards (quantization groups are never cut); write fewer shards (--shards 1 always " \
+        "works)" in err, err
+    assert not list(e.glob("consolidated.*")) and not (e / "params.json").exists()  # nothing half-written
+    assert cli(["quantize", "--ckpt_dir", str(wide), "--out", str(e), "--mode", "int4", "--group_size", "64",
+                "--shards", "1"]) == 0

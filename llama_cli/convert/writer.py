@@ -59,8 +59,9 @@ class CheckpointWriter:
         parts (QPARTS: integers and group tables) keep theirs."""
         dim = split_dim(name, tuple(tensor.shape)) if self.n_shards > 1 else None
         if dim is not None and tensor.shape[dim] % self.n_shards:
+            groups = " (quantization groups are never cut)" if name.endswith(QPARTS) else ""
             raise UserError(f"'{name}' has {tensor.shape[dim]} along the dimension shards split; it does not divide "
-                            f"into {self.n_shards} shards (quantization groups are never cut); write fewer shards")
+                            f"into {self.n_shards} shards{groups}; write fewer shards (--shards 1 always works)")
         parts = [tensor] if dim is None else tensor.chunk(self.n_shards, dim=dim)
         dtype = tensor.dtype if name.endswith(QPARTS) else self.dtype
         for s in range(self.n_shards):
