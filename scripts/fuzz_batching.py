@@ -1,6 +1,7 @@
 """Batching against each prompt alone, on random configurations, for as long as asked.
 
-    python scripts/fuzz_batching.py [--seconds 120 | --trials N] [--seed 0] [--device cpu]
+    python scripts/fuzz_batching.py [--seconds 120 | --trials N] [--seed 0] [--device cpu] [--dtype fp32]
+                                    [--no_quantize]
 
 Each trial makes a tiny random checkpoint (1-2 layers, 1, 2 or 4 KV heads, fp32 or bf16 weights, kept as
 they are or quantized at load to int8/int4), a KV cache of 24-100 positions for 1-5 rows, and 1-12 prompts
@@ -28,8 +29,10 @@ sys.path.insert(0, str(REPO / "tests"))
 WORDS = "the cat dog sun moon red blue runs jumps under over hello world 42 and . , !".split()
 
 
-def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Counter) -> list[str]:
-    """One random configuration; the differences found, as lines."""
+def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Counter, dtype=None,
+          quantize: bool = True) -> list[str]:
+    """One random configuration; the differences found, as lines. dtype: the model's (default: the build's
+    for the device); quantize: False leaves int8/int4 out."""
     import torch
 
     from helpers import TINY, make_model_folder, near_tie_gap, requests
@@ -37,11 +40,12 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
     from llama_cli.scheduler import Options, run_continuous, run_static
 
     params = {**TINY, "n_layers": rng.choice([1, 2]), "n_kv_heads": rng.choice([1, 2, 4])}
-    dtype, quantize = rng.choice([torch.float32, torch.bfloat16]), rng.choice([None, None, "int8", "int4"])
-    make_model_folder(folder, spm, params, seed=rng.randrange(1 << 30), dtype=dtype)
+    stored, form = rng.choice([torch.float32, torch.bfloat16]), rng.choice([None, None, "int8", "int4"])
+    form = form if quantize else None
+    make_model_folder(folder, spm, params, seed=rng.randrange(1 << 30), dtype=stored)
     max_seq_len, rows = rng.choice([24, 40, 64, 100]), rng.choice([1, 2, 3, 5])
     llama = Llama.build(str(folder), str(folder / "tokenizer.model"), max_seq_len=max_seq_len,
-                        max_batch_size=rows, quantize=quantize, device=device)
+                        max_batch_size=rows, quantize=form, device=device, dtype=dtype)
     n = rng.randint(1, 12)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_seq_len // 4))) for _ in range(n)]
     reqs = requests(prompts, temperature=0,
@@ -55,8 +59,8 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
     got = {}
     (run_continuous if schedule == "continuous" else run_static)(
         llama, reqs, Options(), lambda r: got.__setitem__(r.request.index, r))
-    where = (f"{schedule}, {params['n_layers']} layers, {params['n_kv_heads']} KV heads, {dtype}, quantize "
-             f"{quantize}, max_seq_len {max_seq_len}, {rows} rows")
+    where = (f"{schedule}, {params['n_layers']} layers, {params['n_kv_heads']} KV heads, {stored} stored, "
+             f"quantize {form}, max_seq_len {max_seq_len}, {rows} rows")
     found = []
     for r in reqs:
         alone = []
@@ -82,10 +86,11 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
     return found
 
 
-def fuzz(seconds: float = 120, trials: int = 0, seed: int = 0, device: str = "cpu",
-         spm: Path = None) -> tuple[int, Counter, list[str]]:
+def fuzz(seconds: float = 120, trials: int = 0, seed: int = 0, device: str = "cpu", spm: Path = None,
+         dtype=None, quantize: bool = True) -> tuple[int, Counter, list[str]]:
     """Trials until `seconds` have passed (or exactly `trials` of them, where given): (trials run, counts,
-    differences). spm: a SentencePiece tokenizer (default: trained afresh, as the tests do)."""
+    differences). spm: a SentencePiece tokenizer (default: trained afresh, as the tests do); dtype, quantize:
+    as trial's."""
     from helpers import train_sentencepiece
 
     stats, found, n = Counter(), [], 0
@@ -93,7 +98,8 @@ def fuzz(seconds: float = 120, trials: int = 0, seed: int = 0, device: str = "cp
         spm = spm or train_sentencepiece(Path(tmp) / "tokenizer.model")
         deadline = time.time() + seconds
         while n < trials if trials else time.time() < deadline:
-            for line in trial(random.Random(seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, device, stats):
+            for line in trial(random.Random(seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, device, stats,
+                              dtype, quantize):
                 print(f"trial {n}: {line}", flush=True)
                 found.append(line)
             n += 1
@@ -106,8 +112,11 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=0, help="run exactly this many trials instead (reproducible)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="the model's dtype (default: the build's for the device; on a "
+                    "GPU bf16, whose rounding parts near-ties wider than the 1e-3 rule: pass fp32 there)")
+    ap.add_argument("--no_quantize", action="store_true", help="leave int8/int4 out")
     a = ap.parse_args()
-    n, stats, found = fuzz(a.seconds, a.trials, a.seed, a.device)
+    n, stats, found = fuzz(a.seconds, a.trials, a.seed, a.device, dtype=a.dtype, quantize=not a.no_quantize)
     print(f"{n} trials, {stats['tokens']} tokens; finish reasons "
           f"{ {k: v for k, v in stats.items() if k not in ('tokens', 'near_ties')} }; "
           f"{stats['near_ties']} near-ties; {len(found)} differences")

@@ -12,6 +12,8 @@ has too little left for it, and results are written to --out after every check a
    starts like fp32 CPU greedy.
 3. Tiny model quantized (int8, int4): logits on CUDA (int4 on tinygemm) equal to the CPU model on the
    dequantized weights within bf16's error; greedy tokens of eager, graphs and compiled + graphs.
+   Then random tiny configurations (scripts/fuzz_batching.py, fp32, graphs) batched and each prompt alone:
+   the same tokens up to near-ties of 1e-3 (also in the dry run).
 4. Llama-2-7B shape, random bf16 weights made on the GPU: the copy bandwidth; the decode table at batch 1
    and 16 (16-token prompt, 256 greedy tokens, stop token masked) for llama-cli CUDA graphs, eager and
    compiled + CUDA graphs, and a per-kernel profile of one eager step; batch 1 quantized at load (int8 per
@@ -192,6 +194,24 @@ def tiny_agreement(tmp: Path):
         # bf16 logits: a near-tie is within 1% of the logit scale (the CPU tests use 1e-3 in fp32)
         check(f"{name} greedy == eager greedy, up to near-ties (GPU bf16)", worst <= 1e-2,
               f"largest gap where they part: {worst:.2e} of the logit scale")
+
+
+@section(40)
+def tiny_batching(tmp: Path):
+    """scripts/fuzz_batching.py on the GPU: random tiny configurations batched by either schedule (CUDA graphs,
+    prefill graphs, each step launched ahead) and each prompt alone, in fp32, so the CPU tests' near-tie rule
+    (1e-3) applies; quantization left out (CUDA's int4 kernel takes bf16). Where the 7B bf16 schedules' tokens
+    part (batching_rows), this tells a bug from rounding."""
+    from fuzz_batching import fuzz
+
+    from helpers import train_sentencepiece
+
+    trials = 16
+    n, stats, found = fuzz(trials=trials, seed=0, device=DEV, spm=train_sentencepiece(tmp / "fuzz.model"),
+                           dtype="fp32", quantize=False)
+    RESULTS["notes"]["tiny_batching"] = {"trials": n, "tokens": stats["tokens"], "differences": found}
+    check(f"batched == alone on {trials} random tiny configurations (fp32, graphs)", not found,
+          f"{stats['tokens']} tokens compared, {len(found)} differences" + (f"; first: {found[0]}" if found else ""))
 
 
 @section(lambda: 60 if QUICK else 90)
@@ -830,7 +850,7 @@ def main() -> int:
                     help="seconds for the whole run: a part that would not fit is skipped (SKIP line)")
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (nccl, tiny_agreement, "
-                    "tiny_quantized, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
+                    "tiny_quantized, tiny_batching, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
                     "batching_fp32, hf_rows, quant_candidates, meta_rows); default all of these; "
                     "b16_candidates runs only when named")
     ap.add_argument("--quick", action="store_true",
@@ -859,6 +879,8 @@ def main() -> int:
             with untuned():
                 tiny_agreement(tmp)
                 tiny_quantized(tmp)
+        if not QUICK:
+            tiny_batching(tmp)
         if not a.skip_7b:
             from llama_cli.memory import weight_bytes
             from helpers import model_args
