@@ -419,6 +419,8 @@ class CheckpointReader:
             src = self._check(source, full)
             if src is not None and src != dim:
                 needed = sorted(set(needed) | set(range(len(self.files))))  # stored split another way
+            elif src is not None and dim is not None:  # a repeated KV head can lie in shards beyond this rank's
+                needed = sorted(set(needed) | {shard for shard, _, _ in plan.shards_for(start, end, full[dim])})
             specs[name] = (full, dim, start, end, source, src)
 
         out: dict[str, torch.Tensor] = {}

@@ -73,11 +73,29 @@ def test_heads_that_do_not_divide_are_refused(tiny_ckpt, monkeypatch):
         greedy(tiny_ckpt[0])
 
 
-def test_more_ranks_than_kv_heads_repeat_heads(tmp_path, spm_path):
+@pytest.mark.parametrize("shards", [1, 2])  # 2: each shard holds half of the one KV head
+def test_more_ranks_than_kv_heads_repeat_heads(tmp_path, spm_path, shards):
     params = {**TINY, "n_kv_heads": 1}
     folder, _ = make_model_folder(tmp_path / "mqa1", spm_path, params, n_shards=1, seed=4)
-    folder2, _ = make_model_folder(tmp_path / "mqa2", spm_path, params, n_shards=1, seed=4)
+    folder2, _ = make_model_folder(tmp_path / "mqa2", spm_path, params, n_shards=shards, seed=4)
     assert run_torchrun(2, folder2, tmp_path / "out")["greedy"] == greedy(folder)
+
+
+@pytest.mark.parametrize("shards,procs", [(2, 2), (4, 2), (4, 4)])
+def test_a_repeated_kv_head_is_read_from_every_shard_holding_it(tmp_path, spm_path, shards, procs):
+    """One KV head stored split over several shards (as a checkpoint written for more processes than KV heads
+    is): every rank gets the whole head, however the shards cut it (each rank used to read only the shards of
+    its even share, leaving the rest of the head uninitialized)."""
+    from helpers import reader_for
+
+    folder, weights = make_model_folder(tmp_path / "mqa", spm_path, {**TINY, "n_kv_heads": 1}, n_shards=shards)
+    reader = reader_for(folder, weights["output.weight"].shape[0])
+    for r in range(procs):
+        part = reader.rank_state_dict(procs, r, torch.float32)
+        for name in ("layers.0.attention.wk.weight", "layers.1.attention.wv.weight"):
+            assert torch.equal(part[name], weights[name]), (r, name)
+        assert torch.equal(part["layers.0.attention.wq.weight"],
+                           weights["layers.0.attention.wq.weight"].chunk(procs)[r])
 
 
 def test_shard_plan():
