@@ -46,6 +46,11 @@ class ModelParallel:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's x along the last dimension, in rank order."""
         if self.world_size == 1:

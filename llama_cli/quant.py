@@ -42,15 +42,17 @@ def check_mode(mode, group_size) -> tuple[str, Optional[int]]:
     return mode, group_size
 
 
-def pick_group(mode: str, group_size: Optional[int], in_sizes) -> int:
-    """The group size to use: the one asked for, else 0 (per row) for int8 and 32 for int4."""
+def pick_group(mode: str, group_size: Optional[int], in_sizes, processes: int = 1) -> int:
+    """The group size to use: the one asked for, else 0 (per row) for int8 and 32 for int4. in_sizes: the
+    linear layers' input sizes, as each of `processes` processes holds them."""
     if group_size is not None:
         return group_size
     if mode == "int8":
         return 0
     if any(n % INT4_DEFAULT_GROUP for n in in_sizes):
-        raise UserError(f"int4's groups of {INT4_DEFAULT_GROUP} do not divide this model's input sizes "
-                        f"{sorted(set(in_sizes))}; use --quantize int8")
+        per = f" per process on {processes} processes" if processes > 1 else ""
+        raise UserError(f"int4's groups of {INT4_DEFAULT_GROUP} do not divide this model's input sizes{per} "
+                        f"{sorted(set(in_sizes))}; use --quantize int8" + (" or fewer processes" if per else ""))
     return INT4_DEFAULT_GROUP
 
 
@@ -62,8 +64,11 @@ def embedding_form(width: int) -> tuple[str, int]:
     return "int8", 0
 
 
-def quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(q, scale, offset or None) of a (out, in) weight; group_size 0: one group per row."""
+def quantize(w: torch.Tensor, mode: str, group_size: int, mp=None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                           Optional[torch.Tensor]]:
+    """(q, scale, offset or None) of a (out, in) weight; group_size 0: one group per row. mp: the ranks that
+    split this weight's rows (parallel.ModelParallel), where it is one process's columns of them: a row's int8
+    scale is then taken over the whole row, so every process count quantizes to the same values."""
     out, inp = w.shape
     g = group_size or inp
     if inp % g:
@@ -71,7 +76,10 @@ def quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor,
                         "choose a group size that does, or another process count")
     wf = w.float().reshape(out, inp // g, g)
     if mode == "int8":
-        scale = wf.abs().amax(-1).clamp_min(1e-12) / 127  # (out, n_groups)
+        absmax = wf.abs().amax(-1)  # (out, n_groups)
+        if mp is not None and not group_size:
+            absmax = mp.all_reduce_max(absmax)
+        scale = absmax.clamp_min(1e-12) / 127
         q = torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(out, inp)
         return q, scale, None
     lo, hi = wf.amin(-1), wf.amax(-1)
@@ -311,10 +319,15 @@ def quantize_model(model, mode: str, group_size: int, tied: bool = False) -> int
     Returns the bytes the weights now take."""
     from .parallel import ColumnParallelLinear, RowParallelLinear
 
-    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-    group_size = pick_group(mode, group_size, [m.weight.shape[1] for m in layers if m.weight is not None])
-    model.quantized_as = (mode, group_size)
     emb = model.tok_embeddings
+    layers = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
+    def split_rows(m):  # where each process holds some columns of every row: the row's parts are spread
+        return m.mp if isinstance(m, RowParallelLinear) or m is emb else None
+
+    group_size = pick_group(mode, group_size, [m.weight.shape[1] for m in layers if m.weight is not None],
+                            emb.mp.world_size)
+    model.quantized_as = (mode, group_size)
     total, seen = 0, set()
 
     def put(m, parts):
@@ -327,14 +340,14 @@ def quantize_model(model, mode: str, group_size: int, tied: bool = False) -> int
 
     if emb.weight is not None:
         emb_form = embedding_form(emb.weight.shape[1])
-        emb_parts = quantize(emb.weight.detach(), *emb_form)
+        emb_parts = quantize(emb.weight.detach(), *emb_form, mp=split_rows(emb))
         if tied and model.output.weight is not None:
             same = model.output.weight.shape == emb.weight.shape
             put(model.output, emb_parts if same else quantize(model.output.weight.detach(), *emb_form))
         put(emb, emb_parts)
     for m in layers:
         if m.weight is not None:
-            put(m, quantize(m.weight.detach(), mode, group_size))
+            put(m, quantize(m.weight.detach(), mode, group_size, mp=split_rows(m)))
     return total
 
 

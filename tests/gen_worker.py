@@ -10,7 +10,7 @@ from llama_cli import Llama
 ckpt, tokenizer, out = sys.argv[1:4]
 prompts = sys.argv[4:] or ["Hello world", "The cat sleeps under the tree because", "42"]
 llama = Llama.build(ckpt, tokenizer, max_seq_len=96, max_batch_size=int(os.environ.get("GEN_BATCH", 4)),
-                    compile=os.environ.get("GEN_COMPILE", "off"))
+                    compile=os.environ.get("GEN_COMPILE", "off"), quantize=os.environ.get("GEN_QUANTIZE") or None)
 ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
 tokens, _ = llama.generate(ids, max_gen_len=24, temperature=0)
 sampled, _ = llama.generate(ids, max_gen_len=12, temperature=0.9, top_p=0.9)

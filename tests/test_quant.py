@@ -110,8 +110,12 @@ def test_bad_quantization_input(tmp_path, spm_path, capsys):
     from llama_cli.quant import pick_group
 
     assert pick_group("int4", None, [576, 1536]) == 32 and pick_group("int4", 64, [576]) == 64
-    with pytest.raises(UserError, match="groups of 32 do not divide"):
+    with pytest.raises(UserError, match=r"groups of 32 do not divide this model's input sizes \[48, 1530\]; use "
+                       r"--quantize int8$"):
         pick_group("int4", None, [48, 1530])
+    with pytest.raises(UserError, match=r"input sizes per process on 2 processes \[64, 176\]; use --quantize int8 or "
+                       "fewer processes"):  # hidden size 352 in halves
+        pick_group("int4", None, [64, 176], 2)
     assert pick_group("int8", None, [576]) == 0
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)  # dim 64: group 128 does not divide it
     base = ["--ckpt_dir", str(folder), "--prompt", "Hi", "--max_gen_len", "2"]
@@ -159,6 +163,20 @@ def test_quantize_subcommand_writes_a_folder_that_loads_anywhere(tmp_path, spm_p
     # resharded, still quantized
     assert cli(["reshard", "--ckpt_dir", str(out), "--out", str(tmp_path / "q4x2"), "--shards", "2"]) == 0
     assert greedy(tmp_path / "q4x2") == greedy(out)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_at_load_the_same_on_any_process_count(tmp_path, spm_path, mode):
+    """--quantize at load on 2 processes: each holds half the columns of the row-parallel weights (wo, w2) and of
+    the embeddings, whose int8 scales are one per row: taken over the whole row (a max across the processes),
+    not over each half, so the model and its greedy tokens are one process's (int4's groups lie whole in
+    each half; its embeddings are int8 per row too)."""
+    from helpers import greedy, run_torchrun
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=12)
+    got = run_torchrun(2, folder, tmp_path / "tr", env={"GEN_QUANTIZE": mode})
+    assert got["linear_dtype"] == "quantized"
+    assert got["greedy"] == greedy(folder, quantize=mode)
 
 
 def test_tied_model_quantized_reads_its_output_from_the_int8_embeddings(tmp_path, spm_path):
