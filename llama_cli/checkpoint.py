@@ -191,7 +191,8 @@ def _convert_hint(src: str) -> str:
 def find_checkpoint(ckpt_dir) -> tuple[list[str], str]:
     """The sorted shard files and the params.json path of a checkpoint folder."""
     if ckpt_dir is None or str(ckpt_dir).strip() == "":
-        raise UserError("no checkpoint folder given; pass --ckpt_dir DIR (a folder with consolidated.00.pth and params.json)")
+        raise UserError("no checkpoint folder given; pass --ckpt_dir DIR (a folder with consolidated.00.pth and "
+                        "params.json)")
     ckpt_dir = os.fspath(ckpt_dir)
     if not os.path.exists(ckpt_dir):
         raise UserError(f"checkpoint folder {ckpt_dir} does not exist; pass --ckpt_dir with the folder that holds "
@@ -365,13 +366,15 @@ class CheckpointReader:
             got = self.shape0(name)
             raise UserError(
                 f"tensor '{name}' has shape {list(got)} in {os.path.basename(self.files[0])}, but params.json implies "
-                f"{list(full)} for the whole model in {len(self.files)} shard(s); the weights and params.json do not match")
+                f"{list(full)} for the whole model in {len(self.files)} shard(s); the weights and params.json do "
+                "not match")
         return src
 
     def _tensor(self, s: int, name: str, full) -> torch.Tensor:
         sd = self.shard(s)
         if name not in sd:
-            raise UserError(f"checkpoint shard {self.files[s]} has no tensor '{name}'; the shards do not belong together")
+            raise UserError(f"checkpoint shard {self.files[s]} has no tensor '{name}'; the shards do not belong "
+                            "together")
         t = sd[name]
         want = self.shape0(name)
         if tuple(t.shape) != want:
@@ -473,7 +476,8 @@ class CheckpointReader:
         extra = sorted(k for k in sd if k not in shapes and k not in IGNORED)
         if extra:
             raise UserError(f"checkpoint holds tensor '{extra[0]}' (and {len(extra) - 1} more) that params.json "
-                            f"(n_layers={self.args.n_layers}) has no place for; the weights and params.json do not match")
+                            f"(n_layers={self.args.n_layers}) has no place for; the weights and params.json do not "
+                            "match")
 
 
 def _first_line(e: BaseException) -> str:

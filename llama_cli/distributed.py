@@ -30,7 +30,8 @@ def world() -> tuple[int, int, int]:
         return (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)),
                 int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError:
-        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers; launch with torchrun or unset them") from None
+        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers; launch with torchrun or unset "
+                        "them") from None
 
 
 def backend_for(device: torch.device) -> str:

@@ -69,7 +69,8 @@ class ModelArgs:
             raise UserError(f"params.json: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         self.head_dim = self.dim // self.n_heads
         if self.head_dim % 2:
-            raise UserError(f"params.json: the head size dim/n_heads={self.head_dim} must be even for rotary embeddings")
+            raise UserError(f"params.json: the head size dim/n_heads={self.head_dim} must be even for rotary "
+                            "embeddings")
         self.hidden_dim = self.ffn_hidden_dim or ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
 
@@ -84,7 +85,8 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), with Llama 3.1's long-context scaling if asked."""
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64) / args.head_dim))
+    even = torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64)
+    freqs = 1.0 / (args.rope_theta ** (even / args.head_dim))
     if args.use_scaled_rope:
         sc = args.rope_scaling or {}
         freqs = scale_rope_frequencies(freqs, factor=sc.get("factor", 8.0),

@@ -1,10 +1,10 @@
 """Prompts in (flags, .txt/.jsonl files, stdin) and results out (stdout and --output_file).
 
 A prompt file is read and checked whole before any model is loaded, so a bad line is
-reported at once with its line number (and each prompt's settings resolved, settings.py). Results go to --output_file as soon as each is
-finished (appended and flushed), and to stdout in input order. With --resume, prompts
-whose results are already in the output file are skipped; a line cut short by a killed
-run is dropped and redone.
+reported at once with its line number (and each prompt's settings resolved, settings.py).
+Results go to --output_file as soon as each is finished (appended and flushed), and to stdout
+in input order. With --resume, prompts whose results are already in the output file are
+skipped; a line cut short by a killed run is dropped and redone.
 """
 
 from __future__ import annotations

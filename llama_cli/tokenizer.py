@@ -138,7 +138,8 @@ class HFTokenizer:
         try:
             self.tk = HFTok.from_file(path)
         except Exception as e:  # the tokenizers library raises its own exception types
-            raise UserError(f"{path} is not a readable tokenizer.json ({_first_line(e)}); expected {ACCEPTED}") from None
+            raise UserError(f"{path} is not a readable tokenizer.json ({_first_line(e)}); "
+                            f"expected {ACCEPTED}") from None
         folder = os.path.dirname(os.path.abspath(path))
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         self.n_words = self.tk.get_vocab_size(with_added_tokens=True)

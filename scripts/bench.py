@@ -189,7 +189,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'CPU'} " \
         f"({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; {str(dtype).replace('torch.', '')}; copy bandwidth "
-          f"{bw / 1e9:.1f} GB/s (read + write), read bandwidth {read_bw / 1e9:.1f} GB/s; prompt {a.prompt_len} tokens, {a.new_tokens} greedy tokens; --compile {a.compile}\n")
+          f"{bw / 1e9:.1f} GB/s (read + write), read bandwidth {read_bw / 1e9:.1f} GB/s; prompt {a.prompt_len} "
+          f"tokens, {a.new_tokens} greedy tokens; --compile {a.compile}\n")
     print("| shape | batch | impl | decode tok/s | prefill tok/s | TTFT ms | GB/s | % of copy bw | % of read bw |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,7 +206,8 @@ def main() -> None:
                 mode, _, g = qz.partition(":")
                 return (None, None) if mode == "none" else (mode, int(g) if g else None)
 
-            impls = [(f"llama-cli compile={m}" + (f" max_seq_len={L}" if L else "") + (f" {qz}" if qz != "none" else ""),
+            impls = [(f"llama-cli compile={m}" + (f" max_seq_len={L}" if L else "")
+                      + (f" {qz}" if qz != "none" else ""),
                       lambda b, m=m, L=L, qz=qz: time_ours(folder, vocab, b, a.prompt_len, a.new_tokens, device, dtype,
                                                            m, L, *form(qz)))
                      for qz in a.quantize for m in modes for L in (a.max_seq_len or [None])]

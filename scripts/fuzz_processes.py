@@ -54,14 +54,16 @@ def trial(rng: random.Random, folder: Path, spm: Path, port: int) -> list[str]:
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "llama_cli", *args], capture_output=True, text=True, env=env)
     many = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                           f"--master_port={port}", "-m", "llama_cli", *args], capture_output=True, text=True, env=env)
+                           f"--master_port={port}", "-m", "llama_cli", *args],
+                          capture_output=True, text=True, env=env)
     where = f"{params}, {shards} shard(s), {procs} processes, {' '.join(args[6:])}"
     refused = [line for line in many.stderr.splitlines() if line.startswith("llama-cli: error:")]
     if one.returncode == 0 and many.returncode != 0 and refused:
         return []  # a split the processes cannot make, refused in one line
     if one.returncode != many.returncode:
-        return [f"exit {one.returncode} on one process, {many.returncode} on {procs} ({where}):\n"
-                f"  {(one.stderr.strip().splitlines() or [''])[-1]}\n  {(many.stderr.strip().splitlines() or [''])[-1]}"]
+        last = [(p.stderr.strip().splitlines() or [""])[-1] for p in (one, many)]
+        return [f"exit {one.returncode} on one process, {many.returncode} on {procs} ({where}):\n  {last[0]}\n"
+                f"  {last[1]}"]
     alone = [json.loads(line).get("tokens") for line in one.stdout.splitlines()]
     split = [json.loads(line).get("tokens") for line in many.stdout.splitlines()]
     if alone != split:

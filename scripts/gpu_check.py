@@ -261,10 +261,12 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     for mode, impl, comp, new in (("int8", "compiled + CUDA graphs", "on", NEW), ("int4", "CUDA graphs", "off", NEW),
                                   ("int4", "compiled + CUDA graphs", "on", NEW),
                                   ("int8", "CUDA graphs", "off", 64))[:1 if QUICK else 4]:
-        llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on", compile=comp,
+        llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
+                            compile=comp,
                             dtype="bf16", device=DEV, quantize=mode, group_size=32 if mode == "int4" else None)
         quiet_stops(llama)
-        kern = sorted({str(getattr(m, "kernel", None)) for m in llama.model.modules() if getattr(m, "qweight", None) is not None})
+        kern = sorted({str(getattr(m, "kernel", None)) for m in llama.model.modules()
+                       if getattr(m, "qweight", None) is not None})
         ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, new,
                                    lambda: llama.engine)
         row(f"llama-cli {mode} {impl}", 1, rate, ttft, wbytes, bw,

@@ -411,7 +411,8 @@ def test_help_shows_every_flag_with_its_whole_text():
     # fire's help cuts a text at a line that looks like "name: ..." (a colon): every flag's text runs to its end
     flags = proc.stdout.split("\nFLAGS\n", 1)[1].split("\nVALUES\n")[0]
     for block in re.split(r"\n(?=    -)", flags):
-        lines = [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith(("Type:", "Default:"))]
+        lines = [ln.strip() for ln in block.splitlines()
+                 if ln.strip() and not ln.strip().startswith(("Type:", "Default:"))]
         assert " ".join(lines[1:]).endswith((".", ")")), lines[0]
     assert "cuda_graphs" in text and "min_p" in text
     from llama_cli.cli import _subcommands

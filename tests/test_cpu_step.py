@@ -55,7 +55,8 @@ def test_native_step_with_many_rows(tmp_path, spm_path, ops, mode, rows):
 
 
 @pytest.mark.parametrize("mode", ["int4", "int8", None, "bf16", "fp16"])
-@pytest.mark.parametrize("params", [BIG, {**BIG, "n_kv_heads": None}, {**BIG, "n_kv_heads": 1}], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("params", [BIG, {**BIG, "n_kv_heads": None}, {**BIG, "n_kv_heads": 1}],
+                         ids=["gqa", "mha", "mqa"])
 def test_native_step_equals_recomputing_and_the_eager_layers(tmp_path, spm_path, ops, mode, params):
     llama = build_for(tmp_path, spm_path, mode, params, 3, 96, 4, compile="off")
     eng, model = llama.engine, llama.model

@@ -235,7 +235,8 @@ print(worst)
 @pytest.mark.parametrize("flags", ["-march=native -mno-avx512f", "-march=x86-64"])
 def test_the_other_vector_paths(tmp_path, ops, flags):
     """The AVX2 path (machines without AVX-512) and the plain C++ one, built here with those instruction
-    sets and checked like the main build (the products, and whole decode steps of one native call a layer) (in a subprocess: one library per operator namespace)."""
+    sets and checked like the main build (the products, and whole decode steps of one native call a layer)
+    (in a subprocess: one library per operator namespace)."""
     import subprocess
     import sys
 

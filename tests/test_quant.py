@@ -387,9 +387,9 @@ def test_quantize_refusals(tmp_path, spm_path, capsys):
     assert cli(["quantize", "--ckpt_dir", str(wide), "--out", str(e), "--mode", "int4", "--group_size", "64",
                 "--shards", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "'layers.0.feed_forward.w2.weight.scale' has 3 along the dimension shards split; it " \
-        "does not divide into 2 shards (quantization groups are never cut); write fewer shards (--shards 1 always " \
-        "works)" in err, err
+    assert err.count("\n") == 1 and "'layers.0.feed_forward.w2.weight.scale' has 3 along the dimension shards " \
+        "split; it does not divide into 2 shards (quantization groups are never cut); write fewer shards " \
+        "(--shards 1 always works)" in err, err
     assert not list(e.glob("consolidated.*")) and not (e / "params.json").exists()  # nothing half-written
     assert cli(["quantize", "--ckpt_dir", str(wide), "--out", str(e), "--mode", "int4", "--group_size", "64",
                 "--shards", "1"]) == 0
