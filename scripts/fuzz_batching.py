@@ -5,11 +5,12 @@
 
 Each trial makes a tiny random checkpoint (1-2 layers, 1, 2 or 4 KV heads, fp32 or bf16 weights, kept as
 they are or quantized at load to int8/int4), a KV cache of 24-100 positions for 1-5 rows, and 1-12 prompts
-with random greedy settings (max_gen_len 1-200, repetition/frequency/presence penalties, top_k, stop texts),
-some too long for the cache (error entries), many running into its end (finish_reason max_seq_len). It runs
-them through the continuous or the static schedule and then each prompt alone, and reports every prompt whose
-tokens, finish reason or text differ, unless the two tokens where they part are a near-tie (within 1e-3 of
-the logit scale, the tests' rule; not for penalized prompts, whose logits the check does not recompute).
+with random greedy settings (max_gen_len 1-200, repetition/frequency/presence penalties, top_k, stop texts;
+logprobs and echo), some too long for the cache (error entries), many running into its end (finish_reason
+max_seq_len). It runs them through the continuous or the static schedule and then each prompt alone, and
+reports every prompt whose tokens, finish reason, text or log-probabilities (by more than 1e-3) differ,
+unless the two tokens where they part are a near-tie (within 1e-3 of the logit scale, the tests' rule; not
+for penalized prompts, whose logits the check does not recompute).
 Exits 1 when anything differed. The tests check chosen cases and a fixed 150 of these trials
 (test_scheduler.py); this looks further, for the cases nobody chose.
 """
@@ -56,15 +57,17 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
                     top_k=[rng.choice([0, 1, 3]) for _ in range(n)],
                     stop=[tuple(rng.sample(WORDS, rng.choice([0, 0, 1, 2]))) for _ in range(n)])
     schedule = rng.choice(["continuous", "static"])
+    opts = Options(logprobs=rng.random() < 0.5, echo=rng.random() < 0.3)
     got = {}
     (run_continuous if schedule == "continuous" else run_static)(
-        llama, reqs, Options(), lambda r: got.__setitem__(r.request.index, r))
+        llama, reqs, opts, lambda r: got.__setitem__(r.request.index, r))
     where = (f"{schedule}, {params['n_layers']} layers, {params['n_kv_heads']} KV heads, {stored} stored, "
-             f"quantize {form}, max_seq_len {max_seq_len}, {rows} rows")
+             f"quantize {form}, max_seq_len {max_seq_len}, {rows} rows, logprobs {opts.logprobs}, "
+             f"echo {opts.echo}")
     found = []
     for r in reqs:
         alone = []
-        run_continuous(llama, [r], Options(), alone.append)
+        run_continuous(llama, [r], opts, alone.append)
         a, b = got.get(r.index), alone[0]
         if a is None:
             found.append(f"prompt {r.index} got no result ({where})")
@@ -72,6 +75,12 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
         stats[a.finish_reason or "error"] += 1
         stats["tokens"] += len(a.tokens)
         if (a.tokens, a.finish_reason, a.generation, a.error) == (b.tokens, b.finish_reason, b.generation, b.error):
+            if (a.logprobs is None) == (b.logprobs is None) and all(
+                    abs(x - y) <= 1e-3 for x, y in zip(a.logprobs or [], b.logprobs or [])) and \
+                    len(a.logprobs or []) == len(b.logprobs or []):
+                continue
+            found.append(f"prompt {r.index}: log-probabilities differ ({where}):\n  batched {a.logprobs}\n"
+                         f"  alone   {b.logprobs}")
             continue
         k = next((i for i, (p, q) in enumerate(zip(a.tokens, b.tokens)) if p != q), None)
         if k is not None and not r.settings.penalized:
