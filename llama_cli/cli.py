@@ -298,8 +298,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler's time limit, torchrun stopping its workers) ends a run as Ctrl-C does:
-    the same one-line message, results already in --output_file kept, exit code 143."""
+    """SIGTERM (`kill`, a job scheduler's time limit) ends a one-process run as Ctrl-C does: the same one-line
+    message, results already in --output_file kept, exit code 143. Under torchrun SIGTERM keeps its default
+    (the launcher sends it to stop the workers when one has failed, and a worker waiting in a collective for
+    the failed one runs no Python handler: it must die at once)."""
 
 
 def _terminate(signum, frame):
@@ -309,15 +311,17 @@ def _terminate(signum, frame):
 def cli(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread: SIGTERM keeps its handler
-        previous = None
+    installed, previous = False, None
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        try:
+            previous, installed = signal.signal(signal.SIGTERM, _terminate), True
+        except ValueError:  # not the main thread: SIGTERM keeps its handler
+            pass
     try:
         return _cli(argv, debug)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _cli(argv: list[str], debug: bool) -> int:

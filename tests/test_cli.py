@@ -188,6 +188,23 @@ def test_sigterm_ends_a_run_like_ctrl_c(ckpt, tmp_path):
     assert 2 <= len(kept) < 40 and all("tokens" in r for r in kept)
 
 
+def test_sigterm_keeps_its_default_under_torchrun(monkeypatch):
+    """One process: SIGTERM raises Terminated while a run lasts, and the old handler is back after it. Under
+    torchrun (WORLD_SIZE > 1) it keeps its default: a rank blocked in a collective must still die at once."""
+    import signal
+
+    import llama_cli.cli as cli_mod
+
+    seen = []
+    monkeypatch.setattr(cli_mod, "_cli", lambda argv, debug: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli_mod.cli(["--version"]) == 0 and seen[-1] is cli_mod._terminate
+    assert signal.getsignal(signal.SIGTERM) == before
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_mod.cli(["--version"]) == 0 and seen[-1] == before
+
+
 def test_long_prompt_in_file_gets_an_error_entry_and_the_rest_continue(capsys, ckpt, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("short one\n" + "word " * 200 + "\nanother short\n")
