@@ -38,7 +38,8 @@ class ModelArgs:
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False
     # Not in Meta's params.json: Llama 3.x rope scaling values other than 3.1's (factor 8, low and
-    # high frequency factors 1 and 4, original context 8192), as converted from HF configs.
+    # high frequency factors 1 and 4, original context 8192), as converted from HF configs; or linear
+    # scaling, {"rope_type": "linear", "factor": F} (positions divided by F, as HF's and llama.cpp's).
     rope_scaling: Optional[dict] = None
     # Not in Meta's params.json: an explicit FFN width, for checkpoints converted from
     # formats that state it (Meta's rule below cannot produce every width).
@@ -63,6 +64,14 @@ class ModelArgs:
             raise UserError(f"params.json: 'context_length' must be a positive integer, got {self.context_length}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise UserError("params.json: 'norm_eps' and 'rope_theta' must be positive")
+        kind = (self.rope_scaling or {}).get("rope_type", "llama3" if self.use_scaled_rope else None)
+        factor = (self.rope_scaling or {}).get("factor", 8.0 if kind == "llama3" else 1.0)
+        if kind not in (None, "llama3", "linear") or (kind == "llama3") != self.use_scaled_rope:
+            raise UserError(f"params.json: rope_scaling of type {kind!r} is not supported (llama3, with "
+                            "use_scaled_rope true, or linear)")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0 or \
+                (kind == "linear" and "factor" not in self.rope_scaling):
+            raise UserError(f"params.json: rope_scaling needs a positive number as its factor, got {factor!r}")
         if self.dim % self.n_heads:
             raise UserError(f"params.json: dim={self.dim} is not a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -84,10 +93,12 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
 
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), with Llama 3.1's long-context scaling if asked."""
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1's long-context scaling or linear scaling if asked."""
     even = torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64)
     freqs = 1.0 / (args.rope_theta ** (even / args.head_dim))
-    if args.use_scaled_rope:
+    if (args.rope_scaling or {}).get("rope_type") == "linear":
+        freqs = freqs / args.rope_scaling["factor"]
+    elif args.use_scaled_rope:
         sc = args.rope_scaling or {}
         freqs = scale_rope_frequencies(freqs, factor=sc.get("factor", 8.0),
                                        low_freq_factor=sc.get("low_freq_factor", 1.0),

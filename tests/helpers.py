@@ -96,7 +96,9 @@ def to_hf(params: dict, weights: dict, vocab_size: int, max_positions: int = 512
 
     a = model_args(params, vocab_size)
     rope = {"rope_type": "default", "rope_theta": a.rope_theta}
-    if a.use_scaled_rope:
+    if (a.rope_scaling or {}).get("rope_type") == "linear":
+        rope = {"rope_type": "linear", "rope_theta": a.rope_theta, "factor": a.rope_scaling["factor"]}
+    elif a.use_scaled_rope:
         rope = {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,

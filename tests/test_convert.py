@@ -56,7 +56,8 @@ def hf_model(tied: bool, rope: dict, n_kv_heads=2, seed=0):
     (False, {"rope_type": "default", "rope_theta": 10000.0}),
     (True, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-], ids=["untied", "tied-llama3-rope"])
+    (False, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+], ids=["untied", "tied-llama3-rope", "linear-rope"])
 def test_hf_folder_round_trip(tmp_path, spm_path, tied, rope):
     model = hf_model(tied, rope)
     src = tmp_path / "hf"
@@ -72,6 +73,8 @@ def test_hf_folder_round_trip(tmp_path, spm_path, tied, rope):
     assert params["ffn_hidden_dim"] == 176 and params["n_kv_heads"] == 2
     assert params["context_length"] == 256  # max_position_embeddings
     assert params.get("use_scaled_rope", False) == (rope["rope_type"] == "llama3")
+    if rope["rope_type"] == "linear":  # positions divided by the factor (the HF model below checks the values)
+        assert params["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
     sd = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert ("output.weight" in sd) == (not tied)
     greedy_vs_hf(tmp_path / "meta", model)
@@ -121,9 +124,9 @@ def gguf_name(meta):
     return f"blk.{i}.{GGUF_NAMES['.'.join(mid)]}.weight"
 
 
-def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="llama"):
+def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="llama", rope_scaling=None):
     """A GGUF like llama.cpp writes: Meta's rotary layout, weights quantized as `qtype`. Returns the
-    weights as the file holds them (dequantized), in Meta naming."""
+    weights as the file holds them (dequantized), in Meta naming. rope_scaling: (gguf.RopeScalingType, factor)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
@@ -137,6 +140,9 @@ def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="ll
     w.add_layer_norm_rms_eps(params["norm_eps"])
     w.add_rope_freq_base(params["rope_theta"])
     w.add_context_length(256)
+    if rope_scaling is not None:
+        w.add_rope_scaling_type(rope_scaling[0])
+        w.add_rope_scaling_factor(rope_scaling[1])
     if vocab_kind == "llama":
         import sentencepiece as spm
 
@@ -222,6 +228,48 @@ def test_gguf_quant_types(tmp_path, spm_path, qname):
                     "--dequantize"]) == 0
         dense = torch.load(tmp_path / "dense" / "consolidated.00.pth", weights_only=True)
         assert all(torch.equal(dense[k], t) for k, t in held.items())
+
+
+def test_gguf_rope_scaling(tmp_path, spm_path, capsys):
+    """A GGUF with linear rope scaling (llama.cpp's rope.scaling.type/factor; the older rope.scale_linear too)
+    converts into params.json's rope_scaling and runs as HF's linear scaling does; YaRN is refused in one line
+    (it used to be converted silently without any scaling)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    params = {**TINY, "vocab_size": 320, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    weights = random_weights(params, 320, seed=5)
+    held = write_gguf(tmp_path / "lin.gguf", params, weights, Q.F32, "llama", spm_path,
+                      rope_scaling=(gguf.RopeScalingType.LINEAR, 4.0))
+    assert cli(["convert", "--src", str(tmp_path / "lin.gguf"), "--out", str(tmp_path / "lin")]) == 0
+    meta = json.loads((tmp_path / "lin" / "params.json").read_text())
+    assert meta["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    scaled = to_hf(meta, held, 320)
+    greedy_vs_hf(tmp_path / "lin", scaled)
+    plain = to_hf(params, held, 320)  # and it is not the unscaled model
+    ids = torch.arange(3, 43)[None]
+    with torch.no_grad():
+        assert not torch.allclose(scaled(ids).logits, plain(ids).logits, atol=1e-3)
+    write_gguf(tmp_path / "yarn.gguf", params, weights, Q.F32, "llama", spm_path,
+               rope_scaling=(gguf.RopeScalingType.YARN, 4.0))
+    capsys.readouterr()
+    assert cli(["convert", "--src", str(tmp_path / "yarn.gguf"), "--out", str(tmp_path / "yarn")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "uses rope scaling 'yarn', which llama-cli does not support" in err, err
+
+
+@pytest.mark.parametrize("scaling,use,needle", [
+    ({"rope_type": "yarn", "factor": 4.0}, False, "rope_scaling of type 'yarn' is not supported"),
+    ({"rope_type": "linear"}, False, "rope_scaling needs a positive number as its factor, got 1.0"),
+    ({"rope_type": "linear", "factor": -2}, False, "needs a positive number as its factor, got -2"),
+    ({"rope_type": "linear", "factor": 2.0}, True, "rope_scaling of type 'linear' is not supported"),
+])
+def test_params_rope_scaling_refusals(scaling, use, needle):
+    from llama_cli.errors import UserError
+    from llama_cli.model import ModelArgs
+
+    with pytest.raises(UserError, match=needle):
+        ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, rope_scaling=scaling, use_scaled_rope=use)
 
 
 def test_gguf_sentencepiece_vocab_is_rebuilt(tmp_path, spm_path):

@@ -76,6 +76,13 @@ def params_from_gguf(reader, path: str) -> dict:
         params["ffn_hidden_dim"] = hidden
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         params["use_scaled_rope"] = True  # llama.cpp keeps Llama 3.1's rope scaling as a tensor
+    kind = field(reader, "llama.rope.scaling.type", "none")
+    factor = field(reader, "llama.rope.scaling.factor", field(reader, "llama.rope.scale_linear", 1.0))
+    if kind == "linear" or (kind == "none" and factor not in (None, 0, 1)):  # older files: scale_linear only
+        params["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    elif kind != "none":
+        raise UserError(f"{path} uses rope scaling '{kind}', which llama-cli does not support (linear and "
+                        "Llama 3.1's are)")
     context = field(reader, "llama.context_length", None)
     if context:
         params["context_length"] = int(context)

@@ -68,8 +68,10 @@ def params_from_config(cfg: dict) -> dict:
         params["use_scaled_rope"] = True
         params["rope_scaling"] = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                           "original_max_position_embeddings") if k in scaling}
+    elif kind == "linear":
+        params["rope_scaling"] = {"rope_type": "linear", "factor": float(scaling["factor"])}
     elif kind not in ("default", None):
-        raise UserError(f"config.json rope scaling of type '{kind}' is not supported (only llama3)")
+        raise UserError(f"config.json rope scaling of type '{kind}' is not supported (llama3 and linear are)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError("config.json asks for attention or MLP biases, which LLaMA checkpoints do not have")
     if isinstance(cfg.get("max_position_embeddings"), int) and cfg["max_position_embeddings"] > 0:
