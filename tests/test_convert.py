@@ -124,9 +124,11 @@ def gguf_name(meta):
     return f"blk.{i}.{GGUF_NAMES['.'.join(mid)]}.weight"
 
 
-def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="llama", rope_scaling=None):
+def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="llama", rope_scaling=None,
+               extra=None):
     """A GGUF like llama.cpp writes: Meta's rotary layout, weights quantized as `qtype`. Returns the
-    weights as the file holds them (dequantized), in Meta naming. rope_scaling: (gguf.RopeScalingType, factor)."""
+    weights as the file holds them (dequantized), in Meta naming. rope_scaling: (gguf.RopeScalingType, factor);
+    extra: called with the writer to add more metadata."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
@@ -143,6 +145,8 @@ def write_gguf(path, params, weights, qtype, vocab_kind, tokenizer_src, arch="ll
     if rope_scaling is not None:
         w.add_rope_scaling_type(rope_scaling[0])
         w.add_rope_scaling_factor(rope_scaling[1])
+    if extra is not None:
+        extra(w)
     if vocab_kind == "llama":
         import sentencepiece as spm
 
@@ -256,6 +260,29 @@ def test_gguf_rope_scaling(tmp_path, spm_path, capsys):
     assert cli(["convert", "--src", str(tmp_path / "yarn.gguf"), "--out", str(tmp_path / "yarn")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "uses rope scaling 'yarn', which llama-cli does not support" in err, err
+
+
+@pytest.mark.parametrize("add,needle", [
+    (lambda w: w.add_expert_count(8), "is a mixture of 8 experts (Mixtral-style); only dense llama models convert"),
+    (lambda w: w.add_rope_dimension_count(8), "has llama.rope.dimension_count = 8, not the head size 16"),
+    (lambda w: w.add_key_length(32), "has llama.attention.key_length = 32, not the head size 16"),
+    (lambda w: w.add_value_length(32), "has llama.attention.value_length = 32, not the head size 16"),
+], ids=["experts", "partial-rotary", "key-length", "value-length"])
+def test_gguf_variants_that_are_not_llama_are_refused(tmp_path, spm_path, capsys, add, needle):
+    """Metadata that changes the model in ways LLaMA's has no place for is refused by name (before, a file with
+    rotary over part of each head, say, converted into a model that rotated all of it)."""
+    from gguf import GGMLQuantizationType as Q
+
+    params = {**TINY, "vocab_size": 320, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    write_gguf(tmp_path / "m.gguf", params, random_weights(params, 320), Q.F32, "llama", spm_path, extra=add)
+    assert cli(["convert", "--src", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    # the same keys at LLaMA's values convert
+    write_gguf(tmp_path / "ok.gguf", params, random_weights(params, 320), Q.F32, "llama", spm_path,
+               extra=lambda w: (w.add_rope_dimension_count(16), w.add_key_length(16), w.add_value_length(16),
+                                w.add_expert_count(0)))
+    assert cli(["convert", "--src", str(tmp_path / "ok.gguf"), "--out", str(tmp_path / "ok")]) == 0
 
 
 @pytest.mark.parametrize("scaling,use,needle", [

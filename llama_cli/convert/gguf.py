@@ -74,6 +74,7 @@ def params_from_gguf(reader, path: str) -> dict:
         raise UserError(f"{path} lacks model metadata ({e}); not a complete llama GGUF") from None
     if ffn_hidden_dim(dim, 256, None) != hidden:
         params["ffn_hidden_dim"] = hidden
+    _check_shape_keys(reader, path, dim // params["n_heads"])
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         params["use_scaled_rope"] = True  # llama.cpp keeps Llama 3.1's rope scaling as a tensor
     kind = field(reader, "llama.rope.scaling.type", "none")
@@ -87,6 +88,21 @@ def params_from_gguf(reader, path: str) -> dict:
     if context:
         params["context_length"] = int(context)
     return params
+
+
+def _check_shape_keys(reader, path: str, head_dim: int) -> None:
+    """Refuse, by name, the llama-architecture variants whose metadata changes the model in ways LLaMA's
+    does not have (they would otherwise convert into a different model): experts, head sizes other than
+    dim/n_heads, rotary over part of each head."""
+    experts = field(reader, "llama.expert_count", 0)
+    if experts:
+        raise UserError(f"{path} is a mixture of {int(experts)} experts (Mixtral-style); only dense llama models "
+                        "convert")
+    for key in ("llama.attention.key_length", "llama.attention.value_length", "llama.rope.dimension_count"):
+        value = field(reader, key, head_dim)
+        if int(value) != head_dim:
+            raise UserError(f"{path} has {key} = {int(value)}, not the head size {head_dim} (embedding_length / "
+                            "head_count) that LLaMA models have; such models are not supported")
 
 
 def meta_name(name: str) -> str | None:
