@@ -106,6 +106,14 @@ def test_hf_refusals(tmp_path, capsys):
     (tmp_path / "f.bin").write_bytes(b"not gguf")
     assert cli(["convert", "--src", str(tmp_path / "f.bin"), "--out", str(tmp_path / "o")]) == 2
     assert "neither a GGUF" in capsys.readouterr().err
+    gelu = tmp_path / "gelu"  # a llama config with another activation: it would run as another model
+    gelu.mkdir()
+    (gelu / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
+                                                  "num_attention_heads": 4, "vocab_size": 320,
+                                                  "intermediate_size": 176, "hidden_act": "gelu"}))
+    assert cli(["convert", "--src", str(gelu), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json's hidden_act is 'gelu'; LLaMA's feed-forward uses silu" in err, err
 
 
 # --- GGUF ----------------------------------------------------------------------------------------------

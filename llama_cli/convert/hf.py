@@ -74,6 +74,9 @@ def params_from_config(cfg: dict) -> dict:
         raise UserError(f"config.json rope scaling of type '{kind}' is not supported (llama3 and linear are)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError("config.json asks for attention or MLP biases, which LLaMA checkpoints do not have")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"config.json's hidden_act is {cfg['hidden_act']!r}; LLaMA's feed-forward uses silu, so this "
+                        "model would run as another one")
     if isinstance(cfg.get("max_position_embeddings"), int) and cfg["max_position_embeddings"] > 0:
         params["context_length"] = cfg["max_position_embeddings"]
     return params
