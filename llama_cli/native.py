@@ -105,9 +105,17 @@ def _load() -> None:
     lib = build / "llama_cli_native.so"
     start = time.perf_counter()
     done = build / "ready"  # written once a build has finished (processes may build at the same time)
+    loaded = False
     if done.is_file() and lib.is_file():
-        torch.ops.load_library(str(lib))
-    else:
+        try:
+            torch.ops.load_library(str(lib))
+            loaded = True
+        except OSError as e:  # a kept build damaged on disk: built again below (ninja would keep the file)
+            log.info("our kept CPU kernels in %s would not load (%s); building them again", build,
+                     (str(e).splitlines() or [type(e).__name__])[0])
+            done.unlink(missing_ok=True)
+            lib.unlink(missing_ok=True)
+    if not loaded:
         try:  # the ninja that pip installs with us, even where its folder is not on PATH (an unactivated venv)
             import ninja
 

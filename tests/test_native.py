@@ -166,6 +166,31 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, spm_path, monkeypatc
     assert len(llama.generate([ids], max_gen_len=4, temperature=0)[0][0]) == 4
 
 
+def test_a_damaged_kept_build_is_built_again(tmp_path):
+    """A kept library that no longer loads (damaged on disk) is built again, once, instead of leaving every
+    later run on the portable path (ninja alone would keep the file: its inputs have not changed)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    if not native.ready():
+        pytest.skip("our CPU kernels do not build on this machine")
+    kept = native._build_dir()
+    copy = tmp_path / "cache" / "native" / kept.name
+    shutil.copytree(kept, copy)
+    (copy / "llama_cli_native.so").write_bytes(os.urandom(4096))
+    probe = "import logging, sys; logging.basicConfig(stream=sys.stderr, level=logging.INFO); " \
+            "from llama_cli import native; print(native.ready())"
+    env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path / "cache")}
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.stdout.strip() == "True", proc.stderr
+        assert ("would not load" in proc.stderr) == (attempt == 0), proc.stderr  # the second run loads it
+
+
 CHECK_ANOTHER_ISA = r"""
 import sys
 import torch
