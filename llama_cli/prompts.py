@@ -194,6 +194,7 @@ def _from_object(obj, where: str, index: int, defaults: Settings) -> PromptReque
     if not isinstance(obj, dict):
         raise UserError(f'{where} must be a JSON object like {{"prompt": "..."}}, not {type(obj).__name__}')
     settings = resolve(defaults, {k: obj[k] for k in KEYS if k in obj}, where)
+    _warn_unknown_keys(obj, where)
     if "messages" in obj:
         from .chat import check_dialog
 
@@ -207,12 +208,21 @@ def _from_object(obj, where: str, index: int, defaults: Settings) -> PromptReque
         raise UserError(f'{where} has no "prompt" text' + ("" if prompt is None else f" (got {json.dumps(prompt)})"))
     if not prompt.strip():
         raise UserError(f"{where} has an empty prompt; give some text to complete")
-    unknown = sorted(k for k in obj if k not in KEYS and k not in ("prompt", "id", "messages") and k not in _warned)
-    if unknown:  # extra fields are fine (metadata); say once that they are not settings, in case of a typo
-        _warned.update(unknown)
-        log.warning("%s: ignoring key(s) %s (the settings a prompt may carry: %s)", where,
-                    ", ".join(json.dumps(k) for k in unknown), ", ".join(KEYS))
     return PromptRequest(index, prompt, settings, id=obj.get("id"))
+
+
+def _warn_unknown_keys(obj: dict, where: str) -> None:
+    """Extra keys are fine (metadata kept in the file); say once per key that it is not a setting, with the
+    setting it may be a typo of."""
+    import difflib
+
+    unknown = sorted(k for k in obj if k not in KEYS and k not in ("prompt", "id", "messages") and k not in _warned)
+    if unknown:
+        _warned.update(unknown)
+        guesses = [difflib.get_close_matches(k, KEYS, n=1) for k in unknown]
+        named = ", ".join(json.dumps(k) + (f" (did you mean {json.dumps(g[0])}?)" if g else "")
+                          for k, g in zip(unknown, guesses))
+        log.warning("%s: ignoring key(s) %s (the settings a prompt may carry: %s)", where, named, ", ".join(KEYS))
 
 
 def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:

@@ -59,6 +59,28 @@ def test_overrides_apply_on_top_of_the_flags(tmp_path):
     assert b.settings == Settings(max_gen_len=32, temperature=0.7, top_p=0.8, top_k=5)
 
 
+def test_keys_that_are_not_settings_are_named_once(tmp_path, monkeypatch, caplog):
+    """Extra keys are kept as metadata, but each is named once on stderr (with the setting it may be a typo of),
+    in prompt and dialog lines alike: a misspelt "tempreature" does not pass unnoticed."""
+    import logging
+
+    import llama_cli.prompts as prompts
+
+    monkeypatch.setattr(prompts, "_warned", set())
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "tempreature": 0, "source": "x"}) + "\n"
+                 + json.dumps({"prompt": "b", "tempreature": 0}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "c"}], "max_gen_lenght": 4}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="llama_cli"):
+        a, b, c = read_prompts(None, str(f), defaults=Settings(temperature=0.7))
+    assert a.settings.temperature == 0.7  # ignored, not guessed
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f'{f} line 1: ignoring key(s) "source", "tempreature" (did you mean "temperature"?) '
+                               '(the settings a prompt may carry: max_gen_len, temperature, '), lines
+    assert 'line 3: ignoring key(s) "max_gen_lenght" (did you mean "max_gen_len"?)' in lines[1], lines
+
+
 def test_resolve_normalises_and_names_the_origin():
     s = resolve(Settings(), {"temperature": 1, "stop": "x", "top_k": None}, "here")
     assert s.temperature == 1.0 and isinstance(s.temperature, float) and s.stop == ("x",) and s.top_k == 0
