@@ -274,7 +274,11 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS) -> list[st
             i += 1
             continue
         if name not in params:
-            raise UserError(f"unknown flag {flag}; see llama-cli --help for the flags")
+            import difflib
+
+            guess = difflib.get_close_matches(name, list(params), n=1)
+            hint = f"did you mean --{guess[0]}? " if guess else ""
+            raise UserError(f"unknown flag {flag}; {hint}see llama-cli --help for the flags")
         if not eq:
             if i + 1 >= len(argv):
                 raise UserError(f"{flag} needs a value")
