@@ -103,10 +103,11 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
 
     if ckpt_dir is None or text_file is None:
         raise UserError("perplexity needs --ckpt_dir (the model) and --text_file (the text to score)")
-    for name, value in (("ctx", ctx), ("max_batch_size", max_batch_size)) + ((("stride", stride),) if stride else ()):
+    given = (("stride", stride),) if stride is not None else ()  # 0 is refused, not taken for the default
+    for name, value in (("ctx", ctx), ("max_batch_size", max_batch_size)) + given:
         if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "ctx" else 1):
             raise UserError(f"--{name} must be an integer >= {2 if name == 'ctx' else 1}, got {value!r}")
-    stride = stride or ctx
+    stride = ctx if stride is None else stride
     if stride > ctx:
         raise UserError(f"--stride {stride} is larger than --ctx {ctx}: tokens between windows would be skipped")
     if output not in ("text", "jsonl"):

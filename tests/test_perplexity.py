@@ -72,6 +72,7 @@ def test_windows_cover_every_token_once():
 
 @pytest.mark.parametrize("args,needle", [
     (["--ctx", "1"], "--ctx must be an integer >= 2"), (["--stride", "900"], "larger than --ctx"),
+    (["--stride", "0"], "--stride must be an integer >= 1, got 0"),
     (["--text_file", "/nonexistent.txt"], "does not exist"), (["--output", "xml"], "--output"),
 ])
 def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
