@@ -375,6 +375,9 @@ def test_quantize_refusals(tmp_path, spm_path, capsys):
     assert "--group_size 128 does not divide the input size 64" in capsys.readouterr().err
     assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "b"), "--mode", "int2"]) == 2
     assert "int8 or int4" in capsys.readouterr().err
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "b"), "--mode", "int8",
+                "--shards", "0"]) == 2  # not taken for the default
+    assert "--shards must be a positive integer, got 0" in capsys.readouterr().err
     assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "c"), "--mode", "int8"]) == 0
     capsys.readouterr()
     assert cli(["quantize", "--ckpt_dir", str(tmp_path / "c"), "--out", str(tmp_path / "d"), "--mode", "int8"]) == 2

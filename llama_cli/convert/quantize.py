@@ -64,7 +64,7 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
     reader = checkpoint.CheckpointReader(files, args)
     stored = reader.shard(0)["norm.weight"].dtype
     target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
-    writer = CheckpointWriter(out, shards or len(files), target, args)
+    writer = CheckpointWriter(out, len(files) if shards is None else shards, target, args)  # 0 is refused there
 
     emb_mode, emb_group = embedding_form(args.dim)
 
