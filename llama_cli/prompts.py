@@ -96,13 +96,15 @@ def read_prompts(prompts: Optional[list], prompts_file: Optional[str], stdin: IO
     if prompts_file and prompts_file != "-":
         if os.path.isdir(prompts_file):
             raise UserError(f"--prompts_file {prompts_file} is a folder; give a .txt, .jsonl or .json file")
-        if not os.path.isfile(prompts_file):
+        if not os.path.exists(prompts_file):
             raise UserError(f"prompts file {prompts_file} does not exist")
         lower = prompts_file.lower()
         if lower.endswith(".json"):
             return _read_json_array(prompts_file, defaults)
+        # a pipe (a shell's <(command), a FIFO) is read as standard input is: JSONL if it starts like it
+        kind = "jsonl" if lower.endswith(".jsonl") else "text" if os.path.isfile(prompts_file) else "auto"
         with open(prompts_file, "rb") as f:
-            return _read_lines(f, prompts_file, "jsonl" if lower.endswith(".jsonl") else "text", defaults)
+            return _read_lines(f, prompts_file, kind, defaults)
     stdin = stdin if stdin is not None else sys.stdin
     if not prompts_file and (stdin is None or stdin.isatty()):
         raise UserError("no prompt given; pass --prompt TEXT, --prompts_file FILE (.txt, .jsonl or .json), "

@@ -81,6 +81,23 @@ def test_keys_that_are_not_settings_are_named_once(tmp_path, monkeypatch, caplog
     assert 'line 3: ignoring key(s) "max_gen_lenght" (did you mean "max_gen_len"?)' in lines[1], lines
 
 
+def test_a_pipe_as_prompts_file(tmp_path):
+    """--prompts_file <(command) in a shell is a pipe (/dev/fd/N): read as standard input is (JSONL where its
+    first line is a prompt object, else one prompt a line); it used to be refused as not existing."""
+    import os
+    import threading
+
+    for text, want in [('{"prompt": "a", "max_gen_len": 3}\n{"prompt": "b"}\n', [("a", 3), ("b", 32)]),
+                       ("first line\nsecond line\n", [("first line", 32), ("second line", 32)])]:
+        fifo = tmp_path / f"pipe{len(want)}{len(text)}"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)
+        writer.start()
+        got = read_prompts(None, str(fifo), defaults=Settings(max_gen_len=32))
+        writer.join()
+        assert [(r.prompt, r.settings.max_gen_len) for r in got] == want
+
+
 def test_resolve_normalises_and_names_the_origin():
     s = resolve(Settings(), {"temperature": 1, "stop": "x", "top_k": None}, "here")
     assert s.temperature == 1.0 and isinstance(s.temperature, float) and s.stop == ("x",) and s.top_k == 0
