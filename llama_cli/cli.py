@@ -35,6 +35,11 @@ def check_output_file(path: Optional[str], resume: bool) -> None:
         return
     if os.path.isdir(path):
         raise UserError(f"--output_file {path} is a folder; give a file path")
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe (>(command), a FIFO): opened once, by the
+        # writer (opening it here too would end a FIFO's reader)
+        if resume:
+            raise UserError(f"--resume reads back --output_file, and {path} is not a file (a pipe?); give a file")
+        return
     if os.path.exists(path) and os.path.getsize(path) > 0 and not resume:
         raise UserError(f"--output_file {path} already holds results; pass --resume to continue it, "
                         "or choose another file")

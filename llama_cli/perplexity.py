@@ -57,8 +57,10 @@ def score(llama, ids: list[int], ctx: int, stride: int, batch: int, progress=Non
 
 
 def read_text(text_file: str) -> str:
-    if not os.path.isfile(text_file):
+    if not os.path.exists(text_file):  # (a pipe, a shell's <(command), reads as a file does)
         raise UserError(f"--text_file {text_file} does not exist")
+    if os.path.isdir(text_file):
+        raise UserError(f"--text_file {text_file} is a folder; give a text file")
     try:
         with open(text_file, encoding="utf-8") as f:
             text = f.read()

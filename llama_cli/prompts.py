@@ -279,6 +279,8 @@ class ResultWriter:
                  expected: list[int]):
         self.fmt, self.stdout, self.echo = fmt, stdout, echo
         self.file = open(output_file, "a", encoding="utf-8") if output_file else None
+        # fsync where the file is a file: a pipe (a shell's >(command)) or a device has nothing to sync
+        self.sync = self.file is not None and os.path.isfile(output_file)
         self.expected = list(expected)  # indices to print, in order
         self.next = 0
         self.pending: dict[int, Result] = {}
@@ -287,7 +289,8 @@ class ResultWriter:
         if self.file is not None:
             self.file.write(self.format(result))
             self.file.flush()
-            os.fsync(self.file.fileno())
+            if self.sync:
+                os.fsync(self.file.fileno())
         self.pending[result.request.index] = result
         while self.next < len(self.expected) and self.expected[self.next] in self.pending:
             r = self.pending.pop(self.expected[self.next])

@@ -166,6 +166,27 @@ def test_output_file_and_resume_after_kill(ckpt, tmp_path):
     assert again.returncode == 0 and again.stdout == ""
 
 
+def test_output_file_can_be_a_pipe(capsys, ckpt, tmp_path):
+    """--output_file >(gzip > out.gz) in a shell is a pipe: results go through it (they used to, then the run
+    failed on the flush to disk, which a pipe does not take)."""
+    import os
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_text()), daemon=True)
+    reader.start()
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--prompt", "there", "--output", "jsonl",
+                             "--output_file", pipe, *BASE)
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert sorted(r["index"] for r in jsonl(got[0])) == [0, 1] and jsonl(got[0]) == jsonl(out)
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output", "jsonl", "--output_file", pipe,
+                           "--resume", *BASE)  # nothing to read back from a pipe
+    assert code == 2 and "--resume reads back --output_file, and" in err and "is not a file (a pipe?)" in err
+
+
 def test_sigterm_ends_a_run_like_ctrl_c(ckpt, tmp_path):
     """kill / a job scheduler's time limit: the interrupt's one-line message, no traceback, exit 143, and the
     results written so far kept for --resume."""

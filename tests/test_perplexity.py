@@ -72,7 +72,7 @@ def test_windows_cover_every_token_once():
 
 @pytest.mark.parametrize("args,needle", [
     (["--ctx", "1"], "--ctx must be an integer >= 2"), (["--stride", "900"], "larger than --ctx"),
-    (["--stride", "0"], "--stride must be an integer >= 1, got 0"),
+    (["--stride", "0"], "--stride must be an integer >= 1, got 0"), (["--text_file", "/"], "is a folder"),
     (["--text_file", "/nonexistent.txt"], "does not exist"), (["--output", "xml"], "--output"),
 ])
 def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
@@ -82,6 +82,24 @@ def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_text_from_a_pipe(tmp_path, spm_path, capsys):
+    """--text_file <(command): a pipe scores as the same text in a file does (it used to be refused)."""
+    import os
+    import threading
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
+    text = " ".join(corpus(20, seed=4))
+    (tmp_path / "t.txt").write_text(text)
+    os.mkfifo(tmp_path / "pipe")
+    threading.Thread(target=lambda: (tmp_path / "pipe").write_text(text), daemon=True).start()
+    results = []
+    for source in ("pipe", "t.txt"):
+        assert cli(["perplexity", "--ckpt_dir", str(folder), "--text_file", str(tmp_path / source), "--ctx", "32",
+                    "--quiet"]) == 0
+        results.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results[0] == results[1] and results[0].startswith("perplexity: ")
 
 
 def test_cache_rows_follow_the_windows(tmp_path, spm_path, capsys, monkeypatch):
