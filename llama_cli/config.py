@@ -42,7 +42,7 @@ class RunConfig:
         repetition_penalty, presence_penalty, frequency_penalty, stop) or .json (an array of such
         objects or of texts); "-" reads standard input, and a pipe such as <(command) is read as it is.
         Without --prompt or --prompts_file, prompts are read from a piped standard input, one per line
-        (JSONL when its first line is such an object).
+        (JSONL when its first line is such an object; a JSON array as a .json file is).
       temperature: sampling temperature; 0 is greedy (deterministic).
       top_p: nucleus sampling, drawing only from the most likely tokens that hold this much probability.
       top_k: also limit sampling to the k most likely tokens (0 means no limit).

@@ -130,7 +130,13 @@ def _looks_like_jsonl(line: str) -> bool:
 
 def _read_lines(lines: Iterable, name: str, kind: str, defaults: Settings) -> list[PromptRequest]:
     """kind: "text" (one prompt per line), "jsonl", or "auto" (standard input: JSONL when its first
-    line is a JSON object with a "prompt", else text)."""
+    line is a JSON object with a "prompt", a JSON array as a .json file holds when it starts with "[",
+    else text)."""
+    if kind == "auto":
+        lines = list(lines)
+        array = _whole_json_array(lines)
+        if array is not None:
+            return _json_array(array, name, defaults)
     out = []
     for lineno, raw in enumerate(lines, 1):
         if isinstance(raw, bytes):
@@ -157,13 +163,34 @@ def _read_lines(lines: Iterable, name: str, kind: str, defaults: Settings) -> li
     return out
 
 
+def _whole_json_array(lines: list) -> Optional[str]:
+    """The text of a stream that is one JSON array (as a .json file holds), else None: text lines that start
+    with "[" (say "[INST] ...") stay text lines."""
+    try:
+        text = b"".join(x if isinstance(x, bytes) else x.encode() for x in lines).decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError:
+        return None  # the line reader names the line
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        return text if isinstance(json.loads(text), list) else None
+    except json.JSONDecodeError:
+        return None
+
+
 def _read_json_array(path: str, defaults: Settings) -> list[PromptRequest]:
     """A .json file: an array of prompts, each a string or an object like a JSONL line."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; save the file as UTF-8") from None
+    return _json_array(text, path, defaults)
+
+
+def _json_array(text: str, path: str, defaults: Settings) -> list[PromptRequest]:
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); a .json prompts "
                         'file holds an array like ["first prompt", {"prompt": "second", "max_gen_len": 32}]') from None

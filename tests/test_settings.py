@@ -98,6 +98,20 @@ def test_a_pipe_as_prompts_file(tmp_path):
         assert [(r.prompt, r.settings.max_gen_len) for r in got] == want
 
 
+def test_standard_input_holding_a_json_array():
+    """Standard input (or a pipe) that is one JSON array is read as a .json file is; lines that merely start
+    with "[" (Llama 2's "[INST] ..." chat prompts) stay one prompt a line (the array used to become prompts
+    "[", '"first",' ...)."""
+    import io
+
+    array = b'[\n  "first",\n  {"prompt": "second", "max_gen_len": 3}\n]\n'
+    got = read_prompts(None, None, stdin=io.BytesIO(array), defaults=Settings(max_gen_len=32))
+    assert [(r.prompt, r.settings.max_gen_len) for r in got] == [("first", 32), ("second", 3)]
+    lines = b"[INST] one [/INST]\n[INST] two [/INST]\n"
+    got = read_prompts(None, None, stdin=io.BytesIO(lines), defaults=Settings())
+    assert [r.prompt for r in got] == ["[INST] one [/INST]", "[INST] two [/INST]"]
+
+
 def test_resolve_normalises_and_names_the_origin():
     s = resolve(Settings(), {"temperature": 1, "stop": "x", "top_k": None}, "here")
     assert s.temperature == 1.0 and isinstance(s.temperature, float) and s.stop == ("x",) and s.top_k == 0
