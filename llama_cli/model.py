@@ -53,6 +53,7 @@ class ModelArgs:
     # Derived in __post_init__.
     head_dim: int = field(init=False)
     hidden_dim: int = field(init=False)
+    rope_kind: Optional[str] = field(init=False)  # None, "llama3" or "linear"
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -64,7 +65,7 @@ class ModelArgs:
             raise UserError(f"params.json: 'context_length' must be a positive integer, got {self.context_length}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise UserError("params.json: 'norm_eps' and 'rope_theta' must be positive")
-        kind = (self.rope_scaling or {}).get("rope_type", "llama3" if self.use_scaled_rope else None)
+        self.rope_kind = kind = (self.rope_scaling or {}).get("rope_type", "llama3" if self.use_scaled_rope else None)
         factor = (self.rope_scaling or {}).get("factor", 8.0 if kind == "llama3" else 1.0)
         if kind not in (None, "llama3", "linear") or (kind == "llama3") != self.use_scaled_rope:
             raise UserError(f"params.json: rope_scaling of type {kind!r} is not supported (llama3, with "
@@ -96,9 +97,9 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), with Llama 3.1's long-context scaling or linear scaling if asked."""
     even = torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float64)
     freqs = 1.0 / (args.rope_theta ** (even / args.head_dim))
-    if (args.rope_scaling or {}).get("rope_type") == "linear":
+    if args.rope_kind == "linear":
         freqs = freqs / args.rope_scaling["factor"]
-    elif args.use_scaled_rope:
+    elif args.rope_kind == "llama3":
         sc = args.rope_scaling or {}
         freqs = scale_rope_frequencies(freqs, factor=sc.get("factor", 8.0),
                                        low_freq_factor=sc.get("low_freq_factor", 1.0),

@@ -41,14 +41,9 @@ class ModelParallel:
     rank: int = 0
     group: Optional[Any] = None  # a torch.distributed ProcessGroup when world_size > 1
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(x, group=self.group)
-        return x
-
-    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(x, op=op, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:

@@ -166,12 +166,14 @@ def _read_lines(lines: Iterable, name: str, kind: str, defaults: Settings) -> li
 def _whole_json_array(lines: list) -> Optional[str]:
     """The text of a stream that is one JSON array (as a .json file holds), else None: text lines that start
     with "[" (say "[INST] ...") stay text lines."""
+    first = next((x for x in lines if x.strip()), b"")
+    head = first if isinstance(first, str) else first.decode("utf-8", errors="replace")
+    if not head.lstrip("\ufeff").lstrip().startswith("["):
+        return None  # the common case: no copy of the whole stream
     try:
         text = b"".join(x if isinstance(x, bytes) else x.encode() for x in lines).decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError:
         return None  # the line reader names the line
-    if not text.lstrip().startswith("["):
-        return None
     try:
         return text if isinstance(json.loads(text), list) else None
     except json.JSONDecodeError:

@@ -78,7 +78,7 @@ def quantize(w: torch.Tensor, mode: str, group_size: int, mp=None) -> tuple[torc
     if mode == "int8":
         absmax = wf.abs().amax(-1)  # (out, n_groups)
         if mp is not None and not group_size:
-            absmax = mp.all_reduce_max(absmax)
+            absmax = mp.all_reduce(absmax, torch.distributed.ReduceOp.MAX)
         scale = absmax.clamp_min(1e-12) / 127
         q = torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(out, inp)
         return q, scale, None
