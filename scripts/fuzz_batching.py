@@ -95,23 +95,31 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
     return found
 
 
-def fuzz(seconds: float = 120, trials: int = 0, seed: int = 0, device: str = "cpu", spm: Path = None,
-         dtype=None, quantize: bool = True) -> tuple[int, Counter, list[str]]:
-    """Trials until `seconds` have passed (or exactly `trials` of them, where given): (trials run, counts,
-    differences). spm: a SentencePiece tokenizer (default: trained afresh, as the tests do); dtype, quantize:
-    as trial's."""
+def run_trials(one, seconds: float = 120, trials: int = 0, seed: int = 0, spm: Path = None) -> tuple[int, list]:
+    """one(rng, folder, spm, n), a trial returning the differences it found as lines, until `seconds` have
+    passed (or exactly `trials` times, where given), each printed as found: (trials run, differences). spm: a
+    SentencePiece tokenizer (default: trained afresh, as the tests do). scripts/fuzz_processes.py runs its
+    trials through this too."""
     from helpers import train_sentencepiece
 
-    stats, found, n = Counter(), [], 0
+    found, n = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         spm = spm or train_sentencepiece(Path(tmp) / "tokenizer.model")
         deadline = time.time() + seconds
         while n < trials if trials else time.time() < deadline:
-            for line in trial(random.Random(seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, device, stats,
-                              dtype, quantize):
+            for line in one(random.Random(seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, n):
                 print(f"trial {n}: {line}", flush=True)
                 found.append(line)
             n += 1
+    return n, found
+
+
+def fuzz(seconds: float = 120, trials: int = 0, seed: int = 0, device: str = "cpu", spm: Path = None,
+         dtype=None, quantize: bool = True) -> tuple[int, Counter, list[str]]:
+    """run_trials of trial: (trials run, counts, differences); dtype, quantize: as trial's."""
+    stats = Counter()
+    n, found = run_trials(lambda rng, folder, spm, _: trial(rng, folder, spm, device, stats, dtype, quantize),
+                          seconds, trials, seed, spm)
     return n, stats, found
 
 

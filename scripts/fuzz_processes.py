@@ -16,8 +16,6 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,17 +75,10 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=0, help="run exactly this many trials instead (reproducible)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    from helpers import train_sentencepiece
+    from fuzz_batching import run_trials
 
-    found, n = [], 0
-    with tempfile.TemporaryDirectory() as tmp:
-        spm = train_sentencepiece(Path(tmp) / "tokenizer.model")
-        deadline = time.time() + a.seconds
-        while n < a.trials if a.trials else time.time() < deadline:
-            for line in trial(random.Random(a.seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, 29500 + n % 400):
-                print(f"trial {n}: {line}", flush=True)
-                found.append(line)
-            n += 1
+    n, found = run_trials(lambda rng, folder, spm, i: trial(rng, folder, spm, 29500 + i % 400), a.seconds,
+                          a.trials, a.seed)
     print(f"{n} trials; {len(found)} differences")
     return 1 if found else 0
 
