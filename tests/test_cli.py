@@ -135,6 +135,16 @@ def test_cache_rows_follow_the_prompts(capsys, ckpt, tmp_path, monkeypatch):
     assert rows == [1, 2, 3]
 
 
+def run_until_results(args, out, n):
+    """llama-cli started with `args` (stderr piped, as text), returned once `out` holds n result lines."""
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cli", *map(str, args)], env=subprocess_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < n):
+        time.sleep(0.05)
+    return proc
+
+
 def test_output_file_and_resume_after_kill(ckpt, tmp_path):
     n = 40
     f = tmp_path / "p.jsonl"
@@ -143,11 +153,7 @@ def test_output_file_and_resume_after_kill(ckpt, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--output_file", out,
             "--max_batch_size", "1", "--max_seq_len", "128", "--max_gen_len", "48", "--temperature", "0", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cli", *map(str, args)], env=subprocess_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
-        time.sleep(0.05)
+    proc = run_until_results(args, out, 5)
     proc.kill()
     proc.wait()
     partial = out.read_text().count("\n")
@@ -195,11 +201,7 @@ def test_sigterm_ends_a_run_like_ctrl_c(ckpt, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--output_file", out,
             "--max_batch_size", "1", "--max_seq_len", "128", "--max_gen_len", "48", "--temperature", "0", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cli", *map(str, args)], env=subprocess_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
-        time.sleep(0.05)
+    proc = run_until_results(args, out, 2)
     proc.terminate()
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, err
