@@ -17,6 +17,7 @@ Exits 1 when anything differed. The tests check chosen cases and a fixed 150 of 
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -107,9 +108,11 @@ def run_trials(one, seconds: float = 120, trials: int = 0, seed: int = 0, spm: P
         spm = spm or train_sentencepiece(Path(tmp) / "tokenizer.model")
         deadline = time.time() + seconds
         while n < trials if trials else time.time() < deadline:
-            for line in one(random.Random(seed * 1_000_003 + n), Path(tmp) / f"m{n}", spm, n):
+            folder = Path(tmp) / f"m{n}"
+            for line in one(random.Random(seed * 1_000_003 + n), folder, spm, n):
                 print(f"trial {n}: {line}", flush=True)
                 found.append(line)
+            shutil.rmtree(folder, ignore_errors=True)  # a long run must not fill the disk, one model a trial
             n += 1
     return n, found
 
