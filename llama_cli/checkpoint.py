@@ -368,6 +368,12 @@ class CheckpointReader:
                 f"tensor '{name}' has shape {list(got)} in {os.path.basename(self.files[0])}, but params.json implies "
                 f"{list(full)} for the whole model in {len(self.files)} shard(s); the weights and params.json do "
                 "not match")
+        t = self.shard(0)[name]
+        want = (torch.int8, torch.uint8) if name.endswith(".q") else None
+        if (t.dtype not in want) if want else not t.is_floating_point():
+            kind = "int8 or uint8 (quantized)" if want else "floating-point"
+            raise UserError(f"tensor '{name}' in {os.path.basename(self.files[0])} holds {str(t.dtype)[6:]} values "
+                            f"where {kind} values belong; the file is damaged or not a LLaMA checkpoint")
         return src
 
     def _tensor(self, s: int, name: str, full) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import UserError
-from .settings import Settings, resolve
+from .settings import SEED_MAX, Settings, resolve
 
 
 @dataclass
@@ -154,7 +154,7 @@ class RunConfig:
                                              "frequency_penalty": self.frequency_penalty, "stop": self.stop})
         _int("max_seq_len", self.max_seq_len, minimum=2)
         _int("max_batch_size", self.max_batch_size)
-        _int("seed", self.seed, minimum=0)
+        _int("seed", self.seed, minimum=0, maximum=SEED_MAX)
         for name in ("logprobs", "echo", "resume", "stream", "strict", "quiet", "debug"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"--{name} is a switch: write --{name} or --no{name}, not --{name} "
@@ -180,9 +180,11 @@ class RunConfig:
             raise UserError("--logprobs are reported in the JSONL records; add --output jsonl")
 
 
-def _int(name, value, minimum=1):
+def _int(name, value, minimum=1, maximum=None):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise UserError(f"--{name} must be an integer <= {maximum}, got {value}")
     return value
 
 

@@ -16,7 +16,7 @@ from .engine import Engine, cache_length, decide_compile, decide_graphs
 from .errors import UserError
 from .model import Transformer, check_parallel
 from .sampling import Sampler
-from .settings import Settings, resolve
+from .settings import SEED_MAX, Settings, resolve
 from .stopping import StopText
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -153,8 +153,8 @@ class Llama:
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
         _positive_int("max_batch_size", max_batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise UserError(f"seed must be an integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise UserError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
         world_size, rank, local_rank = distributed.world()
         device = pick_device(device, local_rank)
         default_dtype = dtype is None or dtype == "auto"

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from .errors import UserError
 
+SEED_MAX = 2**64 - 1  # the largest seed torch's generators take
+
 
 @dataclass(frozen=True)
 class Settings:

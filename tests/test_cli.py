@@ -293,6 +293,12 @@ def bad_folder(tmp_path, spm_path, kind):
         (folder / "tokenizer.model").write_bytes(b"\x00garbage" * 100)
     elif kind == "vocab_mismatch":
         (folder / "params.json").write_text(json.dumps({**TINY, "vocab_size": 1000}))
+    elif kind == "integer_weights":  # right names and shapes, but no weights
+        import torch
+
+        sd = torch.load(folder / "consolidated.00.pth", weights_only=True)
+        sd["layers.0.attention.wq.weight"] = sd["layers.0.attention.wq.weight"].to(torch.int32)
+        torch.save(sd, folder / "consolidated.00.pth")
     return folder
 
 
@@ -311,6 +317,7 @@ def assert_one_line_error(code, err, want_code, *needles):
     ("params_wrong_types", "'n_heads' must be int"), ("weights_mismatch", "do not match"),
     ("no_tokenizer", "does not exist"), ("not_a_tokenizer", "not a readable tokenizer"),
     ("vocab_mismatch", "vocab_size=1000"),
+    ("integer_weights", "'layers.0.attention.wq.weight' in consolidated.00.pth holds int32 values"),
 ])
 def test_bad_checkpoint_folders(capsys, tmp_path, spm_path, kind, needle):
     folder = bad_folder(tmp_path, spm_path, kind)
@@ -334,6 +341,7 @@ def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
     (["--temperature", "-0.5"], "--temperature"), (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"),
     (["--max_gen_len", "0"], "--max_gen_len"), (["--max_gen_len", "ten"], "--max_gen_len"),
     (["--max_batch_size", "0"], "--max_batch_size"), (["--output", "xml"], "--output"),
+    (["--seed", "-1"], "--seed must be an integer >= 0"), (["--seed", str(2**64)], "--seed must be an integer <= "),
     (["--prompt", "   "], "empty"), (["--bogus", "1"], "unknown flag --bogus; see llama-cli --help"),
     (["--tempreature", "0"], "unknown flag --tempreature; did you mean --temperature? see llama-cli --help"),
     (["--resume"], "--output_file"),

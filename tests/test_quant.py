@@ -384,6 +384,12 @@ def test_quantize_refusals(tmp_path, spm_path, capsys):
     assert "already quantized" in capsys.readouterr().err
     assert cli(["--ckpt_dir", str(tmp_path / "c"), "--prompt", "Hi", "--quantize", "int8"]) == 2
     assert "already quantized" in capsys.readouterr().err
+    sd = torch.load(tmp_path / "c" / "consolidated.00.pth", weights_only=True)  # values stored in another type
+    sd["layers.0.feed_forward.w1.weight.q"] = sd["layers.0.feed_forward.w1.weight.q"].float()
+    torch.save(sd, tmp_path / "c" / "consolidated.00.pth")
+    assert cli(["--ckpt_dir", str(tmp_path / "c"), "--prompt", "Hi"]) == 2
+    assert "'layers.0.feed_forward.w1.weight.q' in consolidated.00.pth holds float32 values where int8 or uint8 " \
+        "(quantized) values belong" in capsys.readouterr().err
     # hidden size 192: groups of 64 make 3 a row, which 2 shards would cut
     wide, _ = make_model_folder(tmp_path / "w", spm_path, {**TINY, "n_kv_heads": 4, "multiple_of": 64})
     e = tmp_path / "e"
