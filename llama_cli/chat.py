@@ -154,12 +154,17 @@ def read_template(tokenizer_path: str) -> tuple[Optional[str], dict]:
     return (template if isinstance(template, str) else None), special
 
 
+def check_choice(choice: str) -> str:
+    if choice not in FORMATS:
+        raise UserError(f"--chat_format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {choice!r}")
+    return choice
+
+
 def pick_format(tokenizer, tokenizer_path: str, choice: str = "auto"):
     """The chat format for this tokenizer: the checkpoint's template, else Meta's format of its kind."""
     from .tokenizer import SentencePieceTokenizer, TiktokenTokenizer
 
-    if choice not in FORMATS:
-        raise UserError(f"--chat_format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {choice!r}")
+    check_choice(choice)
     template, special = read_template(tokenizer_path)
     if choice == "template" or (choice == "auto" and template is not None):
         if template is None:

@@ -247,7 +247,15 @@ def setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
-def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS) -> list[str]:
+# other tools' names (llama.cpp, transformers, OpenAI's API, Meta's scripts) for flags of ours, hinted at when given
+ALIASES = {"max_seq_len": ("ctx", "max_seq_len"), "ctx_size": ("max_seq_len", "ctx"), "n_ctx": ("max_seq_len", "ctx"),
+           "context": ("max_seq_len", "ctx"), "n_predict": ("max_gen_len",), "max_new_tokens": ("max_gen_len",),
+           "max_tokens": ("max_gen_len",), "temp": ("temperature",), "model": ("ckpt_dir",),
+           "checkpoint": ("ckpt_dir",), "file": ("prompts_file", "text_file"), "batch_size": ("max_batch_size",),
+           "tokenizer": ("tokenizer_path",), "p": ("prompt",)}
+
+
+def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: str = "llama-cli") -> list[str]:
     """Check argv against fn's flags and rewrite it so fire takes text as text.
 
     fire types every value by its look (`--prompt 42` arrives as an int, `--prompt "a, b"`
@@ -281,9 +289,9 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS) -> list[st
         if name not in params:
             import difflib
 
-            guess = difflib.get_close_matches(name, list(params), n=1)
+            guess = [a for a in ALIASES.get(name, ()) if a in params] or difflib.get_close_matches(name, list(params), n=1)
             hint = f"did you mean --{guess[0]}? " if guess else ""
-            raise UserError(f"unknown flag {flag}; {hint}see llama-cli --help for the flags")
+            raise UserError(f"unknown flag {flag}; {hint}see {command} --help for the flags")
         if not eq:
             if i + 1 >= len(argv):
                 raise UserError(f"{flag} needs a value")
@@ -345,7 +353,8 @@ def _cli(argv: list[str], debug: bool) -> int:
                 return _help(fn, f"llama-cli {name}")
             setup_logging(quiet="--quiet" in argv)
             keep_quiet = "quiet" in inspect.signature(fn).parameters
-            argv = literal_args([a for a in argv if a != "--debug" and (keep_quiet or a != "--quiet")], fn, str_flags)
+            argv = literal_args([a for a in argv if a != "--debug" and (keep_quiet or a != "--quiet")], fn, str_flags,
+                                f"llama-cli {name}")
             result = fire.Fire(fn, command=argv, name=f"llama-cli {name}", serialize=lambda _: None)
             return result if isinstance(result, int) else 0
         if any(a in ("--help", "-h") for a in argv):

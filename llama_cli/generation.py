@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, compiled, distributed, memory
+from .chat import UNSAFE_ERROR, Llama2Format, check_choice, check_dialog, pick_format
 from .cpu_step import NativeStep
 from .devices import is_cuda, keeps_half_weights, pick_device, pick_dtype
 from .engine import Engine, cache_length, decide_compile, decide_graphs
@@ -155,6 +156,7 @@ class Llama:
         _positive_int("max_batch_size", max_batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise UserError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+        check_choice(chat_format)  # before the minutes a load can take
         world_size, rank, local_rank = distributed.world()
         device = pick_device(device, local_rank)
         default_dtype = dtype is None or dtype == "auto"
@@ -223,14 +225,10 @@ class Llama:
     def chat_format(self):
         """The dialog format (chat.py), picked on first use: a checkpoint without one can still complete text."""
         if self._chat_format is None:
-            from .chat import pick_format
-
             self._chat_format = pick_format(self.tokenizer, self.tokenizer_path or "", self._chat_choice)
         return self._chat_format
 
     def encode_dialog(self, dialog, where: str = "dialog") -> List[int]:
-        from .chat import check_dialog
-
         return self.chat_format.encode(check_dialog(dialog, where), self.tokenizer)
 
     def chat_completion(self, dialogs: List[List[dict]], temperature: float = 0.6, top_p: float = 0.9,
@@ -238,8 +236,6 @@ class Llama:
         """Meta's chat_completion: each dialog's assistant reply, [{"generation": {"role": "assistant",
         "content": ...}}, and with logprobs "tokens" and "logprobs"}]. With the Llama 2 format, a message
         holding its special tags gets Meta's error text as the reply instead."""
-        from .chat import UNSAFE_ERROR, Llama2Format, check_dialog
-
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         checked = [check_dialog(d, f"dialog {i}") for i, d in enumerate(dialogs)]

@@ -411,16 +411,19 @@ class Transformer(nn.Module):
         return self.prefill(tokens)
 
 
-def check_parallel(args: ModelArgs, world_size: int) -> None:
-    """Refuse model-parallel sizes that would split a head or a weight unevenly."""
+def check_parallel(args: ModelArgs, world_size: int, shards: bool = False) -> None:
+    """Refuse model-parallel sizes (with shards: shard counts to write) that would split a head or a weight
+    unevenly."""
     if world_size == 1:
         return
     if not _divides(args, world_size):
-        ok = [n for n in range(1, args.n_heads + 1) if _divides(args, n)]
-        raise UserError(
-            f"this model cannot be split over {world_size} processes (n_heads={args.n_heads}, "
-            f"n_kv_heads={args.n_kv_heads}, dim={args.dim}, vocab_size={args.vocab_size}); "
-            f"run with one of these process counts: {', '.join(map(str, ok))}")
+        top = args.n_kv_heads if shards else args.n_heads  # a shard holds whole KV heads (CheckpointWriter)
+        ok = ", ".join(str(n) for n in range(1, top + 1) if _divides(args, n))
+        why = (f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, dim={args.dim}, "
+               f"vocab_size={args.vocab_size})")
+        raise UserError(f"this model cannot be split into {world_size} shards {why}; write one of these shard counts: {ok}" if shards
+                        else f"this model cannot be split over {world_size} processes {why}; run with one of these "
+                        f"process counts: {ok}")
 
 
 def _divides(args: ModelArgs, n: int) -> bool:

@@ -168,6 +168,13 @@ def test_bad_dialog_lines_fail_before_the_model_loads(tmp_path, capsys):
     assert f'{f} line 2: message 2 has role "bot"' in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_unknown_chat_format_fails_before_the_model_loads(tmp_path, capsys):
+    for argv in (["chat"], ["--prompt", "Hi"]):
+        assert cli([*argv, "--ckpt_dir", str(tmp_path / "none"), "--chat_format", "llama9"]) == 2
+        err = capsys.readouterr().err  # no load was tried: the folder does not exist
+        assert err == "llama-cli: error: --chat_format must be auto, llama2, llama3 or template, got 'llama9'\n"
+
+
 def test_a_template_that_fails_on_a_line_names_it(tmp_path, capsys):
     path = make_hf_tokenizer(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())

@@ -344,6 +344,7 @@ def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
     (["--seed", "-1"], "--seed must be an integer >= 0"), (["--seed", str(2**64)], "--seed must be an integer <= "),
     (["--prompt", "   "], "empty"), (["--bogus", "1"], "unknown flag --bogus; see llama-cli --help"),
     (["--tempreature", "0"], "unknown flag --tempreature; did you mean --temperature? see llama-cli --help"),
+    (["--max_new_tokens", "9"], "did you mean --max_gen_len?"), (["-p", "Hi"], "did you mean --prompt?"),
     (["--resume"], "--output_file"),
     (["--stream", "--prompt", "two"], "--stream"),
     (["--prompt", "word " * 100], "max_seq_len"),

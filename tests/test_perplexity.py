@@ -74,6 +74,7 @@ def test_windows_cover_every_token_once():
     (["--ctx", "1"], "--ctx must be an integer >= 2"), (["--stride", "900"], "larger than --ctx"),
     (["--stride", "0"], "--stride must be an integer >= 1, got 0"), (["--text_file", "/"], "is a folder"),
     (["--text_file", "/nonexistent.txt"], "does not exist"), (["--output", "xml"], "--output"),
+    (["--max_seq_len", "64"], "unknown flag --max_seq_len; did you mean --ctx? see llama-cli perplexity --help"),
 ])
 def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)

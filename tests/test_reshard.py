@@ -24,7 +24,9 @@ def test_reshard_round_trip(tmp_path, spm_path, tiny_ckpt, capsys):
 def test_reshard_refusals(tmp_path, tiny_ckpt, capsys):
     folder = tiny_ckpt[0]
     assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(tmp_path / "x"), "--shards", "3"]) == 2
-    assert "cannot be split over 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot be split into 3 shards (n_heads=4, n_kv_heads=2, dim=64, vocab_size=" in err
+    assert err.endswith("write one of these shard counts: 1, 2\n")  # 4 would cut a KV head
     assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(tmp_path / "x"), "--shards", "4"]) == 2
     assert "2 KV heads" in capsys.readouterr().err
     assert cli(["reshard", "--ckpt_dir", str(folder), "--out", str(folder), "--shards", "1"]) == 2

@@ -38,7 +38,7 @@ class CheckpointWriter:
     def __init__(self, out: str, n_shards: int, dtype: torch.dtype, args: ModelArgs):
         if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
             raise UserError(f"--shards must be a positive integer, got {n_shards!r}")
-        check_parallel(args, n_shards)
+        check_parallel(args, n_shards, shards=True)
         if n_shards > args.n_kv_heads:
             raise UserError(f"cannot write {n_shards} shards: the model has {args.n_kv_heads} KV heads and a shard "
                             f"must hold whole ones; write at most {args.n_kv_heads} shards, and run on {n_shards} "
