@@ -289,7 +289,8 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
         if name not in params:
             import difflib
 
-            guess = [a for a in ALIASES.get(name, ()) if a in params] or difflib.get_close_matches(name, list(params), n=1)
+            guess = [a for a in ALIASES.get(name, ()) if a in params]
+            guess = guess or difflib.get_close_matches(name, list(params), n=1)
             hint = f"did you mean --{guess[0]}? " if guess else ""
             raise UserError(f"unknown flag {flag}; {hint}see {command} --help for the flags")
         if not eq:

@@ -421,8 +421,10 @@ def check_parallel(args: ModelArgs, world_size: int, shards: bool = False) -> No
         ok = ", ".join(str(n) for n in range(1, top + 1) if _divides(args, n))
         why = (f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, dim={args.dim}, "
                f"vocab_size={args.vocab_size})")
-        raise UserError(f"this model cannot be split into {world_size} shards {why}; write one of these shard counts: {ok}" if shards
-                        else f"this model cannot be split over {world_size} processes {why}; run with one of these "
+        if shards:
+            raise UserError(f"this model cannot be split into {world_size} shards {why}; write one of these shard "
+                            f"counts: {ok}")
+        raise UserError(f"this model cannot be split over {world_size} processes {why}; run with one of these "
                         f"process counts: {ok}")
 
 

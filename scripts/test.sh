@@ -7,7 +7,8 @@ PY=${PYTHON:-python3}
 # the environment takes about 2.5 GB (torch alone 1.3 GB unpacked), the tests' temporary files a few hundred MB
 free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
 if [ ! -x .venv/bin/python ] && [ "${free_mb:-0}" -lt 3000 ]; then
-    echo "scripts/test.sh: only ${free_mb} MB free on $(df -P . | awk 'NR == 2 {print $6}'); the test environment needs about 3 GB: free some space and run it again" >&2
+    echo "scripts/test.sh: only ${free_mb} MB free on $(df -P . | awk 'NR == 2 {print $6}');" \
+         "the test environment needs about 3 GB: free some space and run it again" >&2
     exit 1
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
