@@ -26,7 +26,7 @@ log = logging.getLogger("llama_cli")
 
 _LIST_FLAGS = ("prompt", "stop")  # repeatable: every occurrence is kept, in order
 _STR_FLAGS = ("ckpt_dir", "tokenizer_path", "prompts_file", "output", "output_file", "device", "dtype", "schedule",
-              "compile", "cuda_graphs", "chat_format", "system", "quantize")
+              "compile", "cuda_graphs", "chat_format", "system", "quantize", "kv_cache_dtype")
 
 
 def check_output_file(path: Optional[str], resume: bool) -> None:
@@ -90,7 +90,7 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, rows, seed=cfg.seed,
                         device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                         expected_tokens=work or None, chat_format=cfg.chat_format, quantize=cfg.quantize,
-                        group_size=cfg.group_size)
+                        group_size=cfg.group_size, kv_cache_dtype=cfg.kv_cache_dtype)
     load_s = time.perf_counter() - t0
     if world_size > 1:
         pending = [PromptRequest.from_json(r) for r in distributed.broadcast_json([r.to_json() for r in pending],
@@ -426,5 +426,6 @@ def _subcommands() -> dict:
             "convert": (convert, ("src", "out", "dtype")),
             "quantize": (quantize_checkpoint, ("ckpt_dir", "out", "mode", "dtype", "tokenizer_path")),
             "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype")),
-            "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "device", "dtype")),
+            "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "device", "dtype",
+                            "kv_cache_dtype")),
             "perplexity": (perplexity, ("ckpt_dir", "text_file", "tokenizer_path", "output", "device", "dtype"))}

@@ -96,10 +96,10 @@ def _reuse_isa_probe() -> None:
         pass
 
 
-def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64)) -> str:
+def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64), kv_dtype=None) -> str:
     """What the compiled step depends on: one layer's (local) shapes, the output layer, the KV cache's
-    (rows, length) (weights and caches are module state, whose shapes dynamo keeps static), the dtype,
-    the device kind, the process count and the torch version; not the layer count."""
+    (rows, length) (weights and caches are module state, whose shapes dynamo keeps static) and its type where it
+    is not dtype's, the dtype, the device kind, the process count and the torch version; not the layer count."""
     import torch
 
     attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
@@ -114,6 +114,8 @@ def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64)) -> s
             "wo": form(attn.wo), "output": form(model.output), "fused": attn.wqkv is not None, "dtype": str(dtype),
             "device": device.type, "world": model.mp.world_size, "torch": torch.__version__,
             "cache": list(cache_shape)}
+    if kv_dtype is not None and kv_dtype != dtype:
+        desc["kv_dtype"] = str(kv_dtype)
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 

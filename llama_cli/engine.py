@@ -209,12 +209,12 @@ class _PrefillGraph:
 
 class Engine:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, *, compile: bool = False,
-                 cuda_graphs: bool = False, compile_key: Optional[str] = None):
+                 cuda_graphs: bool = False, compile_key: Optional[str] = None, kv_dtype: Optional[torch.dtype] = None):
         self.model = model
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = model.device
         self.cache_len = cache_length(max_seq_len)
-        model.allocate_cache(max_batch_size, self.cache_len)
+        model.allocate_cache(max_batch_size, self.cache_len, kv_dtype)  # None: the activations' dtype
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
         self.compile_key = compile_key

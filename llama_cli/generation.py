@@ -129,6 +129,18 @@ def _compiling(model, weights: str, compile, device, max_batch_size: int, key: s
     return compiling
 
 
+def _kv_dtype(requested, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's type: `requested` ("fp32", "bf16", "fp16" or a torch dtype), or the activations' dtype
+    for None or "auto"."""
+    if requested is None or requested == "auto":
+        return dtype
+    if isinstance(requested, torch.dtype) and requested in (torch.float32, torch.bfloat16, torch.float16):
+        return requested
+    if requested in ("fp32", "bf16", "fp16"):
+        return pick_dtype(torch.device("cpu"), requested)
+    raise UserError(f"--kv_cache_dtype must be auto, fp32, bf16 or fp16, got {requested!r}")
+
+
 class Llama:
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: int,
@@ -137,7 +149,8 @@ class Llama:
               compile: Union[str, bool] = "auto", cuda_graphs: Union[str, bool] = "auto",
               expected_tokens: Optional[int] = None, chat_format: str = "auto",
               quantize: Optional[str] = None, group_size: Optional[int] = None,
-              tokenizer: Optional[Tokenizer] = None) -> "Llama":
+              tokenizer: Optional[Tokenizer] = None,
+              kv_cache_dtype: Union[str, torch.dtype, None] = None) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
@@ -150,6 +163,7 @@ class Llama:
         format for its tokenizer), llama2, llama3 or template. quantize: None, "int8" or "int4" (weight-only,
         quant.py; group_size along the input dimension, default per channel for int8 and 32 for int4).
         tokenizer: the one at tokenizer_path where the caller has loaded it already (not loaded again).
+        kv_cache_dtype: the KV cache's type, "fp32", "bf16" or "fp16" (default: dtype's; engine.py).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -161,6 +175,7 @@ class Llama:
         device = pick_device(device, local_rank)
         default_dtype = dtype is None or dtype == "auto"
         dtype = pick_dtype(device, dtype)
+        kv_dtype = _kv_dtype(kv_cache_dtype, dtype)
         half_ok = keeps_half_weights(device)  # the CPU with our kernels
         if half_ok and dtype != torch.float32:
             _warn_half_activations(dtype)
@@ -185,7 +200,7 @@ class Llama:
         half = stored_half if default_dtype else None  # kept so by default,
         widened = None if default_dtype else stored_half  # widened by an explicit --dtype fp32
         memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len, linear_dtype=half,
-                         stored_half=widened)
+                         stored_half=widened, kv_dtype=kv_dtype)
         mp = distributed.setup(device, model_parallel_size)
 
         state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device, keep_half=half is not None)
@@ -201,13 +216,15 @@ class Llama:
         del state  # the model holds the tensors now
         model.requires_grad_(False)
         weights = _weights_for_device(model, args, quantize, group_size, tied, device)
-        key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)))
+        key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)), kv_dtype)
         compiling = _compiling(model, weights, compile, device, max_batch_size, key, expected_tokens)
-        engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling)
+        engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling,
+                        kv_dtype=kv_dtype)
         kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
-        log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, KV cache %d x %d positions, in %.2f s",
+        kv = "" if kv_dtype == dtype else f" in {str(kv_dtype)[6:]}"
+        log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, KV cache %d x %d positions%s, in %.2f s",
                  ckpt_dir, len(files), device, str(dtype)[6:], kept, mp.rank, mp.world_size, max_batch_size,
-                 engine.cache_len, time.perf_counter() - start)
+                 engine.cache_len, kv, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, seed: int = 1,

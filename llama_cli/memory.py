@@ -74,7 +74,8 @@ def free_bytes(device: torch.device) -> Optional[int]:
 
 def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype,
               max_batch_size: int, max_seq_len: int, free: Optional[int] = None,
-              linear_dtype: Optional[torch.dtype] = None, stored_half: Optional[torch.dtype] = None) -> None:
+              linear_dtype: Optional[torch.dtype] = None, stored_half: Optional[torch.dtype] = None,
+              kv_dtype: Optional[torch.dtype] = None) -> None:
     """Raise UserError, with the numbers and what to lower, when this rank would not fit. stored_half: the
     half-width dtype the linear weights are stored in, where an explicit --dtype fp32 widens them on the CPU
     (the message then says what leaving --dtype at its default would need)."""
@@ -83,7 +84,7 @@ def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: tor
         return
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
     weights = weight_bytes(args, world_size, dtype, linear_dtype)
-    kv = kv_cache_bytes(args, world_size, max_batch_size, max_seq_len, dtype)
+    kv = kv_cache_bytes(args, world_size, max_batch_size, max_seq_len, kv_dtype or dtype)
     need = (weights + kv) * sharing
     if need <= free:
         return
@@ -106,4 +107,5 @@ def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: tor
     raise UserError(
         f"the KV cache needs {kv / GiB:.2f} GiB (max_batch_size={max_batch_size} x max_seq_len={max_seq_len}) "
         f"on top of {weights / GiB:.2f} GiB of weights per process, but only {free / GiB:.2f} GiB is free on {where}; "
-        f"lower --max_batch_size or --max_seq_len (e.g. {hint})")
+        f"lower --max_batch_size or --max_seq_len (e.g. {hint})"
+        + (", or hold it in half the bytes (--kv_cache_dtype bf16)" if (kv_dtype or dtype) == torch.float32 else ""))

@@ -192,14 +192,17 @@ class Attention(nn.Module):
             return self.wo(self._packed(q, k, v, ctx).reshape(bsz, seqlen, -1))
         # The cache writes: row r, position p <- the new key/value. Cache layout:
         # (max_batch, n_local_kv_heads, max_seq_len, head_dim). One kernel each, no host sync.
+        # The cache may hold another type than the activations (--kv_cache_dtype): rounded into it here, and
+        # widened back where a step reads it (a no-op where the types agree).
+        kind = self.cache_k.dtype
         if ctx.prefill:  # positions 0..seqlen-1 of the given rows
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (bsz, kv_heads, seqlen, head_dim)
-            self.cache_k[:, :, :seqlen].index_copy_(0, ctx.rows, k)
-            self.cache_v[:, :, :seqlen].index_copy_(0, ctx.rows, v)
+            self.cache_k[:, :, :seqlen].index_copy_(0, ctx.rows, k.to(kind))
+            self.cache_v[:, :, :seqlen].index_copy_(0, ctx.rows, v.to(kind))
         else:  # rows 0..bsz-1, each at its own position (scatter_ would cost the whole cache on the CPU)
             rows = ctx.rows[:, None]
-            self.cache_k[rows, :, ctx.positions] = k  # indexed shape (bsz, 1, kv_heads, head_dim)
-            self.cache_v[rows, :, ctx.positions] = v
+            self.cache_k[rows, :, ctx.positions] = k.to(kind)  # indexed shape (bsz, 1, kv_heads, head_dim)
+            self.cache_v[rows, :, ctx.positions] = v.to(kind)
         gqa = hq != hkv
         if ctx.prefill:
             # a prompt from position 0: attend over its own keys, causally (padding sits after each row's end)
@@ -208,8 +211,8 @@ class Attention(nn.Module):
             # one token per row, rows 0..bsz-1, over the first kv_len cache positions (read off the
             # mask's shape when there is one, so that a compiled layer keeps it symbolic)
             kv_len = ctx.kv_len if ctx.mask is None else ctx.mask.shape[-1]
-            keys = self.cache_k[:bsz, :, :kv_len]  # (bsz, n_local_kv_heads, kv_len, head_dim)
-            values = self.cache_v[:bsz, :, :kv_len]
+            keys = self.cache_k[:bsz, :, :kv_len].to(q.dtype)  # (bsz, n_local_kv_heads, kv_len, head_dim)
+            values = self.cache_v[:bsz, :, :kv_len].to(q.dtype)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask,
                                                  enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))

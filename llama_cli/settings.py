@@ -17,6 +17,7 @@ from typing import Any, Callable
 from .errors import UserError
 
 SEED_MAX = 2**64 - 1  # the largest seed torch's generators take
+KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # --kv_cache_dtype: auto is the activations' type
 
 
 @dataclass(frozen=True)

@@ -326,3 +326,12 @@ def test_weights_that_do_not_fit_are_refused_with_numbers():
             == weight_bytes(args, 1, torch.bfloat16) - embeddings * 2 + 2 * 4096 * 65)  # norms (2 a layer + 1) fp32
     with pytest.raises(UserError, match=r"KV cache needs 8\.00 GiB .*6\.28 GiB of weights.*--max_batch_size 30\)"):
         preflight(args, 2, torch.device("cpu"), torch.bfloat16, 32, 1024, free=14 * 1024 ** 3)
+    # fp32 activations: a cache of fp32 (16 GiB here), or of bf16 with --kv_cache_dtype bf16 (8 GiB), which
+    # the refusal of an fp32 one suggests
+    with pytest.raises(UserError, match=r"KV cache needs 16\.00 GiB .*\), or hold it in half the bytes "
+                                        r"\(--kv_cache_dtype bf16\)$"):
+        preflight(args, 2, torch.device("cpu"), torch.float32, 32, 1024, free=14 * 1024 ** 3,
+                  linear_dtype=torch.bfloat16)
+    with pytest.raises(UserError, match=r"KV cache needs 8\.00 GiB .*--max_batch_size \d+\)$"):
+        preflight(args, 2, torch.device("cpu"), torch.float32, 32, 1024, free=12 * 1024 ** 3,
+                  linear_dtype=torch.bfloat16, kv_dtype=torch.bfloat16)

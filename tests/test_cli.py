@@ -346,6 +346,7 @@ def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
     (["--tempreature", "0"], "unknown flag --tempreature; did you mean --temperature? see llama-cli --help"),
     (["--max_new_tokens", "9"], "did you mean --max_gen_len?"), (["-p", "Hi"], "did you mean --prompt?"),
     (["--resume"], "--output_file"),
+    (["--kv_cache_dtype", "fp8"], "--kv_cache_dtype must be auto, fp32, bf16 or fp16, got 'fp8'"),
     (["--stream", "--prompt", "two"], "--stream"),
     (["--prompt", "word " * 100], "max_seq_len"),
     (["--max_seq_len", "100000000", "--max_batch_size", "100000"], "KV cache needs"),
@@ -557,3 +558,19 @@ def test_generation_cut_by_max_seq_len_warns_once(capsys, ckpt, schedule):
     cut = [r for r in recs if r["finish_reason"] == "max_seq_len"]
     assert cut and all(len(r["tokens"]) < 64 for r in cut)
     assert err.count("ran into --max_seq_len") == 1 and f"{len(cut)} of 2 prompts" in err
+
+
+def test_kv_cache_dtype_flag(capsys, ckpt):
+    """--kv_cache_dtype bf16: the load line says the cache's type, the run completes with the same tokens as the
+    fp32 cache's on this model (the rounding's effect on its logits is tested in test_cpu_step.py), and chat takes
+    the flag too."""
+    runs = {}
+    for kv in ("auto", "bf16"):
+        code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", *BASE, "--output", "jsonl",
+                                 "--kv_cache_dtype", kv)
+        assert code == 0, err
+        assert ("KV cache 1 x 64 positions in bfloat16," in err) == (kv == "bf16"), err
+        runs[kv] = json.loads(out)["tokens"]
+    assert runs["bf16"] == runs["auto"] and len(runs["auto"]) > 0
+    code, _, err = run_cli(capsys, "chat", "--ckpt_dir", ckpt, "--kv_cache_dtype", "fp8")
+    assert code == 2 and "--kv_cache_dtype must be auto, fp32, bf16 or fp16, got 'fp8'" in err

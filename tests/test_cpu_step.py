@@ -152,3 +152,32 @@ def test_native_step_refuses_what_it_cannot_run(tmp_path, spm_path, ops):
     with pytest.raises(RuntimeError, match="uint8"):
         step.op(x, [wq[0].view(torch.int8), *wq[1:]], wk, wv, wo, w1, w3, w2, an, fn, eps,
                 a.cache_k, a.cache_v, torch.tensor([0]), llama.model.rope_cos, llama.model.rope_sin)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp16"])
+@pytest.mark.parametrize("params", [BIG, {**BIG, "n_heads": 16, "n_kv_heads": 1}], ids=["gqa", "mqa-16"])
+def test_a_half_width_kv_cache(tmp_path, spm_path, ops, kv, params):
+    """--kv_cache_dtype bf16/fp16 under fp32 activations: the cache holds the keys and values rounded to its type
+    (as torch rounds); the native step (rows at their own positions, one past a 256-position span) gives the eager
+    layers' logits on that cache, and both stay within the rounding's reach of the fp32 cache's logits."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, params, seed=6)
+    tok = str(folder / "tokenizer.model")
+    half = Llama.build(str(folder), tok, 512, 2, compile="off", kv_cache_dtype=kv)
+    exact = Llama.build(str(folder), tok, 512, 2, compile="off")
+    assert half.model.layers[0].attention.cache_k.dtype == STORED[kv] and isinstance(half.engine.native, NativeStep)
+    seq = torch.randint(3, 300, (2, 320), generator=torch.Generator().manual_seed(4))
+    lengths = [300, 40]
+    for m in (half, exact):
+        m.engine.prefill([0, 1], [s[:n].tolist() for s, n in zip(seq, lengths)])
+    for a, b in zip(half.model.layers, exact.model.layers):  # the prefill's entries: fp32's, rounded
+        assert torch.equal(a.attention.cache_k[0, :, :300], b.attention.cache_k[0, :, :300].to(STORED[kv]))
+        assert torch.equal(a.attention.cache_v[1, :, :40], b.attention.cache_v[1, :, :40].to(STORED[kv]))
+    worst = 0.0
+    for k in range(4):
+        pos = [n + k for n in lengths]
+        tokens = torch.stack([seq[i, p] for i, p in enumerate(pos)])
+        step = half.engine.decode(tokens, pos)
+        plain = half.model.decode(tokens, torch.tensor(pos), max(pos) + 1, eager=True)  # rewrites the same entries
+        assert rel_err(step, plain) < 1e-5
+        worst = max(worst, rel_err(step, exact.engine.decode(tokens, pos)))
+    assert 0 < worst < (5e-3 if kv == "bf16" else 1e-3)  # bf16 keeps 8 bits of mantissa, fp16 11

@@ -65,7 +65,8 @@ inline void softmax_part(float* w, int64_t n, float& top, float& total) {
 // o (rep, hd) <- sum over t < n of w[r * stride + t] values[t] for each of the rep query heads: each value vector
 // read once for all of them, the sums kept in registers for L of the hd columns at a time (up to 8 heads; beyond,
 // one head at a time)
-inline void weigh_values(const float* w, int64_t stride, const float* values, int64_t n, int64_t rep, int64_t hd,
+template <typename T>
+inline void weigh_values(const float* w, int64_t stride, const T* values, int64_t n, int64_t rep, int64_t hd,
                          float* o) {
   constexpr int64_t MAX_REP = 8;
   if (rep > MAX_REP || hd % L) {
@@ -91,7 +92,8 @@ inline void weigh_values(const float* w, int64_t stride, const float* values, in
 // all rep query heads that share them (grouped-query attention reads each cache entry once, not rep times:
 // the step is bound by reading the cache at long lengths), and long rows split over threads; the spans'
 // partial softmax sums then merge per head (as flash-decoding does).
-inline void attend(const float* q, const float* ck, const float* cv, const int64_t* pos, int64_t B, int64_t hq,
+template <typename T>
+inline void attend(const float* q, const T* ck, const T* cv, const int64_t* pos, int64_t B, int64_t hq,
                    int64_t hkv, int64_t S, int64_t hd, float* out) {
   constexpr int64_t SPAN = 256;
   const int64_t rep = hq / hkv;
@@ -119,8 +121,8 @@ inline void attend(const float* q, const float* ck, const float* cv, const int64
   for (int64_t i = 0; i < tasks; i++) {
     const int64_t b = task_row[i], h = task_head[i], from = task_from[i];
     const int64_t n = std::min(pos[b] + 1 - from, SPAN);
-    const float* keys = ck + ((b * hkv + h) * S + from) * hd;
-    const float* values = cv + ((b * hkv + h) * S + from) * hd;
+    const T* keys = ck + ((b * hkv + h) * S + from) * hd;
+    const T* values = cv + ((b * hkv + h) * S + from) * hd;
     const float* qs = q + (b * hq + h * rep) * hd;  // the rep query heads of this key/value head
     float w[SPAN * 8];
     std::vector<float> wide_w;  // more than 8 query heads per key/value head: on the heap
@@ -158,6 +160,22 @@ inline void attend(const float* q, const float* ck, const float* cv, const int64
   }
 }
 
+// Row b's new key and value (k, v: (B, hkv, hd) fp32) into position pos[b] of cache row b, in the cache's type
+// (rounded to nearest even, as torch's conversions round)
+template <typename T>
+inline void write_cache(const float* k, const float* v, T* ck, T* cv, const int64_t* pos, int64_t B, int64_t hkv,
+                        int64_t S, int64_t hd) {
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t h = 0; h < hkv; h++) {
+      const int64_t at = ((b * hkv + h) * S + pos[b]) * hd, from = (b * hkv + h) * hd;
+      for (int64_t d = 0; d < hd; d++) {
+        ck[at + d] = from_float<T>(k[from + d]);
+        cv[at + d] = from_float<T>(v[from + d]);
+      }
+    }
+  }
+}
+
 // The attention half of a layer, without its residual: attention(norm(x)) @ wo.T, (rows, dim). With model
 // parallelism (one process per slice of the heads) the caller all-reduces it before adding it to x.
 inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::TensorList wk_, at::TensorList wv_,
@@ -166,9 +184,11 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
                                    const at::Tensor& rope_cos, const at::Tensor& rope_sin) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "decode_layer: x must be (rows, dim) fp32");
   const int64_t B = x.size(0), dim = x.size(1);
-  TORCH_CHECK(cache_k.dim() == 4 && cache_k.scalar_type() == at::kFloat && cache_k.is_contiguous() &&
-              cache_v.sizes() == cache_k.sizes() && cache_v.scalar_type() == at::kFloat && cache_v.is_contiguous(),
-              "decode_layer: the caches must be (batch, kv_heads, length, head_dim) fp32");
+  const auto kind = cache_k.scalar_type();
+  TORCH_CHECK(cache_k.dim() == 4 && (kind == at::kFloat || kind == at::kBFloat16 || kind == at::kHalf) &&
+              cache_k.is_contiguous() && cache_v.sizes() == cache_k.sizes() && cache_v.scalar_type() == kind &&
+              cache_v.is_contiguous(), "decode_layer: the caches must be (batch, kv_heads, length, head_dim) fp32, "
+              "bf16 or fp16");
   const int64_t hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
   TORCH_CHECK(B <= cache_k.size(0), "decode_layer: more rows than the cache has");
   const Weight wq(wq_, "decode_layer", "wq"), wk(wk_, "decode_layer", "wk"), wv(wv_, "decode_layer", "wv"),
@@ -196,20 +216,24 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
   wq.apply(xn.data(), B, q.data());
   wk.apply(xn.data(), B, k.data());
   wv.apply(xn.data(), B, v.data());
-  float* ck = cache_k.data_ptr<float>();
-  float* cv = cache_v.data_ptr<float>();
   for (int64_t b = 0; b < B; b++) {
     const float* c = rope_cos.data_ptr<float>() + pos[b] * (hd / 2);
     const float* s = rope_sin.data_ptr<float>() + pos[b] * (hd / 2);
     rotate(q.data() + b * hq * hd, hq, hd, c, s);
     rotate(k.data() + b * hkv * hd, hkv, hd, c, s);
-    for (int64_t h = 0; h < hkv; h++) {
-      const int64_t at = ((b * hkv + h) * S + pos[b]) * hd;
-      std::copy_n(k.data() + (b * hkv + h) * hd, hd, ck + at);
-      std::copy_n(v.data() + (b * hkv + h) * hd, hd, cv + at);
-    }
   }
-  attend(q.data(), ck, cv, pos, B, hq, hkv, S, hd, attn.data());
+  if (kind == at::kFloat) {
+    write_cache(k.data(), v.data(), cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), pos, B, hkv, S, hd);
+    attend(q.data(), cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), pos, B, hq, hkv, S, hd, attn.data());
+  } else if (kind == at::kBFloat16) {
+    auto ck = reinterpret_cast<bf16_t*>(cache_k.data_ptr()), cv = reinterpret_cast<bf16_t*>(cache_v.data_ptr());
+    write_cache(k.data(), v.data(), ck, cv, pos, B, hkv, S, hd);
+    attend(q.data(), ck, cv, pos, B, hq, hkv, S, hd, attn.data());
+  } else {
+    auto ck = reinterpret_cast<f16_t*>(cache_k.data_ptr()), cv = reinterpret_cast<f16_t*>(cache_v.data_ptr());
+    write_cache(k.data(), v.data(), ck, cv, pos, B, hkv, S, hd);
+    attend(q.data(), ck, cv, pos, B, hq, hkv, S, hd, attn.data());
+  }
   at::Tensor out = at::empty({B, dim}, x.options());
   wo.apply(attn.data(), B, out.data_ptr<float>());
   return out;

@@ -1,6 +1,8 @@
 // A vector of L floats for the CPU kernels: AVX-512 (16), AVX2 (8), or a plain float elsewhere (the compiler's
 // own code), chosen when the library is built for this machine (-march=native).
 #pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,6 +20,16 @@ struct bf16_t {
 struct f16_t {
   uint16_t bits;
 };
+
+// fp32 -> a KV cache's type, rounded to nearest even (c10's conversions, as torch's .to() rounds)
+template <typename T>
+inline T from_float(float f);
+template <>
+inline float from_float<float>(float f) { return f; }
+template <>
+inline bf16_t from_float<bf16_t>(float f) { return bf16_t{c10::BFloat16(f).x}; }
+template <>
+inline f16_t from_float<f16_t>(float f) { return f16_t{c10::Half(f).x}; }
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16_t v) {  // bf16 is fp32's upper half
@@ -167,22 +179,24 @@ inline V vexp(V x) {
   return vpow2(p, n);
 }
 
-// sum_i a_i b_i over n floats (vectors, then the tail)
-inline float dot(const float* a, const float* b, int64_t n) {
+// sum_i a_i b_i over n values (vectors, then the tail); b in fp32, bf16 or fp16 (a KV cache's type)
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   V acc = vzero();
   int64_t i = 0;
   for (; i + L <= n; i += L) acc = vfma(vload(a + i), vload(b + i), acc);
   float s = vsum(acc);
-  for (; i < n; i++) s += a[i] * b[i];
+  for (; i < n; i++) s += a[i] * to_float(b[i]);
   return s;
 }
 
-// y_i += a * x_i over n floats
-inline void axpy(float a, const float* x, float* y, int64_t n) {
+// y_i += a * x_i over n values; x in fp32, bf16 or fp16
+template <typename T>
+inline void axpy(float a, const T* x, float* y, int64_t n) {
   const V av = vset(a);
   int64_t i = 0;
   for (; i + L <= n; i += L) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
-  for (; i < n; i++) y[i] += a * x[i];
+  for (; i < n; i++) y[i] += a * to_float(x[i]);
 }
 
 // The most rows a kernel multiplies per pass over a weight: their accumulators must stay in registers
