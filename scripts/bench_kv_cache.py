@@ -8,8 +8,8 @@ Loads the checkpoint once per cache type (one process, all kept). For each promp
 --rounds times interleaved: the prompt (token ids, the same for all) is prefilled untimed, then --new_tokens greedy
 decode steps are timed; the median and best rate of the rounds are printed. With --gguf, llama.cpp (the optional
 bench dependency llama-cpp-python, as many threads as torch) does the same on that file: the prompt evaluated,
-then one token evaluated at a time. The cache's bytes are halved by bf16/fp16; whether a step gets faster depends
-on whether reading the cache bounds its attention (on the 2-core VM it does not: docs/benchmarks.md).
+then one token evaluated at a time. bf16/fp16 halve the cache's bytes, and what a step reads of it: faster at long
+contexts where reading the cache bounds the attention (results: docs/benchmarks.md).
 """
 
 import argparse
