@@ -4,10 +4,10 @@
 
 Each trial makes a tiny random checkpoint (dim 64 or 128, 1-2 layers, 2-8 heads, 1 to all of them KV heads,
 fp32 or bf16, in 1, 2 or 4 shards) and a JSONL prompt file, then runs the same `llama-cli` command (greedy
-or sampled at a fixed seed, continuous or static, dense or quantized at load) in one process and under
-torchrun on 2 or 4, and compares the tokens. A configuration the processes cannot split must be refused with
-llama-cli's one-line error (torchrun then exits 1); anything else that differs is printed. Exits 1 when
-anything differed. (Found: a KV head split over shards read from one shard only; int8 row scales taken over
+or sampled at a fixed seed, continuous or static, dense or quantized at load, an fp32 or bf16 KV cache) in one
+process and under torchrun on 2 or 4, and compares the tokens. A configuration the processes cannot split must
+be refused with llama-cli's one-line error (torchrun then exits 1); anything else that differs is printed. Exits 1
+when anything differed. (Found: a KV head split over shards read from one shard only; int8 row scales taken over
 one process's columns.)
 """
 
@@ -46,7 +46,8 @@ def trial(rng: random.Random, folder: Path, spm: Path, port: int) -> list[str]:
             "--schedule", rng.choice(["continuous", "static"]), "--max_seq_len", rng.choice([48, 96]),
             "--max_batch_size", rng.choice([1, 3, 4]),
             *rng.choice([[], [], ["--quantize", "int8"], ["--quantize", "int4"],
-                         ["--quantize", "int8", "--group_size", "32"]])]
+                         ["--quantize", "int8", "--group_size", "32"]]),
+            *rng.choice([[], [], ["--kv_cache_dtype", "bf16"]])]
     args = [str(a) for a in args]
     procs = rng.choice([2, 2, 4])
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}

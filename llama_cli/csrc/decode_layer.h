@@ -1,5 +1,6 @@
 // One transformer layer of a decode step on the CPU, for a few rows each at its own position: what model.py's
-// TransformerBlock computes for one new token per row (fp32 throughout), in one call instead of ~20 operator
+// TransformerBlock computes for one new token per row (fp32 activations; the KV cache in fp32, or in bf16/fp16
+// with --kv_cache_dtype: rounded as written, widened as read), in one call instead of ~20 operator
 // calls (eager) or one compiled graph plus dynamo's checks (compiled), which for a small model cost more than
 // the products themselves. Row b writes its key and value at positions[b] of cache row b and attends over
 // cache positions 0..positions[b] of that row, so the work follows each row's own length. Split in its
@@ -222,18 +223,16 @@ inline at::Tensor decode_attention(const at::Tensor& x, at::TensorList wq_, at::
     rotate(q.data() + b * hq * hd, hq, hd, c, s);
     rotate(k.data() + b * hkv * hd, hkv, hd, c, s);
   }
-  if (kind == at::kFloat) {
-    write_cache(k.data(), v.data(), cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), pos, B, hkv, S, hd);
-    attend(q.data(), cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), pos, B, hq, hkv, S, hd, attn.data());
-  } else if (kind == at::kBFloat16) {
-    auto ck = reinterpret_cast<bf16_t*>(cache_k.data_ptr()), cv = reinterpret_cast<bf16_t*>(cache_v.data_ptr());
+  auto write_and_attend = [&](auto* ck, auto* cv) {  // in the cache's element type
     write_cache(k.data(), v.data(), ck, cv, pos, B, hkv, S, hd);
     attend(q.data(), ck, cv, pos, B, hq, hkv, S, hd, attn.data());
-  } else {
-    auto ck = reinterpret_cast<f16_t*>(cache_k.data_ptr()), cv = reinterpret_cast<f16_t*>(cache_v.data_ptr());
-    write_cache(k.data(), v.data(), ck, cv, pos, B, hkv, S, hd);
-    attend(q.data(), ck, cv, pos, B, hq, hkv, S, hd, attn.data());
-  }
+  };
+  if (kind == at::kFloat)
+    write_and_attend(cache_k.data_ptr<float>(), cache_v.data_ptr<float>());
+  else if (kind == at::kBFloat16)
+    write_and_attend(reinterpret_cast<bf16_t*>(cache_k.data_ptr()), reinterpret_cast<bf16_t*>(cache_v.data_ptr()));
+  else
+    write_and_attend(reinterpret_cast<f16_t*>(cache_k.data_ptr()), reinterpret_cast<f16_t*>(cache_v.data_ptr()));
   at::Tensor out = at::empty({B, dim}, x.options());
   wo.apply(attn.data(), B, out.data_ptr<float>());
   return out;
