@@ -248,7 +248,7 @@ def setup_logging(quiet: bool) -> None:
 
 
 # other tools' names (llama.cpp, transformers, OpenAI's API, Meta's scripts) for flags of ours, hinted at when given
-ALIASES = {"max_seq_len": ("ctx", "max_seq_len"), "ctx_size": ("max_seq_len", "ctx"), "n_ctx": ("max_seq_len", "ctx"),
+ALIASES = {"max_seq_len": ("ctx",), "ctx_size": ("max_seq_len", "ctx"), "n_ctx": ("max_seq_len", "ctx"),
            "context": ("max_seq_len", "ctx"), "n_predict": ("max_gen_len",), "max_new_tokens": ("max_gen_len",),
            "max_tokens": ("max_gen_len",), "temp": ("temperature",), "model": ("ckpt_dir",),
            "checkpoint": ("ckpt_dir",), "file": ("prompts_file", "text_file"), "batch_size": ("max_batch_size",),

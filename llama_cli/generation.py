@@ -17,7 +17,7 @@ from .engine import Engine, cache_length, decide_compile, decide_graphs
 from .errors import UserError
 from .model import Transformer, check_parallel
 from .sampling import Sampler
-from .settings import SEED_MAX, Settings, resolve
+from .settings import KV_CACHE_DTYPES, SEED_MAX, Settings, resolve
 from .stopping import StopText
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -130,15 +130,33 @@ def _compiling(model, weights: str, compile, device, max_batch_size: int, key: s
 
 
 def _kv_dtype(requested, dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's type: `requested` ("fp32", "bf16", "fp16" or a torch dtype), or the activations' dtype
-    for None or "auto"."""
+    """The KV cache's type: `requested` (one of settings.KV_CACHE_DTYPES, or a float torch dtype), the activations'
+    dtype for None or "auto"."""
     if requested is None or requested == "auto":
         return dtype
-    if isinstance(requested, torch.dtype) and requested in (torch.float32, torch.bfloat16, torch.float16):
-        return requested
-    if requested in ("fp32", "bf16", "fp16"):
-        return pick_dtype(torch.device("cpu"), requested)
-    raise UserError(f"--kv_cache_dtype must be auto, fp32, bf16 or fp16, got {requested!r}")
+    if requested in KV_CACHE_DTYPES or requested in (torch.float32, torch.bfloat16, torch.float16):
+        return pick_dtype(torch.device("cpu"), requested)  # a name looked up; a torch dtype as it is
+    raise UserError(f"--kv_cache_dtype must be {', '.join(KV_CACHE_DTYPES[:-1])} or {KV_CACHE_DTYPES[-1]}, "
+                    f"got {requested!r}")
+
+
+def _load_model(reader: checkpoint.CheckpointReader, args, mp, dtype: torch.dtype, device: torch.device,
+                keep_half: bool) -> tuple[Transformer, bool]:
+    """(this rank's model, whether its output layer is tied to the embeddings): its slices read shard by shard
+    and assigned to a model made on the meta device (no second copy), parts stored quantized attached as they
+    are; the reader is closed."""
+    state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device, keep_half=keep_half)
+    tied = reader.tied
+    reader.close()
+    with torch.device("meta"):
+        model = Transformer(args, mp)
+    if args.quantization is not None:  # stored quantized (llama-cli quantize, or a GGUF converted as it is)
+        from .quant import attach_quantized
+
+        state = attach_quantized(model, state)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False)
+    return model, tied
 
 
 class Llama:
@@ -202,19 +220,7 @@ class Llama:
         memory.preflight(args, world_size, device, dtype, max_batch_size, max_seq_len, linear_dtype=half,
                          stored_half=widened, kv_dtype=kv_dtype)
         mp = distributed.setup(device, model_parallel_size)
-
-        state = reader.rank_state_dict(mp.world_size, mp.rank, dtype, device, keep_half=half is not None)
-        tied = reader.tied
-        reader.close()
-        with torch.device("meta"):
-            model = Transformer(args, mp)
-        if args.quantization is not None:  # stored quantized (llama-cli quantize, or a GGUF converted as it is)
-            from .quant import attach_quantized
-
-            state = attach_quantized(model, state)
-        model.load_state_dict(state, assign=True, strict=True)
-        del state  # the model holds the tensors now
-        model.requires_grad_(False)
+        model, tied = _load_model(reader, args, mp, dtype, device, keep_half=half is not None)
         weights = _weights_for_device(model, args, quantize, group_size, tied, device)
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)), kv_dtype)
         compiling = _compiling(model, weights, compile, device, max_batch_size, key, expected_tokens)

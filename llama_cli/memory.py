@@ -84,7 +84,8 @@ def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: tor
         return
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
     weights = weight_bytes(args, world_size, dtype, linear_dtype)
-    kv = kv_cache_bytes(args, world_size, max_batch_size, max_seq_len, kv_dtype or dtype)
+    kv_dtype = kv_dtype or dtype
+    kv = kv_cache_bytes(args, world_size, max_batch_size, max_seq_len, kv_dtype)
     need = (weights + kv) * sharing
     if need <= free:
         return
@@ -108,4 +109,4 @@ def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: tor
         f"the KV cache needs {kv / GiB:.2f} GiB (max_batch_size={max_batch_size} x max_seq_len={max_seq_len}) "
         f"on top of {weights / GiB:.2f} GiB of weights per process, but only {free / GiB:.2f} GiB is free on {where}; "
         f"lower --max_batch_size or --max_seq_len (e.g. {hint})"
-        + (", or hold it in half the bytes (--kv_cache_dtype bf16)" if (kv_dtype or dtype) == torch.float32 else ""))
+        + (", or hold it in half the bytes (--kv_cache_dtype bf16)" if kv_dtype == torch.float32 else ""))
