@@ -274,9 +274,7 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
     rest, i = [], 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--":
-            return argv
-        if not arg.startswith("-") or arg == "-":
+        if not arg.startswith("-") or arg in ("-", "--"):
             raise UserError(f"unexpected argument {arg!r}; text to complete goes after --prompt "
                             "(see llama-cli --help)")
         flag, eq, value = arg.partition("=")
@@ -298,6 +296,8 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
                 raise UserError(f"{flag} needs a value")
             value = argv[i + 1]
             i += 1
+            if value.startswith("--") and name not in _LIST_FLAGS and name != "system":  # not a value: a flag
+                raise UserError(f"{flag} needs a value" + (f", not the flag {value}" if value != "--" else ""))
         if name in _LIST_FLAGS:
             lists.setdefault(name, []).append(value)
         elif name in str_flags:
@@ -428,4 +428,5 @@ def _subcommands() -> dict:
             "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype")),
             "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "device", "dtype",
                             "kv_cache_dtype")),
-            "perplexity": (perplexity, ("ckpt_dir", "text_file", "tokenizer_path", "output", "device", "dtype"))}
+            "perplexity": (perplexity, ("ckpt_dir", "text_file", "tokenizer_path", "output", "device", "dtype",
+                                        "kv_cache_dtype"))}

@@ -144,7 +144,8 @@ class RunConfig:
         from .tokenizer import find_tokenizer
 
         if self.ckpt_dir is None:
-            raise UserError("--ckpt_dir is required: the folder with consolidated.NN.pth and params.json")
+            raise UserError("--ckpt_dir is required: the folder with consolidated.NN.pth and params.json "
+                            "(llama-cli --help lists every flag)")
         self.ckpt_dir = str(self.ckpt_dir)
         if self.tokenizer_path is None:
             self.tokenizer_path = find_tokenizer(self.ckpt_dir)

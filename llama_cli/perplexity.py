@@ -79,7 +79,7 @@ def text_ids(tokenizer, text: str, text_file) -> list[int]:
 
 
 def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stride=None, max_batch_size=4,
-               output="text", device=None, dtype=None, quiet=False):
+               output="text", device=None, dtype=None, kv_cache_dtype="auto", quiet=False):
     """Perplexity of a model on a text file: the last line on stdout is "perplexity: X.XXXX".
 
     Examples:
@@ -97,6 +97,8 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
       output: text (the perplexity line) or jsonl (one object with perplexity, nll, tokens, windows).
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
+      kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type; bf16 or fp16 under fp32 halve its
+        memory (rows x ctx positions). The scores are the same: a window attends over its own keys and values.
       quiet: no progress on stderr.
     """
     from . import distributed
@@ -117,13 +119,16 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
     world_size, rank, _ = distributed.world()
     text = read_text(str(text_file)) if rank == 0 else None
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
-    ids, rows, tokenizer = None, max_batch_size, None
-    if world_size == 1:  # the text known before the model: a KV cache for as many windows as it has, at most
-        tokenizer = load_tokenizer(tokenizer_path)
+    ids, rows, positions, tokenizer = None, max_batch_size, ctx, None
+    if world_size == 1:  # the text known before the model: a KV cache for as many windows as it has, at most,
+        tokenizer = load_tokenizer(tokenizer_path)  # and as many positions as the longest window
         ids = text_ids(tokenizer, text, text_file)
-        rows = min(max_batch_size, len(windows(len(ids), ctx, stride)))
-    llama = Llama.build(str(ckpt_dir), tokenizer_path, ctx, rows, device=device, dtype=dtype,
-                        compile="off", cuda_graphs="off", tokenizer=tokenizer)
+        rows, positions = min(max_batch_size, len(windows(len(ids), ctx, stride))), min(ctx, len(ids))
+    try:
+        llama = Llama.build(str(ckpt_dir), tokenizer_path, positions, rows, device=device, dtype=dtype,
+                            compile="off", cuda_graphs="off", tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype)
+    except UserError as e:  # the memory check names the generating command's flag for the context
+        raise UserError(str(e).replace("--max_seq_len", "--ctx").replace("max_seq_len=", "ctx=")) from None
     if ids is None:  # under torchrun only rank 0 has read it
         ids = text_ids(llama.tokenizer, distributed.broadcast_json(text, llama.device), text_file)
     start = time.perf_counter()

@@ -143,9 +143,14 @@ def _read_lines(lines: Iterable, name: str, kind: str, defaults: Settings) -> li
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
+                if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark
+                    raise UserError(f"{name} is UTF-16 text; save the file as UTF-8") from None
                 raise UserError(f"{name} line {lineno} is not UTF-8 text; save the file as UTF-8") from None
         else:
             line = raw
+        if "\x00" in line:  # no text has NUL bytes: a model file, an archive, UTF-16 text
+            raise UserError(f"{name} line {lineno} holds NUL bytes: it is a binary file (or UTF-16), not prompts; "
+                            "give a UTF-8 text, .jsonl or .json prompts file")
         line = line.rstrip("\r\n")
         if lineno == 1:
             line = line.lstrip("\ufeff")

@@ -80,6 +80,11 @@ SPEC: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stop": (_stops, "a list of non-empty texts"),
 }
 KEYS = tuple(f.name for f in fields(Settings))
+# accepted values past which nothing changes, brought to these bounds: no prompt or vocabulary is 2**31 tokens long,
+# a positive temperature under 1e-6 samples as greedy as 1e-6, past 1e20 as evenly; a repetition penalty past 1e20
+# (or under 1e-20) zeroes (or sends to the top) the seen tokens' logits as surely, and keeps them finite in fp32
+LIMITS = {"max_gen_len": (1, 2**31 - 1), "top_k": (0, 2**31 - 1), "temperature": (1e-6, 1e20),
+          "repetition_penalty": (1e-20, 1e20)}
 
 
 def check(key: str, value, where: str):
@@ -93,6 +98,9 @@ def check(key: str, value, where: str):
         raise UserError(f"{where} must be {accepted}, got {shown}")
     if key == "stop":
         return tuple(value)
+    if key in LIMITS:  # beyond these a value means what the limit means, and the sampler's tensors can hold it
+        lo, hi = LIMITS[key]
+        value = value if key == "temperature" and value == 0 else min(max(value, lo), hi)
     if key in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         return float(value)
     return value

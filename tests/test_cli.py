@@ -350,6 +350,8 @@ def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
     (["--stream", "--prompt", "two"], "--stream"),
     (["--prompt", "word " * 100], "max_seq_len"),
     (["--max_seq_len", "100000000", "--max_batch_size", "100000"], "KV cache needs"),
+    (["--max_gen_len", "--temperature", "0"], "--max_gen_len needs a value, not the flag --temperature"),
+    (["--max_gen_len", "--", "0"], "--max_gen_len needs a value"), (["--", "Hi"], "unexpected argument '--'"),
 ])
 def test_bad_flags(capsys, ckpt, args, needle):
     base = ["--max_seq_len", "64", "--max_gen_len", "8"]
@@ -366,6 +368,9 @@ def test_bad_prompt_files(capsys, ckpt, tmp_path):
         "noprompt.jsonl": (b'{"prompt": "ok"}\n\n{"text": "x"}\n', 'line 3 has no "prompt"'),
         "badtype.jsonl": (b'{"prompt": "ok", "max_gen_len": "many"}\n', '"max_gen_len" must be an integer >= 1'),
         "empty.txt": (b"\n\n", "holds no prompts"),
+        "model.gguf": (b"GGUF\x03\x00\x00\x00abc\n", "line 1 holds NUL bytes: it is a binary file"),
+        "utf16.txt": ("hello\n".encode("utf-16"), "utf16.txt is UTF-16 text; save the file as UTF-8"),
+        "utf16le.txt": ("hello\n".encode("utf-16-le"), "line 1 holds NUL bytes"),
     }
     for name, (content, needle) in cases.items():
         (tmp_path / name).write_bytes(content)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -132,6 +133,48 @@ def test_cache_rows_follow_the_windows(tmp_path, spm_path, capsys, monkeypatch):
     assert rows == [1, 2, windows_long]
     assert len(loads) == 3
     assert got[("long.txt", "2")]["perplexity"] == pytest.approx(got[("long.txt", "64")]["perplexity"], rel=1e-5)
+
+
+def test_cache_positions_follow_the_text(tmp_path, spm_path, capsys, monkeypatch):
+    """A --ctx longer than the text allocates a cache for the text, not for --ctx (--ctx 10**8 used to be refused
+    for memory on a short text); the memory check's message names perplexity's flags."""
+    import llama_cli.memory
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6)
+    (tmp_path / "t.txt").write_text(" ".join(corpus(8, seed=3)))
+    argv = ["perplexity", "--ckpt_dir", str(folder), "--text_file", str(tmp_path / "t.txt"), "--output", "jsonl"]
+    results, positions = [], []
+    for ctx in ("100000000", "512"):
+        assert cli([*argv, "--ctx", ctx]) == 0
+        out, err = capsys.readouterr()
+        results.append(json.loads(out))
+        positions.append(int(re.search(r"KV cache 1 x (\d+) positions", err).group(1)))
+    tokens = results[0]["text_tokens"]
+    assert 300 < tokens < 512 and tokens <= positions[0] == positions[1] < 512  # (rounded up to a length bucket)
+    assert results[0]["perplexity"] == results[1]["perplexity"]
+    monkeypatch.setattr(llama_cli.memory, "kv_cache_bytes", lambda *a, **k: 10**15)
+    assert cli([*argv, "--ctx", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "lower --max_batch_size or --ctx (e.g." in err and "ctx=" in err and "max_seq_len" not in err, err
+
+
+def test_perplexity_with_a_half_width_kv_cache(tmp_path, spm_path, capsys):
+    """--kv_cache_dtype holds the windows' cache in half the bytes; each window is one prefill attending over its
+    own keys and values as computed, so the scores do not change."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6)
+    (tmp_path / "t.txt").write_text(" ".join(corpus(60, seed=3)))
+    argv = ["perplexity", "--ckpt_dir", str(folder), "--text_file", str(tmp_path / "t.txt"), "--ctx", "64",
+            "--stride", "32", "--output", "jsonl"]
+    got = {}
+    for kind in ("auto", "bf16", "fp16"):
+        assert cli([*argv, "--kv_cache_dtype", kind]) == 0
+        out, err = capsys.readouterr()
+        got[kind] = json.loads(out)["perplexity"]
+        named = {"bf16": "positions in bfloat16", "fp16": "positions in float16"}.get(kind)
+        assert (named in err) if named else "positions in" not in err
+    assert got["bf16"] == got["auto"] == got["fp16"]
+    assert cli([*argv, "--kv_cache_dtype", "int8"]) == 2
+    assert "--kv_cache_dtype must be auto, fp32, bf16 or fp16" in capsys.readouterr().err
 
 
 def test_perplexity_under_torchrun(tmp_path, spm_path):

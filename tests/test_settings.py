@@ -121,6 +121,27 @@ def test_resolve_normalises_and_names_the_origin():
         resolve(Settings(), {"top_p": 2})
 
 
+def test_values_past_what_changes_anything_are_brought_within_the_samplers_reach(tmp_path, spm_path, capsys):
+    """Found by scripts/fuzz_cli.py: --top_k 2**64 or a static --max_gen_len of 10**26 overflowed a tensor,
+    --temperature 1e308 or --repetition_penalty 1e308 overflowed fp32, and 1e-320 (0 in fp32) divided by zero.
+    Such values are accepted and mean what the bound means."""
+    huge = {"top_k": 2**64, "max_gen_len": 10**26, "temperature": 1e308, "repetition_penalty": 1e308}
+    s = resolve(Settings(), huge)
+    assert (s.top_k, s.max_gen_len, s.temperature, s.repetition_penalty) == (2**31 - 1, 2**31 - 1, 1e20, 1e20)
+    s = resolve(Settings(), {"temperature": 1e-320, "repetition_penalty": 1e-320})
+    assert (s.temperature, s.repetition_penalty) == (1e-6, 1e-20)
+    assert resolve(Settings(), {"temperature": 0}).temperature == 0  # greedy stays greedy
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
+    for extra in (["--top_k", str(2**64), "--schedule", "static", "--max_gen_len", str(10**26)],
+                  ["--temperature", "1e308", "--repetition_penalty", "1e-320"],
+                  ["--temperature", "1e-320", "--repetition_penalty", "1e308", "--top_k", str(2**64)]):
+        code = cli(["--ckpt_dir", str(folder), "--prompt", "Hi", "--prompt", "the cat", "--max_seq_len", "24",
+                    "--output", "jsonl", "--quiet", "--seed", "3", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert [len(json.loads(line)["tokens"]) > 0 for line in out.splitlines()] == [True, True]
+
+
 def test_python_api_uses_the_same_checks(tmp_path, spm_path):
     from llama_cli import Llama
 
