@@ -71,7 +71,19 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
                         chat_format=chat_format, kv_cache_dtype=kv_cache_dtype)
     llama.chat_format  # an unusable format is an error now, not at the first message
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    return converse(llama, settings, system, sys.stdin, sys.stdout, sys.stderr, interactive)
+    return converse(llama, settings, system, text_lines(sys.stdin), sys.stdout, sys.stderr, interactive)
+
+
+def text_lines(stream) -> Iterable[str]:
+    """A stream's lines as text, read as UTF-8 whatever the locale says; a line that is not is a UserError
+    (the locale's decoding would fail inside the loop, or pass the tokenizer text it cannot take)."""
+    if stream is None:
+        return
+    for n, raw in enumerate(getattr(stream, "buffer", stream), 1):
+        try:
+            yield raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            raise UserError(f"standard input line {n} is not UTF-8 text; send UTF-8") from None
 
 
 def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: IO, err: IO,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from typing import Callable, List, NamedTuple, Optional, Sequence, TypedDict, Union
 
@@ -261,6 +262,9 @@ class Llama:
         holding its special tags gets Meta's error text as the reply instead."""
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
+        if isinstance(dialogs, (str, dict)) or dialogs and isinstance(dialogs[0], dict):
+            raise UserError("chat_completion takes a list of dialogs, each a list of messages: "
+                            'chat_completion([[{"role": "user", "content": text}]])')
         checked = [check_dialog(d, f"dialog {i}") for i, d in enumerate(dialogs)]
         prompt_tokens = [self.chat_format.encode(d, self.tokenizer) for d in checked]
         unsafe = [self.chat_format.name == "llama2" and Llama2Format.unsafe(d) for d in checked]
@@ -307,6 +311,7 @@ class Llama:
         """`generate` with each prompt's own (resolved) settings; returns a Generated per prompt. on_first, if
         given, is called once a batch's first tokens are chosen (on the host: on a GPU the loop otherwise reads
         them back only every few steps, unless on_step wants every step's)."""
+        prompt_tokens = self._check_prompts(prompt_tokens)
         bs = self.engine.max_batch_size
         out: List[Generated] = []
         for i in range(0, len(prompt_tokens), bs):
@@ -318,7 +323,7 @@ class Llama:
         """Meta's static scheme: every row starts at the shortest prompt's length; longer prompts have
         their own tokens fed in one step at a time; each row stops at a stop token or its own end."""
         bsz = len(prompt_tokens)
-        lengths = self._check_lengths(prompt_tokens)
+        lengths = [len(t) for t in prompt_tokens]
         ends = [n + s.max_gen_len for n, s in zip(lengths, settings)]  # where each row stops, exclusive
         min_len = min(lengths)
         total_len = min(self.max_seq_len, max(ends))
@@ -375,16 +380,28 @@ class Llama:
 
         return self._results(tokens, token_logprobs, lengths, ends, total_len, echo, stopped_at, watchers)
 
-    def _check_lengths(self, prompt_tokens) -> list[int]:
-        """Each prompt's length; an empty prompt, or one longer than the cache, is a UserError."""
-        lengths = [len(t) for t in prompt_tokens]
-        for i, n in enumerate(lengths):
-            if n == 0:
+    def _check_prompts(self, prompt_tokens) -> list[list[int]]:
+        """The prompts as lists of ints (any integer type taken, numpy's and torch's too); a prompt that is not a
+        list of this vocabulary's token ids, an empty one, or one longer than the cache, is a UserError."""
+        vocab, out = self.model.params.vocab_size, []
+        for i, t in enumerate(prompt_tokens):
+            try:
+                if isinstance(t, (str, bytes)) or any(isinstance(x, bool) for x in t):
+                    raise TypeError
+                ids = [operator.index(x) for x in t]
+            except TypeError:
+                raise UserError(f"prompt {i} is not a list of token ids (ints); text goes to text_completion, or "
+                                "through tokenizer.encode") from None
+            if not ids:
                 raise UserError(f"prompt {i} is empty; give at least one token")
-            if n > self.max_seq_len:
-                raise UserError(f"prompt {i} has {n} tokens but max_seq_len is {self.max_seq_len}; "
+            if not 0 <= min(ids) <= max(ids) < vocab:
+                raise UserError(f"prompt {i} has token id {min(ids) if min(ids) < 0 else max(ids)}, outside this "
+                                f"model's vocabulary (0 to {vocab - 1})")
+            if len(ids) > self.max_seq_len:
+                raise UserError(f"prompt {i} has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; "
                                 f"raise --max_seq_len or shorten the prompt")
-        return lengths
+            out.append(ids)
+        return out
 
     def _results(self, tokens, token_logprobs, lengths, ends, total_len, echo, stopped_at, watchers) -> List[Generated]:
         """Each row's tokens (and log-probabilities) cut at its stop token, stop text or end, with the
@@ -417,6 +434,8 @@ class Llama:
         """Complete each prompt; returns [{"generation", and with logprobs "tokens", "logprobs"}]."""
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
+        if isinstance(prompts, str):
+            raise UserError("text_completion takes a list of prompts, not one text: text_completion([text])")
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise UserError(f"prompt {i} is a {type(p).__name__}, not text")

@@ -223,3 +223,16 @@ def test_piped_chat_answers_each_line_on_its_own(chat_llama):
     for text, got in zip(["Hello world", "The cat"], lines):
         want = llama.chat_completion([[{"role": "user", "content": text}]], temperature=0, max_gen_len=6)
         assert got == want[0]["generation"]["content"]
+
+
+def test_piped_chat_that_is_not_utf8_stops_at_that_line(chat_llama):
+    """Found by hand after scripts/fuzz_cli.py: a Latin-1 line reached the tokenizer as text it cannot take
+    (exit 1 with pybind11's message); now the line is named, exit 2, and the replies before it stand."""
+    folder, llama = chat_llama
+    proc = subprocess.run([sys.executable, "-m", "llama_cli", "chat", "--ckpt_dir", str(folder), "--temperature", "0",
+                           "--max_gen_len", "4", "--quiet"], input=b"Hello world\ncaf\xe9\n", capture_output=True,
+                          env={**subprocess_env(), "LC_ALL": "C"}, cwd=REPO, timeout=300)
+    want = llama.chat_completion([[{"role": "user", "content": "Hello world"}]], temperature=0, max_gen_len=4)
+    assert proc.returncode == 2
+    assert proc.stdout.decode().split("\n")[0] == want[0]["generation"]["content"]
+    assert proc.stderr.decode().strip() == "llama-cli: error: standard input line 2 is not UTF-8 text; send UTF-8"

@@ -153,6 +153,35 @@ def test_python_api_uses_the_same_checks(tmp_path, spm_path):
         llama.text_completion(["hi"], top_p=3)
 
 
+def test_python_api_refuses_what_is_not_token_ids(tmp_path, spm_path):
+    """Found by hand: ids outside the vocabulary failed inside the embedding (IndexError), a text in place of
+    token lists with a TypeError, floats were truncated; a prompt past the first batch was named by its place in
+    that batch. numpy's and torch's integers are token ids too."""
+    import numpy as np
+    import torch
+
+    from llama_cli import Llama
+
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 32, 2)
+    vocab = llama.model.params.vocab_size
+    for prompts, message in (([[1, vocab]], f"prompt 0 has token id {vocab}, outside this model's vocabulary "
+                                             f"\\(0 to {vocab - 1}\\)"),
+                             ([[1, 2], [3], [5, -1]], "prompt 2 has token id -1"),
+                             ("hello", "prompt 0 is not a list of token ids"), ([[1, 2.5]], "prompt 0 is not a list"),
+                             ([[1], [1, True]], "prompt 1 is not a list"), ([[1], [2], []], "prompt 2 is empty"),
+                             ([[1], [2], [1] * 40], "prompt 2 has 40 tokens but max_seq_len is 32")):
+        with pytest.raises(UserError, match=message):
+            llama.generate(prompts, max_gen_len=2, temperature=0)
+    with pytest.raises(UserError, match="text_completion takes a list of prompts, not one text"):
+        llama.text_completion("hello", max_gen_len=2)  # it completed each letter
+    with pytest.raises(UserError, match="chat_completion takes a list of dialogs"):
+        llama.chat_completion([{"role": "user", "content": "hi"}], max_gen_len=2)
+    want = llama.generate([[1, 5, 7]], max_gen_len=3, temperature=0)[0]
+    assert llama.generate([np.array([1, 5, 7])], max_gen_len=3, temperature=0)[0] == want
+    assert llama.generate([torch.tensor([1, 5, 7])], max_gen_len=3, temperature=0)[0] == want
+
+
 def test_settings_travel_to_other_ranks_as_json():
     from llama_cli.prompts import PromptRequest
 
