@@ -105,7 +105,7 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     progress = Progress(len(pending), enabled=rank == 0 and not cfg.quiet and not cfg.stream and len(pending) > 1)
     streamer = Streamer(llama.tokenizer, pending[0], sink, cfg.echo) if cfg.stream else None
     # A prompt given on the command line that cannot run is a usage error; in a file it gets an error entry.
-    opts = Options(cfg.logprobs, cfg.echo, strict=cfg.strict or bool(cfg.prompt))
+    opts = Options(cfg.logprobs, cfg.echo, strict=cfg.strict or bool(cfg.prompt), share_prefixes=cfg.share_prefixes)
     warm0 = llama.engine.warmup_s
     t1 = time.perf_counter()
     try:

@@ -78,6 +78,9 @@ class RunConfig:
       debug: show the Python traceback on errors.
       schedule: continuous (the default, where a finished prompt's batch slot is refilled at once, best
         for prompt files) or static (Meta's way, where each batch runs until its longest completion ends).
+      share_prefixes: in the continuous schedule, a prompt that begins with 16+ tokens of a prompt already in
+        the batch copies their keys and values instead of computing them (a shared instruction or few-shot
+        examples, the same prompt sampled several times); --noshare_prefixes computes every prompt whole.
       compile: compile the decoding step with torch.compile, one of on, off, auto. auto does not compile
         on x86 CPUs running fp32 in one process, where the uncompiled step runs each layer as one native
         call (our C++ kernels), faster than compiled. Otherwise auto compiles on the CPU for
@@ -133,6 +136,7 @@ class RunConfig:
     quiet: bool = False
     debug: bool = False
     schedule: str = "continuous"
+    share_prefixes: bool = True
     compile: str = "auto"
     cuda_graphs: str = "auto"
     chat_format: str = "auto"

@@ -224,6 +224,9 @@ class Engine:
         # on the CPU a prefill costs per token (scripts/bench_batching.py: 1,314 of the continuous schedule's 5,425
         # prefill tokens were padding, most in the first fill of 16 prompts); elsewhere not yet measured
         self.pack_prefills = self.device.type == "cpu"
+        # prompts may start from another row's keys and values (prefill_after) where the cache holds them exactly:
+        # a half-width cache's rounded keys would part such a prompt from what it gives alone
+        self.shares_prefixes = model.layers[0].attention.cache_k.dtype == model.norm.weight.dtype
         self.buckets = length_buckets(max_seq_len)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
@@ -291,6 +294,16 @@ class Engine:
 
     def move_row(self, src: int, dst: int) -> None:
         self.model.move_cache_row(src, dst)
+
+    def prefill_after(self, rows: Sequence[int], starts: Sequence[tuple[int, int]], prompts: Sequence[Sequence[int]]):
+        """Write prompts whose beginnings other rows hold: starts[i] = (source row, n) copies that row's first n
+        cache positions into rows[i], and prompts[i] (the rest, at least one token) goes after them, all in one
+        packed prefill. Returns the logits of each prompt's last token (n, vocab)."""
+        self.prefills += 1
+        for row, (src, n) in zip(rows, starts):
+            self.model.move_cache_row(src, row, n)
+        with self._attention():
+            return self.model.prefill_packed(list(prompts), [int(r) for r in rows], [n for _, n in starts])
 
     # -- the ways to run a step ----------------------------------------------------------------------
 

@@ -219,14 +219,22 @@ class Attention(nn.Module):
 
     def _packed(self, q, k, v, ctx) -> torch.Tensor:
         """Attention for prompts packed one after another into one batch row (q, k, v: (1, total, heads,
-        head_dim)): each prompt, ctx.segments' (cache row, start, end), is written to its cache row and attends
-        causally over its own keys. Returns (1, total, heads, head_dim)."""
+        head_dim)): each prompt, ctx.segments' (cache row, start, end, offset), is written to its cache row from
+        position offset and attends causally over its own keys, after the row's first offset positions where
+        offset > 0 (read from the cache). Returns (1, total, heads, head_dim)."""
         outs = []
-        for row, start, end in ctx.segments:
+        for row, start, end, offset in ctx.segments:
             qi, ki, vi = (t[0, start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, head_dim)
-            self.cache_k[row, :, :end - start] = ki
-            self.cache_v[row, :, :end - start] = vi
-            outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=end - start > 1,
+            n = end - start
+            self.cache_k[row, :, offset:offset + n] = ki
+            self.cache_v[row, :, offset:offset + n] = vi
+            mask = None
+            if offset:
+                ki = torch.cat([self.cache_k[row, :, :offset].to(qi.dtype), ki], dim=1)
+                vi = torch.cat([self.cache_v[row, :, :offset].to(qi.dtype), vi], dim=1)
+                mask = torch.arange(offset + n, device=qi.device)[None, :] <= \
+                    torch.arange(offset, offset + n, device=qi.device)[:, None]
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=not offset and n > 1,
                                                        enable_gqa=qi.shape[0] != ki.shape[0]))
         return torch.cat(outs, dim=1).transpose(0, 1)[None]
 
@@ -268,7 +276,9 @@ class StepContext:
     kv_len: int = 0  # decode: how many cache positions to attend over
     mask: Optional[torch.Tensor] = None  # decode: (bsz, 1, 1, kv_len) bool, or None for all of them
     cis: Optional[torch.Tensor] = None  # eager: the rotary factors cos + i sin (bsz, seqlen, head_dim/2)
-    segments: Optional[list] = None  # packed prefill: each prompt's (cache row, start, end) in the one batch row
+    # packed prefill: each prompt's (cache row, start, end, offset) in the one batch row, offset the cache position
+    # of its first token (past a beginning its row holds already: Engine.prefill_after)
+    segments: Optional[list] = None
 
 
 def run_block(block: TransformerBlock, x, cos, sin, ctx) -> torch.Tensor:
@@ -339,11 +349,11 @@ class Transformer(nn.Module):
             f.w13 = stack([f.w1, f.w3])
 
     @torch.no_grad()
-    def move_cache_row(self, src: int, dst: int) -> None:
-        """Copy one batch row of every layer's KV cache to another row."""
+    def move_cache_row(self, src: int, dst: int, n: Optional[int] = None) -> None:
+        """Copy one batch row of every layer's KV cache (its first n positions, where given) to another row."""
         for layer in self.layers:
-            layer.attention.cache_k[dst].copy_(layer.attention.cache_k[src])
-            layer.attention.cache_v[dst].copy_(layer.attention.cache_v[src])
+            for cache in (layer.attention.cache_k, layer.attention.cache_v):
+                cache[dst, :, :n].copy_(cache[src, :, :n])
 
     def _run(self, tokens: torch.Tensor, ctx: StepContext, block_fn=run_block) -> torch.Tensor:
         cos, sin = self.rope_cos[ctx.positions], self.rope_sin[ctx.positions]  # (bsz, seqlen, head_dim/2)
@@ -373,16 +383,19 @@ class Transformer(nn.Module):
         return run_head(self, h)
 
     @torch.no_grad()
-    def prefill_packed(self, prompts: list, rows: list) -> torch.Tensor:
+    def prefill_packed(self, prompts: list, rows: list, offsets: Optional[list] = None) -> torch.Tensor:
         """Prompts of any lengths (lists of token ids) packed one after another into one batch row, none
-        padded, prompt i written to cache row rows[i]: fp32 logits (n, vocab) of each prompt's last token."""
+        padded, prompt i written to cache row rows[i] from position offsets[i] (default 0; the row's positions
+        before it hold the keys and values of the tokens that precede it): fp32 logits (n, vocab) of each
+        prompt's last token."""
         if self.rope_cos is None:
             raise RuntimeError("allocate_cache() before prefill()")
         device = self.device
+        offsets = offsets or [0] * len(prompts)
         ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
-        segments = list(zip(rows, [0] + ends[:-1], ends))
+        segments = list(zip(rows, [0] + ends[:-1], ends, offsets))
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
-        positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
+        positions = torch.cat([torch.arange(o, o + len(p), device=device) for p, o in zip(prompts, offsets)])[None]
         ctx = StepContext(positions, torch.as_tensor(rows, device=device), prefill=True, segments=segments)
         h = self._run(tokens, ctx)
         return run_head(self, h[0, torch.tensor(ends, device=device) - 1])

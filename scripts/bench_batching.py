@@ -12,6 +12,7 @@ arithmetic, as on a CPU).
 """
 
 import argparse
+import dataclasses
 import os
 import random
 import subprocess
@@ -23,18 +24,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def make_requests(llama, n_prompts: int, seed: int = 0):
-    """n_prompts prompts of 4-200 tokens (built from token ids so lengths are exact), max_gen_len 8-256."""
+def make_requests(llama, n_prompts: int, seed: int = 0, prefix: int = 0):
+    """n_prompts prompts of 4-200 tokens (built from token ids so lengths are exact), max_gen_len 8-256; with
+    prefix, each after the same `prefix` tokens (a shared instruction), the rest as without."""
     from llama_cli.prompts import PromptRequest
     from llama_cli.settings import Settings
 
     rng = random.Random(seed)
     vocab = llama.tokenizer.n_words
+    head = [random.Random(seed + 1).randrange(3, vocab) for _ in range(prefix)]
     reqs = []
     for i in range(n_prompts):
         n = rng.randint(4, 200)
-        text = llama.tokenizer.decode([rng.randrange(3, vocab) for _ in range(n)])
-        while len(llama.tokenizer.encode(text, bos=True, eos=False)) > 200:
+        text = llama.tokenizer.decode(head + [rng.randrange(3, vocab) for _ in range(n)])
+        while len(llama.tokenizer.encode(text, bos=True, eos=False)) > 200 + prefix:
             text = text[:-1]
         reqs.append(PromptRequest(i, text, Settings(max_gen_len=rng.randint(8, 256), temperature=0.0)))
     return reqs
@@ -47,7 +50,7 @@ def breakdown(llama, run) -> dict:
     import torch
 
     eng, spent = llama.engine, {"decode_s": 0.0, "prefill_s": 0.0}
-    real = {"decode": eng.decode, "prefill": eng.prefill}
+    real = {"decode": eng.decode, "prefill": eng.prefill, "prefill_after": eng.prefill_after}
 
     def timed(name):
         def call(*a, **k):
@@ -55,11 +58,11 @@ def breakdown(llama, run) -> dict:
             out = real[name](*a, **k)
             if llama.device.type != "cpu":
                 torch.accelerator.synchronize()
-            spent[f"{name}_s"] += time.perf_counter() - start
+            spent["decode_s" if name == "decode" else "prefill_s"] += time.perf_counter() - start
             return out
         return call
 
-    eng.decode, eng.prefill = timed("decode"), timed("prefill")
+    eng.decode, eng.prefill, eng.prefill_after = timed("decode"), timed("prefill"), timed("prefill_after")
     try:
         start = time.perf_counter()
         run()
@@ -67,7 +70,7 @@ def breakdown(llama, run) -> dict:
             torch.accelerator.synchronize()
         total = time.perf_counter() - start
     finally:
-        eng.decode, eng.prefill = real["decode"], real["prefill"]
+        eng.decode, eng.prefill, eng.prefill_after = real["decode"], real["prefill"], real["prefill_after"]
     return {**spent, "other_s": total - spent["decode_s"] - spent["prefill_s"], "total_s": total}
 
 
@@ -78,11 +81,11 @@ class Work:
     causal pairs among them, prompts (one output-layer row each). Prefill graphs (CUDA) pad further, uncounted."""
 
     def __init__(self, eng):
-        self.eng, self.real = eng, (eng.decode, eng.prefill)
+        self.eng, self.real = eng, (eng.decode, eng.prefill, eng.prefill_after)
         self.decode_rows = self.attended = self.prefill_tokens = self.prefill_pairs = self.prompts = 0
 
     def __enter__(self):
-        decode, prefill = self.real
+        decode, prefill, prefill_after = self.real
 
         def counted_decode(tokens, positions):
             self.decode_rows += len(positions)
@@ -98,11 +101,18 @@ class Work:
             self.prefill_pairs += sum(n * (n + 1) // 2 for n in lengths)
             return prefill(rows, prompts, all_logits)
 
+        def counted_prefill_after(rows, starts, prompts):  # packed, each after its shared beginning
+            self.prompts += len(prompts)
+            self.prefill_tokens += sum(len(p) for p in prompts)
+            self.prefill_pairs += sum(len(p) * (len(p) + 1) // 2 + len(p) * n for p, (_, n) in zip(prompts, starts))
+            return prefill_after(rows, starts, prompts)
+
         self.eng.decode, self.eng.prefill = counted_decode, counted_prefill
+        self.eng.prefill_after = counted_prefill_after
         return self
 
     def __exit__(self, *exc):
-        self.eng.decode, self.eng.prefill = self.real
+        self.eng.decode, self.eng.prefill, self.eng.prefill_after = self.real
 
     def gflop(self, args) -> dict:
         """GFLOP of the matrix products (a multiply-add counted as 2) and of attention (scores and the weighted
@@ -120,7 +130,7 @@ class Work:
 
 
 def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, input_order: bool = False,
-            rounds: int = 1, where: bool = False, settled: bool = False) -> dict:
+            rounds: int = 1, where: bool = False, settled: bool = False, shared_prefix: int = 0) -> dict:
     """Both schedules on the same prompts, side by side; the stop token is masked so every prompt runs to
     its own max_gen_len in both. keep: the result holds the requests and both schedules' tokens too.
     input_order: the continuous schedule also with its prompts started strictly in input order (without
@@ -128,7 +138,8 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
     interleaved, the median time counted. Also the decode steps and prefill calls each schedule made.
     where: then one more, untimed run of each schedule with breakdown() (as "<schedule>_where").
     settled: the continuous schedule also settling each step before launching the next (scheduler.AHEAD off,
-    as on the CPU; on by default on CUDA), as "continuous_settled"."""
+    as on the CPU; on by default on CUDA), as "continuous_settled". shared_prefix: every prompt after the same
+    this many tokens, and the continuous schedule also computing each prompt whole ("continuous_unshared")."""
     import statistics
 
     import torch
@@ -146,7 +157,7 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
                 setattr(scheduler, name, saved)
         return run
 
-    reqs = make_requests(llama, n_prompts, seed)
+    reqs = make_requests(llama, n_prompts, seed, shared_prefix)
     stop, stop_t = llama.tokenizer.stop_ids, llama._stop
     llama.tokenizer.stop_ids = frozenset()
     llama._stop = torch.tensor([-1], device=llama.device)
@@ -156,6 +167,9 @@ def compare(llama, n_prompts: int = 256, seed: int = 0, keep: bool = False, inpu
                      continuous_with("tail_longest_first", lambda ready, window, max_seq_len: ready)))
     if settled:
         runs.append(("continuous_settled", continuous_with("AHEAD", False)))
+    if shared_prefix:
+        runs.append(("continuous_unshared", lambda llama, reqs, opts, *a, **k:
+                     run_continuous(llama, reqs, dataclasses.replace(opts, share_prefixes=False), *a, **k)))
     secs, outs, tokens, steps, where_runs, work = {}, {}, {}, {}, {}, {}
     eng = llama.engine
     try:
@@ -208,6 +222,8 @@ def main() -> None:
                     "the median time counts")
     ap.add_argument("--settled", action="store_true", help="also time the continuous schedule reading each "
                     "step's tokens before launching the next (on CUDA it launches ahead; on the CPU the two are one)")
+    ap.add_argument("--shared_prefix", type=int, default=0, help="every prompt after the same N tokens (a shared "
+                    "instruction); the continuous schedule also timed without sharing them (--noshare_prefixes)")
     ap.add_argument("--where", action="store_true", help="then run each schedule once more, untimed, and print "
                     "where its time goes: decode steps, prefills, everything else (host work)")
     a = ap.parse_args()
@@ -224,16 +240,18 @@ def main() -> None:
             subprocess.run([sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), "--out", ckpt,
                             "--dim", str(a.dim), "--n_layers", str(a.n_layers), "--n_heads", "8", "--n_kv_heads", "4",
                             "--dtype", "fp32"], check=True)
-    llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256, max_batch_size=a.batch,
+    llama = Llama.build(ckpt, find_tokenizer(ckpt), max_seq_len=200 + 256 + a.shared_prefix, max_batch_size=a.batch,
                         device=a.device, dtype=a.dtype)
     res = compare(llama, a.prompts, a.seed, input_order=a.input_order, rounds=a.rounds, where=a.where,
-                  settled=a.settled)
-    extra = (("continuous_input_order",) if a.input_order else ()) + (("continuous_settled",) if a.settled else ())
+                  settled=a.settled, shared_prefix=a.shared_prefix)
+    extra = (("continuous_input_order",) if a.input_order else ()) + (("continuous_settled",) if a.settled else ()) \
+        + (("continuous_unshared",) if a.shared_prefix else ())
     dev = f"{llama.device} ({torch.cuda.get_device_name() if llama.device.type == 'cuda' else os.cpu_count()} " \
           f"{'GPU' if llama.device.type == 'cuda' else 'cores'})"
     print(f"model dim={llama.model.params.dim} n_layers={llama.model.params.n_layers} "
           f"{str(llama.model.norm.weight.dtype).replace('torch.', '')} on {dev}; {res['prompts']} prompts "
-          f"(4-200 tokens), max_gen_len 8-256, max_batch_size {a.batch}, greedy\n")
+          f"({f'{a.shared_prefix} shared tokens, then ' if a.shared_prefix else ''}4-200 tokens), max_gen_len 8-256, "
+          f"max_batch_size {a.batch}, greedy\n")
     names = ("static", "continuous") + extra
     table(["schedule", "generated tokens", "decode steps", "prefill calls", "seconds" + " (median)" * (a.rounds > 1),
            "tokens/s"],

@@ -3,14 +3,14 @@
     python scripts/fuzz_batching.py [--seconds 120 | --trials N] [--seed 0] [--device cpu] [--dtype fp32]
                                     [--no_quantize]
 
-Each trial makes a tiny random checkpoint (1-2 layers, 1, 2 or 4 KV heads, fp32 or bf16 weights, kept as
-they are or quantized at load to int8/int4), a KV cache of 24-100 positions for 1-5 rows, and 1-12 prompts
-with random greedy settings (max_gen_len 1-200, repetition/frequency/presence penalties, top_k, stop texts;
-logprobs and echo), some too long for the cache (error entries), many running into its end (finish_reason
-max_seq_len). It runs them through the continuous or the static schedule and then each prompt alone, and
-reports every prompt whose tokens, finish reason, text or log-probabilities (by more than 1e-3) differ,
-unless the two tokens where they part are a near-tie (within 1e-3 of the logit scale, the tests' rule; not
-for penalized prompts, whose logits the check does not recompute).
+Each trial makes a tiny random checkpoint (1-2 layers, 1, 2 or 4 KV heads, fp32 or bf16 weights, kept as they are
+or quantized at load to int8/int4), a KV cache of 24-100 positions for 1-5 rows, and 1-12 prompts with random
+greedy settings (prompts that begin alike or not, max_gen_len 1-200, repetition/frequency/presence penalties,
+top_k, stop texts; logprobs and echo), some too long for the cache (error entries), many running into its end
+(finish_reason max_seq_len). It runs them through the continuous or the static schedule and then each prompt alone,
+and reports every prompt whose tokens, finish reason, text or log-probabilities (by more than 1e-3) differ, unless
+the two tokens where they part are a near-tie (within 1e-3 of the logit scale, the tests' rule; not for penalized
+prompts, whose logits the check does not recompute).
 Exits 1 when anything differed. The tests check chosen cases and a fixed 150 of these trials
 (test_scheduler.py); this looks further, for the cases nobody chose.
 """
@@ -50,6 +50,9 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
                         max_batch_size=rows, quantize=form, device=device, dtype=dtype)
     n = rng.randint(1, 12)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_seq_len // 4))) for _ in range(n)]
+    if rng.random() < 0.5:  # a shared beginning (the continuous schedule copies its cache: --share_prefixes)
+        head = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, max_seq_len // 5)))
+        prompts = [head + rng.choice(["", " " + p]) if rng.random() < 0.7 else p for p in prompts]
     reqs = requests(prompts, temperature=0,
                     max_gen_len=[rng.choice([1, 2, 5, 17, 60, 200]) for _ in range(n)],
                     repetition_penalty=[rng.choice([1.0, 1.0, 1.3, 0.8]) for _ in range(n)],

@@ -3,9 +3,10 @@
     python scripts/fuzz_processes.py [--seconds 300 | --trials N] [--seed 0]
 
 Each trial makes a tiny random checkpoint (dim 64 or 128, 1-2 layers, 2-8 heads, 1 to all of them KV heads,
-fp32 or bf16, in 1, 2 or 4 shards) and a JSONL prompt file, then runs the same `llama-cli` command (greedy
-or sampled at a fixed seed, continuous or static, dense or quantized at load, an fp32 or bf16 KV cache) in one
-process and under torchrun on 2 or 4, and compares the tokens. A configuration the processes cannot split must
+fp32 or bf16, in 1, 2 or 4 shards) and a JSONL prompt file (its prompts sometimes after one shared beginning),
+then runs the same `llama-cli` command (greedy or sampled at a fixed seed, continuous or static, dense or
+quantized at load, an fp32 or bf16 KV cache) in one process and under torchrun on 2 or 4, and compares the
+tokens. A configuration the processes cannot split must
 be refused with llama-cli's one-line error (torchrun then exits 1); anything else that differs is printed. Exits 1
 when anything differed. (Found: a KV head split over shards read from one shard only; int8 row scales taken over
 one process's columns.)
@@ -38,7 +39,9 @@ def trial(rng: random.Random, folder: Path, spm: Path, port: int) -> list[str]:
     make_model_folder(folder, spm, params, n_shards=shards, seed=rng.randrange(1 << 30),
                       dtype=rng.choice([torch.float32, torch.bfloat16]))
     prompts = folder / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))),
+    head = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14))) + " " if rng.random() < 0.3 else ""
+    prompts.write_text("".join(json.dumps({"prompt": head + " ".join(rng.choice(WORDS)
+                                                                     for _ in range(rng.randint(1, 12))),
                                            "max_gen_len": rng.choice([1, 5, 20, 60])}) + "\n"
                                for _ in range(rng.randint(1, 9))))
     args = ["--ckpt_dir", folder, "--prompts_file", prompts, "--output", "jsonl", "--quiet",

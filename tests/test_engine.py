@@ -211,3 +211,32 @@ def test_the_batching_bench_counts_the_products_torch_counts(monkeypatch, packed
     got = work.gflop(m.params)
     assert (got["decode_rows"], got["prefill_tokens"]) == (5, 23 if packed else 39)
     assert round(got["products_gflop"] * 1e9) == counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_a_prompt_after_a_copied_beginning_equals_it_whole(seq, kv_heads):
+    """prefill_after: rows whose first n positions are copied from another row's cache, the rest of their
+    prompts prefilled after them in one packed call: the same last-token logits as HF transformers' forward pass
+    over each whole prompt (an independent implementation), and rows that decode on as the whole prompt would."""
+    from helpers import to_hf
+
+    params = {**TINY, **({} if kv_heads is None else {"n_kv_heads": kv_heads})}
+    weights = random_weights(params, VOCAB, seed=2)
+    m = model(**({} if kv_heads is None else {"n_kv_heads": kv_heads}))
+    hf = to_hf(params, weights, VOCAB)
+    eng = Engine(m, 4, 64)
+    head = seq[0, :20].tolist()
+    eng.prefill([2], [head + seq[1, :5].tolist()])  # row 2 holds the shared beginning, then its own tokens
+    prompts = [head + seq[2, :9].tolist(), head[:12] + seq[1, 30:31].tolist(), head[:19] + [head[19]]]
+    starts = [(2, 20), (2, 12), (2, 19)]
+    got = eng.prefill_after([0, 1, 3], starts, [p[n:] for p, (_, n) in zip(prompts, starts)])
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            want = hf(torch.tensor([p])).logits[0, -1]
+            assert rel_err(got[i], want) < 1e-4, i
+            assert rel_err(got[i], m.prefill(torch.tensor([p]))[0, -1]) < 1e-5
+    step = eng.decode(torch.tensor([7, 8]), [len(prompts[0]), len(prompts[1])])  # rows 0 and 1 decode on
+    for i in range(2):
+        with torch.no_grad():
+            want = hf(torch.tensor([prompts[i] + [7 + i]])).logits[0, -1]
+        assert rel_err(step[i], want) < 1e-4

@@ -251,3 +251,65 @@ def test_random_configurations_batch_as_they_run_alone(monkeypatch, spm_path):
     # of 3-6 tokens: 3 differences in these trials)
     assert n == 150 and not found, "\n".join(found)
     assert stats["tokens"] > 2000 and {"length", "max_seq_len", "stop", "error"} <= set(stats)
+
+
+def shared_requests(seed=0):
+    """Prompts that begin alike: a long shared instruction then their own words, one prompt three times over,
+    and some that share nothing."""
+    rng = random.Random(seed)
+    words = "the cat dog sun moon red blue runs jumps under over hello world 42 and".split()
+    head = " ".join(rng.choice(words) for _ in range(30))
+    prompts = [head + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(9)]
+    prompts[3:3] = [head] * 3
+    prompts[7:7] = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 12))) for _ in range(3)]
+    return requests(prompts, temperature=0, max_gen_len=[rng.choice([1, 3, 12, 30]) for _ in prompts])
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_prompts_that_begin_alike_share_their_beginnings(llama, monkeypatch, share):
+    """With --share_prefixes (the default) a prompt that begins as a live one, or as one prefilled afresh in the
+    same refill, copies that row's cache for the shared tokens (at least SHARED_MIN, one token of its own left);
+    each prompt's tokens are what it gives alone. --noshare_prefixes prefills every prompt whole."""
+    from llama_cli import scheduler
+
+    reqs = shared_requests()
+    calls = []
+    real = llama.engine.prefill_after
+    monkeypatch.setattr(llama.engine, "prefill_after", lambda *a: calls.append(a) or real(*a))
+    results = []
+    run_continuous(llama, reqs, Options(share_prefixes=share), results.append)
+    assert sorted(r.request.index for r in results) == list(range(len(reqs)))
+    for r in results:
+        ids = llama.tokenizer.encode(r.request.prompt, bos=True, eos=False)
+        assert_same_or_near_tie(llama, ids, r.tokens, solo(llama, ids, r.request.settings.max_gen_len))
+    assert bool(calls) == share
+    for rows, starts, rest in calls:
+        assert all(n >= scheduler.SHARED_MIN and len(p) >= 1 for (_, n), p in zip(starts, rest))
+    if share:  # the first fill: one prompt afresh, the others of the instruction after it in the same refill
+        assert len(calls[0][0]) == 3 and {src for src, _ in calls[0][1]} == {0}
+
+
+def test_prefixes_are_not_shared_where_that_would_change_the_results(tmp_path, spm_path, monkeypatch):
+    """A half-width cache holds the shared keys rounded (a prompt alone attends over its own unrounded ones), and
+    echo with logprobs needs every prompt position's logits: both prefill every prompt whole."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=3)
+    for kv, opts in (("bf16", Options()), (None, Options(logprobs=True, echo=True))):
+        llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 224, 4, kv_cache_dtype=kv)
+        monkeypatch.setattr(llama.engine, "prefill_after", lambda *a: pytest.fail("shared a prefix"))
+        run_continuous(llama, shared_requests(1), opts, lambda r: None)
+
+
+def test_share_prefixes_flag(tmp_path, spm_path, capsys):
+    """--noshare_prefixes on the command line: the same results as sharing, and --help explains the flag."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=4)
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": r.prompt, "max_gen_len": r.settings.max_gen_len}) + "\n"
+                         for r in shared_requests(2)))
+    outs = []
+    for flag in ([], ["--noshare_prefixes"]):
+        assert cli(["--ckpt_dir", str(folder), "--prompts_file", str(f), "--max_seq_len", "224", "--temperature",
+                    "0", "--output", "jsonl", "--quiet", *flag]) == 0
+        outs.append([json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 15
+    assert cli(["--help"]) == 0
+    assert "share_prefixes" in capsys.readouterr().out
