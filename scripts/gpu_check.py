@@ -9,7 +9,7 @@ has too little left for it, and results are written to --out after every check a
 1. NCCL: the backend picked for a CUDA device, a 1-process NCCL group and an all_reduce.
 2. Tiny random model, bf16: greedy tokens of the eager, CUDA-graph and compiled+graph decode steps agree
    (where they part, the two tokens must be a near-tie of the eager model's logits), and bf16 GPU greedy
-   starts like fp32 CPU greedy.
+   starts like fp32 CPU greedy; prompts after a shared beginning (--share_prefixes) each as alone.
 3. Tiny model quantized (int8, int4): logits on CUDA (int4 on tinygemm) equal to the CPU model on the
    dequantized weights within bf16's error; greedy tokens of eager, graphs and compiled + graphs.
    Then random tiny configurations (scripts/fuzz_batching.py, fp32, graphs) batched and each prompt alone:
@@ -208,6 +208,36 @@ def tiny_agreement(tmp: Path):
     check("graphs with an fp16 KV cache == eager greedy, up to near-ties (GPU bf16)",
           worst <= 1e-2 and half.model.layers[0].attention.cache_k.dtype == torch.float16,
           f"largest gap where they part: {worst:.2e} of the logit scale")
+    shared_beginnings(models["graphs"], "GPU bf16, graphs", 1e-2)
+
+
+def shared_beginnings(llama, where: str, tie: float) -> None:
+    """--share_prefixes: prompts after one shared beginning, through the continuous schedule (rows copied and
+    prefilled after it), each the same as alone, up to near-ties of `tie` of the logit scale."""
+    import torch
+
+    from helpers import near_tie_gap, requests
+    from llama_cli.scheduler import Options, run_continuous
+
+    texts = ["the cat sleeps under the tree because " + t for t in ("hello world", "42", "the sun", "")]
+    got, calls, real = {}, [], llama.engine.prefill_after
+    llama.engine.prefill_after = lambda *a: calls.append(a) or real(*a)
+    try:
+        run_continuous(llama, requests(texts, temperature=0, max_gen_len=12), Options(),
+                       lambda r: got.__setitem__(r.request.index, r.tokens))
+    finally:
+        llama.engine.prefill_after = real
+    worst = 0.0
+    for i, text in enumerate(texts):
+        ids = llama.tokenizer.encode(text, bos=True, eos=False)
+        alone = llama.generate([ids], max_gen_len=12, temperature=0)[0][0]
+        k = next((j for j, (a, b) in enumerate(zip(got[i], alone)) if a != b), None)
+        if k is not None:
+            logits = llama.model(torch.tensor([ids + alone[:k]]))[0, -1].float()
+            worst = max(worst, near_tie_gap(logits, got[i][k], alone[k]))
+    check(f"shared prompt beginnings == each prompt alone, up to near-ties ({where})", bool(calls) and worst <= tie,
+          f"{sum(len(c[0]) for c in calls)} prompts after a copied beginning; largest gap where they part: "
+          f"{worst:.2e} of the logit scale")
 
 
 @section(40)

@@ -313,3 +313,18 @@ def test_share_prefixes_flag(tmp_path, spm_path, capsys):
     assert outs[0] == outs[1] and len(outs[0]) == 15
     assert cli(["--help"]) == 0
     assert "share_prefixes" in capsys.readouterr().out
+
+
+def test_the_gpu_calls_shared_beginnings_check_runs_here(llama, monkeypatch):
+    """scripts/gpu_check.py's check of shared beginnings (tiny_agreement, on CUDA graphs there), run on the CPU so
+    that the GPU call's copy of the logic cannot rot unseen: it passes, having shared some beginnings."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    monkeypatch.delitem(sys.modules, "gpu_check", raising=False)
+    import gpu_check
+
+    gpu_check.shared_beginnings(llama, "CPU fp32", 1e-3)
+    (result,) = gpu_check.RESULTS["checks"]
+    assert result["ok"] and not result["detail"].startswith("0 prompts"), result
