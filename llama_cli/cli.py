@@ -123,6 +123,9 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
     gen_s = time.perf_counter() - t1
     progress.close()
     log.info("%s", summary(stats, gen_s, llama.engine.warmup_s - warm0, load_s))
+    if stats.shared_prompts:
+        log.info("%d of %d prompts began as another in the batch did: %d prompt tokens copied, not computed "
+                 "(--noshare_prefixes computes them)", stats.shared_prompts, len(pending), stats.shared_tokens)
     if stats.cut_by_max_seq_len:
         log.warning("%d of %d prompts ran into --max_seq_len %d before their max_gen_len (finish_reason "
                     "\"max_seq_len\"); raise --max_seq_len for longer completions", stats.cut_by_max_seq_len,

@@ -49,6 +49,8 @@ class Stats:
     errors: int = 0
     first_token_s: Optional[float] = None
     cut_by_max_seq_len: int = 0  # prompts that ran into max_seq_len before their max_gen_len
+    shared_prompts: int = 0  # prompts that began from another row's cache (--share_prefixes)
+    shared_tokens: int = 0  # the prompt tokens those copied instead of computing
 
 
 def prepare(llama, requests: list[PromptRequest], opts: Options) -> tuple[list, list[Result]]:
@@ -351,6 +353,8 @@ class _Continuous:
         if fresh:
             out.update(zip([i for i, _ in fresh], self.engine.prefill([i for i, _ in fresh], [p for _, p in fresh])))
         rest = [p[starts[i][1]:] for i, p in shared]
+        self.job.stats.shared_prompts += len(shared)
+        self.job.stats.shared_tokens += sum(starts[i][1] for i, _ in shared)
         out.update(zip([i for i, _ in shared], self.engine.prefill_after([i for i, _ in shared],
                                                                          [starts[i] for i, _ in shared], rest)))
         return torch.stack([out[i] for i, _, _ in take])

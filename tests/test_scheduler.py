@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -311,6 +312,11 @@ def test_share_prefixes_flag(tmp_path, spm_path, capsys):
                     "0", "--output", "jsonl", "--quiet", *flag]) == 0
         outs.append([json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()])
     assert outs[0] == outs[1] and len(outs[0]) == 15
+    assert cli(["--ckpt_dir", str(folder), "--prompts_file", str(f), "--max_seq_len", "224", "--temperature", "0",
+                "--max_gen_len", "2"]) == 0
+    said = re.search(r"(\d+) of 15 prompts began as another in the batch did: (\d+) prompt tokens copied",
+                     capsys.readouterr().err)
+    assert said and int(said.group(1)) >= 9 and int(said.group(2)) >= 9 * 16
     assert cli(["--help"]) == 0
     assert "share_prefixes" in capsys.readouterr().out
 
