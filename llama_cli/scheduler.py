@@ -313,7 +313,7 @@ class _Continuous:
                 self.slots[i].logprobs = [0.0] + (-F.cross_entropy(lg[:-1], pt[1:], reduction="none")).tolist()
             logits = torch.stack([lg[-1] for lg in per_row])
         else:
-            logits = self.prefill(take, starts)
+            logits = self.prefill(rows, ids, starts)
         tok = self.sampler.sample(logits, rows=rows)
         rows_t = torch.as_tensor(rows, device=self.llama.device)
         self.sampler.accept(tok, rows=rows_t)
@@ -340,24 +340,25 @@ class _Continuous:
                 sources.append((i, p))
         return starts
 
-    def prefill(self, take: list, starts: dict[int, tuple[int, int]]):
-        """Prefill the new prompts, those in `starts` after copying their shared beginnings: the logits of each
-        one's last token (n, vocab), in take's order."""
+    def prefill(self, rows: list, ids: list, starts: dict[int, tuple[int, int]]):
+        """Prefill the new prompts ids into rows, those in `starts` after copying their shared beginnings: the
+        logits of each one's last token (n, vocab), in rows' order."""
         import torch
 
-        fresh = [(i, p) for i, _, p in take if i not in starts]
-        shared = [(i, p) for i, _, p in take if i in starts]
-        if not shared:
-            return self.engine.prefill([i for i, _ in fresh], [p for _, p in fresh])
+        if not starts:
+            return self.engine.prefill(rows, ids)
         out = {}
+        fresh = [(i, p) for i, p in zip(rows, ids) if i not in starts]
         if fresh:
-            out.update(zip([i for i, _ in fresh], self.engine.prefill([i for i, _ in fresh], [p for _, p in fresh])))
-        rest = [p[starts[i][1]:] for i, p in shared]
+            fresh_rows, fresh_ids = (list(x) for x in zip(*fresh))
+            out.update(zip(fresh_rows, self.engine.prefill(fresh_rows, fresh_ids)))
+        shared = [(i, p) for i, p in zip(rows, ids) if i in starts]
+        shared_rows, firsts = [i for i, _ in shared], [starts[i] for i, _ in shared]
+        out.update(zip(shared_rows, self.engine.prefill_after(shared_rows, firsts,
+                                                              [p[n:] for (_, p), (_, n) in zip(shared, firsts)])))
         self.job.stats.shared_prompts += len(shared)
-        self.job.stats.shared_tokens += sum(starts[i][1] for i, _ in shared)
-        out.update(zip([i for i, _ in shared], self.engine.prefill_after([i for i, _ in shared],
-                                                                         [starts[i] for i, _ in shared], rest)))
-        return torch.stack([out[i] for i, _, _ in take])
+        self.job.stats.shared_tokens += sum(n for _, n in firsts)
+        return torch.stack([out[i] for i in rows])
 
     def pack(self) -> None:
         """Once no prompts are left to start, move live slots down into free ones, so each step

@@ -157,7 +157,7 @@ class untuned:
 def tiny_agreement(tmp: Path):
     import torch
 
-    from helpers import TINY, make_model_folder, near_tie_gap, train_sentencepiece
+    from helpers import TINY, make_model_folder, train_sentencepiece
     from llama_cli import Llama
 
     tok = train_sentencepiece(tmp / "tok.model")
@@ -185,14 +185,8 @@ def tiny_agreement(tmp: Path):
     eager = models["eager"]
 
     def parting(outputs) -> float:  # the largest near-tie gap where outputs part from the eager run's
-        worst = 0.0
-        for p, got, want in zip(prompts, outputs, runs["eager"]):
-            ids = eager.tokenizer.encode(p, bos=True, eos=False)
-            k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-            if k is not None:
-                logits = eager.model(torch.tensor([ids + want[:k]]))[0, -1].float()
-                worst = max(worst, near_tie_gap(logits, got[k], want[k]))
-        return worst
+        return max(gap_where_they_part(eager, eager.tokenizer.encode(p, bos=True, eos=False), got, want)
+                   for p, got, want in zip(prompts, outputs, runs["eager"]))
 
     for name in ("graphs", "compiled+graphs"):
         worst = parting(runs[name])
@@ -211,12 +205,24 @@ def tiny_agreement(tmp: Path):
     shared_beginnings(models["graphs"], "GPU bf16, graphs", 1e-2)
 
 
+def gap_where_they_part(llama, ids: list, got: list, want: list) -> float:
+    """Where two greedy continuations of prompt ids first differ, how near a tie their two tokens are in llama's
+    logits there (helpers.near_tie_gap: a fraction of the logit scale); 0 where they agree."""
+    import torch
+
+    from helpers import near_tie_gap
+
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if k is None:
+        return 0.0
+    logits = llama.model(torch.tensor([ids + want[:k]]))[0, -1].float()
+    return near_tie_gap(logits, got[k], want[k])
+
+
 def shared_beginnings(llama, where: str, tie: float) -> None:
     """--share_prefixes: prompts after one shared beginning, through the continuous schedule (rows copied and
     prefilled after it), each the same as alone, up to near-ties of `tie` of the logit scale."""
-    import torch
-
-    from helpers import near_tie_gap, requests
+    from helpers import requests
     from llama_cli.scheduler import Options, run_continuous
 
     texts = ["the cat sleeps under the tree because " + t for t in ("hello world", "42", "the sun", "")]
@@ -231,10 +237,7 @@ def shared_beginnings(llama, where: str, tie: float) -> None:
     for i, text in enumerate(texts):
         ids = llama.tokenizer.encode(text, bos=True, eos=False)
         alone = llama.generate([ids], max_gen_len=12, temperature=0)[0][0]
-        k = next((j for j, (a, b) in enumerate(zip(got[i], alone)) if a != b), None)
-        if k is not None:
-            logits = llama.model(torch.tensor([ids + alone[:k]]))[0, -1].float()
-            worst = max(worst, near_tie_gap(logits, got[i][k], alone[k]))
+        worst = max(worst, gap_where_they_part(llama, ids, got[i], alone))
     check(f"shared prompt beginnings == each prompt alone, up to near-ties ({where})", bool(calls) and worst <= tie,
           f"{sum(len(c[0]) for c in calls)} prompts after a copied beginning; largest gap where they part: "
           f"{worst:.2e} of the logit scale")
