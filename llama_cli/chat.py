@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Optional
 
 from .errors import UserError
+from .settings import check_text
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "llama2", "llama3", "template")
@@ -42,7 +43,7 @@ def check_dialog(dialog, where: str = "dialog") -> list[dict]:
         if m["role"] not in ROLES:
             raise UserError(f'{where}: message {i + 1} has role {json.dumps(m["role"])}; the roles are '
                             "system, user and assistant")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": check_text(m["content"], f"{where}: message {i + 1}")})
     turns = out[1:] if out[0]["role"] == "system" else out
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"

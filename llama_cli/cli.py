@@ -382,6 +382,9 @@ def _cli(argv: list[str], debug: bool) -> int:
         if type(e).__name__ == "OutOfMemoryError":
             msg = "out of memory while running; lower --max_batch_size or --max_seq_len"
             return _fail(RuntimeError(msg), 1, debug, e)
+        if isinstance(e, OSError) and e.strerror:  # the system's words say it: "No space left on device: 'x'"
+            where = f": {e.filename!r}" if e.filename else ""
+            return _fail(RuntimeError(f"{e.strerror}{where}"), 1, debug, e)
         return _fail(e, 1, debug, prefix=f"{type(e).__name__}: ")
 
 
@@ -403,7 +406,8 @@ def _fail(e: BaseException, code: int, debug: bool, original: BaseException = No
     if isinstance(e, UserError) and os.environ.get("RANK", "0") != "0":
         return code
     text = " ".join(str(e).split()) or type(e).__name__
-    hint = "" if debug or isinstance(e, UserError) else " (rerun with --debug for the traceback)"
+    # our own errors say what to do; anything else may need its traceback
+    hint = "" if debug or isinstance(e, LlamaCliError) else " (rerun with --debug for the traceback)"
     print(f"llama-cli: error: {prefix}{text}{hint}", file=sys.stderr)
     return code
 

@@ -53,13 +53,15 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         the cache's memory and speeds up long conversations on the CPU (keys and values rounded to it).
     """
     from .generation import Llama
-    from .settings import Settings, resolve
+    from .settings import Settings, check_text, resolve
     from .tokenizer import find_tokenizer
 
     if ckpt_dir is None:
         raise UserError("--ckpt_dir is required: the checkpoint folder to chat with")
     if system is not None and not isinstance(system, str):
         raise UserError("--system takes a text")
+    if system is not None:
+        check_text(system, "--system")
     settings = resolve(Settings(), {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                                     "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
                                     "frequency_penalty": frequency_penalty, "stop": stop or [],

@@ -18,7 +18,7 @@ from .engine import Engine, cache_length, decide_compile, decide_graphs
 from .errors import UserError
 from .model import Transformer, check_parallel
 from .sampling import Sampler
-from .settings import KV_CACHE_DTYPES, SEED_MAX, Settings, resolve
+from .settings import KV_CACHE_DTYPES, SEED_MAX, Settings, check_text, resolve
 from .stopping import StopText
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -439,6 +439,7 @@ class Llama:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise UserError(f"prompt {i} is a {type(p).__name__}, not text")
+            check_text(p, f"prompt {i}")
         prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
         gen_tokens, gen_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p,
                                                  logprobs=logprobs, echo=echo, top_k=top_k)

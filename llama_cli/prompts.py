@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Optional
 
-from .errors import UserError
-from .settings import KEYS, Settings, resolve
+from .errors import RuntimeFailure, UserError
+from .settings import KEYS, Settings, check_text, resolve
 
 log = logging.getLogger("llama_cli")
 _warned: set = set()
@@ -92,6 +92,7 @@ def read_prompts(prompts: Optional[list], prompts_file: Optional[str], stdin: IO
         for i, p in enumerate(prompts):
             if p.strip() == "":
                 raise UserError(f"prompt {i + 1} is empty; give some text to complete")
+            check_text(p, f"--prompt {i + 1}")
         return [PromptRequest(i, p, defaults) for i, p in enumerate(prompts)]
     if prompts_file and prompts_file != "-":
         if os.path.isdir(prompts_file):
@@ -210,6 +211,7 @@ def _json_array(text: str, path: str, defaults: Settings) -> list[PromptRequest]
         if isinstance(item, str):
             if not item.strip():
                 raise UserError(f"{where} is an empty prompt; give some text to complete")
+            check_text(item, where)
             out.append(PromptRequest(len(out), item, defaults))
         else:
             out.append(_from_object(item, where, len(out), defaults))
@@ -229,6 +231,7 @@ def _parse_json_line(line: str, where: str):
 def _from_object(obj, where: str, index: int, defaults: Settings) -> PromptRequest:
     if not isinstance(obj, dict):
         raise UserError(f'{where} must be a JSON object like {{"prompt": "..."}}, not {type(obj).__name__}')
+    _check_texts(obj, where)
     settings = resolve(defaults, {k: obj[k] for k in KEYS if k in obj}, where)
     _warn_unknown_keys(obj, where)
     if "messages" in obj:
@@ -245,6 +248,19 @@ def _from_object(obj, where: str, index: int, defaults: Settings) -> PromptReque
     if not prompt.strip():
         raise UserError(f"{where} has an empty prompt; give some text to complete")
     return PromptRequest(index, prompt, settings, id=obj.get("id"))
+
+
+def _check_texts(value, where: str, key: str = "") -> None:
+    """Every text in a parsed JSON value (keys too) is valid text, or a UserError names the key it is under."""
+    if isinstance(value, str):
+        check_text(value, f'{where}: "{key}"' if key else where)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_texts(k, f"{where}: a key")
+            _check_texts(v, where, key or k)
+    elif isinstance(value, list):
+        for v in value:
+            _check_texts(v, where, key)
 
 
 def _warn_unknown_keys(obj: dict, where: str) -> None:
@@ -313,6 +329,7 @@ class ResultWriter:
                  expected: list[int]):
         self.fmt, self.stdout, self.echo = fmt, stdout, echo
         self.file = open(output_file, "a", encoding="utf-8") if output_file else None
+        self.path, self.saved, self.failed = output_file, 0, False
         # fsync where the file is a file: a pipe (a shell's >(command)) or a device has nothing to sync
         self.sync = self.file is not None and os.path.isfile(output_file)
         self.expected = list(expected)  # indices to print, in order
@@ -321,10 +338,15 @@ class ResultWriter:
 
     def add(self, result: Result) -> None:
         if self.file is not None:
-            self.file.write(self.format(result))
-            self.file.flush()
-            if self.sync:
-                os.fsync(self.file.fileno())
+            try:
+                self.file.write(self.format(result))
+                self.file.flush()
+                if self.sync:
+                    os.fsync(self.file.fileno())
+            except OSError as e:  # a full disk, say: what was written before stays, --resume goes on from it
+                self.failed = True
+                raise self._cannot_write(e) from None
+            self.saved += 1
         self.pending[result.request.index] = result
         while self.next < len(self.expected) and self.expected[self.next] in self.pending:
             r = self.pending.pop(self.expected[self.next])
@@ -334,8 +356,13 @@ class ResultWriter:
             if r.error is not None and self.fmt == "text":
                 print(f"llama-cli: prompt {r.request.index + 1}: {r.error}", file=sys.stderr)
             else:
-                self.stdout.write(self.format(r))
-                self.stdout.flush()
+                try:
+                    self.stdout.write(self.format(r))
+                    self.stdout.flush()
+                except BrokenPipeError:
+                    raise
+                except OSError as e:
+                    raise RuntimeFailure(f"cannot write the results to standard output: {e.strerror}") from None
 
     def format(self, r: Result) -> str:
         if self.fmt == "jsonl":
@@ -347,6 +374,15 @@ class ResultWriter:
         text = r.generation if self.echo else r.request.prompt + r.generation
         return text + "\n\n"
 
+    def _cannot_write(self, e: OSError) -> RuntimeFailure:
+        return RuntimeFailure(f"cannot write to --output_file {self.path}: {e.strerror}; the {self.saved} result(s) "
+                              "written before are kept: free some space, then rerun with --resume")
+
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        f, self.file = self.file, None
+        if f is not None:
+            try:
+                f.close()  # flushes what a failed write left in its buffer: fails again where that one did
+            except OSError as e:
+                if not self.failed:
+                    raise self._cannot_write(e) from None

@@ -63,6 +63,19 @@ def _integer(lo: int) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= lo), f"an integer >= {lo}"
 
 
+def check_text(text: str, where: str) -> str:
+    """text, if it can be written as UTF-8; else a UserError naming `where`. Python strings can hold halves of
+    UTF-16 surrogate pairs that no text has: a command-line argument's bytes that are not UTF-8 arrive so, as
+    does a lone \\uD800-\\uDFFF escape in JSON; the tokenizers and the output files cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where} is not valid text: character {e.start + 1} is {ascii(text[e.start])[1:-1]}, half of "
+                        "a UTF-16 surrogate pair (bytes that are not UTF-8, or a lone \\u escape in JSON); "
+                        "give UTF-8 text") from None
+    return text
+
+
 def _stops(v) -> bool:
     return isinstance(v, (list, tuple)) and all(isinstance(s, str) and s != "" for s in v)
 
@@ -97,7 +110,7 @@ def check(key: str, value, where: str):
         shown = json.dumps(value) if not isinstance(value, tuple) else json.dumps(list(value))
         raise UserError(f"{where} must be {accepted}, got {shown}")
     if key == "stop":
-        return tuple(value)
+        return tuple(check_text(t, where) for t in value)
     if key in LIMITS:  # beyond these a value means what the limit means, and the sampler's tensors can hold it
         lo, hi = LIMITS[key]
         value = value if key == "temperature" and value == 0 else min(max(value, lo), hi)

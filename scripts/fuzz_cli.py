@@ -10,7 +10,8 @@ Python traceback, and a failure told in one `llama-cli: error: ...` line. A fail
 reported with a Python exception's name (`error: TypeError: ...`) is a mistake the tool did not recognise:
 printed too. Exits 1 when anything was found. (Found on its first runs: --top_k 2**64, a static --max_gen_len
 of 10**26, --temperature or --repetition_penalty of 1e308 or 1e-320 failing inside the sampler; a flag's value
-"--" handing the rest of the line to fire; a model file taken as a prompts file.)
+"--" handing the rest of the line to fire; a model file taken as a prompts file; a --prompt with bytes that are
+not UTF-8, or a lone \\uD800 escape in a JSONL prompt, failing in the tokenizer.)
 """
 
 import argparse
@@ -31,7 +32,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 ODD = ["", "-1", "0", "abc", "nan", "inf", "-inf", "1e309", "18446744073709551616", "[1, 2]", "{'a': 1}",
-       "None", "True", "caf\u00e9 \u2713", "0x10", " 2 ", "1_0", "-", "--", "2.5", "-0.0", "1e-320"]
+       "None", "True", "caf\u00e9 \u2713", "0x10", " 2 ", "1_0", "-", "--", "2.5", "-0.0", "1e-320",
+       "ab\udcffc"]  # the last: the byte 0xff, not UTF-8 (subprocess passes it as os.fsencode does)
 GOOD = {"dtype": ["fp32", "bf16", "fp16", "fp8", "float32"], "device": ["cpu", "cuda", "mps", "cuda:1", "cpu:0"],
         "kv_cache_dtype": ["auto", "fp32", "bf16", "fp16", "int8"], "output": ["text", "jsonl", "json"],
         "schedule": ["continuous", "static", "paged"], "compile": ["auto", "off", "maybe"],
@@ -65,10 +67,11 @@ class Files:
         (root / "bad.jsonl").write_text('{"prompt": "hi", "max_gen_len": "x"}\n{"prompt": 5}\nnot json\n')
         (root / "good.jsonl").write_text("".join(json.dumps({"prompt": p, "max_gen_len": 3}) + "\n"
                                                  for p in ("the cat", "a dog", "one")))
+        (root / "surrogate.jsonl").write_text('{"prompt": "a", "stop": ["\\udc80"]}\n{"prompt": "\\ud800 b"}\n')
         (root / "fake.gguf").write_bytes(b"GGUF" + bytes(60))
         (root / "folder").mkdir()
         self.paths = [str(root / n) for n in ("missing", "folder", "empty.txt", "binary.bin", "text.txt",
-                                              "bad.jsonl", "good.jsonl", "fake.gguf")]
+                                              "bad.jsonl", "good.jsonl", "surrogate.jsonl", "fake.gguf")]
         self.paths += [str(self.model), str(self.two), str(self.quantized), "/nonexistent/dir/file"]
 
 

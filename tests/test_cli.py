@@ -371,6 +371,14 @@ def test_bad_prompt_files(capsys, ckpt, tmp_path):
         "model.gguf": (b"GGUF\x03\x00\x00\x00abc\n", "line 1 holds NUL bytes: it is a binary file"),
         "utf16.txt": ("hello\n".encode("utf-16"), "utf16.txt is UTF-16 text; save the file as UTF-8"),
         "utf16le.txt": ("hello\n".encode("utf-16-le"), "line 1 holds NUL bytes"),
+        # lone halves of surrogate pairs, which JSON's \u escapes can write and no text holds (found by fuzz_cli)
+        "lone.jsonl": (b'{"prompt": "ok"}\n{"prompt": "a\\ud800"}\n',
+                       'line 2: "prompt" is not valid text: character 2 is \\ud800'),
+        "lonestop.jsonl": (b'{"prompt": "ok", "stop": ["\\udc80"]}\n', 'line 1: "stop" is not valid text'),
+        "loneid.jsonl": (b'{"prompt": "ok", "id": {"a": ["\\udfff"]}}\n', 'line 1: "id" is not valid text'),
+        "lonemsg.jsonl": (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}\n',
+                          'line 1: "messages" is not valid text'),
+        "lone.json": (b'["ok", "\\ud800"]', "lone.json item 2 is not valid text"),
     }
     for name, (content, needle) in cases.items():
         (tmp_path / name).write_bytes(content)
@@ -378,6 +386,69 @@ def test_bad_prompt_files(capsys, ckpt, tmp_path):
         assert_one_line_error(code, err, 2, needle)
     code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", tmp_path / "missing.txt", *BASE)
     assert_one_line_error(code, err, 2, "does not exist")
+
+
+def test_command_line_text_that_is_not_utf8(capsys, ckpt):
+    """Found by scripts/fuzz_cli.py: a --prompt with a byte that is not UTF-8 (Python holds it as a lone
+    surrogate, \\udcff for 0xff) failed in the tokenizer with the catch-all's RuntimeError; a --stop so was taken
+    and could never match. Through a real command line (the bytes as the shell passes them), then in process."""
+    proc = run_proc("--ckpt_dir", ckpt, "--prompt", "ab\udcffc", *BASE)
+    assert_one_line_error(proc.returncode, proc.stderr, 2, "--prompt 1 is not valid text: character 3 is \\udcff",
+                          "give UTF-8 text")
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--stop", "x\udcff", *BASE)
+    assert_one_line_error(code, err, 2, "--stop is not valid text: character 2")
+    code, _, err = run_cli(capsys, "chat", "--ckpt_dir", ckpt, "--system", "\udcff", *BASE)
+    assert_one_line_error(code, err, 2, "--system is not valid text")
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "caf\u00e9 \U0001f600", *BASE)
+    assert code == 0 and out.startswith("caf\u00e9 \U0001f600"), err  # real characters outside ASCII are fine
+
+
+def test_a_full_disk_while_writing_results(capsys, ckpt, tmp_path):
+    """Found with /dev/full: a full disk under --output_file was the catch-all's "OSError: [Errno 28] ...", and
+    closing the file failed again over it. Now one line that says the results written before are kept and
+    --resume goes on from them (a result cut off in the middle is dropped by --resume, as after a kill)."""
+    import errno
+
+    from llama_cli.errors import RuntimeFailure
+    from llama_cli.prompts import PromptRequest, Result, ResultWriter
+    from llama_cli.settings import Settings
+
+    path = tmp_path / "out.jsonl"
+    w = ResultWriter("jsonl", None, str(path), False, [0, 1, 2])
+
+    class FillsUp:  # the file, whose disk fills up on the third result
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, text):
+            self.n += 1
+            if self.n == 3:
+                self.f.write(text[:10])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    w.file = FillsUp(w.file)
+    for i in range(2):
+        w.add(Result(PromptRequest(i, f"p{i}", Settings()), generation="g", finish_reason="length"))
+    with pytest.raises(RuntimeFailure, match=r"cannot write to --output_file .*out.jsonl: No space left on "
+                       r"device; the 2 result\(s\) written before are kept: free some space, then rerun with --resume"):
+        w.add(Result(PromptRequest(2, "p2", Settings()), generation="g", finish_reason="length"))
+    w.close()  # the failed write is not reported twice
+    assert [r["index"] for r in jsonl(path.read_text().rsplit("\n", 1)[0])] == [0, 1]
+
+    if os.path.exists("/dev/full"):  # Linux: a device that is always full, as output file and as standard output
+        code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output", "jsonl", "--output_file",
+                               "/dev/full", *BASE)
+        assert_one_line_error(code, err, 1, "cannot write to --output_file /dev/full: No space left on device; "
+                              "the 0 result(s) written before are kept")
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "llama_cli", "--ckpt_dir", str(ckpt), "--prompt", "Hi",
+                                   *BASE], stdout=full, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        assert_one_line_error(proc.returncode, proc.stderr, 1, "cannot write the results to standard output: "
+                              "No space left on device")
 
 
 def test_unwritable_output_file(capsys, ckpt, tmp_path):

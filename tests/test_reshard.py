@@ -95,3 +95,53 @@ def test_reshard_into_a_folder_holding_a_checkpoint_is_refused(tmp_path, tiny_ck
     capsys.readouterr()
     assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(tmp_path / "o"), "--shards", "1"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """Found with a small tmpfs: converting onto a full disk died of a bus error (the staging files are mapped,
+    and a write through the map had no block to go to). The staging files now get their blocks first; a disk too
+    full for them, or for the shards after them, is one line, exit 1, and the output folder is left as it was.
+    The full disk is simulated here (the calls that meet it), as CI cannot mount a small one."""
+    import errno
+    import os
+    import shutil
+
+    import llama_cli.convert.writer as writer
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "new"
+    monkeypatch.setattr(writer.os, "posix_fallocate", no_space, raising=False)
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"llama-cli: error: cannot write into {out}: No space left on device (0 MB staged")
+    assert err[-1].endswith("choose another --out; nothing was left behind") and len(err) == 1
+    assert not out.exists()  # made by the run, removed again
+    monkeypatch.undo()
+
+    # room for the staged tensors, none for the shards: refused before writing one (an existing folder stays)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage._replace(free=2**19))
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "2"]) == 1
+    assert "not enough space for the shards" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    # the disk filling up while the second shard is saved: the first is removed again
+    monkeypatch.undo()
+    save = torch.save
+    calls = []
+
+    def save_then_fill(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage._replace(free=0))
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+        save(obj, path)
+
+    monkeypatch.setattr(writer.torch, "save", save_then_fill)
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "2"]) == 1
+    assert "the disk filled up" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and len(calls) == 2

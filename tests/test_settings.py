@@ -151,6 +151,12 @@ def test_python_api_uses_the_same_checks(tmp_path, spm_path):
         llama.generate([[1, 5]], max_gen_len=0)
     with pytest.raises(UserError, match=r'"top_p" must be a number in \(0, 1\]'):
         llama.text_completion(["hi"], top_p=3)
+    with pytest.raises(UserError, match=r"prompt 1 is not valid text: character 2 is \\ud800"):
+        llama.text_completion(["hi", "a\ud800"])
+    with pytest.raises(UserError, match=r"message 1 is not valid text"):
+        llama.chat_completion([[{"role": "user", "content": "\udc80"}]])
+    with pytest.raises(UserError, match=r'"stop" is not valid text'):
+        resolve(Settings(), {"stop": ["\udc80"]}, "generate()")
 
 
 def test_python_api_refuses_what_is_not_token_ids(tmp_path, spm_path):

@@ -4,7 +4,9 @@
 Each incoming (whole) tensor is cast, split for the target shard count the way fairscale
 splits it, and staged into a file-backed tensor in a temporary folder beside the output, so
 the converter's own memory stays near the largest single tensor; each shard is then saved
-with torch.save from those staged tensors.
+with torch.save from those staged tensors. Staging files are given their disk space before they are
+mapped: a full disk is then one error naming the folder, not a bus error of a write through the map;
+the shards are saved only where the disk has room for them beside the staged tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Iterable
 import torch
 
 from ..checkpoint import QPARTS, split_dim
-from ..errors import UserError
+from ..errors import RuntimeFailure, UserError
 from ..model import ModelArgs, check_parallel
 from ..tokenizer import TOKENIZER_FILES
 
@@ -45,6 +47,7 @@ class CheckpointWriter:
                             "processes directly (loading splits further on the fly)")
         if os.path.isdir(out) and any(f.endswith(".pth") or f == "params.json" for f in os.listdir(out)):
             raise UserError(f"{out} already holds a checkpoint; choose an empty or new folder")
+        self._made_out = not os.path.isdir(out)
         try:
             os.makedirs(out, exist_ok=True)
             self.staging = tempfile.mkdtemp(prefix=".convert-", dir=out)
@@ -53,6 +56,8 @@ class CheckpointWriter:
         self.out, self.n_shards, self.dtype, self.args = out, n_shards, dtype, args
         self.shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
         self._count = 0
+        self._staged = 0  # bytes
+        self._written: list[str] = []  # the files saved so far (removed again if the write fails)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Stage one whole tensor under its Meta name: weights are cast to the writer's dtype, quantized
@@ -69,9 +74,30 @@ class CheckpointWriter:
             part = parts[0] if dim is None else parts[s]
             path = os.path.join(self.staging, f"{self._count}.bin")
             self._count += 1
+            self._allocate(path, part.numel() * dtype.itemsize)
             staged = torch.from_file(path, shared=True, size=part.numel(), dtype=dtype).view(part.shape)
             staged.copy_(part)
             self.shards[s][name] = staged
+
+    def _allocate(self, path: str, nbytes: int) -> None:
+        """The staging file, its blocks reserved (where the system can; macOS has no posix_fallocate)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if nbytes and hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, nbytes)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise self._full(e.strerror) from None
+        self._staged += nbytes
+
+    def _full(self, why: str) -> RuntimeFailure:
+        free = shutil.disk_usage(self.out).free
+        return RuntimeFailure(f"cannot write into {self.out}: {why} ({self._staged / 2**20:.0f} MB staged, "
+                              f"{free / 2**20:.0f} MB free); writing a checkpoint needs about twice its size free "
+                              "there until it is done (the tensors staged, then the shards): free some space or "
+                              "choose another --out; nothing was left behind")
 
     def write(self, tensors: Iterable[tuple[str, torch.Tensor]], params: dict) -> int:
         """Stage every (Meta name, whole tensor) and save the shards; returns the tensor count.
@@ -84,16 +110,31 @@ class CheckpointWriter:
             self.finish(params)
         except BaseException:
             self.abort()
+            for path in self._written:  # the folder held no checkpoint files before (checked at the start)
+                if os.path.exists(path):
+                    os.remove(path)
+            if self._made_out and not os.listdir(self.out):
+                os.rmdir(self.out)
             raise
         return count
 
     def finish(self, params: dict) -> None:
         """Save every shard and params.json; remove the staging files."""
         try:
+            if shutil.disk_usage(self.out).free < self._staged + 2**20:  # the shards hold what is staged
+                raise self._full("not enough space for the shards")
             for s, sd in enumerate(self.shards):
-                torch.save(sd, os.path.join(self.out, f"consolidated.{s:02d}.pth"))
+                path = os.path.join(self.out, f"consolidated.{s:02d}.pth")
+                self._written.append(path)
+                try:
+                    torch.save(sd, path)
+                except (OSError, RuntimeError):  # torch's zip writer reports a failed write as RuntimeError
+                    if shutil.disk_usage(self.out).free > 2**20:
+                        raise
+                    raise self._full("the disk filled up") from None
                 sd.clear()
-            with open(os.path.join(self.out, "params.json"), "w", encoding="utf-8") as f:
+            self._written.append(os.path.join(self.out, "params.json"))
+            with open(self._written[-1], "w", encoding="utf-8") as f:
                 json.dump(params, f, indent=2)
         finally:
             self.abort()
