@@ -37,6 +37,7 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16, as you will run it. Default is bf16 on GPUs, fp32 on cpu.
     """
+    from . import compiled
     from .cpu_step import NativeStep
     from .generation import Llama
     from .parallel import GEMV_MAX_ROWS
@@ -48,6 +49,9 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
         raise UserError(f"--max_seq_len must be an integer of at least 2, got {max_seq_len!r}")
     if ckpt_dir is None:
         raise UserError("--ckpt_dir is required: the checkpoint folder whose decoding step to compile")
+    why = compiled.room_problem(compiled.inductor_dir())
+    if why is not None:
+        raise UserError(f"cannot compile: {why}; free some space there, or set LLAMA_CLI_CACHE to a folder with room")
     tokenizer_path = tokenizer_path or find_tokenizer(str(ckpt_dir))
     start = time.perf_counter()
     llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size,

@@ -26,6 +26,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLAMA_CLI_CACHE") or Path.home() / ".cache" / "llama-cli")
 
 
+ROOM_MB = 64  # what a compile or our kernels' build may write into the cache (a model's compiled steps: ~20 MB)
+
+
+def inductor_dir() -> Path:
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) if _USER_CHOSE else cache_root() / "inductor"
+
+
+def room_problem(path: Path) -> Optional[str]:
+    """None where `path` (made if missing) can take ROOM_MB more, else what is wrong, in words: a full disk
+    fails a compile or a build only after its seconds of work, and then with a compiler's message."""
+    import shutil
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return None  # nothing to tell: the attempt itself will say
+    if free < ROOM_MB * 2**20:
+        return f"the disk holding {path} has {free / 2**20:.0f} MB free (about {ROOM_MB} MB are needed there)"
+    if not os.access(probe, os.W_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def setup() -> None:
     """Point inductor's cache at ours (before anything is compiled), and skip inductor's vector-ISA probe
     where an earlier run here recorded its outcome (see _isa_record)."""

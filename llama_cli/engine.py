@@ -114,8 +114,21 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     compiled, the dequantizing fuses into the product), where a kept step is used from WARM_TOKENS_QUANTIZED
     tokens and a first compile from COLD_TOKENS_CUDA_DEQUANTIZING."""
     compile = _mode("--compile", compile)
-    if compile != "auto":
-        return compile == "on"
+    if compile == "off" or (compile == "auto" and not _auto_compiles(device, max_batch_size, key, expected_tokens,
+                                                                     quantized, kernels, native_step)):
+        return False
+    why = compile_cache.room_problem(compile_cache.inductor_dir())  # where inductor keeps what it compiles
+    if why is None:
+        return True
+    if compile == "on":
+        raise UserError(f"cannot compile the decode step: {why}; free some space there, set LLAMA_CLI_CACHE to a "
+                        "folder with room, or pass --compile off")
+    log.warning("not compiling the decode step: %s (set LLAMA_CLI_CACHE to a folder with room)", why)
+    return False
+
+
+def _auto_compiles(device, max_batch_size, key, expected_tokens, quantized, kernels, native_step) -> bool:
+    """--compile auto's choice (decide_compile)."""
     if max_batch_size > GEMV_MAX_ROWS or (device.type != "cpu" and not (is_cuda(device) and quantized)):
         return False
     if native_step and device.type == "cpu":

@@ -86,6 +86,14 @@ def ready() -> bool:
     if "ok" in _state:
         return _state["ok"]
     why = "LLAMA_CLI_NATIVE=0" if disabled_by_user() else _cpu_ok()
+    if why is None and not _loadable():
+        from .compiled import room_problem
+
+        why = room_problem(_build_dir())
+        if why is not None:
+            why = f"were not built: {why}"
+            log.warning("our CPU kernels %s; linear layers use the slower portable products (set LLAMA_CLI_CACHE "
+                        "to a folder with room)", why)
     if why is None:
         try:
             _load()
@@ -94,6 +102,12 @@ def ready() -> bool:
             log.warning("our CPU kernels %s; linear layers use the slower portable products", why)
     _state["ok"], _state["why"] = why is None, why
     return why is None
+
+
+def _loadable() -> bool:
+    """Whether a finished build is kept (_load then loads it without building)."""
+    build = _build_dir()
+    return (build / "ready").is_file() and (build / "llama_cli_native.so").is_file()
 
 
 def _load() -> None:

@@ -4,6 +4,7 @@ and --compile auto follows the measurements and the persistent compile cache."""
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import REPO, assert_same_or_near_tie, greedy, requests, run_torchrun, subprocess_env
@@ -224,3 +225,43 @@ def test_module_guards_are_skipped_only_for_uniform_layers_and_own_code(tmp_path
     assert uniform_layers(llama.model)
     llama.model.layers[1].attention.wq.kernel = None if llama.model.layers[0].attention.wq.kernel else "int4-native"
     assert not uniform_layers(llama.model)
+
+
+def test_a_cache_without_room_is_said_before_any_work(tmp_path, monkeypatch, capsys, caplog, tiny_ckpt):
+    """Found with a full disk: --compile on failed only when inductor first wrote its cache ("No space left on
+    device", nothing more), our CPU kernels spent their 9 s build before ninja failed. Now a cache folder
+    without ROOM_MB free is told at once: --compile on (and llama-cli compile) refuse with what to do, --compile
+    auto leaves compiling off with a warning, and the kernels are not built (the portable products run)."""
+    import shutil
+
+    from llama_cli import compiled, native
+    from llama_cli.cli import cli
+    from llama_cli.engine import decide_compile
+    from llama_cli.errors import UserError
+
+    monkeypatch.setenv("LLAMA_CLI_CACHE", str(tmp_path / "cache"))
+    real = shutil.disk_usage(tmp_path)
+    assert compiled.room_problem(tmp_path / "cache" / "not" / "yet") is None  # made later: its parents are asked
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real._replace(free=5 * 2**20))
+    why = compiled.room_problem(tmp_path / "cache" / "inductor")
+    assert why == f"the disk holding {tmp_path / 'cache' / 'inductor'} has 5 MB free (about 64 MB are needed there)"
+
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match="cannot compile the decode step: the disk holding .* has 5 MB free .*"
+                       "set LLAMA_CLI_CACHE to a folder with room, or pass --compile off"):
+        decide_compile("on", cpu, 1)
+    with caplog.at_level("WARNING", logger="llama_cli"):
+        assert decide_compile("auto", cpu, 1, key="k", expected_tokens=10_000) is False  # it would, with room
+    assert "not compiling the decode step: the disk holding" in caplog.text
+    assert decide_compile("off", cpu, 1) is False
+
+    folder = tiny_ckpt[0]
+    assert cli(["compile", "--ckpt_dir", str(folder)]) == 2
+    assert "error: cannot compile: the disk holding" in capsys.readouterr().err
+
+    monkeypatch.setattr(native, "_state", {})  # as in a fresh process (restored after the test)
+    monkeypatch.setattr(native, "_loadable", lambda: False)  # nothing kept: it would build
+    monkeypatch.setattr(native, "_load", lambda: pytest.fail("built without room"))
+    if native._cpu_ok() is None:
+        assert native.ready() is False
+        assert native._state["why"].startswith("were not built: the disk holding")
