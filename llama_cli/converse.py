@@ -13,6 +13,7 @@ import sys
 from typing import IO, Iterable, Optional
 
 from .errors import UserError
+from .settings import check_text
 
 log = logging.getLogger("llama_cli")
 
@@ -53,7 +54,7 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         the cache's memory and speeds up long conversations on the CPU (keys and values rounded to it).
     """
     from .generation import Llama
-    from .settings import Settings, check_text, resolve
+    from .settings import Settings, resolve
     from .tokenizer import find_tokenizer
 
     if ckpt_dir is None:
@@ -77,15 +78,12 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
 
 
 def text_lines(stream) -> Iterable[str]:
-    """A stream's lines as text, read as UTF-8 whatever the locale says; a line that is not is a UserError
-    (the locale's decoding would fail inside the loop, or pass the tokenizer text it cannot take)."""
+    """A stream's lines as text, read as UTF-8 whatever the locale says; bytes that are not UTF-8 come as lone
+    surrogates (surrogateescape), which converse refuses (the tokenizer cannot take them)."""
     if stream is None:
         return
-    for n, raw in enumerate(getattr(stream, "buffer", stream), 1):
-        try:
-            yield raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        except UnicodeDecodeError:
-            raise UserError(f"standard input line {n} is not UTF-8 text; send UTF-8") from None
+    for raw in getattr(stream, "buffer", stream):
+        yield raw.decode("utf-8", errors="surrogateescape") if isinstance(raw, bytes) else raw
 
 
 def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: IO, err: IO,
@@ -96,8 +94,16 @@ def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: 
     if interactive:
         err.write(f"llama-cli chat with {llama.chat_format.name} format {HELP}\n> ")
         err.flush()
-    for raw in lines:
+    for n, raw in enumerate(lines, 1):
         text = raw.rstrip("\r\n")
+        try:
+            check_text(text, f"standard input line {n}")
+        except UserError:
+            if not interactive:  # the replies before it stand; a script is told which line
+                raise UserError(f"standard input line {n} is not UTF-8 text; send UTF-8") from None
+            err.write("llama-cli: that line is not UTF-8 text (is the terminal set to UTF-8?); type it again\n> ")
+            err.flush()  # the conversation so far is kept
+            continue
         if interactive and text.strip() in ("/exit", "/quit"):
             break
         if interactive and text.strip() == "/reset":

@@ -188,13 +188,16 @@ def test_a_template_that_fails_on_a_line_names_it(tmp_path, capsys):
 
 
 def test_interactive_conversation_keeps_history_resets_and_trims(chat_llama):
-    from llama_cli.converse import converse
+    from llama_cli.converse import converse, text_lines
     from llama_cli.settings import Settings
 
     _, llama = chat_llama
     s = Settings(temperature=0.0, max_gen_len=6)
     out, err = io.StringIO(), io.StringIO()
-    converse(llama, s, "Be brief.", ["Hello world\n", "The cat\n", "/reset\n", "Hello world\n"], out, err, True)
+    # a line typed in a Latin-1 terminal (not UTF-8) is asked for again, and the conversation goes on
+    typed = io.BytesIO(b"Hello world\ncaf\xe9\nThe cat\n/reset\nHello world\n")
+    converse(llama, s, "Be brief.", text_lines(typed), out, err, True)
+    assert "that line is not UTF-8 text (is the terminal set to UTF-8?); type it again" in err.getvalue()
     replies = out.getvalue().split("\n")[:3]
     first = llama.chat_completion([[{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "Hello world"}]], temperature=0, max_gen_len=6)
