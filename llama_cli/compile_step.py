@@ -51,7 +51,7 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
         raise UserError("--ckpt_dir is required: the checkpoint folder whose decoding step to compile")
     why = compiled.room_problem(compiled.inductor_dir())
     if why is not None:
-        raise UserError(f"cannot compile: {why}; free some space there, or set LLAMA_CLI_CACHE to a folder with room")
+        raise UserError(f"cannot compile: {why}; make room there, or set LLAMA_CLI_CACHE to another folder")
     tokenizer_path = tokenizer_path or find_tokenizer(str(ckpt_dir))
     start = time.perf_counter()
     llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size,

@@ -41,6 +41,8 @@ def room_problem(path: Path) -> Optional[str]:
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder (LLAMA_CLI_CACHE names the folder to keep builds in)"
     try:
         free = shutil.disk_usage(probe).free
     except OSError:

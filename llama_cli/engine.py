@@ -121,9 +121,9 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     if why is None:
         return True
     if compile == "on":
-        raise UserError(f"cannot compile the decode step: {why}; free some space there, set LLAMA_CLI_CACHE to a "
-                        "folder with room, or pass --compile off")
-    log.warning("not compiling the decode step: %s (set LLAMA_CLI_CACHE to a folder with room)", why)
+        raise UserError(f"cannot compile the decode step: {why}; make room there, set LLAMA_CLI_CACHE to "
+                        "another folder, or pass --compile off")
+    log.warning("not compiling the decode step: %s (make room there, or set LLAMA_CLI_CACHE to another folder)", why)
     return False
 
 

@@ -92,8 +92,8 @@ def ready() -> bool:
         why = room_problem(_build_dir())
         if why is not None:
             why = f"were not built: {why}"
-            log.warning("our CPU kernels %s; linear layers use the slower portable products (set LLAMA_CLI_CACHE "
-                        "to a folder with room)", why)
+            log.warning("our CPU kernels %s; linear layers use the slower portable products (make room there, "
+                        "or set LLAMA_CLI_CACHE to another folder)", why)
     if why is None:
         try:
             _load()

@@ -242,13 +242,15 @@ def test_a_cache_without_room_is_said_before_any_work(tmp_path, monkeypatch, cap
     monkeypatch.setenv("LLAMA_CLI_CACHE", str(tmp_path / "cache"))
     real = shutil.disk_usage(tmp_path)
     assert compiled.room_problem(tmp_path / "cache" / "not" / "yet") is None  # made later: its parents are asked
+    (tmp_path / "a-file").write_text("x")  # LLAMA_CLI_CACHE=a file: nothing could be kept ("kept" was said)
+    assert compiled.room_problem(tmp_path / "a-file" / "inductor").startswith(f"{tmp_path / 'a-file'} is a file")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real._replace(free=5 * 2**20))
     why = compiled.room_problem(tmp_path / "cache" / "inductor")
     assert why == f"the disk holding {tmp_path / 'cache' / 'inductor'} has 5 MB free (about 64 MB are needed there)"
 
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="cannot compile the decode step: the disk holding .* has 5 MB free .*"
-                       "set LLAMA_CLI_CACHE to a folder with room, or pass --compile off"):
+                       "make room there, set LLAMA_CLI_CACHE to another folder, or pass --compile off"):
         decide_compile("on", cpu, 1)
     with caplog.at_level("WARNING", logger="llama_cli"):
         assert decide_compile("auto", cpu, 1, key="k", expected_tokens=10_000) is False  # it would, with room
