@@ -375,6 +375,10 @@ class ResultWriter:
         return text + "\n\n"
 
     def _cannot_write(self, e: OSError) -> RuntimeFailure:
+        if not self.sync:  # a pipe whose reader ended, a device: nothing kept to resume from
+            why = "; whatever reads it stopped reading" if isinstance(e, BrokenPipeError) else ""
+            return RuntimeFailure(f"cannot write to --output_file {self.path}: {e.strerror} (after {self.saved} "
+                                  f"result(s)){why}")
         return RuntimeFailure(f"cannot write to --output_file {self.path}: {e.strerror}; the {self.saved} result(s) "
                               "written before are kept: free some space, then rerun with --resume")
 

@@ -439,11 +439,22 @@ def test_a_full_disk_while_writing_results(capsys, ckpt, tmp_path):
     w.close()  # the failed write is not reported twice
     assert [r["index"] for r in jsonl(path.read_text().rsplit("\n", 1)[0])] == [0, 1]
 
+    # a pipe (--output_file >(command)) whose reader ended: nothing there to resume from, and it says so
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    w = ResultWriter("jsonl", None, str(fifo), False, [0, 1])
+    w.add(Result(PromptRequest(0, "p0", Settings()), generation="g", finish_reason="length"))
+    os.close(reader)
+    with pytest.raises(RuntimeFailure, match=r"fifo: Broken pipe \(after 1 result\(s\)\); whatever reads it stopped"):
+        w.add(Result(PromptRequest(1, "p1", Settings()), generation="g", finish_reason="length"))
+    w.close()
+
     if os.path.exists("/dev/full"):  # Linux: a device that is always full, as output file and as standard output
         code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output", "jsonl", "--output_file",
                                "/dev/full", *BASE)
-        assert_one_line_error(code, err, 1, "cannot write to --output_file /dev/full: No space left on device; "
-                              "the 0 result(s) written before are kept")
+        assert_one_line_error(code, err, 1, "cannot write to --output_file /dev/full: No space left on device "
+                              "(after 0 result(s))")
         with open("/dev/full", "w") as full:
             proc = subprocess.run([sys.executable, "-m", "llama_cli", "--ckpt_dir", str(ckpt), "--prompt", "Hi",
                                    *BASE], stdout=full, stderr=subprocess.PIPE, text=True, env=subprocess_env())
