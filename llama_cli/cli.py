@@ -56,24 +56,24 @@ def nothing_to_do(output_file: str) -> int:
 
 
 def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
+    """One generation run; the --output_file lock it takes is let go when it ends, however it ends."""
+    held: list = []
+    try:
+        return _run(cfg, stdin, stdout, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
     from . import distributed
-    from .prompts import PromptRequest, ResultWriter, read_prompts, scan_output
+    from .prompts import PromptRequest, ResultWriter
     from .scheduler import Options, run_continuous, run_static
 
     stdout = stdout or sys.stdout
     world_size, rank, local_rank = distributed.world()
     setup_logging(quiet=cfg.quiet or rank != 0)
-    requests: list = []
-    done: set = set()
-    if rank == 0:  # only rank 0 reads prompts and output files; the others get them below
-        requests = read_prompts(cfg.prompt, cfg.prompts_file, stdin, defaults=cfg.settings)
-        if cfg.stream and len(requests) != 1:
-            raise UserError(f"--stream prints one completion as it is generated; got {len(requests)} prompts")
-        check_output_file(cfg.output_file, cfg.resume)
-        check_dialogs(requests, cfg.tokenizer_path, cfg.chat_format)
-        if cfg.resume:
-            done = scan_output(cfg.output_file, requests)
-            log.info("resuming: %d of %d prompts already in %s", len(done), len(requests), cfg.output_file)
+    requests, done = read_inputs(cfg, stdin, held) if rank == 0 else ([], set())  # the others get them below
 
     from .generation import Llama
 
@@ -134,6 +134,27 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
         log.warning("%d of %d prompts could not run; see their error entries", stats.errors, len(pending))
         return 1
     return 0
+
+
+def read_inputs(cfg: RunConfig, stdin, held: list) -> tuple[list, set]:
+    """(the prompts, the indices --resume finds answered), every check done before the model loads; the output
+    file's lock goes into `held`."""
+    from .prompts import OutputLock, read_prompts, scan_output
+
+    requests = read_prompts(cfg.prompt, cfg.prompts_file, stdin, defaults=cfg.settings)
+    if cfg.stream and len(requests) != 1:
+        raise UserError(f"--stream prints one completion as it is generated; got {len(requests)} prompts")
+    check_output_file(cfg.output_file, cfg.resume)
+    if cfg.output_file and os.path.isfile(cfg.output_file):  # not a pipe
+        held.append(OutputLock(cfg.output_file))
+    check_dialogs(requests, cfg.tokenizer_path, cfg.chat_format)
+    done: set = set()
+    if cfg.resume:
+        done = scan_output(cfg.output_file, requests)
+        for lock in held:
+            lock.follow()
+        log.info("resuming: %d of %d prompts already in %s", len(done), len(requests), cfg.output_file)
+    return requests, done
 
 
 def check_dialogs(requests, tokenizer_path: str, chat_format: str) -> None:

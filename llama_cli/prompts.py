@@ -322,6 +322,44 @@ def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:
     return done
 
 
+class OutputLock:
+    """An exclusive lock (flock) on a regular --output_file while this run may write it: two runs appending to one
+    file would each answer the prompts, and --resume would find every result twice. Released when the process ends.
+    Where the file system has no locks (some network mounts) or the platform no fcntl, the run goes on unlocked."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+        self._take()
+
+    def _take(self) -> None:
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"--output_file {self.path} is being written by another llama-cli run now; wait for it "
+                            "to end (then --resume), or choose another file") from None
+        except OSError:
+            pass  # no locks here
+        old, self.fd = self.fd, fd
+        if old is not None:
+            os.close(old)
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def follow(self) -> None:
+        """After scan_output put a new file in the path's place: lock that one."""
+        if self.fd is not None and os.fstat(self.fd).st_ino != os.stat(self.path).st_ino:
+            self._take()
+
+
 class ResultWriter:
     """Writes results to stdout (if given) in input order and, as they finish, to an output file."""
 

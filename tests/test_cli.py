@@ -462,6 +462,41 @@ def test_a_full_disk_while_writing_results(capsys, ckpt, tmp_path):
                               "No space left on device")
 
 
+def test_two_runs_on_one_output_file(capsys, ckpt, tmp_path):
+    """Two runs appending to one --output_file (two shell jobs started by mistake) would each answer every prompt,
+    and --resume would then find results twice: a second run is refused while the first holds the file, before
+    its model loads. The lock follows the file that --resume's clean-up puts in its place."""
+    from llama_cli.prompts import OutputLock
+
+    out = tmp_path / "out.jsonl"
+    first = OutputLock(str(out))  # another run, writing it now (flock: per open file, so one process will do)
+    for extra in ([], ["--resume"]):
+        code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output", "jsonl", "--output_file",
+                               out, *extra, *BASE)
+        assert_one_line_error(code, err, 2, f"--output_file {out} is being written by another llama-cli run now; "
+                              "wait for it to end (then --resume), or choose another file")
+        assert "loaded" not in err
+    first.release()  # that run ended
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--prompt", "Yo", "--output", "jsonl",
+                           "--output_file", out, *BASE)
+    assert code == 0, err
+    # --resume's clean-up replaces the file (dropping a cut last line): the lock moves to the new one
+    out.write_bytes(out.read_bytes() + b'{"index": 1, "pro')
+    from llama_cli.errors import UserError
+    from llama_cli.prompts import PromptRequest, scan_output
+    from llama_cli.settings import Settings
+
+    lock = OutputLock(str(out))
+    old = os.stat(out).st_ino
+    scan_output(str(out), [PromptRequest(0, "Hi", Settings()), PromptRequest(1, "Yo", Settings())])
+    assert os.stat(out).st_ino != old
+    lock.follow()
+    with pytest.raises(UserError, match="is being written by another llama-cli run"):
+        OutputLock(str(out))
+    lock.release()
+    OutputLock(str(out)).release()
+
+
 def test_unwritable_output_file(capsys, ckpt, tmp_path):
     code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output_file",
                            tmp_path / "no" / "such" / "dir.jsonl", *BASE)
