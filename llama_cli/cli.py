@@ -29,6 +29,13 @@ _STR_FLAGS = ("ckpt_dir", "tokenizer_path", "prompts_file", "output", "output_fi
               "compile", "cuda_graphs", "chat_format", "system", "quantize", "kv_cache_dtype")
 
 
+def stdout_open(what: str, fix: str = "run with standard output open") -> None:
+    """A UserError where standard output is closed (`>&-`: Python then drops every print), saying what would be
+    lost."""
+    if sys.stdout is None:
+        raise UserError(f"standard output is closed, so {what} would go nowhere; {fix}")
+
+
 def check_output_file(path: Optional[str], resume: bool) -> None:
     """The output file can be appended to, and holds nothing that would be lost."""
     if not path:
@@ -73,6 +80,8 @@ def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
     stdout = stdout or sys.stdout
     world_size, rank, local_rank = distributed.world()
     setup_logging(quiet=cfg.quiet or rank != 0)
+    if stdout is None and rank == 0 and not cfg.output_file:
+        stdout_open("the results", "give --output_file, or run with standard output open")
     requests, done = read_inputs(cfg, stdin, held) if rank == 0 else ([], set())  # the others get them below
 
     from .generation import Llama

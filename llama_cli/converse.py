@@ -63,6 +63,9 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         raise UserError("--system takes a text")
     if system is not None:
         check_text(system, "--system")
+    from .cli import stdout_open
+
+    stdout_open("the replies")
     settings = resolve(Settings(), {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                                     "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
                                     "frequency_penalty": frequency_penalty, "stop": stop or [],

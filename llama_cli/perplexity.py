@@ -117,6 +117,10 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
     if output not in ("text", "jsonl"):
         raise UserError(f"--output must be text or jsonl, got {output!r}")
     world_size, rank, _ = distributed.world()
+    if rank == 0:
+        from .cli import stdout_open
+
+        stdout_open("the perplexity")
     text = read_text(str(text_file)) if rank == 0 else None
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
     ids, rows, positions, tokenizer = None, max_batch_size, ctx, None

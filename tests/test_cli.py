@@ -497,6 +497,30 @@ def test_two_runs_on_one_output_file(capsys, ckpt, tmp_path):
     OutputLock(str(out)).release()
 
 
+def test_a_closed_standard_output(capsys, ckpt, tmp_path, monkeypatch):
+    """Found by hand: `llama-cli ... >&-` (standard output closed) exited 0 with every completion dropped (Python
+    prints nothing to a closed stdout); chat failed with the catch-all's AttributeError; perplexity's last line was
+    lost. Each now stops in one line before any work, unless the results go to --output_file."""
+    proc = subprocess.run([sys.executable, "-m", "llama_cli", "--ckpt_dir", str(ckpt), "--prompt", "Hi", *BASE],
+                          capture_output=False, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO,
+                          timeout=120, preexec_fn=lambda: os.close(1))
+    assert_one_line_error(proc.returncode, proc.stderr, 2, "standard output is closed, so the results would go "
+                          "nowhere; give --output_file, or run with standard output open")
+    monkeypatch.setattr(sys, "stdout", None)
+    out = tmp_path / "out.jsonl"
+    assert cli(["--ckpt_dir", str(ckpt), "--prompt", "Hi", "--output", "jsonl", "--output_file", str(out), *BASE]) == 0
+    assert jsonl(out.read_text())[0]["prompt"] == "Hi"  # the file has them
+    capsys.readouterr()
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 20)
+    for argv, what in ((["chat", "--ckpt_dir", str(ckpt)], "the replies"),
+                       (["perplexity", "--ckpt_dir", str(ckpt), "--text_file", str(text)], "the perplexity")):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert_one_line_error(2, err, 2, f"standard output is closed, so {what} would go nowhere")
+        assert "loaded" not in err
+
+
 def test_unwritable_output_file(capsys, ckpt, tmp_path):
     code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", "--output_file",
                            tmp_path / "no" / "such" / "dir.jsonl", *BASE)
