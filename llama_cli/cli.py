@@ -433,7 +433,7 @@ def _fail(e: BaseException, code: int, debug: bool, original: BaseException = No
         import traceback
 
         traceback.print_exception(original or e)
-    if isinstance(e, UserError) and os.environ.get("RANK", "0") != "0":
+    if isinstance(e, UserError) and not e.every_rank and os.environ.get("RANK", "0") != "0":
         return code
     text = " ".join(str(e).split()) or type(e).__name__
     # our own errors say what to do; anything else may need its traceback

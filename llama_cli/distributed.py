@@ -27,11 +27,19 @@ def world() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     try:
-        return (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)),
-                int(os.environ.get("LOCAL_RANK", 0)))
+        world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
     except ValueError:
-        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers; launch with torchrun or unset "
-                        "them") from None
+        raise _own_launch("WORLD_SIZE, RANK and LOCAL_RANK must be integers; launch with torchrun or unset "
+                          "them") from None
+    if world_size < 1:
+        raise _own_launch(f"WORLD_SIZE={world_size}: a world needs at least 1 process; launch with torchrun, or unset "
+                          "WORLD_SIZE and RANK")
+    if not 0 <= rank < world_size:
+        named = f"WORLD_SIZE={world_size}" if "WORLD_SIZE" in os.environ else "WORLD_SIZE (unset: 1)"
+        raise _own_launch(f"RANK={rank} is not one of the {world_size} process(es) of {named}, ranks 0 to "
+                          f"{world_size - 1}; launch with torchrun, or unset WORLD_SIZE and RANK")
+    return world_size, rank, local_rank
 
 
 def backend_for(device: torch.device) -> str:
@@ -50,6 +58,10 @@ def setup(device: torch.device, model_parallel_size: Optional[int] = None) -> Mo
     if world_size == 1:
         return ModelParallel()
     if not dist.is_initialized():
+        where = _meeting_point(world_size)
+        if rank == 0:
+            logging.getLogger("llama_cli").info("waiting for the other %d process(es) at %s (%s)", world_size - 1,
+                                                where, backend_for(device))
         kwargs = {"device_id": device} if backend_for(device) == "nccl" else {}
         dist.init_process_group(backend_for(device), **kwargs)
         atexit.register(teardown)  # gloo can abort at exit when its group is left alive
@@ -62,6 +74,25 @@ def setup(device: torch.device, model_parallel_size: Optional[int] = None) -> Mo
         with contextlib.redirect_stdout(open(os.devnull, "w") if quiet else sys.stderr):
             fs.initialize_model_parallel(world_size)
     return ModelParallel(world_size=world_size, rank=fs.get_model_parallel_rank(), group=fs.get_model_parallel_group())
+
+
+def _own_launch(message: str) -> UserError:
+    e = UserError(message)
+    e.every_rank = True  # a process launched alone with a stray RANK=1 must still say it
+    return e
+
+
+def _meeting_point(world_size: int) -> str:
+    """MASTER_ADDR:MASTER_PORT, where the processes meet (torchrun sets them); a UserError where a world of
+    several was asked for without them (WORLD_SIZE left in the environment by a job script, say). world() has
+    checked WORLD_SIZE and RANK."""
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise _own_launch(f"WORLD_SIZE={world_size} makes this one of {world_size} processes, but "
+                          f"{' and '.join(missing)} (where they meet) {'is' if len(missing) == 1 else 'are'} not set: "
+                          f"launch with torchrun --nproc_per_node {world_size} -m llama_cli ..., or unset WORLD_SIZE "
+                          "and RANK to run as one process")
+    return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
 
 
 def teardown() -> None:

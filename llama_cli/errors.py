@@ -13,6 +13,9 @@ class LlamaCliError(Exception):
 
 class UserError(LlamaCliError, ValueError):
     exit_code = 2
+    # under torchrun every rank meets the same usage error and rank 0 alone says it; an error about this process's
+    # own launch (its RANK, its missing MASTER_ADDR) may be met by one process alone, which then says it
+    every_rank = False
 
 
 class RuntimeFailure(LlamaCliError, RuntimeError):

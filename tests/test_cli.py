@@ -534,6 +534,47 @@ def test_world_size_the_heads_do_not_divide(ckpt):
     assert other.returncode == 2 and "error" not in other.stderr  # said once, by rank 0
 
 
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 makes this one of 2 processes, but MASTER_ADDR and MASTER_PORT "
+     "(where they meet) are not set: launch with torchrun --nproc_per_node 2 -m llama_cli ..., or unset WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"}, "but MASTER_PORT (where they meet) is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is not one of the 2 process(es) of WORLD_SIZE=2, ranks 0 to 1"),
+    ({"RANK": "1"}, "RANK=1 is not one of the 1 process(es) of WORLD_SIZE (unset: 1)"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: a world needs at least 1 process"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE, RANK and LOCAL_RANK must be integers"),
+])
+def test_a_launch_that_is_not_torchruns(capsys, ckpt, monkeypatch, env, needle):
+    """Found by hand: WORLD_SIZE=2 left in a job script's environment failed with the catch-all's "ValueError: Error
+    initializing torch.distributed using env:// rendezvous..."; WORLD_SIZE=0 with ZeroDivisionError; a stray RANK=1
+    exited 2 saying nothing (rank 0 alone speaks). Each is now one line, said by whichever process meets it."""
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hi", *BASE)
+    assert_one_line_error(code, err, 2, needle)
+
+
+def test_a_process_waiting_for_the_others_says_where(ckpt):
+    """One of two processes started with the meeting point set but without its peer waits (torch's default
+    timeout): it says for whom and where, so a user whose other node never started knows what it waits for."""
+    from helpers import free_port
+
+    port = free_port()
+    env = {**subprocess_env(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cli", "--ckpt_dir", str(ckpt), "--prompt", "Hi", *BASE],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    seen = []
+    try:
+        while not seen or ("waiting for" not in seen[-1] and seen[-1]):  # then it blocks; "" is the end of its output
+            seen.append(proc.stderr.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert seen[-1].strip() == f"llama-cli: waiting for the other 1 process(es) at 127.0.0.1:{port} (gloo)", seen
+    assert not any("loaded" in line for line in seen)  # before any weight is read
+
+
 def test_torchrun_with_a_count_the_heads_do_not_divide_says_it_once(ckpt):
     p = torchrun("--ckpt_dir", ckpt, "--prompt", "Hi", *BASE, launcher_args=["--standalone", "--nproc_per_node", "3"])
     _, err = p.communicate(timeout=300)
