@@ -86,17 +86,18 @@ def ready() -> bool:
     if "ok" in _state:
         return _state["ok"]
     why = "LLAMA_CLI_NATIVE=0" if disabled_by_user() else _cpu_ok()
-    if why is None and not _loadable():
+    build = _build_dir() if why is None else None
+    if why is None and not _loadable(build):
         from .compiled import room_problem
 
-        why = room_problem(_build_dir())
+        why = room_problem(build)
         if why is not None:
             why = f"were not built: {why}"
             log.warning("our CPU kernels %s; linear layers use the slower portable products (make room there, "
                         "or set LLAMA_CLI_CACHE to another folder)", why)
     if why is None:
         try:
-            _load()
+            _load(build)
         except Exception as e:  # a missing compiler or ninja, a failed build: the portable code path runs
             why = f"could not be built ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
             log.warning("our CPU kernels %s; linear layers use the slower portable products", why)
@@ -104,23 +105,22 @@ def ready() -> bool:
     return why is None
 
 
-def _loadable() -> bool:
-    """Whether a finished build is kept (_load then loads it without building)."""
-    build = _build_dir()
+def _loadable(build: Path) -> bool:
+    """Whether a finished build is kept in `build` (_load then loads it without building): its library and the
+    "ready" file written once a build has finished (processes may build at the same time)."""
     return (build / "ready").is_file() and (build / "llama_cli_native.so").is_file()
 
 
-def _load() -> None:
+def _load(build: Path) -> None:
     import time
 
     import torch
 
-    build = _build_dir()
     lib = build / "llama_cli_native.so"
     start = time.perf_counter()
-    done = build / "ready"  # written once a build has finished (processes may build at the same time)
+    done = build / "ready"
     loaded = False
-    if done.is_file() and lib.is_file():
+    if _loadable(build):
         try:
             torch.ops.load_library(str(lib))
             loaded = True

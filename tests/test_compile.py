@@ -262,8 +262,8 @@ def test_a_cache_without_room_is_said_before_any_work(tmp_path, monkeypatch, cap
     assert "error: cannot compile: the disk holding" in capsys.readouterr().err
 
     monkeypatch.setattr(native, "_state", {})  # as in a fresh process (restored after the test)
-    monkeypatch.setattr(native, "_loadable", lambda: False)  # nothing kept: it would build
-    monkeypatch.setattr(native, "_load", lambda: pytest.fail("built without room"))
+    monkeypatch.setattr(native, "_loadable", lambda build: False)  # nothing kept: it would build
+    monkeypatch.setattr(native, "_load", lambda build: pytest.fail("built without room"))
     if native._cpu_ok() is None:
         assert native.ready() is False
         assert native._state["why"].startswith("were not built: the disk holding")

@@ -154,7 +154,7 @@ def test_a_failed_build_falls_back_with_a_warning(tmp_path, spm_path, monkeypatc
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native, "_cpu_ok", lambda: None)
 
-    def no_compiler():
+    def no_compiler(build):
         raise RuntimeError("Error building extension 'llama_cli_native'\nc++: command not found")
     monkeypatch.setattr(native, "_load", no_compiler)
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=9)
