@@ -121,10 +121,23 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     if why is None:
         return True
     if compile == "on":
-        raise UserError(f"cannot compile the decode step: {why}; make room there, set LLAMA_CLI_CACHE to "
-                        "another folder, or pass --compile off")
+        raise _no_room(why)
     log.warning("not compiling the decode step: %s (make room there, or set LLAMA_CLI_CACHE to another folder)", why)
     return False
+
+
+def precheck_compile(compile) -> None:
+    """--compile on where inductor's cache has no room (or a bad --compile value): said before the minutes a
+    load can take; decide_compile asks again after it."""
+    if _mode("--compile", compile) == "on":
+        why = compile_cache.room_problem(compile_cache.inductor_dir())
+        if why is not None:
+            raise _no_room(why)
+
+
+def _no_room(why: str) -> UserError:
+    return UserError(f"cannot compile the decode step: {why}; make room there, set LLAMA_CLI_CACHE to another "
+                     "folder, or pass --compile off")
 
 
 def _auto_compiles(device, max_batch_size, key, expected_tokens, quantized, kernels, native_step) -> bool:

@@ -14,7 +14,7 @@ from . import checkpoint, compiled, distributed, memory
 from .chat import UNSAFE_ERROR, Llama2Format, check_choice, check_dialog, pick_format
 from .cpu_step import NativeStep
 from .devices import is_cuda, keeps_half_weights, pick_device, pick_dtype
-from .engine import Engine, cache_length, decide_compile, decide_graphs
+from .engine import Engine, cache_length, decide_compile, decide_graphs, precheck_compile
 from .errors import UserError
 from .model import Transformer, check_parallel
 from .sampling import Sampler
@@ -199,6 +199,7 @@ class Llama:
         if half_ok and dtype != torch.float32:
             _warn_half_activations(dtype)
         graphs = decide_graphs(cuda_graphs, device)
+        precheck_compile(compile)
         if quantize is not None:
             from .quant import check_mode
 

@@ -260,6 +260,11 @@ def test_a_cache_without_room_is_said_before_any_work(tmp_path, monkeypatch, cap
     folder = tiny_ckpt[0]
     assert cli(["compile", "--ckpt_dir", str(folder)]) == 2
     assert "error: cannot compile: the disk holding" in capsys.readouterr().err
+    from llama_cli import generation  # --compile on in a generation: before the load, not after its minutes
+
+    monkeypatch.setattr(generation, "_load_model", lambda *a, **k: pytest.fail("loaded without room to compile"))
+    assert cli(["--ckpt_dir", str(folder), "--prompt", "hi", "--compile", "on"]) == 2
+    assert "error: cannot compile the decode step: the disk holding" in capsys.readouterr().err
 
     monkeypatch.setattr(native, "_state", {})  # as in a fresh process (restored after the test)
     monkeypatch.setattr(native, "_loadable", lambda build: False)  # nothing kept: it would build
