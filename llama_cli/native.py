@@ -116,34 +116,9 @@ def _load(build: Path) -> None:
 
     import torch
 
-    lib = build / "llama_cli_native.so"
     start = time.perf_counter()
-    done = build / "ready"
-    loaded = False
-    if _loadable(build):
-        try:
-            torch.ops.load_library(str(lib))
-            loaded = True
-        except OSError as e:  # a kept build damaged on disk: built again below (ninja would keep the file)
-            log.info("our kept CPU kernels in %s would not load (%s); building them again", build,
-                     (str(e).splitlines() or [type(e).__name__])[0])
-            done.unlink(missing_ok=True)
-            lib.unlink(missing_ok=True)
-    if not loaded:
-        try:  # the ninja that pip installs with us, even where its folder is not on PATH (an unactivated venv)
-            import ninja
-
-            os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + ninja.BIN_DIR
-        except (ImportError, AttributeError):
-            pass  # a ninja on PATH, if any
-        from torch.utils import cpp_extension
-
-        log.info("building our CPU kernels for this machine (once, about 9 s on 2 cores) in %s", build)
-        build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
-                           verbose=False)
-        done.write_text("built\n")
+    if not (_loadable(build) and _load_kept(build)):
+        _build(build)
     log.debug("our CPU kernels ready in %.2f s", time.perf_counter() - start)
 
     @torch.library.register_fake("llama_cli::int4_gemv")
@@ -157,6 +132,53 @@ def _load(build: Path) -> None:
     @torch.library.register_fake("llama_cli::dense_gemv")
     def _(x, w):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _load_kept(build: Path) -> bool:
+    """Load the build kept in `build`; False (its files removed) where it is damaged on disk."""
+    import torch
+
+    try:
+        torch.ops.load_library(str(build / "llama_cli_native.so"))
+        return True
+    except OSError as e:  # built again (ninja would keep the file)
+        log.info("our kept CPU kernels in %s would not load (%s); building them again", build,
+                 (str(e).splitlines() or [type(e).__name__])[0])
+        (build / "ready").unlink(missing_ok=True)
+        (build / "llama_cli_native.so").unlink(missing_ok=True)
+        return False
+
+
+def _build(build: Path) -> None:
+    """Build the kernels into `build` and load them, one process at a time. The processes take turns on a
+    lock the system drops when its holder ends, however it ends: torch's own lock file, which it leaves
+    behind when its builder is killed (SIGKILL, the OOM killer, torchrun ending its workers), would make
+    every later run wait for it for ever; the turn's holder removes that one."""
+    import fcntl
+
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "build.lock", "a") as turn:
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building our CPU kernels in %s", build)
+            fcntl.flock(turn, fcntl.LOCK_EX)
+        if _loadable(build) and _load_kept(build):  # the other process built them
+            return
+        try:  # the ninja that pip installs with us, even where its folder is not on PATH (an unactivated venv)
+            import ninja
+
+            os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + ninja.BIN_DIR
+        except (ImportError, AttributeError):
+            pass  # a ninja on PATH, if any
+        from torch.utils import cpp_extension
+
+        log.info("building our CPU kernels for this machine (once, about 9 s on 2 cores) in %s", build)
+        (build / "lock").unlink(missing_ok=True)  # torch's, left by a killed build (no build holds it now)
+        cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+                           verbose=False)
+        (build / "ready").write_text("built\n")
 
 
 def use_dense(model) -> int:

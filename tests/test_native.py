@@ -191,6 +191,45 @@ def test_a_damaged_kept_build_is_built_again(tmp_path):
         assert ("would not load" in proc.stderr) == (attempt == 0), proc.stderr  # the second run loads it
 
 
+def test_a_build_its_killed_builder_left_does_not_hold_later_runs(tmp_path):
+    """Found by hand: torch's cpp_extension marks a build in progress with a file ("lock") it removes when done;
+    a builder killed outright (SIGKILL, the OOM killer, torchrun ending its workers) left it behind, and every
+    later run waited for it for ever after "building our CPU kernels". Processes now take turns on a lock the
+    system drops when its holder ends: one waiting for another's turn says so, then removes the stale file,
+    builds and loads."""
+    import fcntl
+    import shutil
+    import subprocess
+    import sys
+    import threading
+
+    from helpers import subprocess_env
+
+    if not native.ready():
+        pytest.skip("our CPU kernels do not build on this machine")
+    kept = native._build_dir()
+    copy = tmp_path / "cache" / "native" / kept.name
+    shutil.copytree(kept, copy)
+    (copy / "ready").unlink()  # a build that never finished,
+    (copy / "lock").write_text("")  # and the file its killed builder left
+    probe = "import logging, sys; logging.basicConfig(stream=sys.stderr, level=logging.INFO); " \
+            "from llama_cli import native; print(native.ready())"
+    env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path / "cache")}
+    with open(copy / "build.lock", "a") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # another process's turn, for now
+        proc = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        watchdog = threading.Timer(300, proc.kill)
+        watchdog.start()
+        first = proc.stderr.readline()
+        assert f"waiting for another process building our CPU kernels in {copy}" in first
+        assert proc.poll() is None  # it waits its turn
+    out, err = proc.communicate()
+    watchdog.cancel()
+    assert out.strip() == "True", first + err
+    assert not (copy / "lock").exists() and (copy / "ready").is_file()
+
+
 CHECK_ANOTHER_ISA = r"""
 import sys
 import torch
