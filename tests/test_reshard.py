@@ -145,3 +145,47 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, tiny_ckpt, capsys
     assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "2"]) == 1
     assert "the disk filled up" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and len(calls) == 2
+
+
+HOLD_A_WRITER = """
+import sys, time, torch
+from llama_cli.checkpoint import load_args
+from llama_cli.convert.writer import CheckpointWriter
+w = CheckpointWriter(sys.argv[2], 1, torch.float32, load_args(sys.argv[1] + "/params.json"))
+w.add("norm.weight", torch.ones(1 << 20))
+print("staged", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_writer_killed_outright_leaves_nothing_in_the_way(tmp_path, tiny_ckpt, capsys):
+    """Found by hand: a convert killed outright (kill -9, the OOM killer) left its staging folder (.convert-*,
+    up to the checkpoint's size, hidden) for ever, and two writers into one folder would each save its shards
+    over the other's. A writer holds a lock on its staging folder: a second is refused while the first writes,
+    and the next writer after a killed one removes what it left."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    out = tmp_path / "out"
+    args = ["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "2"]
+    child = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITER, str(tiny_ckpt[0]), str(out)],
+                             stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert child.stdout.readline().strip() == "staged"
+        [left] = out.glob(".convert-*")
+        assert cli(args) == 2
+        assert capsys.readouterr().err.strip() == (f"llama-cli: error: {out} is being written by another llama-cli "
+                                                   "run now; wait for it to end, or choose another --out")
+        assert list(out.glob(".convert-*")) == [left]  # the refused run left nothing either
+    finally:
+        child.kill()  # SIGKILL: no cleanup of its own
+        child.wait()
+    os.utime(left, (left.stat().st_atime - 60, left.stat().st_mtime - 60))  # not a writer that just began
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert f"removed {left.name} (4 MB), left in {out} by a run that was killed while writing there" in err
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json",
+                                                     "tokenizer.model"]

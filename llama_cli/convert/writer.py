@@ -6,15 +6,19 @@ splits it, and staged into a file-backed tensor in a temporary folder beside the
 the converter's own memory stays near the largest single tensor; each shard is then saved
 with torch.save from those staged tensors. Staging files are given their disk space before they are
 mapped: a full disk is then one error naming the folder, not a bus error of a write through the map;
-the shards are saved only where the disk has room for them beside the staged tensors.
+the shards are saved only where the disk has room for them beside the staged tensors. A writer holds a lock
+(flock) on its staging folder: a second writer into the same folder is refused, and staging folders that
+writers killed outright left (SIGKILL, the OOM killer: their locks free) are removed by the next one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Iterable
 
 import torch
@@ -23,6 +27,11 @@ from ..checkpoint import QPARTS, split_dim
 from ..errors import RuntimeFailure, UserError
 from ..model import ModelArgs, check_parallel
 from ..tokenizer import TOKENIZER_FILES
+
+log = logging.getLogger("llama_cli")
+
+STAGING = ".convert-"  # the staging folders' prefix
+OWNER = ".writing"  # the file in each that its writer holds locked
 
 
 def copy_tokenizer_files(src_dir: str, out: str) -> list[str]:
@@ -50,7 +59,7 @@ class CheckpointWriter:
         self._made_out = not os.path.isdir(out)
         try:
             os.makedirs(out, exist_ok=True)
-            self.staging = tempfile.mkdtemp(prefix=".convert-", dir=out)
+            self.staging = tempfile.mkdtemp(prefix=STAGING, dir=out)
         except OSError as e:
             raise UserError(f"cannot write to {out}: {e.strerror}") from None
         self.out, self.n_shards, self.dtype, self.args = out, n_shards, dtype, args
@@ -58,6 +67,12 @@ class CheckpointWriter:
         self._count = 0
         self._staged = 0  # bytes
         self._written: list[str] = []  # the files saved so far (removed again if the write fails)
+        self._owner = _hold(self.staging)
+        try:
+            _clear_others(out, self.staging)
+        except BaseException:
+            self._leave()
+            raise
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Stage one whole tensor under its Meta name: weights are cast to the writer's dtype, quantized
@@ -109,14 +124,19 @@ class CheckpointWriter:
                 count += 1
             self.finish(params)
         except BaseException:
-            self.abort()
-            for path in self._written:  # the folder held no checkpoint files before (checked at the start)
-                if os.path.exists(path):
-                    os.remove(path)
-            if self._made_out and not os.listdir(self.out):
-                os.rmdir(self.out)
+            self._leave()
             raise
         return count
+
+    def _leave(self) -> None:
+        """Remove whatever this writer put there (the folder held no checkpoint files before: checked at the
+        start), and the folder where it made it."""
+        self.abort()
+        for path in self._written:
+            if os.path.exists(path):
+                os.remove(path)
+        if self._made_out and not os.listdir(self.out):
+            os.rmdir(self.out)
 
     def finish(self, params: dict) -> None:
         """Save every shard and params.json; remove the staging files."""
@@ -142,3 +162,55 @@ class CheckpointWriter:
     def abort(self) -> None:
         self.shards = [{} for _ in range(self.n_shards)]
         shutil.rmtree(self.staging, ignore_errors=True)
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
+
+
+def _hold(staging: str):
+    """A descriptor holding the lock on `staging`'s OWNER file (the system drops it when this process ends,
+    however it ends); None where the platform or the file system has no locks."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(os.path.join(staging, OWNER), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _clear_others(out: str, own: str, settle_s: float = 5.0) -> None:
+    """Refuse to write into `out` while another writer writes there (its staging folder locked); remove the
+    staging folders that writers killed outright left (unlocked; older than settle_s, so as not to take one
+    whose writer has only just made it)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for entry in os.scandir(out):
+        if not entry.name.startswith(STAGING) or entry.path == own or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(os.path.join(entry.path, OWNER), os.O_RDWR)
+        except OSError:
+            continue  # not ours to judge
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{out} is being written by another llama-cli run now; wait for it to end, or "
+                                "choose another --out") from None
+            except OSError:
+                continue
+            if time.time() - entry.stat().st_mtime < settle_s:
+                continue
+            size = sum(f.stat().st_size for f in os.scandir(entry.path) if f.is_file(follow_symlinks=False))
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.info("removed %s (%.0f MB), left in %s by a run that was killed while writing there", entry.name,
+                     size / 2**20, out)
+        finally:
+            os.close(fd)
