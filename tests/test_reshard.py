@@ -91,10 +91,16 @@ def test_reshard_files_hold_only_their_tensors_and_tied_stays_tied(tmp_path, spm
 
 
 def test_reshard_into_a_folder_holding_a_checkpoint_is_refused(tmp_path, tiny_ckpt, capsys):
-    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(tmp_path / "o"), "--shards", "1"]) == 0
+    out = tmp_path / "o"
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "1"]) == 0
     capsys.readouterr()
-    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(tmp_path / "o"), "--shards", "1"]) == 2
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "1"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
+    (out / "params.json").unlink()  # as a writer killed while saving its shards leaves it
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{out} holds consolidated.00.pth without params.json: a write "
+                                                    "into it that did not finish? remove them, or choose an empty "
+                                                    "or new folder")
 
 
 def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, tiny_ckpt, capsys, monkeypatch):

@@ -54,7 +54,12 @@ class CheckpointWriter:
             raise UserError(f"cannot write {n_shards} shards: the model has {args.n_kv_heads} KV heads and a shard "
                             f"must hold whole ones; write at most {args.n_kv_heads} shards, and run on {n_shards} "
                             "processes directly (loading splits further on the fly)")
-        if os.path.isdir(out) and any(f.endswith(".pth") or f == "params.json" for f in os.listdir(out)):
+        held = sorted(f for f in os.listdir(out) if f.endswith(".pth") or f == "params.json") \
+            if os.path.isdir(out) else []
+        if held and "params.json" not in held:  # shards written last go before params.json
+            raise UserError(f"{out} holds {', '.join(held)} without params.json: a write into it that did not "
+                            "finish? remove them, or choose an empty or new folder")
+        if held:
             raise UserError(f"{out} already holds a checkpoint; choose an empty or new folder")
         self._made_out = not os.path.isdir(out)
         try:
