@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError
+from .settings import check_path
 from .model import ModelArgs
 
 log = logging.getLogger("llama_cli")
@@ -193,7 +194,7 @@ def find_checkpoint(ckpt_dir) -> tuple[list[str], str]:
     if ckpt_dir is None or str(ckpt_dir).strip() == "":
         raise UserError("no checkpoint folder given; pass --ckpt_dir DIR (a folder with consolidated.00.pth and "
                         "params.json)")
-    ckpt_dir = os.fspath(ckpt_dir)
+    ckpt_dir = check_path(os.fspath(ckpt_dir), "--ckpt_dir")
     if not os.path.exists(ckpt_dir):
         raise UserError(f"checkpoint folder {ckpt_dir} does not exist; pass --ckpt_dir with the folder that holds "
                         "consolidated.00.pth and params.json")

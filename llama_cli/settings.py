@@ -76,6 +76,20 @@ def check_text(text: str, where: str) -> str:
     return text
 
 
+def check_path(path: str, what: str) -> str:
+    """path, if its name is UTF-8; else a UserError naming `what`. A file name's bytes that are not UTF-8 reach
+    Python as halves of surrogate pairs (as in check_text): Python's own files open them, but PyTorch, the
+    tokenizer libraries and safetensors take UTF-8 names only, and fail with a message about their arguments."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = repr(path.encode("utf-8", "surrogateescape"))[2:-1]
+        raise UserError(f"{what} {shown} has a name that is not UTF-8 (character {e.start + 1}); PyTorch and the "
+                        "tokenizer libraries open UTF-8 names only: rename it, or reach it through a link with a "
+                        "UTF-8 name (ln -s)") from None
+    return path
+
+
 def _stops(v) -> bool:
     return isinstance(v, (list, tuple)) and all(isinstance(s, str) and s != "" for s in v)
 

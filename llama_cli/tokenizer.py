@@ -21,6 +21,7 @@ import re
 from typing import Protocol, Sequence
 
 from .errors import UserError
+from .settings import check_path
 
 # The files that make up a tokenizer in a model folder (copied along by reshard and convert).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -215,6 +216,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         path = found[0]
     if not os.path.isfile(path):
         raise UserError(f"tokenizer file {path} does not exist; pass --tokenizer_path with {ACCEPTED}")
+    check_path(path, "tokenizer file")
     with open(path, "rb") as f:
         head = f.read(4096)
     if not head:

@@ -403,6 +403,37 @@ def test_command_line_text_that_is_not_utf8(capsys, ckpt):
     assert code == 0 and out.startswith("caf\u00e9 \U0001f600"), err  # real characters outside ASCII are fine
 
 
+def test_file_names_that_are_not_utf8(capsys, ckpt, tmp_path):
+    """Found by scripts/fuzz_cli.py: a folder or file whose name has bytes that are not UTF-8 (valid on Linux;
+    Python holds them as lone surrogates) failed inside PyTorch or the tokenizer libraries with the catch-all's
+    TypeError or RuntimeError naming their arguments. Each is refused in one line saying what to do; the files
+    Python itself opens (prompts, results, a GGUF file) keep working under such names."""
+    import shutil
+
+    odd = tmp_path / "m\udcff"  # the bytes "m\xff"
+    shutil.copytree(ckpt, odd)
+    proc = run_proc("--ckpt_dir", odd, "--prompt", "Hi", *BASE)
+    assert_one_line_error(proc.returncode, proc.stderr, 2, f"--ckpt_dir {tmp_path}/m\\xff has a name that is not "
+                          "UTF-8", "reach it through a link with a UTF-8 name (ln -s)")
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--tokenizer_path", odd / "tokenizer.model", "--prompt", "Hi",
+                           *BASE)
+    assert_one_line_error(code, err, 2, f"tokenizer file {tmp_path}/m\\xff/tokenizer.model has a name that is not")
+    code, _, err = run_cli(capsys, "perplexity", "--ckpt_dir", odd, "--text_file", odd / "params.json")
+    assert_one_line_error(code, err, 2, "has a name that is not UTF-8")
+    code, _, err = run_cli(capsys, "reshard", "--ckpt_dir", ckpt, "--out", tmp_path / "o\udcff", "--shards", "1")
+    assert_one_line_error(code, err, 2, f"--out {tmp_path}/o\\xff has a name that is not UTF-8")
+    assert not (tmp_path / "o\udcff").exists()
+    (tmp_path / "hf\udcff").mkdir()
+    code, _, err = run_cli(capsys, "convert", "--src", tmp_path / "hf\udcff", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, 2, f"--src {tmp_path}/hf\\xff has a name that is not UTF-8")
+
+    (tmp_path / "p\udcff.txt").write_text("Hi\n")  # opened by Python: fine
+    out = tmp_path / "r\udcff.jsonl"
+    code, _, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompts_file", tmp_path / "p\udcff.txt", "--output",
+                           "jsonl", "--output_file", out, *BASE)
+    assert code == 0 and json.loads(out.read_text())["prompt"] == "Hi", err
+
+
 def test_a_full_disk_while_writing_results(capsys, ckpt, tmp_path):
     """Found with /dev/full: a full disk under --output_file was the catch-all's "OSError: [Errno 28] ...", and
     closing the file failed again over it. Now one line that says the results written before are kept and

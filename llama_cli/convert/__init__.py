@@ -7,6 +7,7 @@ import os
 import time
 
 from ..errors import UserError
+from ..settings import check_path
 
 log = logging.getLogger("llama_cli")
 
@@ -40,6 +41,8 @@ def convert(src=None, out=None, shards=1, dtype=None, dequantize=False):
     start = time.perf_counter()
     if os.path.isdir(src):
         from . import hf as source
+
+        check_path(src, "--src")  # safetensors and the tokenizer libraries read from it (a GGUF file: Python)
     elif os.path.isfile(src):
         from . import gguf as source
 

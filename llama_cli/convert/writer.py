@@ -26,6 +26,7 @@ import torch
 from ..checkpoint import QPARTS, split_dim
 from ..errors import RuntimeFailure, UserError
 from ..model import ModelArgs, check_parallel
+from ..settings import check_path
 from ..tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("llama_cli")
@@ -54,6 +55,7 @@ class CheckpointWriter:
             raise UserError(f"cannot write {n_shards} shards: the model has {args.n_kv_heads} KV heads and a shard "
                             f"must hold whole ones; write at most {args.n_kv_heads} shards, and run on {n_shards} "
                             "processes directly (loading splits further on the fly)")
+        check_path(out, "--out")
         held = sorted(f for f in os.listdir(out) if f.endswith(".pth") or f == "params.json") \
             if os.path.isdir(out) else []
         if held and "params.json" not in held:  # shards written last go before params.json
