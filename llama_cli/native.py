@@ -158,11 +158,14 @@ def _build(build: Path) -> None:
 
     build.mkdir(parents=True, exist_ok=True)
     with open(build / "build.lock", "a") as turn:
+        held = True
         try:
             fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process building our CPU kernels in %s", build)
             fcntl.flock(turn, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): torch's lock file alone
+            held = False
         if _loadable(build) and _load_kept(build):  # the other process built them
             return
         try:  # the ninja that pip installs with us, even where its folder is not on PATH (an unactivated venv)
@@ -174,7 +177,8 @@ def _build(build: Path) -> None:
         from torch.utils import cpp_extension
 
         log.info("building our CPU kernels for this machine (once, about 9 s on 2 cores) in %s", build)
-        (build / "lock").unlink(missing_ok=True)  # torch's, left by a killed build (no build holds it now)
+        if held:
+            (build / "lock").unlink(missing_ok=True)  # torch's, left by a killed build (no build holds it now)
         cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
                            verbose=False)
