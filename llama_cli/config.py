@@ -39,7 +39,7 @@ class RunConfig:
       prompt: text to complete; repeat --prompt for several. Always taken as text (42 stays "42").
       prompts_file: .txt (one prompt per line), .jsonl (one object per line with "prompt" and optional
         "id" and per-prompt settings, any of max_gen_len, temperature, top_p, top_k, min_p,
-        repetition_penalty, presence_penalty, frequency_penalty, stop) or .json (an array of such
+        repetition_penalty, presence_penalty, frequency_penalty, stop, seed) or .json (an array of such
         objects or of texts); "-" reads standard input, and a pipe such as <(command) is read as it is.
         Without --prompt or --prompts_file, prompts are read from a piped standard input, one per line
         (JSONL when its first line is such an object; a JSON array as a .json file is).
@@ -57,7 +57,9 @@ class RunConfig:
       max_gen_len: most tokens to generate per prompt.
       max_batch_size: prompts decoded together; prompt files run in batches of this size. The KV cache holds
         min(this, the number of prompts) rows (one prompt, one row; under torchrun, for --prompt texts).
-      seed: random seed; the same seed gives the same samples.
+      seed: random seed. Each prompt's samples depend only on it and the prompt's place in the input, never on
+        its batch (the same with any --max_batch_size or --schedule, and after --resume); a JSONL "seed" gives
+        a prompt draws of its own, the same in any file or run.
       logprobs: also report each generated token's log-probability (needs --output jsonl).
       echo: include the prompt tokens in the generation (and its logprobs).
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.

@@ -17,7 +17,7 @@ from .devices import is_cuda, keeps_half_weights, pick_device, pick_dtype
 from .engine import Engine, cache_length, decide_compile, decide_graphs, precheck_compile
 from .errors import UserError
 from .model import Transformer, check_parallel
-from .sampling import Sampler
+from .sampling import Sampler, stream_key
 from .settings import KV_CACHE_DTYPES, SEED_MAX, Settings, check_text, resolve
 from .stopping import StopText
 from .tokenizer import Tokenizer, load_tokenizer
@@ -308,19 +308,30 @@ class Llama:
     def generate_settings(self, prompt_tokens: Sequence[Sequence[int]], settings: Sequence[Settings], *,
                           logprobs: bool = False, echo: bool = False,
                           on_step: Optional[Callable[[List[int]], None]] = None,
-                          on_first: Optional[Callable[[], None]] = None) -> List[Generated]:
+                          on_first: Optional[Callable[[], None]] = None,
+                          keys: Optional[Sequence[int]] = None) -> List[Generated]:
         """`generate` with each prompt's own (resolved) settings; returns a Generated per prompt. on_first, if
         given, is called once a batch's first tokens are chosen (on the host: on a GPU the loop otherwise reads
-        them back only every few steps, unless on_step wants every step's)."""
+        them back only every few steps, unless on_step wants every step's). keys: each prompt's draws
+        (sampling.stream_key); by default from a new base and the prompt's place in this call."""
         prompt_tokens = self._check_prompts(prompt_tokens)
+        if keys is None:
+            base = self.new_base()
+            keys = [stream_key(base, i, s.seed) for i, s in enumerate(settings)]
         bs = self.engine.max_batch_size
         out: List[Generated] = []
         for i in range(0, len(prompt_tokens), bs):
-            out += self._generate_batch(prompt_tokens[i:i + bs], settings[i:i + bs], logprobs, echo, on_step,
-                                        on_first)
+            out += self._generate_batch(prompt_tokens[i:i + bs], settings[i:i + bs], keys[i:i + bs], logprobs, echo,
+                                        on_step, on_first)
         return out
 
-    def _generate_batch(self, prompt_tokens, settings, logprobs, echo, on_step, on_first=None) -> List[Generated]:
+    def new_base(self) -> int:
+        """The base of one call's draws (sampling.stream_key): the next number of the generator --seed seeded, so
+        a run's first call is the same in every run with that seed, and later calls (a chat's turns) differ."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device).item())
+
+    def _generate_batch(self, prompt_tokens, settings, keys, logprobs, echo, on_step,
+                        on_first=None) -> List[Generated]:
         """Meta's static scheme: every row starts at the shortest prompt's length; longer prompts have
         their own tokens fed in one step at a time; each row stops at a stop token or its own end."""
         bsz = len(prompt_tokens)
@@ -338,8 +349,8 @@ class Llama:
         row_end = torch.tensor(ends, device=device)
         input_text_mask = tokens != PAD
         sampler = Sampler(bsz, self.model.params.vocab_size, device, self.generator)
-        for i, (s, p) in enumerate(zip(settings, prompt_tokens)):
-            sampler.set_row(i, s, p[:min_len])
+        for i, (s, p, key) in enumerate(zip(settings, prompt_tokens, keys)):
+            sampler.set_row(i, s, p[:min_len], key)
         watchers = {i: StopText(self.tokenizer, s.stop) for i, s in enumerate(settings) if s.stop}
         stopped_at: dict[int, int] = {}
         host_every_step = device.type == "cpu" or on_step is not None or bool(watchers)
@@ -356,7 +367,8 @@ class Llama:
             last = self.engine.prefill(range(bsz), [p[:min_len] for p in prompt_tokens])
         for cur_pos in range(min_len, total_len):
             forced = input_text_mask[:, cur_pos]
-            next_token = torch.where(forced, tokens[:, cur_pos], sampler.sample(last))
+            draws = [max(0, cur_pos - n) for n in lengths]  # the tokens each row has generated so far
+            next_token = torch.where(forced, tokens[:, cur_pos], sampler.sample(last, draws=draws))
             tokens[:, cur_pos] = next_token
             sampler.accept(next_token, forced)
             if logprobs:

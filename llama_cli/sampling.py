@@ -9,7 +9,13 @@ The order, as in HF transformers' `generate` (so its logits processors are the r
   4. top_k: only the k most likely tokens (0: all);
   5. top_p: the smallest set of most likely tokens whose probability reaches top_p (the nucleus);
   6. min_p: only tokens at least min_p times as likely as the most likely one;
-  7. a draw from what is left, renormalised, with the run's seeded generator.
+  7. a draw from what is left, renormalised.
+
+The draws of a prompt depend on nothing but the prompt: each row's random numbers come from a stream keyed by
+the run's seed and the prompt's place in the input (or by the prompt's own seed), the n-th generated token
+taking the stream's n-th number (SplitMix64: counter-based, so no other row, step or schedule moves it). The
+same command then samples the same tokens whatever batch a prompt runs in, with either schedule and after
+--resume (up to rounding: a batch's shape can move a logit by an ulp, as for greedy near-ties).
 """
 
 from __future__ import annotations
@@ -19,6 +25,32 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .settings import Settings
+
+
+_M64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment
+_OWN_SEED = 0x5EED5EED5EED5EED  # keeps a prompt's own seed's stream apart from the run-derived ones
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's output for the state x (before its increment)."""
+    x = (x + _GAMMA) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def stream_key(base: int, index: int, seed: Optional[int] = None) -> int:
+    """The key of a prompt's draws: from its own seed alone where it has one (the same in any run or file), else
+    from the run's base (Llama.new_base, drawn from --seed) and the prompt's index in the input."""
+    if seed is not None:
+        return _mix64(seed ^ _OWN_SEED)
+    return _mix64((base + index * _GAMMA) & _M64)
+
+
+def uniforms(keys: Sequence[int], draws: Sequence[int]) -> list[float]:
+    """The draws[i]-th number of key i's stream, in [0, 1) on a grid of 2**-24 (exact in fp32)."""
+    return [(_mix64((k + d * _GAMMA) & _M64) >> 40) / 2**24 for k, d in zip(keys, draws)]
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
@@ -57,11 +89,25 @@ def filtered_probs(probs: torch.Tensor, p: Union[float, torch.Tensor], *, top_k=
 
 
 def sample_top_p(probs: torch.Tensor, p: Union[float, torch.Tensor], *, top_k=None, min_p=None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Draw from the nucleus (and top_k / min_p where given), renormalised. p: a float or (bsz,)."""
+                 generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Draw from the nucleus (and top_k / min_p where given), renormalised. p: a float or (bsz,). u: each row's
+    number in [0, 1) (bsz,), taken through the distribution's inverse; without it torch draws with `generator`."""
     probs_sort, probs_idx = filtered_probs(probs, p, top_k=top_k, min_p=min_p)
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1)
+    if u is None:
+        choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1)
+    else:
+        choice = inverse_cdf(probs_sort, u)
     return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(bsz, 1) indices: in each row the first whose cumulative probability passes u times the row's total, so
+    each entry is chosen with its probability for u uniform in [0, 1). Entries of probability 0 are never chosen
+    (those after the last positive one: a rounded u past the total takes the last positive one)."""
+    cdf = torch.cumsum(probs.float(), dim=-1)
+    target = u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, target, right=True)
+    return torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
 
 
 def apply_penalties(logits: torch.Tensor, seen: Optional[torch.Tensor], counts: Optional[torch.Tensor],
@@ -93,11 +139,14 @@ class Sampler:
         self.presence = torch.zeros(n_rows, device=device)
         self.frequency = torch.zeros(n_rows, device=device)
         self.settings: list[Optional[Settings]] = [None] * n_rows
+        self.keys: list[Optional[int]] = [None] * n_rows  # each row's stream (stream_key)
         self.seen: Optional[torch.Tensor] = None  # allocated when a row uses a penalty
         self.counts: Optional[torch.Tensor] = None
 
-    def set_row(self, i: int, s: Settings, prompt: Sequence[int]) -> None:
-        self.settings[i] = s
+    def set_row(self, i: int, s: Settings, prompt: Sequence[int], key: Optional[int] = None) -> None:
+        """Row i starts a prompt: its settings, its tokens (for the penalties) and its stream's key (stream_key;
+        without one, rows draw through torch with the sampler's generator)."""
+        self.settings[i], self.keys[i] = s, key
         self.temperature[i], self.top_p[i], self.top_k[i], self.min_p[i] = s.temperature, s.top_p, s.top_k, s.min_p
         self.repetition[i], self.presence[i], self.frequency[i] = (s.repetition_penalty, s.presence_penalty,
                                                                    s.frequency_penalty)
@@ -114,7 +163,7 @@ class Sampler:
         for t in (self.temperature, self.top_p, self.top_k, self.min_p, self.repetition, self.presence,
                   self.frequency) + ((self.seen, self.counts) if self.seen is not None else ()):
             t[dst] = t[src]
-        self.settings[dst] = self.settings[src]
+        self.settings[dst], self.keys[dst] = self.settings[src], self.keys[src]
 
     def accept(self, tokens: torch.Tensor, forced: Optional[torch.Tensor] = None,
                rows: Optional[torch.Tensor] = None) -> None:
@@ -128,8 +177,10 @@ class Sampler:
         gen = torch.ones(n, device=self.device) if forced is None else (~forced).float()
         self.counts[rows, tokens] += gen
 
-    def sample(self, logits: torch.Tensor, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Token ids (n,) from logits (n, vocab) of rows 0..n-1, or of the given rows."""
+    def sample(self, logits: torch.Tensor, rows: Optional[Sequence[int]] = None,
+               draws: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Token ids (n,) from logits (n, vocab) of rows 0..n-1, or of the given rows. draws: for each, how many
+        tokens its prompt has generated before this one (the number its stream gives)."""
         n = logits.shape[0]
         idx = slice(0, n) if rows is None else torch.as_tensor(list(rows), device=self.device)
         live = [s for s in (self.settings[:n] if rows is None else [self.settings[r] for r in rows]) if s is not None]
@@ -142,5 +193,17 @@ class Sampler:
         t = self.temperature[idx]
         probs = torch.softmax(logits.float() / t.clamp_min(1e-6)[:, None], dim=-1)
         drawn = sample_top_p(probs, self.top_p[idx], top_k=self.top_k[idx], min_p=self.min_p[idx],
-                             generator=self.generator)
+                             generator=self.generator, u=self._uniforms(n, rows, draws))
         return torch.where(t > 0, drawn, greedy)
+
+    def _uniforms(self, n: int, rows, draws) -> Optional[torch.Tensor]:
+        """Each row's number for this draw, on the device; None where no row has a stream key (a caller of its
+        own: torch draws). Rows never started (fed anything between live ones) take key 0."""
+        keys = self.keys[:n] if rows is None else [self.keys[r] for r in rows]
+        if all(k is None for k in keys):
+            return None
+        keys = [0 if k is None else k for k in keys]
+        u = torch.tensor(uniforms(keys, [0] * n if draws is None else draws), dtype=torch.float32)
+        if self.device.type == "cuda":  # from pinned memory: a copy that does not wait for the steps in flight
+            return u.pin_memory().to(self.device, non_blocking=True)
+        return u.to(self.device)

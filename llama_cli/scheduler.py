@@ -79,10 +79,16 @@ class _Run:
         self.llama, self.opts = llama, opts
         self.on_result, self.on_progress, self.on_step = on_result, on_progress, on_step
         self.stats, self.start = Stats(), time.perf_counter()
+        self.base = llama.new_base()  # each prompt's draws: this and its index, or its own seed (stream_key)
         self.ready, failed = prepare(llama, requests, opts)
         for r in failed:
             self.stats.errors += 1
             on_result(r)
+
+    def key(self, req: PromptRequest) -> int:
+        from .sampling import stream_key
+
+        return stream_key(self.base, req.index, req.settings.seed)
 
     def first(self) -> None:
         if self.stats.first_token_s is None:
@@ -116,7 +122,8 @@ def run_static(llama, requests: list[PromptRequest], opts: Options, on_result: C
         # waits for the step, and the next one is launched only after it
         outs = llama.generate_settings([ids for _, ids in batch], [r.settings for r, _ in batch],
                                        logprobs=opts.logprobs, echo=opts.echo,
-                                       on_step=run.token if run.on_step is not None else None, on_first=run.first)
+                                       on_step=run.token if run.on_step is not None else None, on_first=run.first,
+                                       keys=[run.key(r) for r, _ in batch])
         for (req, ids), g in zip(batch, outs):
             run.report(req, g.tokens, g.logprobs, g.finish_reason, len(g.tokens) - (len(ids) if opts.echo else 0),
                        g.text)
@@ -245,7 +252,9 @@ class _Continuous:
         for i in active:
             positions[i] = slots[i].pos + (i in ahead)
         logits = self.engine.decode(self.last[:n], positions)
-        nxt = self.sampler.sample(logits)  # (n,)
+        # a fed token at position q is its prompt's (q - prompt length)-th generated: this step draws the next
+        draws = [positions[i] - len(slots[i].ids) + 1 if slots[i] is not None else 0 for i in range(n)]
+        nxt = self.sampler.sample(logits, draws=draws)  # (n,)
         self.sampler.accept(nxt)
         self.last[:n] = nxt  # on the device: the next step's input without a trip through the host
         lps = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0] if self.opts.logprobs else None
@@ -305,7 +314,7 @@ class _Continuous:
         for i, req, p in take:
             watcher = StopText(self.llama.tokenizer, req.settings.stop) if req.settings.stop else None
             self.slots[i] = _Slot(req, p, pos=len(p), watcher=watcher)
-            self.sampler.set_row(i, req.settings, p)
+            self.sampler.set_row(i, req.settings, p, self.job.key(req))
         if self.opts.echo and self.opts.logprobs:  # log-probabilities of the prompts' own tokens too
             per_row = self.engine.prefill(rows, ids, all_logits=True)
             for (i, _, p), lg in zip(take, per_row):
@@ -314,7 +323,7 @@ class _Continuous:
             logits = torch.stack([lg[-1] for lg in per_row])
         else:
             logits = self.prefill(rows, ids, starts)
-        tok = self.sampler.sample(logits, rows=rows)
+        tok = self.sampler.sample(logits, rows=rows, draws=[0] * len(rows))
         rows_t = torch.as_tensor(rows, device=self.llama.device)
         self.sampler.accept(tok, rows=rows_t)
         self.last[rows_t] = tok

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .errors import UserError
 
@@ -31,6 +31,7 @@ class Settings:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: tuple = ()  # texts that end the generation (not part of the output)
+    seed: Optional[int] = None  # this prompt's own draws (sampling.stream_key); None: the run's --seed and its index
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -105,6 +106,8 @@ SPEC: dict[str, tuple[Callable[[Any], bool], str]] = {
     "presence_penalty": _number(-2, 2, False, False),
     "frequency_penalty": _number(-2, 2, False, False),
     "stop": (_stops, "a list of non-empty texts"),
+    "seed": ((lambda v: not isinstance(v, bool) and isinstance(v, int) and 0 <= v <= SEED_MAX),
+             "an integer from 0 to 2**64 - 1"),
 }
 KEYS = tuple(f.name for f in fields(Settings))
 # accepted values past which nothing changes, brought to these bounds: no prompt or vocabulary is 2**31 tokens long,

@@ -172,6 +172,46 @@ def test_output_file_and_resume_after_kill(ckpt, tmp_path):
     assert again.returncode == 0 and again.stdout == ""
 
 
+def test_sampled_outputs_follow_the_prompt_not_its_batch(capsys, ckpt, tmp_path):
+    """Sampling drew from one generator across the batch, so a prompt's sample hung on its batch-mates: another
+    --max_batch_size or --schedule, or a --resume, gave other samples for the same --seed. Each prompt now draws
+    from its own stream (the run's seed and its index in the input, or its own JSONL "seed"), the n-th token
+    from the stream's n-th number: the same command samples the same tokens in any batch, and a resumed run
+    finishes as the whole run would have."""
+    f = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"Prompt {i} says", "max_gen_len": 4 + 3 * (i % 5)} for i in range(14)]
+    rows[2].update(top_k=5, min_p=0.05, frequency_penalty=0.5)
+    rows[3].update(prompt="Same text", seed=77, max_gen_len=12)
+    rows[11].update(prompt="Same text", seed=77, max_gen_len=12)  # its own seed: the same draws anywhere
+    rows[7].update(prompt="Same text", max_gen_len=12)  # no seed of its own: its index's
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--max_seq_len", "64", "--temperature",
+            "1.0", "--top_p", "0.95", "--quiet"]
+
+    def tokens(*more):
+        code, out, err = run_cli(capsys, *args, *more)
+        assert code == 0, err
+        return {r["index"]: r["tokens"] for r in jsonl(out)}
+
+    whole = tokens("--max_batch_size", "4", "--output_file", tmp_path / "whole.jsonl")
+    assert tokens("--max_batch_size", "3", "--schedule", "static") == whole
+    assert tokens("--max_batch_size", "1") == whole
+    assert tokens("--max_batch_size", "16", "--noshare_prefixes") == whole
+    assert whole[3] == whole[11] != whole[7]
+    assert tokens("--max_batch_size", "4", "--seed", "2") != whole
+    assert tokens("--max_batch_size", "4", "--seed", "2")[3] == whole[3]  # a prompt's own seed wins
+
+    done = (tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)[:6]  # as a killed run left it
+    (tmp_path / "part.jsonl").write_text("".join(done))
+    resumed = tokens("--max_batch_size", "2", "--output_file", tmp_path / "part.jsonl", "--resume")
+    assert len(resumed) == 8 and all(whole[i] == t for i, t in resumed.items())
+    assert {r["index"]: r["tokens"] for r in jsonl((tmp_path / "part.jsonl").read_text())} == whole
+
+    f.write_text(json.dumps({"prompt": "x", "seed": -1}) + "\n")
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, 2, f'{f} line 1: "seed" must be an integer from 0 to 2**64 - 1, got -1')
+
+
 def test_output_file_can_be_a_pipe(capsys, ckpt, tmp_path):
     """--output_file >(gzip > out.gz) in a shell is a pipe: results go through it (they used to, then the run
     failed on the flush to disk, which a pipe does not take)."""

@@ -64,6 +64,45 @@ def test_per_row_settings():
     assert set(out[1::2].tolist()) == {1}  # nucleus 0.5 holds only the top token
 
 
+def test_inverse_cdf_draws_each_token_with_its_probability():
+    from llama_cli.sampling import inverse_cdf
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0, 0.0]])
+    n = 10_000
+    u = (torch.arange(n) + 0.5) / n  # evenly over [0, 1): each token's share of them is its probability
+    got = inverse_cdf(probs.expand(n, -1), u)[:, 0]
+    counts = torch.bincount(got, minlength=6).tolist()
+    assert counts == [5000, 3000, 1500, 500, 0, 0]
+    edge = inverse_cdf(probs.expand(3, -1), torch.tensor([0.0, 1 - 2**-24, 1.0]))[:, 0].tolist()
+    assert edge == [0, 3, 3]  # u rounded up to the total still takes the last token that may be drawn
+
+
+def test_a_rows_stream_is_its_own():
+    from llama_cli.sampling import stream_key, uniforms
+
+    keys = [stream_key(5, i) for i in range(1000)]
+    assert len(set(keys)) == 1000 and stream_key(5, 3) != stream_key(6, 3)
+    assert stream_key(5, 3, seed=9) == stream_key(6, 800, seed=9) != stream_key(5, 3, seed=10)
+    u = torch.tensor(uniforms([keys[0]] * 100_000, range(100_000)))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    assert uniforms(keys[:3], [4, 4, 4]) == [uniforms([k], [4])[0] for k in keys[:3]]  # nothing else moves it
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    settings = Settings(temperature=1.0, top_p=0.95)
+    alone = []
+    for i in range(6):  # each row alone, at draw 2
+        s = Sampler(1, 50, torch.device("cpu"))
+        s.set_row(0, settings, [], keys[i])
+        alone.append(s.sample(logits[i:i + 1], draws=[2]).item())
+    s = Sampler(6, 50, torch.device("cpu"))
+    for i in reversed(range(6)):  # together, set in another order, one row moved
+        s.set_row(i, settings, [], keys[i])
+    s.move_row(5, 0)
+    s.set_row(5, settings, [], keys[0])
+    assert s.sample(logits[[5, 1, 2, 3, 4, 0]], draws=[2] * 6).tolist() == [alone[i] for i in (5, 1, 2, 3, 4, 0)]
+    assert len(set(alone)) > 1
+
+
 def test_text_completion_reproducible_for_a_seed(tiny_ckpt):
     folder, _ = tiny_ckpt
     tok = str(folder / "tokenizer.model")
