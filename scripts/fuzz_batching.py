@@ -5,12 +5,13 @@
 
 Each trial makes a tiny random checkpoint (1-2 layers, 1, 2 or 4 KV heads, fp32 or bf16 weights, kept as they are
 or quantized at load to int8/int4), a KV cache of 24-100 positions for 1-5 rows, and 1-12 prompts with random
-greedy settings (prompts that begin alike or not, max_gen_len 1-200, repetition/frequency/presence penalties,
-top_k, stop texts; logprobs and echo), some too long for the cache (error entries), many running into its end
-(finish_reason max_seq_len). It runs them through the continuous or the static schedule and then each prompt alone,
-and reports every prompt whose tokens, finish reason, text or log-probabilities (by more than 1e-3) differ, unless
-the two tokens where they part are a near-tie (within 1e-3 of the logit scale, the tests' rule; not for penalized
-prompts, whose logits the check does not recompute).
+settings (prompts that begin alike or not, greedy or sampled with top_p/min_p and a seed of their own, max_gen_len
+1-200, repetition/frequency/presence penalties, top_k, stop texts; logprobs and echo), some too long for the cache
+(error entries), many running into its end (finish_reason max_seq_len). It runs them through the continuous or the
+static schedule and then each prompt alone, and reports every prompt whose tokens, finish reason, text or
+log-probabilities (by more than 1e-3) differ, unless the two tokens where they part are a near-tie: greedy, within
+1e-3 of the logit scale (the tests' rule); sampled, the draw's number within 1e-3 of a boundary of the
+distribution's inverse (not for penalized prompts, whose logits the check does not recompute).
 Exits 1 when anything differed. The tests check chosen cases and a fixed 150 of these trials
 (test_scheduler.py); this looks further, for the cases nobody chose.
 """
@@ -53,7 +54,10 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
     if rng.random() < 0.5:  # a shared beginning (the continuous schedule copies its cache: --share_prefixes)
         head = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, max_seq_len // 5)))
         prompts = [head + rng.choice(["", " " + p]) if rng.random() < 0.7 else p for p in prompts]
-    reqs = requests(prompts, temperature=0,
+    reqs = requests(prompts, temperature=[rng.choice([0, 0, 0.7, 1.3]) for _ in range(n)],
+                    top_p=[rng.choice([1.0, 0.9]) for _ in range(n)],
+                    min_p=[rng.choice([0.0, 0.0, 0.05]) for _ in range(n)],
+                    seed=[rng.randrange(1 << 64) for _ in range(n)],  # sampled alone, the same draws
                     max_gen_len=[rng.choice([1, 2, 5, 17, 60, 200]) for _ in range(n)],
                     repetition_penalty=[rng.choice([1.0, 1.0, 1.3, 0.8]) for _ in range(n)],
                     frequency_penalty=[rng.choice([0.0, 0.0, 0.7]) for _ in range(n)],
@@ -88,15 +92,32 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
             continue
         k = next((i for i, (p, q) in enumerate(zip(a.tokens, b.tokens)) if p != q), None)
         if k is not None and not r.settings.penalized:
-            ids = llama.tokenizer.encode(r.prompt, bos=True, eos=False) + b.tokens[:k]
+            prompt = llama.tokenizer.encode(r.prompt, bos=True, eos=False)
+            ids = (b.tokens[:k] if opts.echo else prompt + b.tokens[:k])
             with torch.no_grad():
                 logits = llama.model(torch.tensor([ids], device=llama.device))[0, -1].float()
-            if near_tie_gap(logits, a.tokens[k], b.tokens[k]) <= 1e-3:
+            draw = k - (len(prompt) if opts.echo else 0)
+            if (near_tie_gap(logits, a.tokens[k], b.tokens[k]) if r.settings.greedy
+                    else draw_margin(logits, r.settings, draw)) <= 1e-3:
                 stats["near_ties"] += 1
                 continue
         found.append(f"prompt {r.index} ({where}; {r.settings}):\n  batched {a.tokens} {a.finish_reason}\n"
                      f"  alone   {b.tokens} {b.finish_reason}")
     return found
+
+
+def draw_margin(logits, s, draw: int) -> float:
+    """How near the number of a sampled prompt's draw-th token lies to a boundary of the inverse of the
+    distribution the sampler draws from (sampling.py), relative to its total."""
+    import torch
+
+    from llama_cli.sampling import filtered_probs, stream_key, uniforms
+
+    probs = torch.softmax(logits / max(s.temperature, 1e-6), -1)[None]
+    kept, _ = filtered_probs(probs, s.top_p, top_k=s.top_k, min_p=s.min_p)
+    cdf = torch.cumsum(kept[0], -1)
+    u = uniforms([stream_key(0, 0, s.seed)], [draw])[0]
+    return (cdf - u * cdf[-1]).abs().min().item() / cdf[-1].item()
 
 
 def run_trials(one, seconds: float = 120, trials: int = 0, seed: int = 0, spm: Path = None) -> tuple[int, list]:

@@ -239,8 +239,8 @@ def test_launching_ahead_at_other_batch_sizes(tmp_path, spm_path, monkeypatch, b
 
 def test_random_configurations_batch_as_they_run_alone(monkeypatch, spm_path):
     """scripts/fuzz_batching.py, a fixed set of its trials: random models (layers, KV heads, fp32/bf16, int8/int4),
-    cache sizes, row counts, greedy settings, log-probabilities and echo, batched by either schedule, each prompt
-    the same as alone."""
+    cache sizes, row counts, greedy and sampled settings, log-probabilities and echo, batched by either schedule,
+    each prompt the same as alone."""
     import sys
     from pathlib import Path
 
