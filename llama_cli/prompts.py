@@ -398,9 +398,24 @@ class ResultWriter:
                     self.stdout.write(self.format(r))
                     self.stdout.flush()
                 except BrokenPipeError:
-                    raise
+                    if self.file is None:
+                        raise  # nothing else keeps the results: the run ends there (exit 0, as `| head` expects)
+                    self._stdout_gone()
                 except OSError as e:
                     raise RuntimeFailure(f"cannot write the results to standard output: {e.strerror}") from None
+
+    def _stdout_gone(self) -> None:
+        """Standard output's reader has ended (`| head`) while --output_file keeps the results: the run goes on
+        into the file alone, which it would otherwise leave short with exit code 0."""
+        log.warning("standard output was closed after %d result(s); the others go to --output_file %s only",
+                    self.next - 1, self.path)
+        try:  # what is still in its buffer goes nowhere, now and at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.stdout = None
 
     def format(self, r: Result) -> str:
         if self.fmt == "jsonl":

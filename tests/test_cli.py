@@ -212,6 +212,31 @@ def test_sampled_outputs_follow_the_prompt_not_its_batch(capsys, ckpt, tmp_path)
     assert_one_line_error(code, err, 2, f'{f} line 1: "seed" must be an integer from 0 to 2**64 - 1, got -1')
 
 
+def test_a_closed_standard_output_leaves_the_output_file_whole(ckpt, tmp_path):
+    """Found by hand: `llama-cli ... --output_file out.jsonl | head -1` stopped the run when head ended, exit code 0,
+    with out.jsonl holding a few of the results: a script took the job as done. With --output_file the run now goes
+    on into the file alone (a warning says so); without one it still stops there, as `| head` expects."""
+    n = 30
+    f = tmp_path / "p.txt"
+    f.write_text("".join(f"Prompt number {i} says hello\n" for i in range(n)))
+    out = tmp_path / "out.jsonl"
+    args = ["--ckpt_dir", ckpt, "--prompts_file", f, "--output", "jsonl", "--max_batch_size", "1",
+            "--max_seq_len", "128", "--max_gen_len", "40", "--temperature", "0"]
+    for more in (["--output_file", out], []):
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cli", *map(str, args + more)], env=subprocess_env(),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert json.loads(proc.stdout.readline())["index"] == 0
+        proc.stdout.close()  # as `head -1` does once it has its line
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, err
+        if more:
+            assert [r["index"] for r in jsonl(out.read_text())] == list(range(n))
+            assert "standard output was closed after" in err and f"go to --output_file {out} only" in err
+        else:
+            assert f"{n} prompt(s)" not in err  # it stopped there
+    assert "Traceback" not in err
+
+
 def test_output_file_can_be_a_pipe(capsys, ckpt, tmp_path):
     """--output_file >(gzip > out.gz) in a shell is a pipe: results go through it (they used to, then the run
     failed on the flush to disk, which a pipe does not take)."""
