@@ -95,19 +95,23 @@ def sample_top_p(probs: torch.Tensor, p: Union[float, torch.Tensor], *, top_k=No
     probs_sort, probs_idx = filtered_probs(probs, p, top_k=top_k, min_p=min_p)
     if u is None:
         choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1)
-    else:
-        choice = inverse_cdf(probs_sort, u)
-    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+        return torch.gather(probs_idx, -1, choice).squeeze(-1)
+    # through the inverse in token order, not in the sorted order: two tokens about as likely swap places in the
+    # sort when a batch's rounding moves their logits by an ulp, which would move a whole token's share of u
+    kept = torch.zeros_like(probs_sort).scatter_(-1, probs_idx, probs_sort)
+    return inverse_cdf(kept, u).squeeze(-1)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(bsz, 1) indices: in each row the first whose cumulative probability passes u times the row's total, so
     each entry is chosen with its probability for u uniform in [0, 1). Entries of probability 0 are never chosen
-    (those after the last positive one: a rounded u past the total takes the last positive one)."""
+    (a u rounded up to the total takes the last positive one)."""
     cdf = torch.cumsum(probs.float(), dim=-1)
     target = u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True)
-    return torch.minimum(choice, (probs > 0).sum(-1, keepdim=True) - 1)
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, positions, -1).max(dim=-1, keepdim=True).values
+    return torch.minimum(choice, last)
 
 
 def apply_penalties(logits: torch.Tensor, seen: Optional[torch.Tensor], counts: Optional[torch.Tensor],

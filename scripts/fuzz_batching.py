@@ -114,8 +114,8 @@ def draw_margin(logits, s, draw: int) -> float:
     from llama_cli.sampling import filtered_probs, stream_key, uniforms
 
     probs = torch.softmax(logits / max(s.temperature, 1e-6), -1)[None]
-    kept, _ = filtered_probs(probs, s.top_p, top_k=s.top_k, min_p=s.min_p)
-    cdf = torch.cumsum(kept[0], -1)
+    kept, order = filtered_probs(probs, s.top_p, top_k=s.top_k, min_p=s.min_p)
+    cdf = torch.cumsum(torch.zeros_like(kept).scatter_(-1, order, kept)[0], -1)  # in token order, as drawn
     u = uniforms([stream_key(0, 0, s.seed)], [draw])[0]
     return (cdf - u * cdf[-1]).abs().min().item() / cdf[-1].item()
 

@@ -75,6 +75,26 @@ def test_inverse_cdf_draws_each_token_with_its_probability():
     assert counts == [5000, 3000, 1500, 500, 0, 0]
     edge = inverse_cdf(probs.expand(3, -1), torch.tensor([0.0, 1 - 2**-24, 1.0]))[:, 0].tolist()
     assert edge == [0, 3, 3]  # u rounded up to the total still takes the last token that may be drawn
+    holes = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]])  # tokens left out anywhere (token order)
+    got = inverse_cdf(holes.expand(n, -1), u)[:, 0]
+    assert torch.bincount(got, minlength=6).tolist() == [0, 5000, 0, 2500, 2500, 0]
+    assert inverse_cdf(holes, torch.tensor([1.0]))[0, 0].item() == 4
+
+
+def test_a_draw_does_not_hang_on_how_near_equal_probabilities_sort():
+    """Found by scripts/fuzz_batching.py (seed 15, trial 3195): the inverse ran over the probabilities sorted, so two
+    tokens about as likely, whose places in the sort a batch's rounding can swap, gave the same draw number to
+    different tokens: a prompt batched and alone parted at its second token. The inverse runs in token order."""
+    from llama_cli.sampling import sample_top_p
+
+    probs = torch.tensor([[0.1, 0.3 + 1e-7, 0.3, 0.3 - 1e-7]])
+    probs = probs / probs.sum()
+    swapped = probs.clone()  # tokens 1 and 2 moved by rounding-sized amounts: now 2 sorts before 1
+    swapped[0, 1], swapped[0, 2] = probs[0, 2], probs[0, 1]
+    u = torch.linspace(0, 1 - 2**-24, 2001)
+    a = sample_top_p(probs.expand(2001, -1), 1.0, u=u)
+    b = sample_top_p(swapped.expand(2001, -1), 1.0, u=u)
+    assert (a != b).float().mean() < 0.002  # parted only where u lies within rounding of a boundary
 
 
 def test_a_rows_stream_is_its_own():
