@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .devices import is_cuda
 from .settings import Settings
 
 
@@ -208,6 +209,6 @@ class Sampler:
             return None
         keys = [0 if k is None else k for k in keys]
         u = torch.tensor(uniforms(keys, [0] * n if draws is None else draws), dtype=torch.float32)
-        if self.device.type == "cuda":  # from pinned memory: a copy that does not wait for the steps in flight
+        if is_cuda(self.device):  # from pinned memory: a copy that does not wait for the steps in flight
             return u.pin_memory().to(self.device, non_blocking=True)
         return u.to(self.device)
