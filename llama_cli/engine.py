@@ -110,9 +110,9 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     dequantizes them per call; `kernels`: linear layers on our CPU kernels, whose eager step is fast too
     (WARM_TOKENS_KERNELS, COLD_TOKENS_KERNELS); `native_step`: the uncompiled step runs each layer as one
     native call (cpu_step.py), faster than compiled: auto leaves compiling off. On CUDA the captured eager
-    step needs no compiling, so auto leaves compiling off there, except for such weights at 1-2 rows (int8:
-    compiled, the dequantizing fuses into the product), where a kept step is used from WARM_TOKENS_QUANTIZED
-    tokens and a first compile from COLD_TOKENS_CUDA_DEQUANTIZING."""
+    step needs no compiling, so auto leaves compiling off there, except for such weights at 1-2 rows (int8
+    where Triton is missing, quant.cuda_forms: compiled, the dequantizing fuses into the product), where a kept
+    step is used from WARM_TOKENS_QUANTIZED tokens and a first compile from COLD_TOKENS_CUDA_DEQUANTIZING."""
     compile = _mode("--compile", compile)
     if compile == "off" or (compile == "auto" and not _auto_compiles(device, max_batch_size, key, expected_tokens,
                                                                      quantized, kernels, native_step)):

@@ -56,10 +56,10 @@ def _positive_int(name: str, value) -> int:
 
 
 def _weights_for_device(model: Transformer, args, quantize: Optional[str], group_size: Optional[int], tied: bool,
-                        device: torch.device) -> str:
+                        device: torch.device, rows: int) -> str:
     """Put the loaded weights in the form that runs fastest on `device`: quantized at load if asked, GGUF's
-    fp16 group tables widened on the CPU, int4 on CUDA's tinygemm kernel, int4 and int8 on our CPU kernels
-    (native.py), dense weights stacked on GPUs.
+    fp16 group tables widened on the CPU, int4 and int8 on CUDA's kernels for decode steps of at most `rows`
+    rows (quant.cuda_forms), int4 and int8 on our CPU kernels (native.py), dense weights stacked on GPUs.
     Returns what --compile auto weighs: "dequantizing" (some layers still dequantize their weights on every
     call), "kernels" (on the CPU, the linear layers on our kernels: a faster uncompiled step) or "dense"."""
     if quantize is not None:
@@ -76,10 +76,10 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
     if is_cuda(device) and quantized:
         from . import quant
 
-        n = quant.use_kernels(model, device, model.norm.weight.dtype)
+        n = quant.use_kernels(model, device, model.norm.weight.dtype, rows)
         if n:
-            log.info("%d quantized layers use a GPU kernel (int4: %s, int8: %s)", n, quant.CUDA_INT4, quant.CUDA_INT8)
-        # fast only compiled, and for 1-2 rows (engine.decide_compile)
+            log.info("%d quantized layers use a GPU kernel (int4: %s, int8: %s)", n, *quant.cuda_forms(rows))
+        # the others are fast only compiled, and for 1-2 rows (engine.decide_compile)
         return "dequantizing" if quant.dequantizing_layers(model) else "dense"
     if device.type == "cpu" and quantized:
         from .quant import dequantizing_layers, use_native
@@ -123,10 +123,14 @@ def _compiling(model, weights: str, compile, device, max_batch_size: int, key: s
     compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
                                kernels=weights == "kernels", native_step=native_step)
     if is_cuda(device) and dequantizing and not compiling:
-        log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every "
-                    "step unless the step is compiled (measured: about a quarter of bf16's speed); for speed "
-                    "use --compile on with --max_batch_size 1 or 2 (a first compile takes about a minute, kept "
-                    "for later runs), or --quantize int4, which runs on tinygemm without compiling")
+        from . import triton_gemv
+
+        hint = ("use --max_batch_size 1 or 2 (int8 then runs on our Triton kernel, nothing to compile)"
+                if triton_gemv.available() else "use --compile on with --max_batch_size 1 or 2 (a first compile "
+                "takes about a minute, kept for later runs)")
+        log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every step here "
+                    "(--max_batch_size %d, not compiled; measured: about a quarter of bf16's speed); for speed %s, "
+                    "or --quantize int4, whose kernel takes any number of rows", max_batch_size, hint)
     return compiling
 
 
@@ -223,7 +227,7 @@ class Llama:
                          stored_half=widened, kv_dtype=kv_dtype)
         mp = distributed.setup(device, model_parallel_size)
         model, tied = _load_model(reader, args, mp, dtype, device, keep_half=half is not None)
-        weights = _weights_for_device(model, args, quantize, group_size, tied, device)
+        weights = _weights_for_device(model, args, quantize, group_size, tied, device, max_batch_size)
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)), kv_dtype)
         compiling = _compiling(model, weights, compile, device, max_batch_size, key, expected_tokens)
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling,

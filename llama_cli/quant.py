@@ -113,6 +113,22 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tens
     return w.reshape(out, inp).to(dtype)
 
 
+def dequantize_as(q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor]) -> torch.Tensor:
+    """dequantize's weight for tables already in the activations' half type, each value computed as v * scale
+    + offset in one pass a nibble (addcmul: fp32 arithmetic, rounded once) into the weight: about 5 bytes of
+    memory traffic a weight against dequantize's ~30 through fp32 temporaries. For the prefills of layers on
+    the Triton kernels (many rows, no compiling): ~0.3 s of a 7B-shape int4 prefill on an H100 went there."""
+    out, groups = scale.shape
+    pg, s = q.reshape(out, groups, -1), scale[..., None]
+    if offset is None:
+        return (pg * s).reshape(out, -1)
+    half = pg.shape[-1]
+    w = torch.empty(out, groups, 2 * half, dtype=scale.dtype, device=q.device)
+    torch.addcmul(offset[..., None], pg & 15, s, out=w[..., :half])
+    torch.addcmul(offset[..., None], pg >> 4, s, out=w[..., half:])
+    return w.reshape(out, -1)
+
+
 def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
                      gemv_rows: int) -> torch.Tensor:
     """x @ W.T for a quantized W. Compiled for the CPU with at most gemv_rows rows: one streaming pass over
@@ -146,6 +162,9 @@ def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs
             # weight. (As a product, F.linear(x, q.to(dtype)) * s, inductor's own int8 pattern replaced it by
             # a kernel whose compile failed on CUDA in torch 2.11; with more rows the weight is dequantized.)
             return (x.unsqueeze(-2) * q.to(x.dtype)).sum(-1) * s
+    if not torch.compiler.is_compiling() and x.dtype != torch.float32 and scale.dtype == x.dtype and (
+            offset is None or offset.dtype == x.dtype):
+        return torch.nn.functional.linear(x, dequantize_as(q, scale, offset))
     return torch.nn.functional.linear(x, dequantize(q, scale, offset, x.dtype))
 
 
@@ -171,15 +190,15 @@ def widen_tables(model) -> None:
 # thread that walks its row alone (uncoalesced reads), so int8 goes through quantized_linear, which a
 # compiled step fuses into one pass over the weight.
 INNER_K_TILES = (8, 4, 2)  # the kernel's tiling of the input dimension, largest that divides it
-# How int4 layers run on CUDA: "tinygemm" (kernel_form); "fused": kept in our form with their tables in the
-# activations' dtype, so that a compiled step fuses the unpacking into one multiply-and-sum pass over the bytes
-# (quantized_linear, as on the CPU; uncompiled, such a layer dequantizes on every call); or "triton": the same
-# form through our Triton kernel for one or two rows (triton_gemv.py), fast without compiling. A benchmark
-# knob: scripts/gpu_check.py (quant_candidates) measures them at the 7B shape before another is the default.
-CUDA_INT4 = "tinygemm"
-# int8 with one scale per row on CUDA: "compiled" (quantized_linear: fast only in a compiled step) or "triton"
-# (triton_gemv.py, fast without compiling); a benchmark knob as CUDA_INT4 is
-CUDA_INT8 = "compiled"
+# How int4 layers run on CUDA: "auto" (the default; cuda_forms), "tinygemm" (kernel_form); "fused": kept in our
+# form with their tables in the activations' dtype, so that a compiled step fuses the unpacking into one
+# multiply-and-sum pass over the bytes (quantized_linear, as on the CPU; uncompiled, such a layer dequantizes on
+# every call); or "triton": the same form through our Triton kernel for one or two rows (triton_gemv.py), fast
+# without compiling. The others stay as knobs for scripts/gpu_check.py (quant_candidates) to time.
+CUDA_INT4 = "auto"
+# int8 with one scale per row on CUDA: "auto" (cuda_forms), "compiled" (quantized_linear: fast only in a
+# compiled step) or "triton" (triton_gemv.py, fast without compiling)
+CUDA_INT8 = "auto"
 TRITON_ROWS = 2  # up to this many rows the "triton" forms run their kernel; past them they dequantize
 
 
@@ -281,17 +300,32 @@ def dequantizing_layers(model) -> int:
     return sum(m.qweight is not None and m.kernel is None for m in model.modules() if isinstance(m, _Linear))
 
 
-def triton_form(m, dtype: torch.dtype) -> bool:
-    """Put a quantized linear layer `m` on CUDA in the form CUDA_INT4 / CUDA_INT8 ask for, other than tinygemm:
-    int4 ("fused" or "triton") keeps our form, its tables in the activations' `dtype` (half of fp32's bytes;
-    tinygemm's are bf16 too); "triton" marks the layers our kernels take (int4 groups a power of two of at least
-    32 columns; int8 one scale a row, in `dtype`) where Triton is installed. Returns whether it marked `m`."""
+def cuda_forms(rows: int) -> tuple[str, str]:
+    """(int4's form, int8's) on CUDA for a model whose decode steps have at most `rows` rows: CUDA_INT4 and
+    CUDA_INT8, "auto" being our Triton kernels up to TRITON_ROWS rows where Triton is installed, past them (they
+    would dequantize) tinygemm for int4 (any row count) and the compiled product for int8. Measured at the 7B
+    shape on an H100, batch 1, CUDA graphs without compiling (docs/benchmarks.md, fifteenth session): int4
+    groups of 32 346 tok/s on Triton against 206 on tinygemm (276 compiled), int8 248 against 38 dequantizing
+    per step (234 compiled)."""
+    from . import triton_gemv
+
+    few = rows <= TRITON_ROWS and triton_gemv.available()
+    int4 = CUDA_INT4 if CUDA_INT4 != "auto" else "triton" if few else "tinygemm"
+    int8 = CUDA_INT8 if CUDA_INT8 != "auto" else "triton" if few else "compiled"
+    return int4, int8
+
+
+def triton_form(m, dtype: torch.dtype, int4: str, int8: str) -> bool:
+    """Put a quantized linear layer `m` on CUDA in the form `int4` / `int8` (cuda_forms) ask for, other than
+    tinygemm: int4 ("fused" or "triton") keeps our form, its tables in the activations' `dtype` (half of fp32's
+    bytes; tinygemm's are bf16 too); "triton" marks the layers our kernels take (int4 groups a power of two of at
+    least 32 columns; int8 one scale a row, in `dtype`) where Triton is installed. Returns whether it marked `m`."""
     if m.qoffset is not None:
         m.qscale, m.qoffset = m.qscale.to(dtype).contiguous(), m.qoffset.to(dtype).contiguous()
         half = m.qweight.shape[1] // m.qscale.shape[1]  # bytes a group
-        fits, kind = CUDA_INT4 == "triton" and half >= 16 and half & (half - 1) == 0, "int4-triton"
+        fits, kind = int4 == "triton" and half >= 16 and half & (half - 1) == 0, "int4-triton"
     else:
-        fits, kind = CUDA_INT8 == "triton" and m.qscale.shape[1] == 1, "int8-triton"
+        fits, kind = int8 == "triton" and m.qscale.shape[1] == 1, "int8-triton"
     if not fits:
         return False
     from . import triton_gemv
@@ -302,13 +336,15 @@ def triton_form(m, dtype: torch.dtype) -> bool:
     return True
 
 
-def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Put every quantized linear layer of a CUDA model in the form its kernel takes: int4 kernel_form
-    (tinygemm) or triton_form, as CUDA_INT4 and CUDA_INT8 say; returns how many took a kernel."""
+def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16, rows: int = 1) -> int:
+    """Put every quantized linear layer of a CUDA model whose decode steps have at most `rows` rows in the form
+    its kernel takes (cuda_forms): int4 kernel_form (tinygemm) or triton_form (our kernels take every group size
+    --group_size allows and GGUF's 32); returns how many took a kernel."""
     from .parallel import _Linear
 
-    tinygemm = CUDA_INT4 == "tinygemm"
-    return sum(kernel_form(m, device) if tinygemm and m.qoffset is not None else triton_form(m, dtype)
+    int4, int8 = cuda_forms(rows)
+    return sum(kernel_form(m, device) if int4 == "tinygemm" and m.qoffset is not None else
+               triton_form(m, dtype, int4, int8)
                for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None)
 
 

@@ -216,7 +216,7 @@ def test_library_kernel_form_gives_the_same_model(tmp_path, spm_path):
     tok = str(folder / "tokenizer.model")
     plain = Llama.build(str(folder), tok, 64, 2, quantize="int4")
     kern = Llama.build(str(folder), tok, 64, 2, quantize="int4")
-    n = use_kernels(kern.model, torch.device("cpu"))
+    n = use_kernels(kern.model, torch.device("cpu"), rows=16)  # past 2 rows: tinygemm
     layers = [m for m in kern.model.modules() if getattr(m, "qweight", None) is not None and hasattr(m, "kernel")]
     assert n == len(layers) == 7 * BIG["n_layers"] + 1  # every linear layer, the output too
     assert {m.kernel for m in layers} == {"int4-cpu"}
@@ -226,13 +226,13 @@ def test_library_kernel_form_gives_the_same_model(tmp_path, spm_path):
     # a wrong zero point (tinygemm's zeros are offset + 8 scale) is caught by the comparison above
     kern.model.output.kscales[..., 1] -= 0.01
     assert ((kern.model(seq) - ref).abs().max() / ref.abs().max()) > 1e-3
-    assert use_kernels(Llama.build(str(folder), tok, 64, 2, quantize="int8").model, torch.device("cpu")) == 0
+    assert use_kernels(Llama.build(str(folder), tok, 64, 2, quantize="int8").model, torch.device("cpu"), rows=16) == 0
 
 
 def test_int8_on_cuda_warns_when_not_compiled(tmp_path, spm_path, monkeypatch, caplog):
-    """On a CUDA GPU int8 layers (no library kernel) are dequantized per step unless compiled: build says so
-    and what to do; int4 layers, all on tinygemm, do not warn. (The CUDA branch, with the CPU twins of the
-    kernels: build's device check is what is patched.)"""
+    """On a CUDA GPU int8 layers past 2 rows a step (no kernel there) are dequantized per step unless compiled:
+    build says so and what to do; at 1-2 rows (our Triton kernel) and for int4 (tinygemm past 2 rows) it does
+    not warn. (The CUDA branch, with the CPU twins of the kernels: build's device check is what is patched.)"""
     import logging
 
     import llama_cli.generation as generation
@@ -240,13 +240,83 @@ def test_int8_on_cuda_warns_when_not_compiled(tmp_path, spm_path, monkeypatch, c
     folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=2)
     tok = str(folder / "tokenizer.model")
     monkeypatch.setattr(generation, "is_cuda", lambda device: True)
-    with caplog.at_level(logging.WARNING, logger="llama_cli"):
-        Llama.build(str(folder), tok, 64, 1, quantize="int8", compile="off")
-    assert "--compile on" in caplog.text and "int4" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="llama_cli"):
-        Llama.build(str(folder), tok, 64, 1, quantize="int4", compile="off")
-    assert "dequantized on every step" not in caplog.text
+    for mode, rows, warns in (("int8", 4, True), ("int8", 1, False), ("int4", 4, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llama_cli"):
+            Llama.build(str(folder), tok, 64, rows, quantize=mode, compile="off")
+        if warns:
+            assert "--max_batch_size 4, not compiled" in caplog.text and "--max_batch_size 1 or 2" in caplog.text
+            assert "--quantize int4" in caplog.text and "Triton" in caplog.text
+        else:
+            assert "dequantized on every step" not in caplog.text, (mode, rows)
+
+
+def test_dequantize_as_is_dequantize_in_one_pass(monkeypatch):
+    """quant.dequantize_as (the prefill of layers on the Triton kernels: tables in the activations' half type):
+    the weight dequantize gives from the same tables, up to dequantize's second rounding (fp32, then the half
+    type); and uncompiled quantized_linear in bf16/fp16 with such tables takes it, fp32 activations do not."""
+    from llama_cli import quant
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 256, generator=gen)
+    for mode, group in (("int4", 32), ("int4", 128), ("int8", 64)):
+        for dtype in (torch.bfloat16, torch.float16):
+            q, s, m = quantize(w, mode, group)
+            s, m = s.to(dtype), None if m is None else m.to(dtype)
+            got, want = quant.dequantize_as(q, s, m), dequantize(q, s, m, dtype)
+            assert got.dtype == dtype and got.shape == want.shape
+            exact = dequantize(q, s, m).to(torch.float64)  # v * scale + offset, then one rounding to fp64's
+            ulp = want.float().abs().clamp_min(1e-3) * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+            assert ((got.float() - want.float()).abs() <= ulp).all(), (mode, group, dtype)
+            assert (got == want).float().mean() > 0.99
+            assert ((got.double() - exact).abs() <= (want.double() - exact).abs() + 1e-12).all()
+    q, s, m = quantize(w, "int4", 32)
+    x = torch.randn(3, 256, generator=gen)
+    calls = []
+    monkeypatch.setattr(quant, "dequantize_as", lambda *a: calls.append(1) or dequantize(*a, a[1].dtype))
+    quant.quantized_linear(x.bfloat16(), q, s.bfloat16(), m.bfloat16(), 0)
+    quant.quantized_linear(x, q, s, m, 0)
+    quant.quantized_linear(x.bfloat16(), q, s, m, 0)  # fp32 tables: dequantize
+    assert calls == [1]
+
+
+def test_cuda_forms_follow_the_batch_size(tmp_path, spm_path, monkeypatch, caplog):
+    """Which CUDA kernel a quantized layer takes (quant.cuda_forms, measured on an H100): our Triton kernels
+    where decode steps have 1-2 rows (int4 346 tok/s against tinygemm's 206 at the 7B shape, int8 248 against
+    38 dequantizing), past them tinygemm for int4 (any row count) and int8's compiled product; without Triton
+    the old forms; the knobs CUDA_INT4 / CUDA_INT8 override "auto"; GGUF's groups of 32 take the same kernel."""
+    import logging
+
+    import llama_cli.generation as generation
+    import llama_cli.triton_gemv as triton_gemv
+    from llama_cli import quant
+    from llama_cli.parallel import _Linear
+
+    assert triton_gemv.available()  # a test dependency
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, BIG, seed=2)
+    tok = str(folder / "tokenizer.model")
+    monkeypatch.setattr(generation, "is_cuda", lambda device: True)
+
+    def kinds(mode, rows, **kw):
+        llama = Llama.build(str(folder), tok, 64, rows, quantize=mode, compile="off", **kw)
+        return {str(m.kernel) for m in llama.model.modules() if isinstance(m, _Linear) and m.qweight is not None}
+
+    with caplog.at_level(logging.INFO, logger="llama_cli"):
+        assert kinds("int4", 1) == {"int4-triton"}
+    assert "use a GPU kernel (int4: triton, int8: triton)" in caplog.text
+    assert kinds("int4", 2, group_size=128) == {"int4-triton"}
+    assert kinds("int4", 3) == {"int4-cpu"}  # tinygemm's CPU twin
+    assert kinds("int8", 2) == {"int8-triton"}
+    assert kinds("int8", 3) == {"None"}  # quantized_linear, dequantizing unless compiled
+    assert quant.cuda_forms(2) == ("triton", "triton") and quant.cuda_forms(3) == ("tinygemm", "compiled")
+    monkeypatch.setattr(triton_gemv, "available", lambda: False)
+    assert quant.cuda_forms(1) == ("tinygemm", "compiled")
+    assert kinds("int4", 1) == {"int4-cpu"} and kinds("int8", 1) == {"None"}
+    monkeypatch.undo()
+    monkeypatch.setattr(generation, "is_cuda", lambda device: True)
+    monkeypatch.setattr(quant, "CUDA_INT4", "tinygemm")
+    monkeypatch.setattr(quant, "CUDA_INT8", "compiled")
+    assert kinds("int4", 1) == {"int4-cpu"} and kinds("int8", 1) == {"None"}
 
 
 def test_int4_fused_form_for_cuda(tmp_path, spm_path, monkeypatch):
