@@ -10,8 +10,9 @@ has too little left for it, and results are written to --out after every check a
 2. Tiny random model, bf16: greedy tokens of the eager, CUDA-graph and compiled+graph decode steps agree
    (where they part, the two tokens must be a near-tie of the eager model's logits), and bf16 GPU greedy
    starts like fp32 CPU greedy; prompts after a shared beginning (--share_prefixes) each as alone.
-3. Tiny model quantized (int8, int4): logits on CUDA (int4 on tinygemm) equal to the CPU model on the
-   dequantized weights within bf16's error; greedy tokens of eager, graphs and compiled + graphs.
+3. Tiny model quantized (int8, int4): logits on CUDA (the default forms: our Triton kernels at 1-2 rows,
+   past them tinygemm for int4) equal to the CPU model on the dequantized weights within bf16's error;
+   greedy tokens of eager, graphs and compiled + graphs.
    Then random tiny configurations (scripts/fuzz_batching.py, fp32, graphs) batched and each prompt alone:
    the same tokens up to near-ties of 1e-3 (also in the dry run).
 4. Llama-2-7B shape, random bf16 weights made on the GPU: the copy bandwidth; the decode table at batch 1
@@ -22,12 +23,12 @@ has too little left for it, and results are written to --out after every check a
    and continuous); continuous vs static batching on 64 mixed prompts (bf16, where the schedules' greedy
    tokens part: near-ties?) and on 32 in fp32 (near-ties of 1e-3); HF transformers eager; Meta's
    reference (its own loop, fp16, in a subprocess; --meta names a folder holding Meta's `llama` package).
-   Where the budget allows (or with --only quant_candidates), int4 and int8 through the candidates to what
-   runs them now: our Triton kernels (quant.CUDA_INT4 / CUDA_INT8 "triton") and int4 fused by the compiler
-   ("fused"), against tinygemm, groups of 32 and 128, batch 1; then a table of each product alone (cuBLAS,
+   Where the budget allows (or with --only quant_candidates), int4 and int8 through each form
+   (quant.CUDA_INT4 / CUDA_INT8): our Triton kernels ("triton", the default at 1-2 rows), int4 fused by the
+   compiler ("fused"), tinygemm, groups of 32 and 128, batch 1; then a table of each product alone (cuBLAS,
    tinygemm, every Triton configuration) at the 7B weight sizes. Named in --only, b16_candidates:
    batch 16 compiled with inductor's max-autotune.
---quick (a second look after changes): no compiled decode rows, int8 compiled as the only quantized row,
+--quick (a second look after changes): no compiled decode rows, int8 and int4 g32 captured as the quantized rows,
 the tiny check for int8 only, the changed parts first.
 """
 
@@ -67,7 +68,7 @@ OUT_DIR = None  # --out: results are written there after every check and row (a 
 START = time.perf_counter()
 BUDGET = 1e9  # --budget: seconds for the whole run; a part that would not fit is skipped (a SKIP line)
 ONLY = None  # --only: the parts to run (default: all)
-QUICK = False  # --quick: no compiled rows in the decode table, only int8 compiled in the quantized rows
+QUICK = False  # --quick: no compiled rows in the decode table; of the quantized rows int8 and int4 g32 captured
 
 
 def save():
@@ -153,7 +154,7 @@ class untuned:
         engine.CUDA_COMPILE_OPTIONS = self.saved
 
 
-@section(45)
+@section(120)  # 121 s on an H100 (fifteenth session)
 def tiny_agreement(tmp: Path):
     import torch
 
@@ -281,42 +282,56 @@ def tiny_quantized(tmp: Path):
         for name, kw in (("eager", dict(compile="off", cuda_graphs="off")),
                          ("compiled+graphs", dict(compile="on", cuda_graphs="on")),
                          ("graphs", dict(compile="off", cuda_graphs="on")))[:2 if QUICK else 3]:
+            if name == "eager":  # the default forms for 1-2 rows (Triton) and past them (int4: tinygemm)
+                for rows in (2, 4):
+                    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, rows, dtype="bf16",
+                                        quantize=mode, **kw)
+                    kinds = sorted({str(getattr(m, "kernel", None)) for m in llama.model.modules()
+                                    if getattr(m, "qweight", None) is not None})
+                    got = llama.model(seq.to(llama.device)).float().cpu()
+                    err = ((got - ref).abs().max() / ref.abs().max()).item()
+                    check(f"{mode} on CUDA, --max_batch_size {rows} (layers: {kinds}) == CPU dequantized model "
+                          "(bf16 error)", (kinds != ["None"] or mode == "int8") and err < 0.1,
+                          f"relative error {err:.2e}")  # a wrong packing: ~1
             llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 2, dtype="bf16", quantize=mode, **kw)
-            kernels = sum(getattr(m, "kernel", None) is not None for m in llama.model.modules())
-            if name == "eager":
-                got = llama.model(seq.to(llama.device)).float().cpu()
-                err = ((got - ref).abs().max() / ref.abs().max()).item()
-                check(f"{mode} on CUDA ({kernels} layers on tinygemm) == CPU dequantized model (bf16 error)",
-                      (kernels > 0 or mode == "int8") and err < 0.1, f"relative error {err:.2e}")  # wrong packing: ~1
             runs[name] = llama.generate(seq.tolist(), max_gen_len=16, temperature=0)[0]
         check(f"{mode}: graphs and compiled+graphs greedy == eager greedy (first 8 tokens)",
               all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs), "")
 
 
-@section(lambda: 75 if QUICK else 150)
+@section(lambda: 75 if QUICK else 220)
 def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
-    """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32) against the bf16
-    rate of the decode table: int8 through its own product (compiled: fused into one pass over the int8
-    weight, as gpt-fast), int4 through tinygemm; CUDA graphs alone, and compiled + CUDA graphs."""
+    """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32 and 128) against the
+    bf16 rate of the decode table, through the default forms for one row (quant.cuda_forms: our Triton
+    kernels), CUDA graphs alone and compiled + CUDA graphs; and beside them the forms past 2 rows (int4 on
+    tinygemm, int8's compiled product)."""
     import torch
 
-    from llama_cli import Llama
+    from llama_cli import Llama, quant
 
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g).tolist()
     best = {}
-    for mode, impl, comp, new in (("int8", "compiled + CUDA graphs", "on", NEW), ("int4", "CUDA graphs", "off", NEW),
-                                  ("int4", "compiled + CUDA graphs", "on", NEW),
-                                  ("int8", "CUDA graphs", "off", 64))[:1 if QUICK else 4]:
-        llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
-                            compile=comp,
-                            dtype="bf16", device=DEV, quantize=mode, group_size=32 if mode == "int4" else None)
+    saved = quant.CUDA_INT4, quant.CUDA_INT8
+    # the default forms (Triton at 1 row), then what runs past 2 rows (int4 tinygemm, int8 compiled) beside them
+    rows = (("int8", "CUDA graphs", "off", None), ("int4", "CUDA graphs", "off", 32),
+            ("int4", "CUDA graphs", "off", 128), ("int4", "compiled + CUDA graphs", "on", 32),
+            ("int4", "tinygemm, CUDA graphs", "off", 32),
+            ("int8", "compiled product, compiled + CUDA graphs", "on", None))
+    for mode, impl, comp, group in rows[:2 if QUICK else 6]:
+        quant.CUDA_INT4, quant.CUDA_INT8 = ("tinygemm", "compiled") if "tinygemm" in impl or "product" in impl \
+            else saved
+        try:
+            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
+                                compile=comp, dtype="bf16", device=DEV, quantize=mode, group_size=group)
+        finally:
+            quant.CUDA_INT4, quant.CUDA_INT8 = saved
         quiet_stops(llama)
         kern = sorted({str(getattr(m, "kernel", None)) for m in llama.model.modules()
                        if getattr(m, "qweight", None) is not None})
-        ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, new,
+        ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
                                    lambda: llama.engine)
-        row(f"llama-cli {mode} {impl}", 1, rate, ttft, wbytes, bw,
+        row(f"llama-cli {mode}{f' g{group}' if group else ''} {impl}", 1, rate, ttft, wbytes, bw,
             f"capture/compile {llama.engine.warmup_s:.1f} s; kernels {kern}")
         best[mode] = max(best.get(mode, 0.0), rate)
         llama = None
@@ -331,11 +346,12 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
                   f"{best[mode]:.1f} vs {base:.1f} tok/s ({best[mode] / base:.2f}x)")
 
 
-@section(240)
+@section(330)  # 313 s on an H100 (fifteenth session)
 def quant_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
-    """int4 and int8 per row at batch 1 through the candidates to what runs now (tinygemm; int8's compiled
-    multiply-and-sum): quant.CUDA_INT4 "fused" (our int4 form, the unpacking fused into a compiled step's
-    multiply-and-sum) and "triton" / CUDA_INT8 "triton" (triton_gemv.py, fast without compiling). First the
+    """int4 and int8 per row at batch 1 through each form (past 2 rows: tinygemm, int8's compiled
+    multiply-and-sum; for 1-2 rows by default our Triton kernels): quant.CUDA_INT4 "fused" (our int4 form, the
+    unpacking fused into a compiled step's multiply-and-sum) and "triton" / CUDA_INT8 "triton" (triton_gemv.py,
+    fast without compiling). First the
     tiny model (one row and a whole pass against the CPU's dequantized model; greedy of eager against the
     form's fast step), then the 7B shape, each row against the bf16 rate; a candidate that fails is a FAIL
     line and the others still run; then the configurations the Triton kernels' autotuning chose."""
@@ -390,8 +406,8 @@ def quant_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
         base = RESULTS["notes"].get("bf16_b1_best")
         # (quant_rows has tinygemm and int8's multiply-and-sum, compiled, and the third session's figures too)
         for mode, form, group, comp in (("int4", "triton", 32, "off"), ("int4", "triton", 128, "off"),
-                                        ("int8", "triton", None, "off"), ("int4", "fused", 32, "on"),
-                                        ("int4", "triton", 32, "on")):
+                                        ("int8", "triton", None, "off"), ("int4", "triton", 32, "on"),
+                                        ("int4", "triton", 128, "on"), ("int8", "triton", None, "on")):
             use(mode, form)
             impl = f"{mode}{f' g{group}' if group else ''} {form}, " + (
                 "compiled + CUDA graphs" if comp == "on" else "CUDA graphs")
@@ -903,7 +919,8 @@ def main() -> int:
                     "batching_fp32, hf_rows, quant_candidates, meta_rows); default all of these; "
                     "b16_candidates runs only when named")
     ap.add_argument("--quick", action="store_true",
-                    help="no compiled rows in the decode table; of the quantized rows only int8 compiled, after the "
+                    help="no compiled rows in the decode table; of the quantized rows int8 and int4 g32 captured, "
+                    "after the "
                     "reference rows; the tiny quantized check (int8 only) last")
     a = ap.parse_args()
     BUDGET, QUICK = a.budget, a.quick
