@@ -78,7 +78,7 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
 
         n = quant.use_kernels(model, device, model.norm.weight.dtype, rows)
         if n:
-            log.info("%d quantized layers use a GPU kernel (int4: %s, int8: %s)", n, *quant.cuda_forms(rows))
+            log.info("%d quantized layers use a GPU kernel (int4: %s, int8: %s)", n, *quant.cuda_forms(rows, device))
         # the others are fast only compiled, and for 1-2 rows (engine.decide_compile)
         return "dequantizing" if quant.dequantizing_layers(model) else "dense"
     if device.type == "cpu" and quantized:

@@ -300,16 +300,17 @@ def dequantizing_layers(model) -> int:
     return sum(m.qweight is not None and m.kernel is None for m in model.modules() if isinstance(m, _Linear))
 
 
-def cuda_forms(rows: int) -> tuple[str, str]:
+def cuda_forms(rows: int, device: Optional[torch.device] = None) -> tuple[str, str]:
     """(int4's form, int8's) on CUDA for a model whose decode steps have at most `rows` rows: CUDA_INT4 and
-    CUDA_INT8, "auto" being our Triton kernels up to TRITON_ROWS rows where Triton is installed, past them (they
-    would dequantize) tinygemm for int4 (any row count) and the compiled product for int8. Measured at the 7B
+    CUDA_INT8, "auto" being our Triton kernels up to TRITON_ROWS rows where Triton is installed and `device`
+    is one they were built and timed for (triton_gemv.fits_device), past them (they would dequantize)
+    tinygemm for int4 (any row count) and the compiled product for int8. Measured at the 7B
     shape on an H100, batch 1, CUDA graphs without compiling (docs/benchmarks.md, fifteenth session): int4
     groups of 32 346 tok/s on Triton against 206 on tinygemm (276 compiled), int8 248 against 38 dequantizing
     per step (234 compiled)."""
     from . import triton_gemv
 
-    few = rows <= TRITON_ROWS and triton_gemv.available()
+    few = rows <= TRITON_ROWS and triton_gemv.available() and (device is None or triton_gemv.fits_device(device))
     int4 = CUDA_INT4 if CUDA_INT4 != "auto" else "triton" if few else "tinygemm"
     int8 = CUDA_INT8 if CUDA_INT8 != "auto" else "triton" if few else "compiled"
     return int4, int8
@@ -342,7 +343,7 @@ def use_kernels(model, device: torch.device, dtype: torch.dtype = torch.bfloat16
     --group_size allows and GGUF's 32); returns how many took a kernel."""
     from .parallel import _Linear
 
-    int4, int8 = cuda_forms(rows)
+    int4, int8 = cuda_forms(rows, device)
     return sum(kernel_form(m, device) if int4 == "tinygemm" and m.qoffset is not None else
                triton_form(m, dtype, int4, int8)
                for m in model.modules() if isinstance(m, _Linear) and m.qweight is not None)

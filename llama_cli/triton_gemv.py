@@ -30,6 +30,17 @@ def available() -> bool:
     return triton is not None
 
 
+def fits_device(device: torch.device) -> bool:
+    """Whether our kernels are the default on `device` (quant.cuda_forms): NVIDIA GPUs of compute capability
+    8.0 or more (sm_80 compiled in the tests, sm_90 timed); others keep the library kernels. A device that is
+    not a GPU (the tests' CPU tensors, run by Triton's interpreter) fits."""
+    from .devices import is_cuda
+
+    if not is_cuda(device):
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 # (outputs a program computes, bytes of each weight row it reads per iteration, warps, pipeline stages, how x
 # reaches the threads): the configurations timed on the first call for each weight shape (on a GPU; untimed
 # yet, so several), the first of them alone under the interpreter. x: 0, loaded once per program and handed to

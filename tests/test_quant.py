@@ -283,8 +283,8 @@ def test_dequantize_as_is_dequantize_in_one_pass(monkeypatch):
 def test_cuda_forms_follow_the_batch_size(tmp_path, spm_path, monkeypatch, caplog):
     """Which CUDA kernel a quantized layer takes (quant.cuda_forms, measured on an H100): our Triton kernels
     where decode steps have 1-2 rows (int4 346 tok/s against tinygemm's 206 at the 7B shape, int8 248 against
-    38 dequantizing), past them tinygemm for int4 (any row count) and int8's compiled product; without Triton
-    the old forms; the knobs CUDA_INT4 / CUDA_INT8 override "auto"; GGUF's groups of 32 take the same kernel."""
+    38 dequantizing), past them tinygemm for int4 (any row count) and int8's compiled product; without Triton,
+    on GPUs older than sm_80 or AMD's, the library forms; the knobs CUDA_INT4 / CUDA_INT8 override "auto"."""
     import logging
 
     import llama_cli.generation as generation
@@ -309,6 +309,16 @@ def test_cuda_forms_follow_the_batch_size(tmp_path, spm_path, monkeypatch, caplo
     assert kinds("int8", 2) == {"int8-triton"}
     assert kinds("int8", 3) == {"None"}  # quantized_linear, dequantizing unless compiled
     assert quant.cuda_forms(2) == ("triton", "triton") and quant.cuda_forms(3) == ("tinygemm", "compiled")
+    import llama_cli.devices as devices
+
+    gpu = torch.device("cpu")  # a stand-in: is_cuda and the capability are patched
+    with monkeypatch.context() as m:
+        m.setattr(devices, "is_cuda", lambda device: True)
+        for cap, hip, want in (((9, 0), None, "triton"), ((8, 0), None, "triton"), ((7, 5), None, "tinygemm"),
+                               ((9, 0), "6.2", "tinygemm")):
+            m.setattr(torch.cuda, "get_device_capability", lambda device, cap=cap: cap)
+            m.setattr(torch.version, "hip", hip)
+            assert quant.cuda_forms(1, gpu)[0] == want, (cap, hip)
     monkeypatch.setattr(triton_gemv, "available", lambda: False)
     assert quant.cuda_forms(1) == ("tinygemm", "compiled")
     assert kinds("int4", 1) == {"int4-cpu"} and kinds("int8", 1) == {"None"}
