@@ -406,7 +406,9 @@ def _cli(argv: list[str], debug: bool) -> int:
         print(f"llama-cli: {what};{kept or ' nothing was saved'}", file=sys.stderr)
         return code
     except BrokenPipeError:
-        _silence_stdout()
+        from .prompts import silence
+
+        silence(sys.stdout)
         return 0
     except Exception as e:  # noqa: BLE001 - anything else is a runtime failure, reported in one line
         if type(e).__name__ == "OutOfMemoryError":
@@ -440,14 +442,6 @@ def _fail(e: BaseException, code: int, debug: bool, original: BaseException = No
     hint = "" if debug or isinstance(e, LlamaCliError) else " (rerun with --debug for the traceback)"
     print(f"llama-cli: error: {prefix}{text}{hint}", file=sys.stderr)
     return code
-
-
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 def _subcommands() -> dict:

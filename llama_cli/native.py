@@ -154,18 +154,15 @@ def _build(build: Path) -> None:
     lock the system drops when its holder ends, however it ends: torch's own lock file, which it leaves
     behind when its builder is killed (SIGKILL, the OOM killer, torchrun ending its workers), would make
     every later run wait for it for ever; the turn's holder removes that one."""
-    import fcntl
+    from .locks import BUSY, UNLOCKED, try_lock, wait_lock
 
     build.mkdir(parents=True, exist_ok=True)
     with open(build / "build.lock", "a") as turn:
-        held = True
-        try:
-            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        state = try_lock(turn)
+        if state == BUSY:
             log.info("waiting for another process building our CPU kernels in %s", build)
-            fcntl.flock(turn, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some network mounts): torch's lock file alone
-            held = False
+            wait_lock(turn)
+        held = state != UNLOCKED  # without locks, torch's lock file alone
         if _loadable(build) and _load_kept(build):  # the other process built them
             return
         try:  # the ninja that pip installs with us, even where its folder is not on PATH (an unactivated venv)

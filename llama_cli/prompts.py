@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Optional
 
 from .errors import RuntimeFailure, UserError
+from .locks import BUSY, try_lock
 from .settings import KEYS, Settings, check_text, resolve
 
 log = logging.getLogger("llama_cli")
@@ -322,6 +323,17 @@ def scan_output(path: str, requests: list[PromptRequest]) -> set[int]:
     return done
 
 
+def silence(stream) -> None:
+    """Point `stream`'s descriptor at the null device: what its buffer still holds (flushed at exit) goes nowhere
+    once its reader has gone, in place of a second broken-pipe error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class OutputLock:
     """An exclusive lock (flock) on a regular --output_file while this run may write it: two runs appending to one
     file would each answer the prompts, and --resume would find every result twice. Released when the process ends.
@@ -332,20 +344,12 @@ class OutputLock:
         self._take()
 
     def _take(self) -> None:
-        try:
-            import fcntl
-        except ImportError:
-            return
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if try_lock(fd) == BUSY:
             os.close(fd)
             raise UserError(f"--output_file {self.path} is being written by another llama-cli run now; wait for it "
-                            "to end (then --resume), or choose another file") from None
-        except OSError:
-            pass  # no locks here
-        old, self.fd = self.fd, fd
+                            "to end (then --resume), or choose another file")
+        old, self.fd = self.fd, fd  # (held, or no locks here)
         if old is not None:
             os.close(old)
 
@@ -409,12 +413,7 @@ class ResultWriter:
         into the file alone, which it would otherwise leave short with exit code 0."""
         log.warning("standard output was closed after %d result(s); the others go to --output_file %s only",
                     self.next - 1, self.path)
-        try:  # what is still in its buffer goes nowhere, now and at exit
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
+        silence(self.stdout)  # what is still in its buffer goes nowhere, now and at exit
         self.stdout = None
 
     def format(self, r: Result) -> str:

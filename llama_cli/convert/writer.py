@@ -25,6 +25,7 @@ import torch
 
 from ..checkpoint import QPARTS, split_dim
 from ..errors import RuntimeFailure, UserError
+from ..locks import BUSY, HELD, UNLOCKED, try_lock
 from ..model import ModelArgs, check_parallel
 from ..settings import check_path
 from ..tokenizer import TOKENIZER_FILES
@@ -177,14 +178,8 @@ class CheckpointWriter:
 def _hold(staging: str):
     """A descriptor holding the lock on `staging`'s OWNER file (the system drops it when this process ends,
     however it ends); None where the platform or the file system has no locks."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
     fd = os.open(os.path.join(staging, OWNER), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if try_lock(fd) != HELD:
         os.close(fd)
         return None
     return fd
@@ -194,10 +189,6 @@ def _clear_others(out: str, own: str, settle_s: float = 5.0) -> None:
     """Refuse to write into `out` while another writer writes there (its staging folder locked); remove the
     staging folders that writers killed outright left (unlocked; older than settle_s, so as not to take one
     whose writer has only just made it)."""
-    try:
-        import fcntl
-    except ImportError:
-        return
     for entry in os.scandir(out):
         if not entry.name.startswith(STAGING) or entry.path == own or not entry.is_dir(follow_symlinks=False):
             continue
@@ -206,12 +197,11 @@ def _clear_others(out: str, own: str, settle_s: float = 5.0) -> None:
         except OSError:
             continue  # not ours to judge
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            state = try_lock(fd)
+            if state == BUSY:
                 raise UserError(f"{out} is being written by another llama-cli run now; wait for it to end, or "
-                                "choose another --out") from None
-            except OSError:
+                                "choose another --out")
+            if state == UNLOCKED:
                 continue
             if time.time() - entry.stat().st_mtime < settle_s:
                 continue
