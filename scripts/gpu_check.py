@@ -333,6 +333,8 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
                                    lambda: llama.engine)
         row(f"llama-cli {mode}{f' g{group}' if group else ''} {impl}", 1, rate, ttft, wbytes, bw,
             f"capture/compile {llama.engine.warmup_s:.1f} s; kernels {kern}")
+        if comp == "off" and group == 32 and not QUICK:  # where the quantized steps' time goes: ours, tinygemm
+            profile_step(llama, f"step_profile_int4_{'tinygemm' if 'tinygemm' in impl else 'triton'}")
         best[mode] = max(best.get(mode, 0.0), rate)
         llama = None
         free()
@@ -630,9 +632,9 @@ def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
     return llama
 
 
-def profile_step(llama):
+def profile_step(llama, key: str = "step_profile"):
     """Where a batch-1 decode step's GPU time goes (the eager step, which CUDA graphs replay; CUDA kernels by
-    total time): for the next round of work on the step."""
+    total time): for the next round of work on the step. Kept in the notes under `key`."""
     if DRY:
         return
     import torch
@@ -652,11 +654,11 @@ def profile_step(llama):
               getattr(e, "self_device_time_total", 0) > 0]
         total = sum(getattr(e, "self_device_time_total", 0) for e in ev)
         top = sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", 0))[:12]
-        RESULTS["notes"]["step_profile"] = {
+        RESULTS["notes"][key] = {
             "kernels": sum(e.count for e in ev), "gpu_us": total,
             "top": [[e.key[:80], e.count, round(getattr(e, "self_device_time_total", 0))] for e in top]}
-        say(f"one eager batch-1 step: {sum(e.count for e in ev)} kernels, {total / 1e3:.2f} ms of GPU time")
-        for k, c, t in RESULTS["notes"]["step_profile"]["top"]:
+        say(f"one eager batch-1 step ({key}): {sum(e.count for e in ev)} kernels, {total / 1e3:.2f} ms of GPU time")
+        for k, c, t in RESULTS["notes"][key]["top"]:
             say(f"  {t:8d} us {c:5d}x {k}")
     except Exception as e:  # noqa: BLE001 - a note, not a check
         say(f"(profile failed: {type(e).__name__}: {e})")
