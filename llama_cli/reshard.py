@@ -41,9 +41,8 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
     stored = reader.shard(0)["norm.weight"].dtype
     target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
     writer = CheckpointWriter(out, shards, target, args)
-    n = writer.write(reader.full_tensors(), params)
+    n = writer.write(reader.full_tensors(), params, lambda dest: copy_tokenizer_files(ckpt_dir, dest))
     reader.close()
-    copy_tokenizer_files(ckpt_dir, out)
     log.info("resharded %s (%d shard(s)) into %s: %d tensors in %d shard(s), %s, in %.1f s", ckpt_dir, len(files),
              out, n, shards, str(target).replace("torch.", ""), time.perf_counter() - start)
     return 0

@@ -1,9 +1,8 @@
-"""Triton kernels for the weight-only int4 and int8 products of one or two rows on GPUs: candidates to what
-runs there now (scripts/gpu_check.py times them beside it). int4 goes through PyTorch's tinygemm kernel
-(quant.kernel_form), which at one row streamed the 7B shape's int4 weights at ~1.16 TB/s on an H100 where bf16
-weights stream at ~2.5 (docs/benchmarks.md); int8 through a multiply-and-sum that only a compiled step makes
-fast (~1.7 TB/s). Both kernels run inside a captured CUDA graph without compiling. Used where quant.CUDA_INT4
-or quant.CUDA_INT8 is "triton".
+"""Triton kernels for the weight-only int4 and int8 products of one or two rows on GPUs: the CUDA default for
+decode steps of 1-2 rows (quant.cuda_forms). Measured on an H100 at the Llama-2-7B shape, batch 1, in a captured
+CUDA graph without compiling (docs/benchmarks.md, fifteenth session): int4 groups of 32 346 tok/s and of 128
+427 (PyTorch's tinygemm kernel: 206), int8 per row 248 (its multiply-and-sum, only fast compiled: 234-252).
+The first call of each weight shape times a few configurations (Triton's autotuner, seconds).
 
 int4 keeps our form (quant.py): q (out, in/2) bytes, in each group of g columns byte j holding column j in its
 low nibble and column j + g/2 in its high one; w = v * scale + offset, tables (out, groups). Each program

@@ -1,5 +1,7 @@
 """`llama-cli reshard` and checkpoints stored in other split layouts."""
 
+import os
+
 import torch
 
 from helpers import TINY, greedy, make_model_folder, reader_for, run_torchrun
@@ -195,3 +197,37 @@ def test_a_writer_killed_outright_leaves_nothing_in_the_way(tmp_path, tiny_ckpt,
     assert f"removed {left.name} (4 MB), left in {out} by a run that was killed while writing there" in err
     assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json",
                                                      "tokenizer.model"]
+
+
+def test_params_json_is_written_last_after_the_tokenizer(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """A folder that has params.json is complete: the tokenizer's files are written before it (a run killed
+    between the two used to leave a folder that looked done and had no tokenizer). Where the tokenizer's write
+    fails, the shards go too, and a tokenizer file that was in --out before is left alone."""
+    import llama_cli.convert.writer as writer  # (reshard imports copy_tokenizer_files from it when it runs)
+
+    seen = []
+    real = writer.copy_tokenizer_files
+
+    def watch(src, out):
+        seen.append(sorted(os.listdir(out)))
+        return real(src, out)
+
+    monkeypatch.setattr(writer, "copy_tokenizer_files", watch)
+    out = tmp_path / "a"
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "2"]) == 0
+    assert len(seen) == 1 and "params.json" not in seen[0] and "consolidated.01.pth" in seen[0]
+    assert {"params.json", "tokenizer.model"} <= set(os.listdir(out))
+
+    def killed(src, out):
+        real(src, out)
+        raise KeyboardInterrupt  # as a kill midway would stop it (Ctrl-C is what can be simulated)
+
+    monkeypatch.setattr(writer, "copy_tokenizer_files", killed)
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "1"]) == 130
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    (out / "tokenizer.model").write_bytes(b"the user's own")
+    assert cli(["reshard", "--ckpt_dir", str(tiny_ckpt[0]), "--out", str(out), "--shards", "1"]) == 130
+    assert sorted(os.listdir(out)) == ["notes.txt", "tokenizer.model"]  # overwritten by the copy, not removed

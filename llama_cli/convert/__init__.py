@@ -55,8 +55,9 @@ def convert(src=None, out=None, shards=1, dtype=None, dequantize=False):
     params, args, stored, tensors = source.read(src, dequantize) if source.__name__.endswith("gguf") \
         else source.read(src)
     target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
-    n = CheckpointWriter(out, shards, target, args).write(tensors, params)
-    copied = source.write_tokenizer(src, out)
+    copied: list = []
+    n = CheckpointWriter(out, shards, target, args).write(
+        tensors, params, lambda dest: copied.extend(source.write_tokenizer(src, dest)) or copied)
     log.info("converted %s into %s: %d tensors in %d shard(s), %s, in %.1f s", src, out, n, shards,
              ", ".join(copied), time.perf_counter() - start)
     return 0

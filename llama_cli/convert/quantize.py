@@ -83,9 +83,9 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
                 yield name + ".offset", offset
 
     n = writer.write(tensors(), {**params, "quantization": {"mode": mode, "group_size": group_size, "embeddings":
-                                                            {"mode": emb_mode, "group_size": emb_group}}})
+                                                            {"mode": emb_mode, "group_size": emb_group}}},
+                     lambda dest: copy_tokenizer_files(ckpt_dir, dest))
     reader.close()
-    copy_tokenizer_files(ckpt_dir, out)
     log.info("quantized %s into %s (%s, group size %s): %d tensors in %d shard(s) in %.1f s", ckpt_dir, out, mode,
              group_size or "per row", n, writer.n_shards, time.perf_counter() - start)
     return 0

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -122,15 +122,17 @@ class CheckpointWriter:
                               "there until it is done (the tensors staged, then the shards): free some space or "
                               "choose another --out; nothing was left behind")
 
-    def write(self, tensors: Iterable[tuple[str, torch.Tensor]], params: dict) -> int:
-        """Stage every (Meta name, whole tensor) and save the shards; returns the tensor count.
-        Nothing is left behind if it fails."""
+    def write(self, tensors: Iterable[tuple[str, torch.Tensor]], params: dict,
+              tokenizer: Optional[Callable[[str], object]] = None) -> int:
+        """Stage every (Meta name, whole tensor) and save the shards, then the files `tokenizer(out)` writes,
+        then params.json: the last file, so a folder with one is complete, also
+        after a kill. Returns the tensor count. Nothing is left behind if it fails."""
         count = 0
         try:
             for name, t in tensors:
                 self.add(name, t)
                 count += 1
-            self.finish(params)
+            self.finish(params, tokenizer)
         except BaseException:
             self._leave()
             raise
@@ -146,8 +148,8 @@ class CheckpointWriter:
         if self._made_out and not os.listdir(self.out):
             os.rmdir(self.out)
 
-    def finish(self, params: dict) -> None:
-        """Save every shard and params.json; remove the staging files."""
+    def finish(self, params: dict, tokenizer: Optional[Callable[[str], object]] = None) -> None:
+        """Save every shard, the tokenizer's files (write's) and params.json; remove the staging files."""
         try:
             if shutil.disk_usage(self.out).free < self._staged + 2**20:  # the shards hold what is staged
                 raise self._full("not enough space for the shards")
@@ -161,6 +163,12 @@ class CheckpointWriter:
                         raise
                     raise self._full("the disk filled up") from None
                 sd.clear()
+            if tokenizer is not None:
+                had = set(os.listdir(self.out))  # tokenizer files there before are overwritten, not removed
+                try:
+                    tokenizer(self.out)
+                finally:
+                    self._written += [os.path.join(self.out, n) for n in sorted(set(os.listdir(self.out)) - had)]
             self._written.append(os.path.join(self.out, "params.json"))
             with open(self._written[-1], "w", encoding="utf-8") as f:
                 json.dump(params, f, indent=2)
