@@ -1,7 +1,8 @@
 """Triton kernels for the weight-only int4 and int8 products of one or two rows on GPUs: the CUDA default for
 decode steps of 1-2 rows (quant.cuda_forms). Measured on an H100 at the Llama-2-7B shape, batch 1, in a captured
 CUDA graph without compiling (docs/benchmarks.md, fifteenth session): int4 groups of 32 346 tok/s and of 128
-427 (PyTorch's tinygemm kernel: 206), int8 per row 248 (its multiply-and-sum, only fast compiled: 234-252).
+427 (PyTorch's tinygemm kernel, third session's call: 206), int8 per row 248 (its multiply-and-sum, only fast
+compiled: 234-252).
 The first call of each weight shape times a few configurations (Triton's autotuner, seconds).
 
 int4 keeps our form (quant.py): q (out, in/2) bytes, in each group of g columns byte j holding column j in its
