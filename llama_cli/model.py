@@ -120,6 +120,20 @@ def scale_rope_frequencies(freqs: torch.Tensor, factor: float = 8.0, low_freq_fa
     return torch.where(wavelen < high_freq_wavelen, freqs, out)
 
 
+# The eager GPU step's norms, residual adds, rotary embedding and gated unit through triton_step's kernels (one
+# kernel each, ~6 fewer a layer for CUDA graphs to replay): a knob, off until timed on a GPU (gpu_check).
+FUSED_SMALL_OPS = False
+
+
+def _fused(x: torch.Tensor):
+    """triton_step, where FUSED_SMALL_OPS is on and its kernels can run on `x`; else None."""
+    if not FUSED_SMALL_OPS:
+        return None
+    from . import triton_step
+
+    return triton_step if triton_step.use(x) else None
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  cis: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rotate interleaved pairs. x: (bsz, seqlen, heads, head_dim); cos/sin: (bsz, seqlen, head_dim/2);
@@ -127,6 +141,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
     Eager, as one complex multiplication (3 kernels instead of a dozen: the eager step is
     launch-bound); compiled, in real arithmetic, which inductor fuses into its neighbours."""
+    kernels = _fused(x)
+    if kernels is not None:
+        return kernels.rotary(x, cos, sin)
     if not torch.compiler.is_compiling():
         cis = torch.complex(cos, sin) if cis is None else cis
         xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (bsz, seqlen, heads, head_dim/2)
@@ -151,7 +168,10 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Meta's RMSNorm: normalised in fp32, rounded to x's dtype, then scaled. PyTorch's rms_norm computes in
     fp32 for 16-bit inputs, so no casts around it: two kernels a norm where the eager step is launch-bound
-    (GPUs), not four."""
+    (GPUs), not four (one with FUSED_SMALL_OPS)."""
+    kernels = _fused(x)
+    if kernels is not None and weight.dtype == x.dtype:
+        return kernels.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
 
 
@@ -249,7 +269,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)
+            gu = linear(x, self.w13)
+            kernels = _fused(gu)
+            if kernels is not None:
+                return self.w2(kernels.silu_mul(gu))
+            gate, up = gu.chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -263,7 +287,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, ctx) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+        a = self.attention(self.attention_norm(x), cos, sin, ctx)
+        kernels = _fused(x)
+        if kernels is not None and a.dtype == x.dtype == self.ffn_norm.weight.dtype:  # the add and the norm after it
+            h, normed = kernels.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
+            return h + self.feed_forward(normed)
+        h = x + a
         return h + self.feed_forward(self.ffn_norm(h))
 
 

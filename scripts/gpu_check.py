@@ -299,7 +299,7 @@ def tiny_quantized(tmp: Path):
               all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs), "")
 
 
-@section(lambda: 75 if QUICK else 220)
+@section(lambda: 75 if QUICK else 260)
 def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32 and 128) against the
     bf16 rate of the decode table, through the default forms for one row (quant.cuda_forms: our Triton
@@ -317,8 +317,13 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     rows = (("int8", "CUDA graphs", "off", None), ("int4", "CUDA graphs", "off", 32),
             ("int4", "CUDA graphs", "off", 128), ("int4", "compiled + CUDA graphs", "on", 32),
             ("int4", "tinygemm, CUDA graphs", "off", 32),
-            ("int8", "compiled product, compiled + CUDA graphs", "on", None))
-    for mode, impl, comp, group in rows[:2 if QUICK else 6]:
+            ("int8", "compiled product, compiled + CUDA graphs", "on", None),
+            ("int4", "CUDA graphs + fused small ops", "off", 128),
+            ("int8", "CUDA graphs + fused small ops", "off", None))
+    from llama_cli import model as model_mod
+
+    for mode, impl, comp, group in rows[:2 if QUICK else 8]:
+        model_mod.FUSED_SMALL_OPS = "fused small ops" in impl
         quant.CUDA_INT4, quant.CUDA_INT8 = ("tinygemm", "compiled") if "tinygemm" in impl or "product" in impl \
             else saved
         try:
@@ -336,6 +341,7 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
         if comp == "off" and group == 32 and not QUICK:  # where the quantized steps' time goes: ours, tinygemm
             profile_step(llama, f"step_profile_int4_{'tinygemm' if 'tinygemm' in impl else 'triton'}")
         best[mode] = max(best.get(mode, 0.0), rate)
+        model_mod.FUSED_SMALL_OPS = False
         llama = None
         free()
         base = RESULTS["notes"].get("bf16_b1_best")
@@ -587,7 +593,7 @@ def quiet_stops(llama):
     llama._stop = torch.tensor([-1], device=llama.device)
 
 
-@section(lambda: 35 if QUICK else 100)
+@section(lambda: 35 if QUICK else 125)
 def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
     """The decode table's llama-cli rows (eager, CUDA graphs, compiled + CUDA graphs; batch 1 and 16).
     Returns the model (the next parts reuse it)."""
@@ -618,6 +624,7 @@ def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
             row(impl, b, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
             RESULTS["notes"]["bf16_b1_best"] = max(v for (i, bb), v in out.items() if bb == 1 and "graphs" in i)
     profile_step(llama)
+    fused_small_ops_rows(llama, prompts, out, wbytes, bw)
     g1 = out[("llama-cli CUDA graphs", 1)]
     check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling", g1 * wbytes / bw >= 0.85,
           f"{g1:.1f} tok/s, {100 * g1 * wbytes / bw:.1f}%")
@@ -630,6 +637,40 @@ def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
     check("eager (no graphs) beats Meta's reference (28.3 tok/s measured before)",
           out[("llama-cli eager (no graphs)", 1)] > 28.3, f"{out[('llama-cli eager (no graphs)', 1)]:.1f}")
     return llama
+
+
+def fused_small_ops_rows(llama, prompts, out, wbytes, bw):
+    """model.FUSED_SMALL_OPS (triton_step.py: norms, residual adds, rotary, gated unit one kernel each) under
+    CUDA graphs, batch 1 and 16, against the plain captured rows; first the logits of one pass over 16 prompts
+    both ways (bf16's error), then the profile of its eager step."""
+    import torch
+
+    from llama_cli import model as model_mod, triton_step
+
+    if DRY and not triton_step.INTERPRETED:  # (a dry run with TRITON_INTERPRET=1 runs them on the CPU)
+        return
+    try:
+        ours_engine(llama, 16, PROMPT_LEN + NEW + 8, False, False)
+        seq = torch.tensor(prompts, device=llama.device)
+        ref = llama.model(seq).float()
+        model_mod.FUSED_SMALL_OPS = True
+        got = llama.model(seq).float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        check("fused small ops (triton_step) == plain step, one pass (bf16 error)", err < 3e-2,
+              f"relative error {err:.2e}")
+        ours_engine(llama, 16, PROMPT_LEN + NEW + 8, True, False)
+        for b in (1, 16):
+            ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, NEW,
+                                       lambda: llama.engine)
+            plain = out.get(("llama-cli CUDA graphs", b))
+            row("llama-cli CUDA graphs + fused small ops", b, rate, ttft, wbytes, bw,
+                f"capture {llama.engine.warmup_s:.1f} s" + (f"; {rate / plain:.3f}x plain graphs" if plain else ""))
+            RESULTS["notes"][f"fused_small_ops_b{b}"] = rate
+        profile_step(llama, "step_profile_fused_small_ops")
+    except Exception as e:  # noqa: BLE001 - a candidate: reported, the rest runs
+        check("fused small ops run", False, f"{type(e).__name__}: {e}")
+    finally:
+        model_mod.FUSED_SMALL_OPS = False
 
 
 def profile_step(llama, key: str = "step_profile"):

@@ -1,0 +1,134 @@
+"""Triton kernels for the small operations of the eager decode step on GPUs, which CUDA graphs replay: a
+candidate, off by default (model.FUSED_SMALL_OPS; scripts/gpu_check.py times it beside the plain step). On an
+H100 at the Llama-2-7B shape one eager batch-1 step launched 650 kernels, 6.21 ms of GPU time, ~1.2 ms of it in
+~520 kernels other than the products (docs/benchmarks.md, fifteenth session): each norm was two kernels (the
+norm, its weight), the residual add one more, the rotary embedding three (a widening copy, a complex product, a
+narrowing copy), the gated unit two. Here each of those is one kernel, ~6 fewer a layer:
+
+- rms_norm(x, w, eps): Meta's RMSNorm, normalised in fp32, rounded to x's type, then scaled by w (rounded);
+- add_rms_norm(x, r, w, eps): h = x + r (rounded) and rms_norm(h, w, eps), one pass;
+- silu_mul(gu): silu(gate) * up for w1 and w3 stacked (gu = [gate | up] along the last dimension);
+- rotary(x, cos, sin): interleaved pairs rotated in fp32, rounded to x's type (x may be a strided view).
+
+Each rounds where the plain operations round, so results agree up to the order of a sum (the norm's). With
+TRITON_INTERPRET=1 they run on the CPU (tests/triton_worker.py checks them against the plain operations).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (CPU-only installs)
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use(x: torch.Tensor) -> bool:
+    """Whether these kernels can run the eager step's small operations on `x` (a compiled step fuses its own)."""
+    return triton is not None and (x.is_cuda or INTERPRETED) and not torch.compiler.is_compiling()
+
+
+if triton is not None:
+    @triton.jit
+    def _norm_row(h, w_ptr, cols, mask, n_cols, eps, out_ty: tl.constexpr):
+        """One row's RMSNorm: h (fp32, already rounded to the activations' type) -> rounded, times w, rounded."""
+        ms = tl.sum(h * h, axis=0) / n_cols
+        normed = (h * tl.rsqrt(ms + eps)).to(out_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        return (normed * w).to(out_ty)
+
+    @triton.jit
+    def _rms_norm(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        h = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _norm_row(h, w_ptr, cols, mask, n_cols, eps, y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * n_cols + cols, y, mask=mask)
+
+    @triton.jit
+    def _add_rms_norm(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * n_cols + cols, h, mask=mask)
+        y = _norm_row(h.to(tl.float32), w_ptr, cols, mask, n_cols, eps, y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * n_cols + cols, y, mask=mask)
+
+    @triton.jit
+    def _silu_mul(gu_ptr, y_ptr, hidden, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < hidden
+        g = tl.load(gu_ptr + row * 2 * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * hidden + hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)  # silu, rounded as F.silu's
+        tl.store(y_ptr + row * hidden + cols, (s * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary(x_ptr, c_ptr, s_ptr, y_ptr, x_token, x_head, heads, half, BLOCK: tl.constexpr):
+        tok = tl.program_id(0)  # (batch row, position) flattened
+        head = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        mask = i < half
+        base = x_ptr + tok * x_token + head * x_head
+        x0 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + tok * half + i, mask=mask, other=0.0)
+        s = tl.load(s_ptr + tok * half + i, mask=mask, other=0.0)
+        out = y_ptr + (tok * heads + head) * 2 * half
+        ty = y_ptr.dtype.element_ty
+        tl.store(out + 2 * i, (x0 * c - x1 * s).to(ty), mask=mask)
+        tl.store(out + 2 * i + 1, (x0 * s + x1 * c).to(ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    _rms_norm[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
+    return y.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + r, rms_norm(x + r, weight, eps))."""
+    x2, r2 = _rows(x), _rows(r.to(x.dtype))
+    h, y = torch.empty_like(x2), torch.empty_like(x2)
+    _add_rms_norm[(x2.shape[0],)](x2, r2, weight, h, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
+    return h.view(x.shape), y.view(x.shape)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gu[..., :H]) * gu[..., H:], H half of gu's last dimension."""
+    g2 = _rows(gu)
+    hidden = g2.shape[1] // 2
+    y = torch.empty(g2.shape[0], hidden, dtype=gu.dtype, device=gu.device)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _silu_mul[(g2.shape[0], triton.cdiv(hidden, block))](g2, y, hidden, BLOCK=block)
+    return y.view(*gu.shape[:-1], hidden)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (bsz, seqlen, heads, head_dim), each head's elements contiguous, its tokens and heads at any stride (a
+    view into the stacked q/k/v product); cos, sin (bsz, seqlen, head_dim/2) fp32. A new contiguous tensor."""
+    bsz, seqlen, heads, hd = x.shape
+    if x.stride(3) != 1 or x.stride(0) != seqlen * x.stride(1):
+        x = x.contiguous()
+    half = hd // 2
+    y = torch.empty(bsz, seqlen, heads, hd, dtype=x.dtype, device=x.device)
+    c, s = cos.float().contiguous(), sin.float().contiguous()
+    _rotary[(bsz * seqlen, heads)](x, c, s, y, x.stride(1), x.stride(2), heads, half,
+                                   BLOCK=triton.next_power_of_2(half))
+    return y
