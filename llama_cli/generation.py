@@ -123,11 +123,11 @@ def _compiling(model, weights: str, compile, device, max_batch_size: int, key: s
     compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
                                kernels=weights == "kernels", native_step=native_step)
     if is_cuda(device) and dequantizing and not compiling:
-        from . import triton_gemv
+        from .quant import cuda_forms
 
         hint = ("use --max_batch_size 1 or 2 (int8 then runs on our Triton kernel, nothing to compile)"
-                if triton_gemv.available() else "use --compile on with --max_batch_size 1 or 2 (a first compile "
-                "takes about a minute, kept for later runs)")
+                if cuda_forms(1, device)[1] == "triton" else "use --compile on with --max_batch_size 1 or 2 (a "
+                "first compile takes about a minute, kept for later runs)")
         log.warning("int8 weights (and quantized forms without a CUDA kernel) are dequantized on every step here "
                     "(--max_batch_size %d, not compiled; measured: about a quarter of bf16's speed); for speed %s, "
                     "or --quantize int4, whose kernel takes any number of rows", max_batch_size, hint)

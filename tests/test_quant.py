@@ -249,6 +249,13 @@ def test_int8_on_cuda_warns_when_not_compiled(tmp_path, spm_path, monkeypatch, c
             assert "--quantize int4" in caplog.text and "Triton" in caplog.text
         else:
             assert "dequantized on every step" not in caplog.text, (mode, rows)
+    import llama_cli.triton_gemv as triton_gemv
+
+    monkeypatch.setattr(triton_gemv, "available", lambda: False)  # (or a GPU older than sm_80): compiling is the way
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llama_cli"):
+        Llama.build(str(folder), tok, 64, 1, quantize="int8", compile="off")
+    assert "--compile on with --max_batch_size 1 or 2" in caplog.text
 
 
 def test_dequantize_as_is_dequantize_in_one_pass(monkeypatch):
