@@ -198,9 +198,15 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx: "StepContext") -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         hq, hkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        cached = False  # the new keys and values already in the cache
         if self.wqkv is not None:  # stacked: q and k side by side, rotated together (half the kernels)
             qkv = linear(x, self.wqkv)
-            qk = apply_rotary(qkv[..., :(hq + hkv) * hd].view(bsz, seqlen, hq + hkv, hd), cos, sin, ctx.cis)
+            kernels = _fused(qkv) if not ctx.prefill and ctx.segments is None and self._plain_cache() else None
+            if kernels is not None:  # rotated and written to the cache in one kernel
+                qk = kernels.rotary_cache(qkv, cos, sin, self.cache_k, self.cache_v, ctx.rows, ctx.positions, hq, hkv)
+                cached = True
+            else:
+                qk = apply_rotary(qkv[..., :(hq + hkv) * hd].view(bsz, seqlen, hq + hkv, hd), cos, sin, ctx.cis)
             q, k = qk.split([hq, hkv], dim=2)
             v = qkv[..., (hq + hkv) * hd:].view(bsz, seqlen, hkv, hd)
         else:
@@ -219,7 +225,7 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (bsz, kv_heads, seqlen, head_dim)
             self.cache_k[:, :, :seqlen].index_copy_(0, ctx.rows, k.to(kind))
             self.cache_v[:, :, :seqlen].index_copy_(0, ctx.rows, v.to(kind))
-        else:  # rows 0..bsz-1, each at its own position (scatter_ would cost the whole cache on the CPU)
+        elif not cached:  # rows 0..bsz-1, each at its own position (scatter_ would cost the whole cache on the CPU)
             rows = ctx.rows[:, None]
             self.cache_k[rows, :, ctx.positions] = k.to(kind)  # indexed shape (bsz, 1, kv_heads, head_dim)
             self.cache_v[rows, :, ctx.positions] = v.to(kind)
@@ -236,6 +242,12 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask,
                                                  enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def _plain_cache(self) -> bool:
+        """Whether the KV cache has the layout rotary_cache writes: (rows, kv heads, positions, head_dim),
+        contiguous, keys and values alike."""
+        k, v = self.cache_k, self.cache_v
+        return k is not None and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
 
     def _packed(self, q, k, v, ctx) -> torch.Tensor:
         """Attention for prompts packed one after another into one batch row (q, k, v: (1, total, heads,

@@ -12,17 +12,18 @@ from helpers import subprocess_env
 
 def test_small_op_kernels_agree_with_the_operations_they_replace(tmp_path, spm_path):
     """Each kernel against the plain operations (norm with its weight, the residual add and the norm after it,
-    the gated unit, the rotary embedding on a strided view into a stacked product; a width that is not a power
-    of two): fp32 to its rounding; fp16 rounded where the plain operations round (equal but for the odd element
-    a sum's order moves by one step); bf16 within a step (the interpreter narrows to bf16 toward zero, a GPU
-    to the nearest); and a model with the kernels on gives the plain model's logits and greedy tokens, every
-    kernel having run."""
+    the gated unit, the rotary embedding on a strided view into a stacked product, and in a decode step with
+    the keys and values written to the cache, rows and positions of their own, GQA, a cache in fp16; a width
+    that is not a power of two): fp32 to its rounding; fp16 rounded where the plain operations round (equal
+    but for the odd element a sum's order moves by one step); bf16 within a step (the interpreter narrows to
+    bf16 toward zero, a GPU to the nearest); and a model with the kernels on gives the plain model's logits
+    and greedy tokens, every kernel having run."""
     env = {**subprocess_env(), "TRITON_INTERPRET": "1", "LLAMA_CLI_NATIVE": "0"}
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "triton_step_worker.py"), str(tmp_path),
                            spm_path], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(res["kernels"]) == 3 * (2 * 3 + 2)
+    assert len(res["kernels"]) == 3 * (2 * 3 + 2) + 3 * 5  # rotary_cache: two cache types, one for fp16
     for name, r in res["kernels"].items():
         assert r["shape_ok"], name
         dtype = name.split()[1]
@@ -36,7 +37,8 @@ def test_small_op_kernels_agree_with_the_operations_they_replace(tmp_path, spm_p
         m = res[dtype]
         assert m["shape_ok"] and m["err"] < bound, (dtype, m)
         assert m["same_tokens"] or dtype == "bf16", dtype
-        assert set(m["calls"]) == {"rms_norm", "add_rms_norm", "silu_mul", "rotary"}, m["calls"]
+        # rotary: the prefills; rotary_cache: the decode steps
+        assert set(m["calls"]) == {"rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_cache"}, m["calls"]
 
 
 def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
@@ -59,7 +61,7 @@ def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kw: calls.append((self.kernel, args, kw))
 
-    for name in ("_rms_norm", "_add_rms_norm", "_silu_mul", "_rotary"):
+    for name in ("_rms_norm", "_add_rms_norm", "_silu_mul", "_rotary", "_rotary_cache"):
         monkeypatch.setattr(ts, name, Launch(getattr(ts, name)))
     bf = dict(dtype=torch.bfloat16)
     x, w = torch.zeros(1, 1, 4096, **bf), torch.ones(4096, **bf)
@@ -68,7 +70,10 @@ def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
     ts.silu_mul(torch.zeros(1, 1, 2 * 11008, **bf))
     qkv = torch.zeros(1, 1, 96 * 128, **bf)
     ts.rotary(qkv[..., :64 * 128].view(1, 1, 64, 128), torch.zeros(1, 1, 64), torch.zeros(1, 1, 64))
-    types = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+    cache = torch.zeros(2, 32, 512, 128, **bf)
+    ts.rotary_cache(qkv, torch.zeros(2, 1, 64), torch.zeros(2, 1, 64), cache, cache.clone(), torch.arange(2),
+                    torch.tensor([[7], [9]]), 32, 32)
+    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
     compiled = 0
     for kernel, args, kw in calls:
         sig, attrs = {}, {}
@@ -86,4 +91,4 @@ def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
             ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
             assert "st.global" in ptx, (kernel.__name__, arch)
             compiled += 1
-    assert compiled == 4 * 2
+    assert compiled == 5 * 2

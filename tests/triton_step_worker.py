@@ -47,6 +47,24 @@ def kernel_checks() -> dict:
         ang = torch.rand(2, 3, hd // 2, generator=gen) * 6
         cos, sin = ang.cos(), ang.sin()
         out[f"rotary {name}"] = compare(triton_step.rotary(x, cos, sin), apply_rotary(x, cos, sin))
+        # a decode step's q/k rotated and k/v written to the cache: 2 rows (cache rows 2 and 0, positions 5 and
+        # 9), 3 q heads, 2 kv heads, a cache in the activations' type and one in fp16
+        hq, hkv = 3, 2
+        qkv = torch.randn(2, 1, (hq + 2 * hkv) * hd, generator=gen).to(dtype)
+        ang = torch.rand(2, 1, hd // 2, generator=gen) * 6
+        cos, sin = ang.cos(), ang.sin()
+        rows, pos = torch.tensor([2, 0]), torch.tensor([[5], [9]])
+        for kind in dict.fromkeys((dtype, torch.float16)):
+            ck, cv = (torch.zeros(3, hkv, 12, hd, dtype=kind) for _ in range(2))
+            rk, rv = ck.clone(), cv.clone()
+            got = triton_step.rotary_cache(qkv, cos, sin, ck, cv, rows, pos, hq, hkv)
+            want = apply_rotary(qkv[..., :(hq + hkv) * hd].view(2, 1, hq + hkv, hd), cos, sin)
+            rk[rows[:, None], :, pos] = want[:, :, hq:].to(kind)
+            rv[rows[:, None], :, pos] = qkv[..., (hq + hkv) * hd:].view(2, 1, hkv, hd).to(kind)
+            tag = f"cache {str(kind)[6:]}"
+            out[f"rotary_cache {name} qk {tag}"] = compare(got, want)
+            out[f"rotary_cache {name} k {tag}"] = compare(ck, rk)
+            out[f"rotary_cache {name} v {tag}"] = compare(cv, rv)
     return out
 
 
@@ -62,7 +80,7 @@ def model_check(folder: Path, dtype: str) -> dict:
     ref = llama.model(seq)
     ref_tokens = llama.generate(ids, max_gen_len=8, temperature=0)[0]
     calls = {}
-    for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary"):
+    for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_cache"):
         real = getattr(triton_step, name)
 
         def counted(*a, _real=real, _name=name, **k):
