@@ -276,3 +276,20 @@ def spy_cache_rows(monkeypatch) -> list:
 
     monkeypatch.setattr(Llama, "build", staticmethod(build))
     return rows
+
+
+def record_launches(monkeypatch, module, names) -> list:
+    """Replace the Triton kernels `names` of `module` by recorders of what their wrappers pass, (kernel, args,
+    kwargs) a launch, instead of launching: what the compile-for-a-GPU tests hand to Triton's compiler."""
+    calls = []
+
+    class Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.kernel, args, kw))
+
+    for name in names:
+        monkeypatch.setattr(module, name, Launch(getattr(module, name)))
+    return calls

@@ -410,17 +410,9 @@ def test_triton_kernels_compile_for_a_gpu(monkeypatch):
 
     from llama_cli import triton_gemv as tg
 
-    calls = []
+    from helpers import record_launches
 
-    class Launch:  # records what the wrapper passes instead of launching
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.kernel, args, kw))
-
-    monkeypatch.setattr(tg, "_int4_rows", Launch(tg._int4_rows))
-    monkeypatch.setattr(tg, "_int8_rows", Launch(tg._int8_rows))
+    calls = record_launches(monkeypatch, tg, ("_int4_rows", "_int8_rows"))
     for n, k, g in ((11008, 4096, 32), (4096, 11008, 32), (4096, 4096, 128)):
         q, s, m = quantize(torch.zeros(n, k), "int4", g)
         tg.int4_rows(torch.zeros(1, k, dtype=torch.bfloat16), q, s.bfloat16(), m.bfloat16())

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import subprocess_env
+from helpers import record_launches, subprocess_env
 
 
 def test_small_op_kernels_agree_with_the_operations_they_replace(tmp_path, spm_path):
@@ -52,17 +52,7 @@ def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
 
     from llama_cli import triton_step as ts
 
-    calls = []
-
-    class Launch:  # records what a wrapper passes instead of launching
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.kernel, args, kw))
-
-    for name in ("_rms_norm", "_add_rms_norm", "_silu_mul", "_rotary", "_rotary_cache"):
-        monkeypatch.setattr(ts, name, Launch(getattr(ts, name)))
+    calls = record_launches(monkeypatch, ts, ("_rms_norm", "_add_rms_norm", "_silu_mul", "_rotary", "_rotary_cache"))
     bf = dict(dtype=torch.bfloat16)
     x, w = torch.zeros(1, 1, 4096, **bf), torch.ones(4096, **bf)
     ts.rms_norm(x, w, 1e-5)
