@@ -201,8 +201,8 @@ class Attention(nn.Module):
         cached = False  # the new keys and values already in the cache
         if self.wqkv is not None:  # stacked: q and k side by side, rotated together (half the kernels)
             qkv = linear(x, self.wqkv)
-            kernels = _fused(qkv) if not ctx.prefill and ctx.segments is None and self._plain_cache() else None
-            if kernels is not None:  # rotated and written to the cache in one kernel
+            kernels = _fused(qkv) if not ctx.prefill and ctx.segments is None else None
+            if kernels is not None and self._plain_cache():  # rotated and written to the cache in one kernel
                 qk = kernels.rotary_cache(qkv, cos, sin, self.cache_k, self.cache_v, ctx.rows, ctx.positions, hq, hkv)
                 cached = True
             else:
