@@ -6,8 +6,8 @@
 #   bash scripts/gpu_call.sh run OUT [FLAGS]  # there, with .whl and .bench carried: installs the wheels
 #                                             # into /tmp/site and runs gpu_check.py --out OUT FLAGS
 # FLAGS default to the focused call in docs/benchmarks.md (--budget 540 --only decode_rows,quant_rows,
-# batching_fp32: the bf16 and quantized rates side by side, with and without the fused small ops, ~8 minutes by
-# the parts' estimates (made on an H100 in the fifteenth session), so give the call a limit of ~590 s:
+# batching_fp32,fused_rows: the bf16 and quantized rates side by side, then with the fused small ops, ~8.5
+# minutes by the parts' estimates (made on an H100 in the fifteenth session), so give the call a limit of ~590 s:
 # a part that would not fit the budget is skipped, and results are written after every row); the log goes
 # to OUT/gpu_check.log as well.
 set -euo pipefail
@@ -26,7 +26,7 @@ case "${1:-}" in
   run)
     out=${2:?usage: bash scripts/gpu_call.sh run OUT [gpu_check flags]}
     shift 2
-    [ "$#" -gt 0 ] || set -- --budget 540 --only decode_rows,quant_rows,batching_fp32
+    [ "$#" -gt 0 ] || set -- --budget 540 --only decode_rows,quant_rows,batching_fp32,fused_rows
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
     tok=()

@@ -27,7 +27,8 @@ has too little left for it, and results are written to --out after every check a
    (quant.CUDA_INT4 / CUDA_INT8): our Triton kernels ("triton", the default at 1-2 rows), int4 fused by the
    compiler ("fused"), tinygemm, groups of 32 and 128, batch 1; then a table of each product alone (cuBLAS,
    tinygemm, every Triton configuration) at the 7B weight sizes. Named in --only, b16_candidates:
-   batch 16 compiled with inductor's max-autotune.
+   batch 16 compiled with inductor's max-autotune. Last, fused_rows: the captured step with
+   model.FUSED_SMALL_OPS (triton_step.py) against the plain one, logits first.
 --quick (a second look after changes): no compiled decode rows, int8 and int4 g32 captured as the quantized rows,
 the tiny check for int8 only, the changed parts first.
 """
@@ -299,7 +300,7 @@ def tiny_quantized(tmp: Path):
               all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs), "")
 
 
-@section(lambda: 75 if QUICK else 260)
+@section(lambda: 75 if QUICK else 220)
 def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32 and 128) against the
     bf16 rate of the decode table, through the default forms for one row (quant.cuda_forms: our Triton
@@ -317,13 +318,8 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     rows = (("int8", "CUDA graphs", "off", None), ("int4", "CUDA graphs", "off", 32),
             ("int4", "CUDA graphs", "off", 128), ("int4", "compiled + CUDA graphs", "on", 32),
             ("int4", "tinygemm, CUDA graphs", "off", 32),
-            ("int8", "compiled product, compiled + CUDA graphs", "on", None),
-            ("int4", "CUDA graphs + fused small ops", "off", 128),
-            ("int8", "CUDA graphs + fused small ops", "off", None))
-    from llama_cli import model as model_mod
-
-    for mode, impl, comp, group in rows[:2 if QUICK else 8]:
-        model_mod.FUSED_SMALL_OPS = "fused small ops" in impl
+            ("int8", "compiled product, compiled + CUDA graphs", "on", None))
+    for mode, impl, comp, group in rows[:2 if QUICK else 6]:
         quant.CUDA_INT4, quant.CUDA_INT8 = ("tinygemm", "compiled") if "tinygemm" in impl or "product" in impl \
             else saved
         try:
@@ -341,7 +337,7 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
         if comp == "off" and group == 32 and not QUICK:  # where the quantized steps' time goes: ours, tinygemm
             profile_step(llama, f"step_profile_int4_{'tinygemm' if 'tinygemm' in impl else 'triton'}")
         best[mode] = max(best.get(mode, 0.0), rate)
-        model_mod.FUSED_SMALL_OPS = False
+        RESULTS["notes"][f"{mode}_g{group}_{impl}_b1"] = rate
         llama = None
         free()
         base = RESULTS["notes"].get("bf16_b1_best")
@@ -593,7 +589,7 @@ def quiet_stops(llama):
     llama._stop = torch.tensor([-1], device=llama.device)
 
 
-@section(lambda: 35 if QUICK else 125)
+@section(lambda: 35 if QUICK else 100)
 def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
     """The decode table's llama-cli rows (eager, CUDA graphs, compiled + CUDA graphs; batch 1 and 16).
     Returns the model (the next parts reuse it)."""
@@ -624,7 +620,7 @@ def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
             row(impl, b, rate, ttft, wbytes, bw, f"capture/compile {llama.engine.warmup_s:.1f} s")
             RESULTS["notes"]["bf16_b1_best"] = max(v for (i, bb), v in out.items() if bb == 1 and "graphs" in i)
     profile_step(llama)
-    fused_small_ops_rows(llama, prompts, out, wbytes, bw)
+    RESULTS["notes"]["bf16_graphs"] = {str(b): out[("llama-cli CUDA graphs", b)] for b in (1, 16)}
     g1 = out[("llama-cli CUDA graphs", 1)]
     check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling", g1 * wbytes / bw >= 0.85,
           f"{g1:.1f} tok/s, {100 * g1 * wbytes / bw:.1f}%")
@@ -639,38 +635,69 @@ def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
     return llama
 
 
-def fused_small_ops_rows(llama, prompts, out, wbytes, bw):
-    """model.FUSED_SMALL_OPS (triton_step.py: norms, residual adds, rotary, gated unit one kernel each) under
-    CUDA graphs, batch 1 and 16, against the plain captured rows; first the logits of one pass over 16 prompts
-    both ways (bf16's error), then the profile of its eager step."""
+@section(100)
+def fused_rows(folder: Path, tok: str, wbytes: int, bw: float):
+    """model.FUSED_SMALL_OPS (triton_step.py: norms, residual adds, rotary with the cache writes, gated unit one
+    kernel each) under CUDA graphs: first the logits of a prefill and of a decode step against the plain step's
+    (bf16's error), then bf16 batch 1 and 16 and int4 g128 / int8 batch 1 beside the plain captured rows
+    (decode_rows, quant_rows), and the profile of its eager step. Last in the call: a fault in a new kernel
+    would leave the GPU unusable for the parts after it."""
     import torch
 
-    from llama_cli import model as model_mod, triton_step
+    from llama_cli import Llama, model as model_mod, triton_step
 
     if DRY and not triton_step.INTERPRETED:  # (a dry run with TRITON_INTERPRET=1 runs them on the CPU)
         return
+    prompts = table_prompts()
+    plain = RESULTS["notes"].get("bf16_graphs", {})
     try:
-        ours_engine(llama, 16, PROMPT_LEN + NEW + 8, False, False)
-        seq = torch.tensor(prompts, device=llama.device)
-        ref = llama.model(seq).float()
+        llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 16, cuda_graphs="off", compile="off",
+                            dtype="bf16", device=DEV)
+        quiet_stops(llama)
+
+        def logits():
+            ours_engine(llama, 16, PROMPT_LEN + NEW + 8, False, False)
+            first = llama.engine.prefill(list(range(4)), prompts[:4]).float()
+            step = llama.engine.decode(torch.tensor([5, 6, 7, 8], device=llama.device), [PROMPT_LEN] * 4).float()
+            return first, step
+
+        ref = logits()
         model_mod.FUSED_SMALL_OPS = True
-        got = llama.model(seq).float()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
-        check("fused small ops (triton_step) == plain step, one pass (bf16 error)", err < 3e-2,
-              f"relative error {err:.2e}")
-        ours_engine(llama, 16, PROMPT_LEN + NEW + 8, True, False)
+        got = logits()
+        for name, a, b in (("prefill", got[0], ref[0]), ("decode step", got[1], ref[1])):
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            check(f"fused small ops (triton_step) == plain step, {name} logits (bf16 error)", err < 3e-2,
+                  f"relative error {err:.2e}")
+        ours_engine(llama, 16, PROMPT_LEN + NEW + 8, not DRY, False)
         for b in (1, 16):
             ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, NEW,
                                        lambda: llama.engine)
-            plain = out.get(("llama-cli CUDA graphs", b))
+            base = plain.get(str(b))
             row("llama-cli CUDA graphs + fused small ops", b, rate, ttft, wbytes, bw,
-                f"capture {llama.engine.warmup_s:.1f} s" + (f"; {rate / plain:.3f}x plain graphs" if plain else ""))
+                f"capture {llama.engine.warmup_s:.1f} s" + (f"; {rate / base:.3f}x plain graphs" if base else ""))
             RESULTS["notes"][f"fused_small_ops_b{b}"] = rate
         profile_step(llama, "step_profile_fused_small_ops")
+        llama = None
+        free()
+        for mode, group in (("int4", 128), ("int8", None)):
+            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
+                                compile="off", dtype="bf16", device=DEV, quantize=mode, group_size=group)
+            quiet_stops(llama)
+            ttft, rate = time_generate(lambda n: llama.generate(prompts[:1], max_gen_len=n, temperature=0), 1, NEW,
+                                       lambda: llama.engine)
+            base = RESULTS["notes"].get(f"{mode}_g{group}_CUDA graphs_b1")
+            name = f"{mode}{f' g{group}' if group else ''}"
+            row(f"llama-cli {name} CUDA graphs + fused small ops", 1, rate, ttft, wbytes, bw,
+                f"capture {llama.engine.warmup_s:.1f} s" + (f"; {rate / base:.3f}x plain graphs" if base else ""))
+            llama = None
+            free()
     except Exception as e:  # noqa: BLE001 - a candidate: reported, the rest runs
         check("fused small ops run", False, f"{type(e).__name__}: {e}")
+        traceback.print_exc()
     finally:
         model_mod.FUSED_SMALL_OPS = False
+        llama = None
+        free()
 
 
 def profile_step(llama, key: str = "step_profile"):
@@ -959,7 +986,7 @@ def main() -> int:
     ap.add_argument("--skip_7b", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (nccl, tiny_agreement, "
                     "tiny_quantized, tiny_batching, decode_rows, quant_rows, cold_cli, seq_len_rows, batching_rows, "
-                    "batching_fp32, hf_rows, quant_candidates, meta_rows); default all of these; "
+                    "batching_fp32, hf_rows, quant_candidates, fused_rows, meta_rows); default all of these; "
                     "b16_candidates runs only when named")
     ap.add_argument("--quick", action="store_true",
                     help="no compiled rows in the decode table; of the quantized rows int8 and int4 g32 captured, "
@@ -1031,6 +1058,7 @@ def main() -> int:
                 quant_candidates(tmp, folder, tok, wbytes, bw)
                 if ONLY is not None:  # named only
                     b16_candidates(folder, tok, wbytes, bw)
+                fused_rows(folder, tok, wbytes, bw)  # last: new kernels
             del w
             if a.meta and not DRY:
                 meta_rows(folder, tok, a.meta, wbytes, bw)
