@@ -57,7 +57,7 @@ def convert(src=None, out=None, shards=1, dtype=None, dequantize=False):
     target = pick_dtype(torch.device("cpu"), dtype) if dtype is not None else stored
     copied: list = []
     n = CheckpointWriter(out, shards, target, args).write(
-        tensors, params, lambda dest: copied.extend(source.write_tokenizer(src, dest)) or copied)
+        tensors, params, lambda dest: copied.extend(source.write_tokenizer(src, dest)))
     log.info("converted %s into %s: %d tensors in %d shard(s), %s, in %.1f s", src, out, n, shards,
              ", ".join(copied), time.perf_counter() - start)
     return 0

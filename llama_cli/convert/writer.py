@@ -125,8 +125,8 @@ class CheckpointWriter:
     def write(self, tensors: Iterable[tuple[str, torch.Tensor]], params: dict,
               tokenizer: Optional[Callable[[str], object]] = None) -> int:
         """Stage every (Meta name, whole tensor) and save the shards, then the files `tokenizer(out)` writes,
-        then params.json: the last file, so a folder with one is complete, also
-        after a kill. Returns the tensor count. Nothing is left behind if it fails."""
+        then params.json: the last file, so a folder with one is complete, also after a kill. Returns the
+        tensor count. Nothing is left behind if it fails."""
         count = 0
         try:
             for name, t in tensors:
