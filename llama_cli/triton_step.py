@@ -3,7 +3,8 @@ candidate, off by default (model.FUSED_SMALL_OPS; scripts/gpu_check.py times it 
 H100 at the Llama-2-7B shape one eager batch-1 step launched 650 kernels, 6.21 ms of GPU time, ~1.2 ms of it in
 ~520 kernels other than the products (docs/benchmarks.md, fifteenth session): each norm was two kernels (the
 norm, its weight), the residual add one more, the rotary embedding three (a widening copy, a complex product, a
-narrowing copy), the gated unit two. Here each of those is one kernel, ~6 fewer a layer:
+narrowing copy), the gated unit two, each cache write one. Here each of those is one kernel (rotary_cache: the
+rotary embedding and both cache writes), ~8 fewer a layer:
 
 - rms_norm(x, w, eps): Meta's RMSNorm, normalised in fp32, rounded to x's type, then scaled by w (rounded);
 - add_rms_norm(x, r, w, eps): h = x + r (rounded) and rms_norm(h, w, eps), one pass;
@@ -13,7 +14,7 @@ narrowing copy), the gated unit two. Here each of those is one kernel, ~6 fewer 
   where rotary and the two cache writes were three (the writes ~4 us each on an H100, 0.25 ms a token).
 
 Each rounds where the plain operations round, so results agree up to the order of a sum (the norm's). With
-TRITON_INTERPRET=1 they run on the CPU (tests/triton_worker.py checks them against the plain operations).
+TRITON_INTERPRET=1 they run on the CPU (tests/triton_step_worker.py checks them against the plain operations).
 """
 
 from __future__ import annotations
@@ -77,20 +78,34 @@ if triton is not None:
         tl.store(y_ptr + row * hidden + cols, (s * u).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _load_pairs(base, i, mask):
+        """Interleaved pairs (x[2i], x[2i+1]) from `base`, in fp32."""
+        x0 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
+        return x0, tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _rotate(x0, x1, c_ptr, s_ptr, tok, half, i, mask):
+        """Pairs turned by token `tok`'s angles (cos and sin (tokens, half), fp32)."""
+        c = tl.load(c_ptr + tok * half + i, mask=mask, other=0.0)
+        s = tl.load(s_ptr + tok * half + i, mask=mask, other=0.0)
+        return x0 * c - x1 * s, x0 * s + x1 * c
+
+    @triton.jit
+    def _store_pairs(ptr, i, mask, a, b):
+        """Pairs stored interleaved at `ptr`, rounded to its type."""
+        ty = ptr.dtype.element_ty
+        tl.store(ptr + 2 * i, a.to(ty), mask=mask)
+        tl.store(ptr + 2 * i + 1, b.to(ty), mask=mask)
+
+    @triton.jit
     def _rotary(x_ptr, c_ptr, s_ptr, y_ptr, x_token, x_head, heads, half, BLOCK: tl.constexpr):
         tok = tl.program_id(0)  # (batch row, position) flattened
         head = tl.program_id(1)
         i = tl.arange(0, BLOCK)
         mask = i < half
-        base = x_ptr + tok * x_token + head * x_head
-        x0 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + tok * half + i, mask=mask, other=0.0)
-        s = tl.load(s_ptr + tok * half + i, mask=mask, other=0.0)
-        out = y_ptr + (tok * heads + head) * 2 * half
-        ty = y_ptr.dtype.element_ty
-        tl.store(out + 2 * i, (x0 * c - x1 * s).to(ty), mask=mask)
-        tl.store(out + 2 * i + 1, (x0 * s + x1 * c).to(ty), mask=mask)
+        x0, x1 = _load_pairs(x_ptr + tok * x_token + head * x_head, i, mask)
+        r0, r1 = _rotate(x0, x1, c_ptr, s_ptr, tok, half, i, mask)
+        _store_pairs(y_ptr + (tok * heads + head) * 2 * half, i, mask, r0, r1)
 
     @triton.jit
     def _rotary_cache(x_ptr, c_ptr, s_ptr, y_ptr, ck_ptr, cv_ptr, rows_ptr, pos_ptr, x_token, x_head, seqlen, hq,
@@ -101,29 +116,18 @@ if triton is not None:
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         i = tl.arange(0, BLOCK)
         mask = i < half
-        base = x_ptr + tok * x_token + head * x_head
-        x0 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+        x0, x1 = _load_pairs(x_ptr + tok * x_token + head * x_head, i, mask)
         row = tl.load(rows_ptr + tok // seqlen)
         pos = tl.load(pos_ptr + tok)
         if head < hq + hkv:
-            c = tl.load(c_ptr + tok * half + i, mask=mask, other=0.0)
-            s = tl.load(s_ptr + tok * half + i, mask=mask, other=0.0)
-            r0, r1 = x0 * c - x1 * s, x0 * s + x1 * c
-            out = y_ptr + (tok * (hq + hkv) + head) * 2 * half
-            ty = y_ptr.dtype.element_ty
-            tl.store(out + 2 * i, r0.to(ty), mask=mask)
-            tl.store(out + 2 * i + 1, r1.to(ty), mask=mask)
+            r0, r1 = _rotate(x0, x1, c_ptr, s_ptr, tok, half, i, mask)
+            _store_pairs(y_ptr + (tok * (hq + hkv) + head) * 2 * half, i, mask, r0, r1)
             if head >= hq:  # a key: into the cache, rounded as the activations are, then to the cache's type
-                dst = ck_ptr + row * c_row + (head - hq) * c_head + pos * 2 * half
-                kt = ck_ptr.dtype.element_ty
-                tl.store(dst + 2 * i, r0.to(ty).to(kt), mask=mask)
-                tl.store(dst + 2 * i + 1, r1.to(ty).to(kt), mask=mask)
+                ty = y_ptr.dtype.element_ty
+                _store_pairs(ck_ptr + row * c_row + (head - hq) * c_head + pos * 2 * half, i, mask, r0.to(ty),
+                             r1.to(ty))
         else:  # a value: into the cache as it is
-            dst = cv_ptr + row * c_row + (head - hq - hkv) * c_head + pos * 2 * half
-            vt = cv_ptr.dtype.element_ty
-            tl.store(dst + 2 * i, x0.to(vt), mask=mask)
-            tl.store(dst + 2 * i + 1, x1.to(vt), mask=mask)
+            _store_pairs(cv_ptr + row * c_row + (head - hq - hkv) * c_head + pos * 2 * half, i, mask, x0, x1)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
