@@ -300,6 +300,19 @@ def tiny_quantized(tmp: Path):
               all([r[:8] for r in runs[k]] == [r[:8] for r in runs["eager"]] for k in runs), "")
 
 
+def quantized_b1(folder: Path, tok: str, mode: str, group, comp: str, prompts):
+    """The 7B-shape model quantized at load for batch 1 (CUDA graphs; compiled too where comp is "on"), timed on
+    one prompt: (llama, ttft s, decode tok/s)."""
+    from llama_cli import Llama
+
+    llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
+                        compile=comp, dtype="bf16", device=DEV, quantize=mode, group_size=group)
+    quiet_stops(llama)
+    ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
+                               lambda: llama.engine)
+    return llama, ttft, rate
+
+
 @section(lambda: 75 if QUICK else 220)
 def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     """Batch 1 decode of the 7B shape quantized at load (int8 per row, int4 groups of 32 and 128) against the
@@ -308,7 +321,7 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
     tinygemm, int8's compiled product)."""
     import torch
 
-    from llama_cli import Llama, quant
+    from llama_cli import quant
 
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g).tolist()
@@ -323,15 +336,11 @@ def quant_rows(folder: Path, tok: str, wbytes: int, bw: float):
         quant.CUDA_INT4, quant.CUDA_INT8 = ("tinygemm", "compiled") if "tinygemm" in impl or "product" in impl \
             else saved
         try:
-            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
-                                compile=comp, dtype="bf16", device=DEV, quantize=mode, group_size=group)
+            llama, ttft, rate = quantized_b1(folder, tok, mode, group, comp, prompts)
         finally:
             quant.CUDA_INT4, quant.CUDA_INT8 = saved
-        quiet_stops(llama)
         kern = sorted({str(getattr(m, "kernel", None)) for m in llama.model.modules()
                        if getattr(m, "qweight", None) is not None})
-        ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
-                                   lambda: llama.engine)
         row(f"llama-cli {mode}{f' g{group}' if group else ''} {impl}", 1, rate, ttft, wbytes, bw,
             f"capture/compile {llama.engine.warmup_s:.1f} s; kernels {kern}")
         if comp == "off" and group == 32 and not QUICK:  # where the quantized steps' time goes: ours, tinygemm
@@ -416,11 +425,7 @@ def quant_candidates(tmp: Path, folder: Path, tok: str, wbytes: int, bw: float):
             impl = f"{mode}{f' g{group}' if group else ''} {form}, " + (
                 "compiled + CUDA graphs" if comp == "on" else "CUDA graphs")
             try:
-                llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
-                                    compile=comp, dtype="bf16", device=DEV, quantize=mode, group_size=group)
-                quiet_stops(llama)
-                ttft, rate = time_generate(lambda n: llama.generate(prompts, max_gen_len=n, temperature=0), 1, NEW,
-                                           lambda: llama.engine)
+                llama, ttft, rate = quantized_b1(folder, tok, mode, group, comp, prompts)
                 warm = llama.engine.warmup_s
             except Exception as e:  # noqa: BLE001
                 check(f"{impl} runs", False, f"{type(e).__name__}: {e}")
@@ -680,11 +685,7 @@ def fused_rows(folder: Path, tok: str, wbytes: int, bw: float):
         llama = None
         free()
         for mode, group in (("int4", 128), ("int8", None)):
-            llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 1, cuda_graphs="auto" if DRY else "on",
-                                compile="off", dtype="bf16", device=DEV, quantize=mode, group_size=group)
-            quiet_stops(llama)
-            ttft, rate = time_generate(lambda n: llama.generate(prompts[:1], max_gen_len=n, temperature=0), 1, NEW,
-                                       lambda: llama.engine)
+            llama, ttft, rate = quantized_b1(folder, tok, mode, group, "off", prompts[:1])
             base = RESULTS["notes"].get(f"{mode}_g{group}_CUDA graphs_b1")
             name = f"{mode}{f' g{group}' if group else ''}"
             row(f"llama-cli {name} CUDA graphs + fused small ops", 1, rate, ttft, wbytes, bw,
