@@ -80,18 +80,22 @@ def model_check(folder: Path, dtype: str) -> dict:
     ref = llama.model(seq)
     ref_tokens = llama.generate(ids, max_gen_len=8, temperature=0)[0]
     calls = {}
-    for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary", "rotary_cache"):
-        real = getattr(triton_step, name)
-
-        def counted(*a, _real=real, _name=name, **k):
+    real = {name: getattr(triton_step, name) for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary",
+                                                           "rotary_cache")}
+    for name, fn in real.items():
+        def counted(*a, _real=fn, _name=name, **k):
             calls[_name] = calls.get(_name, 0) + 1
             return _real(*a, **k)
 
         setattr(triton_step, name, counted)
     model_mod.FUSED_SMALL_OPS = True
-    got = llama.model(seq)
-    tokens = llama.generate(ids, max_gen_len=8, temperature=0)[0]
-    model_mod.FUSED_SMALL_OPS = False
+    try:
+        got = llama.model(seq)
+        tokens = llama.generate(ids, max_gen_len=8, temperature=0)[0]
+    finally:  # each dtype's check counts its own calls
+        model_mod.FUSED_SMALL_OPS = False
+        for name, fn in real.items():
+            setattr(triton_step, name, fn)
     return {**compare(got, ref), "same_tokens": tokens == ref_tokens, "calls": calls}
 
 
