@@ -99,7 +99,7 @@ def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
     llama = Llama.build(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, rows, seed=cfg.seed,
                         device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                         expected_tokens=work or None, chat_format=cfg.chat_format, quantize=cfg.quantize,
-                        group_size=cfg.group_size, kv_cache_dtype=cfg.kv_cache_dtype)
+                        group_size=cfg.group_size, kv_cache_dtype=cfg.kv_cache_dtype, threads=cfg.threads)
     load_s = time.perf_counter() - t0
     if world_size > 1:
         pending = [PromptRequest.from_json(r) for r in distributed.broadcast_json([r.to_json() for r in pending],

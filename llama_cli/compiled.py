@@ -127,7 +127,8 @@ def _reuse_isa_probe() -> None:
 def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64), kv_dtype=None) -> str:
     """What the compiled step depends on: one layer's (local) shapes, the output layer, the KV cache's
     (rows, length) (weights and caches are module state, whose shapes dynamo keeps static) and its type where it
-    is not dtype's, the dtype, the device kind, the process count and the torch version; not the layer count."""
+    is not dtype's, the dtype, the device kind, the process count and the torch version, and on the CPU the
+    thread count (inductor's C++ kernels are made for it: its cache misses under another); not the layer count."""
     import torch
 
     attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
@@ -144,6 +145,8 @@ def shape_key(model, dtype, device, cache_shape: tuple[int, int] = (1, 64), kv_d
             "cache": list(cache_shape)}
     if kv_dtype is not None and kv_dtype != dtype:
         desc["kv_dtype"] = str(kv_dtype)
+    if device.type == "cpu":
+        desc["threads"] = torch.get_num_threads()
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -70,6 +70,9 @@ class RunConfig:
       kv_cache_dtype: auto, fp32, bf16 or fp16: the type the KV cache holds keys and values in. auto is
         --dtype's (exact). bf16 or fp16 under fp32 halves the cache's memory and what a step reads of it, for
         faster decoding at long contexts on the CPU (keys and values rounded to it, as llama.cpp's f16 cache).
+      threads: CPU threads per process, 1 to the CPUs it may use. Default is PyTorch's, OMP_NUM_THREADS or else
+        one per core (torchrun sets OMP_NUM_THREADS=1 for several processes a machine). Give fewer than the
+        cores where other work keeps some of them busy (a thread waiting on a busy core slows every step).
       output: text (each prompt followed by its completion) or jsonl (one object per prompt with id,
         index, prompt, generation, tokens, finish_reason, and logprobs when asked).
       output_file: also append each result to this file as soon as it is done (flushed).
@@ -144,9 +147,11 @@ class RunConfig:
     chat_format: str = "auto"
     quantize: Optional[str] = None
     group_size: Optional[int] = None
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         """Check every flag; raise UserError naming the first bad one."""
+        from .devices import check_threads
         from .tokenizer import find_tokenizer
 
         if self.ckpt_dir is None:
@@ -175,6 +180,7 @@ class RunConfig:
         _choice("schedule", self.schedule, ("continuous", "static"))
         _choice("chat_format", self.chat_format, ("auto", "llama2", "llama3", "template"))
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        check_threads(self.threads)
         if self.quantize is not None or self.group_size is not None:
             from .quant import check_mode
 

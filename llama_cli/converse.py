@@ -22,7 +22,8 @@ HELP = "(/reset starts over, Ctrl-D leaves)"
 
 def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", temperature=0.6, top_p=0.9, top_k=0,
          min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=None,
-         max_seq_len=2048, max_gen_len=512, seed=1, device=None, dtype=None, kv_cache_dtype="auto"):
+         max_seq_len=2048, max_gen_len=512, seed=1, device=None, dtype=None, kv_cache_dtype="auto",
+         threads=None):
     """Chat with a model: interactively on a terminal, or one reply per line of piped standard input.
 
     Examples:
@@ -52,6 +53,7 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type. bf16 or fp16 under fp32 halves
         the cache's memory and speeds up long conversations on the CPU (keys and values rounded to it).
+      threads: CPU threads, 1 to the CPUs this process may use. Default is PyTorch's (one per core).
     """
     from .generation import Llama
     from .settings import Settings, resolve
@@ -74,7 +76,7 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         raise UserError(f"--max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
     llama = Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len, 1, seed=seed, device=device, dtype=dtype,
-                        chat_format=chat_format, kv_cache_dtype=kv_cache_dtype)
+                        chat_format=chat_format, kv_cache_dtype=kv_cache_dtype, threads=threads)
     llama.chat_format  # an unusable format is an error now, not at the first message
     interactive = sys.stdin is not None and sys.stdin.isatty()
     return converse(llama, settings, system, text_lines(sys.stdin), sys.stdout, sys.stderr, interactive)

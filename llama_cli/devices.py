@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Union
+import os
+from typing import Optional, Union
 
 import torch
 
@@ -78,3 +79,33 @@ def is_cuda(device: torch.device) -> bool:
 def synchronize(device: torch.device) -> None:
     if device.type != "cpu":
         torch.accelerator.synchronize()
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask where the OS has one: taskset, a container's
+    cpuset, a job scheduler's allocation), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads) -> Optional[int]:
+    """--threads: None (PyTorch's default: OMP_NUM_THREADS, else one per core) or 1 to usable_cpus(). More
+    threads than CPUs is refused: the OpenMP threads of every product wait on each other's time slices (one
+    busy core already cut SmolLM2's 2-thread decoding to a fraction here)."""
+    if threads is None:
+        return None
+    cpus = usable_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise UserError(f"--threads must be an integer from 1 to {cpus} (the CPUs this process may use), "
+                        f"got {threads!r}")
+    return threads
+
+
+def use_threads(threads) -> None:
+    """Run this process's CPU work (PyTorch's and our kernels') on `threads` threads (check_threads' values;
+    None leaves PyTorch's default)."""
+    threads = check_threads(threads)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import checkpoint, compiled, distributed, memory
 from .chat import UNSAFE_ERROR, Llama2Format, check_choice, check_dialog, pick_format
 from .cpu_step import NativeStep
-from .devices import is_cuda, keeps_half_weights, pick_device, pick_dtype
+from .devices import is_cuda, keeps_half_weights, pick_device, pick_dtype, use_threads
 from .engine import Engine, cache_length, decide_compile, decide_graphs, precheck_compile
 from .errors import UserError
 from .model import Transformer, check_parallel
@@ -173,7 +173,7 @@ class Llama:
               expected_tokens: Optional[int] = None, chat_format: str = "auto",
               quantize: Optional[str] = None, group_size: Optional[int] = None,
               tokenizer: Optional[Tokenizer] = None,
-              kv_cache_dtype: Union[str, torch.dtype, None] = None) -> "Llama":
+              kv_cache_dtype: Union[str, torch.dtype, None] = None, threads: Optional[int] = None) -> "Llama":
         """Load a Meta-layout checkpoint folder and its tokenizer, ready to generate.
 
         Works on CPU or GPU, in one process or under torchrun with any number of processes
@@ -187,6 +187,7 @@ class Llama:
         quant.py; group_size along the input dimension, default per channel for int8 and 32 for int4).
         tokenizer: the one at tokenizer_path where the caller has loaded it already (not loaded again).
         kv_cache_dtype: the KV cache's type, "fp32", "bf16" or "fp16" (default: dtype's; engine.py).
+        threads: CPU threads of this process (torch.set_num_threads; default PyTorch's, one per core).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -194,6 +195,7 @@ class Llama:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise UserError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
         check_choice(chat_format)  # before the minutes a load can take
+        use_threads(threads)
         world_size, rank, local_rank = distributed.world()
         device = pick_device(device, local_rank)
         default_dtype = dtype is None or dtype == "auto"
@@ -234,8 +236,10 @@ class Llama:
                         kv_dtype=kv_dtype)
         kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
         kv = "" if kv_dtype == dtype else f" in {str(kv_dtype)[6:]}"
+        threads = torch.get_num_threads()
+        on = f"{device} ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else str(device)
         log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, KV cache %d x %d positions%s, in %.2f s",
-                 ckpt_dir, len(files), device, str(dtype)[6:], kept, mp.rank, mp.world_size, max_batch_size,
+                 ckpt_dir, len(files), on, str(dtype)[6:], kept, mp.rank, mp.world_size, max_batch_size,
                  engine.cache_len, kv, time.perf_counter() - start)
         return Llama(model, tokenizer, engine, seed=seed, tokenizer_path=tokenizer_path, chat_format=chat_format)
 

@@ -79,7 +79,7 @@ def text_ids(tokenizer, text: str, text_file) -> list[int]:
 
 
 def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stride=None, max_batch_size=4,
-               output="text", device=None, dtype=None, kv_cache_dtype="auto", quiet=False):
+               output="text", device=None, dtype=None, kv_cache_dtype="auto", quiet=False, threads=None):
     """Perplexity of a model on a text file: the last line on stdout is "perplexity: X.XXXX".
 
     Examples:
@@ -100,6 +100,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type; bf16 or fp16 under fp32 halve its
         memory (rows x ctx positions). The scores are the same: a window attends over its own keys and values.
       quiet: no progress on stderr.
+      threads: CPU threads, 1 to the CPUs this process may use. Default is PyTorch's (one per core).
     """
     from . import distributed
     from .generation import Llama
@@ -130,7 +131,8 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
         rows, positions = min(max_batch_size, len(windows(len(ids), ctx, stride))), min(ctx, len(ids))
     try:
         llama = Llama.build(str(ckpt_dir), tokenizer_path, positions, rows, device=device, dtype=dtype,
-                            compile="off", cuda_graphs="off", tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype)
+                            compile="off", cuda_graphs="off", tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype,
+                            threads=threads)
     except UserError as e:  # the memory check names the generating command's flag for the context
         raise UserError(str(e).replace("--max_seq_len", "--ctx").replace("max_seq_len=", "ctx=")) from None
     if ids is None:  # under torchrun only rank 0 has read it

@@ -40,7 +40,8 @@ GOOD = {"dtype": ["fp32", "bf16", "fp16", "fp8", "float32"], "device": ["cpu", "
         "cuda_graphs": ["auto", "off", "on"], "quantize": ["int8", "int4", "int2", "none"],
         "mode": ["int8", "int4", "q4_0"], "group_size": ["32", "64", "128", "48", "0"],
         "chat_format": ["auto", "llama2", "llama3", "template", "chatml"], "shards": ["1", "2", "3", "4", "16"],
-        "ctx": ["8", "16", "33", "64", "100000"], "stride": ["1", "8", "16", "64"]}
+        "ctx": ["8", "16", "33", "64", "100000"], "stride": ["1", "8", "16", "64"],
+        "threads": ["1", "2", "3", "0", "1000000000", "1.5"]}
 INTS = ["1", "2", "3", "7", "16", "64", "4096", "1000000000", "-5"]
 FLOATS = ["0", "0.5", "1", "1.3", "2", "1e-9", "100", "-0.5"]
 EXCEPTION_NAMED = re.compile(r"llama-cli: error: [A-Z]\w*(Error|Exception|Warning)\b")

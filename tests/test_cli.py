@@ -412,6 +412,8 @@ def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
     (["--max_new_tokens", "9"], "did you mean --max_gen_len?"), (["-p", "Hi"], "did you mean --prompt?"),
     (["--resume"], "--output_file"),
     (["--kv_cache_dtype", "fp8"], "--kv_cache_dtype must be auto, fp32, bf16 or fp16, got 'fp8'"),
+    (["--threads", "0"], "--threads must be an integer from 1 to "), (["--threads", "two"], "got 'two'"),
+    (["--threads", "100000"], "(the CPUs this process may use), got 100000"),
     (["--stream", "--prompt", "two"], "--stream"),
     (["--prompt", "word " * 100], "max_seq_len"),
     (["--max_seq_len", "100000000", "--max_batch_size", "100000"], "KV cache needs"),
@@ -841,6 +843,40 @@ def test_generation_cut_by_max_seq_len_warns_once(capsys, ckpt, schedule):
     cut = [r for r in recs if r["finish_reason"] == "max_seq_len"]
     assert cut and all(len(r["tokens"]) < 64 for r in cut)
     assert err.count("ran into --max_seq_len") == 1 and f"{len(cut)} of 2 prompts" in err
+
+
+@pytest.fixture
+def keep_threads():
+    import torch
+
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_threads_flag(capsys, ckpt, tmp_path, keep_threads):
+    """--threads N: the process computes on N threads (the load line says so) with the default's tokens; chat
+    and perplexity take it too, and refuse a bad value in one line before loading anything."""
+    import torch
+
+    runs = {}
+    for threads in (None, 1):
+        flag = ["--threads", threads] if threads else []
+        code, out, err = run_cli(capsys, "--ckpt_dir", ckpt, "--prompt", "Hello world", *BASE, "--output", "jsonl",
+                                 *flag)
+        assert code == 0, err
+        runs[threads] = json.loads(out)["tokens"]
+    assert "on cpu (1 thread) as float32" in err and torch.get_num_threads() == 1
+    assert runs[1] == runs[None] and len(runs[1]) > 0
+    torch.set_num_threads(2)
+    (tmp_path / "t.txt").write_text("The cat sat on the mat. " * 8)
+    code, out, err = run_cli(capsys, "perplexity", "--ckpt_dir", ckpt, "--text_file", tmp_path / "t.txt",
+                             "--threads", "1", "--ctx", "32")
+    assert code == 0 and out.startswith("perplexity: ") and torch.get_num_threads() == 1, err
+    for cmd in (["chat"], ["perplexity", "--text_file", tmp_path / "t.txt"], ["compile"]):
+        code, out, err = run_cli(capsys, *cmd, "--ckpt_dir", ckpt, "--threads", "-3")
+        assert_one_line_error(code, err, 2, "--threads must be an integer from 1 to ")
+        assert "loaded" not in err
 
 
 def test_kv_cache_dtype_flag(capsys, ckpt):
