@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Union
 
@@ -103,9 +104,19 @@ def check_threads(threads) -> Optional[int]:
     return threads
 
 
-def use_threads(threads) -> None:
+def use_threads(threads, device: torch.device) -> None:
     """Run this process's CPU work (PyTorch's and our kernels') on `threads` threads (check_threads' values;
-    None leaves PyTorch's default)."""
+    None leaves PyTorch's default). Warns where the processes that torchrun started on this machine, computing
+    on the CPU, ask for more threads together than it has CPUs."""
     threads = check_threads(threads)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+    try:
+        procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    cpus, each = usable_cpus(), torch.get_num_threads()
+    if device.type == "cpu" and procs > 1 and procs * each > cpus:
+        logging.getLogger("llama_cli").warning(
+            "%d processes on this machine x %d threads each is more threads than its %d CPUs, which slows every "
+            "step; use --threads %d", procs, each, cpus, max(1, cpus // procs))

@@ -195,9 +195,9 @@ class Llama:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise UserError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
         check_choice(chat_format)  # before the minutes a load can take
-        use_threads(threads)
         world_size, rank, local_rank = distributed.world()
         device = pick_device(device, local_rank)
+        use_threads(threads, device)
         default_dtype = dtype is None or dtype == "auto"
         dtype = pick_dtype(device, dtype)
         kv_dtype = _kv_dtype(kv_cache_dtype, dtype)

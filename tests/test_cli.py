@@ -879,6 +879,23 @@ def test_threads_flag(capsys, ckpt, tmp_path, keep_threads):
         assert "loaded" not in err
 
 
+def test_threads_past_the_cpus_of_a_torchrun_machine_are_warned_about(ckpt, monkeypatch, caplog, keep_threads):
+    """Processes that torchrun started on one machine (LOCAL_WORLD_SIZE), computing on the CPU: more threads
+    together than the machine's CPUs get a warning naming the --threads that fits; as many do not."""
+    from llama_cli import Llama, devices
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 4)
+    tok = str(ckpt / "tokenizer.model")
+    for threads, warned in ((3, True), (2, False), (1, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="llama_cli"):
+            Llama.build(str(ckpt), tok, 32, 1, threads=threads)
+        said = [r.getMessage() for r in caplog.records if "threads each" in r.getMessage()]
+        assert said == (["2 processes on this machine x 3 threads each is more threads than its 4 CPUs, which "
+                         "slows every step; use --threads 2"] if warned else []), said
+
+
 def test_kv_cache_dtype_flag(capsys, ckpt):
     """--kv_cache_dtype bf16: the load line says the cache's type, the run completes with the same tokens as the
     fp32 cache's on this model (the rounding's effect on its logits is tested in test_cpu_step.py), and chat takes
