@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -280,12 +281,21 @@ def setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
-# other tools' names (llama.cpp, transformers, OpenAI's API, Meta's scripts) for flags of ours, hinted at when given
+# other tools' names (llama.cpp, transformers, OpenAI's API, Meta's scripts) for flags of ours, hinted at when given;
+# the first of a name's that the command has is named. Single letters are llama.cpp's (-m model, -f file, -n
+# tokens, -c context, -t threads, -s seed, -b batch, -r reverse prompt, -o output), else the flag it would be
+# here: we take no one-letter flags but -q and -h, so that another tool's habit is never taken for another flag
+# of ours (`-f prompts.txt` as --frequency_penalty, `-s 42` as perplexity's --stride).
 ALIASES = {"max_seq_len": ("ctx",), "ctx_size": ("max_seq_len", "ctx"), "n_ctx": ("max_seq_len", "ctx"),
            "context": ("max_seq_len", "ctx"), "n_predict": ("max_gen_len",), "max_new_tokens": ("max_gen_len",),
-           "max_tokens": ("max_gen_len",), "temp": ("temperature",), "model": ("ckpt_dir",),
+           "max_tokens": ("max_gen_len",), "temp": ("temperature",), "model": ("ckpt_dir", "src"),
            "checkpoint": ("ckpt_dir",), "file": ("prompts_file", "text_file"), "batch_size": ("max_batch_size",),
-           "tokenizer": ("tokenizer_path",), "p": ("prompt",)}
+           "tokenizer": ("tokenizer_path",), "n_threads": ("threads",), "repeat_penalty": ("repetition_penalty",),
+           "p": ("prompt", "presence_penalty"), "m": ("ckpt_dir", "src"), "f": ("prompts_file", "text_file"),
+           "n": ("max_gen_len",), "c": ("max_seq_len", "ctx", "ckpt_dir"), "t": ("threads",), "s": ("seed", "stride",
+           "shards"), "b": ("max_batch_size",), "r": ("stop", "repetition_penalty"), "o": ("output_file", "out"),
+           "e": ("echo",), "l": ("logprobs",), "k": ("top_k", "kv_cache_dtype"), "g": ("group_size",),
+           "d": ("dtype", "device")}
 
 
 def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: str = "llama-cli") -> list[str]:
@@ -299,10 +309,7 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
     """
     params = inspect.signature(fn).parameters
     switches = {n for n, p in params.items() if isinstance(p.default, bool)}
-    short = {"q": "quiet"} if "quiet" in params else {}  # -q stays --quiet whatever other flags start with q
-    for n in params:
-        if sum(1 for m in params if m[0] == n[0]) == 1:
-            short[n[0]] = n
+    short = {"q": "quiet"} if "quiet" in params else {}  # the one short flag (see ALIASES)
     lists: dict[str, list] = {}
     rest, i = [], 0
     while i < len(argv):
@@ -425,7 +432,9 @@ def _help(fn, name: str) -> int:
     import fire.helptext
     import fire.trace
 
-    print(fire.helptext.HelpText(fn, fire.trace.FireTrace(fn, name=name)))
+    text = fire.helptext.HelpText(fn, fire.trace.FireTrace(fn, name=name))
+    # fire offers "-x" for each flag whose first letter is its own; literal_args takes -q alone (see ALIASES)
+    print(re.sub(r"(?m)^(\s+)-(?!q,)[a-z], --", r"\1--", text))
     return 0
 
 

@@ -410,6 +410,10 @@ def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
     (["--prompt", "   "], "empty"), (["--bogus", "1"], "unknown flag --bogus; see llama-cli --help"),
     (["--tempreature", "0"], "unknown flag --tempreature; did you mean --temperature? see llama-cli --help"),
     (["--max_new_tokens", "9"], "did you mean --max_gen_len?"), (["-p", "Hi"], "did you mean --prompt?"),
+    # llama.cpp's one-letter flags are hinted at; none is taken for another of ours (-f was --frequency_penalty)
+    (["-f", "prompts.txt"], "unknown flag -f; did you mean --prompts_file?"),
+    (["-n", "5"], "did you mean --max_gen_len?"),
+    (["-t", "1"], "did you mean --threads?"), (["-e"], "unknown flag -e; did you mean --echo?"),
     (["--resume"], "--output_file"),
     (["--kv_cache_dtype", "fp8"], "--kv_cache_dtype must be auto, fp32, bf16 or fp16, got 'fp8'"),
     (["--threads", "0"], "--threads must be an integer from 1 to "), (["--threads", "two"], "got 'two'"),
@@ -743,6 +747,7 @@ def test_help_shows_every_flag_with_its_whole_text():
 
     for f in dataclasses.fields(RunConfig):
         assert f"--{f.name}" in proc.stdout, f.name
+    assert not re.search(r"(?m)^\s+-[a-z], --", proc.stdout)  # no one-letter flags offered (only -q is taken)
     text = " ".join(proc.stdout.split())
     assert "static (Meta's way, where each batch runs until its longest completion ends)" in text
     # fire's help cuts a text at a line that looks like "name: ..." (a colon): every flag's text runs to its end

@@ -76,6 +76,9 @@ def test_windows_cover_every_token_once():
     (["--stride", "0"], "--stride must be an integer >= 1, got 0"), (["--text_file", "/"], "is a folder"),
     (["--text_file", "/nonexistent.txt"], "does not exist"), (["--output", "xml"], "--output"),
     (["--max_seq_len", "64"], "unknown flag --max_seq_len; did you mean --ctx? see llama-cli perplexity --help"),
+    # llama.cpp's llama-perplexity -m MODEL -f FILE; -s was --stride here, read from a seed's 42 without a word
+    (["-m", "model.gguf"], "unknown flag -m; did you mean --ckpt_dir?"), (["-f", "t.txt"], "did you mean --text_file?"),
+    (["-s", "42"], "unknown flag -s; did you mean --stride?"),
 ])
 def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
