@@ -295,7 +295,12 @@ ALIASES = {"max_seq_len": ("ctx",), "ctx_size": ("max_seq_len", "ctx"), "n_ctx":
            "n": ("max_gen_len",), "c": ("max_seq_len", "ctx", "ckpt_dir"), "t": ("threads",), "s": ("seed", "stride",
            "shards"), "b": ("max_batch_size",), "r": ("stop", "repetition_penalty"), "o": ("output_file", "out"),
            "e": ("echo",), "l": ("logprobs",), "k": ("top_k", "kv_cache_dtype"), "g": ("group_size",),
-           "d": ("dtype", "device")}
+           "d": ("dtype", "device"), "ngl": ("device",), "n_gpu_layers": ("device",), "gpu_layers": ("device",)}
+# flags of other tools (llama.cpp's -i, -cnv) that are commands here, and how each command is run
+_CHAT = "chat --ckpt_dir DIR"
+COMMAND_FLAGS = {"interactive": _CHAT, "i": _CHAT, "conversation": _CHAT, "cnv": _CHAT, "chat": _CHAT,
+                 "perplexity": "perplexity --ckpt_dir DIR --text_file FILE",
+                 "convert": "convert --src FILE --out DIR"}
 
 
 def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: str = "llama-cli") -> list[str]:
@@ -330,6 +335,10 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
             guess = [a for a in ALIASES.get(name, ()) if a in params]
             guess = guess or difflib.get_close_matches(name, list(params), n=1)
             hint = f"did you mean --{guess[0]}? " if guess else ""
+            if name in COMMAND_FLAGS and command == "llama-cli" and not guess:
+                use = COMMAND_FLAGS[name]
+                raise UserError(f"unknown flag {flag}; that is a command here: llama-cli {use} (see llama-cli "
+                                f"{use.split()[0]} --help)")
             raise UserError(f"unknown flag {flag}; {hint}see {command} --help for the flags")
         if not eq:
             if i + 1 >= len(argv):
