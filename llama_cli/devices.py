@@ -107,7 +107,8 @@ def check_threads(threads) -> Optional[int]:
 def use_threads(threads, device: torch.device) -> None:
     """Run this process's CPU work (PyTorch's and our kernels') on `threads` threads (check_threads' values;
     None leaves PyTorch's default). Warns where the processes that torchrun started on this machine, computing
-    on the CPU, ask for more threads together than it has CPUs."""
+    on the CPU, ask for more threads together than it has CPUs, and fewer would do (more processes than CPUs at
+    one thread each is the launch's choice, which --threads cannot change)."""
     threads = check_threads(threads)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
@@ -116,7 +117,7 @@ def use_threads(threads, device: torch.device) -> None:
     except ValueError:
         return
     cpus, each = usable_cpus(), torch.get_num_threads()
-    if device.type == "cpu" and procs > 1 and procs * each > cpus:
+    if device.type == "cpu" and procs > 1 and each > 1 and procs * each > cpus:
         logging.getLogger("llama_cli").warning(
             "%d processes on this machine x %d threads each is more threads than its %d CPUs, which slows every "
             "step; use --threads %d", procs, each, cpus, max(1, cpus // procs))

@@ -889,13 +889,16 @@ def test_threads_flag(capsys, ckpt, tmp_path, keep_threads):
 
 def test_threads_past_the_cpus_of_a_torchrun_machine_are_warned_about(ckpt, monkeypatch, caplog, keep_threads):
     """Processes that torchrun started on one machine (LOCAL_WORLD_SIZE), computing on the CPU: more threads
-    together than the machine's CPUs get a warning naming the --threads that fits; as many do not."""
+    together than the machine's CPUs get a warning naming the --threads that fits; as many do not, nor one
+    thread each (more processes than CPUs is the launch's choice: --threads cannot help)."""
     from llama_cli import Llama, devices
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(devices, "usable_cpus", lambda: 4)
     tok = str(ckpt / "tokenizer.model")
     for threads, warned in ((3, True), (2, False), (1, False)):
+        if threads == 1:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
         caplog.clear()
         with caplog.at_level("WARNING", logger="llama_cli"):
             Llama.build(str(ckpt), tok, 32, 1, threads=threads)
