@@ -41,6 +41,8 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
       threads: CPU threads, as you will run it (the compiled CPU step is made for its thread count). Default is
         PyTorch's (one per core).
     """
+    import torch
+
     from . import compiled
     from .cpu_step import NativeStep
     from .generation import Llama
@@ -66,6 +68,7 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
     rows = range(1, min(max_batch_size, GEMV_MAX_ROWS) + 1) if llama.device.type == "cpu" else [max_batch_size]
     for n in rows:
         llama.generate([[1, 2, 3]] * n, max_gen_len=3, temperature=0)
-    log.info("compiled the decoding step of %s for %s row(s) in %.1f s; later runs use it", ckpt_dir,
-             "/".join(map(str, rows)), time.perf_counter() - start)
+    on = f" on {torch.get_num_threads()} thread(s)" if llama.device.type == "cpu" else ""
+    log.info("compiled the decoding step of %s for %s row(s)%s in %.1f s; later runs%s use it", ckpt_dir,
+             "/".join(map(str, rows)), on, time.perf_counter() - start, " with as many" if on else "")
     return 0

@@ -1,6 +1,7 @@
 """Compiled decoding gives the same tokens as eager decoding (CPU; scripts/gpu_check.py checks CUDA),
 and --compile auto follows the measurements and the persistent compile cache."""
 
+import re
 import subprocess
 import sys
 
@@ -105,6 +106,7 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
     proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder), "--max_seq_len", "256"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    assert re.search(r"for 1 row\(s\) on \d+ thread\(s\) in [\d.]+ s; later runs with as many use it", proc.stderr)
     assert list((tmp_path / "cache" / "compiled").glob("*.json"))
     assert list((tmp_path / "cache" / "inductor").iterdir())  # inductor's artifacts kept under our cache
     import platform
