@@ -47,11 +47,15 @@ def fits_device(device: torch.device) -> bool:
 # the threads that need it through shared memory (a barrier or more an iteration); 1, each thread loads the
 # part of x its own weights meet, shaped as they are (no barrier; every row of the tile loads it again, from
 # the cache, and int4 sums its groups again). Which wins on a GPU is for the autotuner to find (the PTX does
-# not tell).
+# not tell). The H100's product table (fifteenth session, docs/gpu-runs/2026-11-28-call2.log) favoured few
+# outputs and many bytes a program, most at the 4096-output shapes (attention's output, w2), where int8 ran at
+# 1.3-1.7 TB/s against 1.9-2.2 for the wide ones: the last entries go further that way.
 INT4_CONFIGS = ((16, 256, 4, 3, 0), (8, 512, 4, 3, 0), (4, 1024, 4, 2, 0), (16, 1024, 8, 2, 0),
-                (16, 256, 4, 3, 1), (4, 1024, 4, 2, 1), (8, 1024, 4, 2, 1), (2, 2048, 4, 2, 1))
+                (16, 256, 4, 3, 1), (4, 1024, 4, 2, 1), (8, 1024, 4, 2, 1), (2, 2048, 4, 2, 1),
+                (4, 2048, 4, 2, 0), (2, 2048, 4, 2, 0))
 INT8_CONFIGS = ((16, 256, 4, 3, 0), (8, 512, 4, 3, 0), (4, 1024, 4, 3, 0), (16, 1024, 8, 2, 0),
-                (16, 256, 4, 3, 1), (4, 1024, 4, 3, 1), (8, 1024, 4, 2, 1), (4, 2048, 4, 2, 1))
+                (16, 256, 4, 3, 1), (4, 1024, 4, 3, 1), (8, 1024, 4, 2, 1), (4, 2048, 4, 2, 1),
+                (4, 2048, 4, 3, 0), (2, 2048, 4, 3, 0), (8, 1024, 4, 3, 0))
 
 
 def _config(entry, bytes_name: str):
