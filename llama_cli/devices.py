@@ -108,16 +108,16 @@ def use_threads(threads, device: torch.device) -> None:
     """Run this process's CPU work (PyTorch's and our kernels') on `threads` threads (check_threads' values;
     None leaves PyTorch's default). Warns where the processes that torchrun started on this machine, computing
     on the CPU, ask for more threads together than it has CPUs, and fewer would do (more processes than CPUs at
-    one thread each is the launch's choice, which --threads cannot change)."""
+    one thread each is the launch's choice, which --threads cannot change): said by each machine's first process."""
     threads = check_threads(threads)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     try:
-        procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        procs, first = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")) == 0
     except ValueError:
         return
     cpus, each = usable_cpus(), torch.get_num_threads()
-    if device.type == "cpu" and procs > 1 and each > 1 and procs * each > cpus:
+    if first and device.type == "cpu" and procs > 1 and each > 1 and procs * each > cpus:
         logging.getLogger("llama_cli").warning(
             "%d processes on this machine x %d threads each is more threads than its %d CPUs, which slows every "
             "step; use --threads %d", procs, each, cpus, max(1, cpus // procs))

@@ -905,6 +905,11 @@ def test_threads_past_the_cpus_of_a_torchrun_machine_are_warned_about(ckpt, monk
         said = [r.getMessage() for r in caplog.records if "threads each" in r.getMessage()]
         assert said == (["2 processes on this machine x 3 threads each is more threads than its 4 CPUs, which "
                          "slows every step; use --threads 2"] if warned else []), said
+    monkeypatch.setenv("LOCAL_RANK", "1")  # said once a machine: by its first process
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llama_cli"):
+        Llama.build(str(ckpt), tok, 32, 1, threads=3)
+    assert not [r for r in caplog.records if "threads each" in r.getMessage()]
 
 
 def test_kv_cache_dtype_flag(capsys, ckpt):
