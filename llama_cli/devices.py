@@ -93,8 +93,9 @@ def usable_cpus() -> int:
 
 def check_threads(threads) -> Optional[int]:
     """--threads: None (PyTorch's default: OMP_NUM_THREADS, else one per core) or 1 to usable_cpus(). More
-    threads than CPUs is refused: the OpenMP threads of every product wait on each other's time slices (one
-    busy core already cut SmolLM2's 2-thread decoding to a fraction here)."""
+    threads than CPUs is refused: every product waits for the last of its threads, so threads that share a core
+    wait on each other's time slices (one busy core of this VM's two cut SmolLM2's decoding on 2 threads to
+    about a third, docs/benchmarks.md)."""
     if threads is None:
         return None
     cpus = usable_cpus()
