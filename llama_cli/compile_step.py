@@ -39,7 +39,7 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16, as you will run it. Default is bf16 on GPUs, fp32 on cpu.
       threads: CPU threads, as you will run it (the compiled CPU step is made for its thread count). Default is
-        PyTorch's (one per core).
+        one per core (at most a container's CPU quota), or OMP_NUM_THREADS.
     """
     import torch
 

@@ -70,9 +70,10 @@ class RunConfig:
       kv_cache_dtype: auto, fp32, bf16 or fp16: the type the KV cache holds keys and values in. auto is
         --dtype's (exact). bf16 or fp16 under fp32 halves the cache's memory and what a step reads of it, for
         faster decoding at long contexts on the CPU (keys and values rounded to it, as llama.cpp's f16 cache).
-      threads: CPU threads per process, 1 to the CPUs it may use. Default is PyTorch's, OMP_NUM_THREADS or else
-        one per core (torchrun sets OMP_NUM_THREADS=1 for several processes a machine). Give fewer than the
-        cores where other work keeps some of them busy (a thread waiting on a busy core slows every step).
+      threads: CPU threads per process, 1 to the CPUs it may use. Default is OMP_NUM_THREADS, else one per core
+        and at most a container's CPU quota (torchrun sets OMP_NUM_THREADS=1 for several processes a machine).
+        Give fewer than the cores where other work keeps some of them busy (a thread waiting on a busy core
+        slows every step).
       output: text (each prompt followed by its completion) or jsonl (one object per prompt with id,
         index, prompt, generation, tokens, finish_reason, and logprobs when asked).
       output_file: also append each result to this file as soon as it is done (flushed).

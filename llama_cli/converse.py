@@ -53,7 +53,8 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type. bf16 or fp16 under fp32 halves
         the cache's memory and speeds up long conversations on the CPU (keys and values rounded to it).
-      threads: CPU threads, 1 to the CPUs this process may use. Default is PyTorch's (one per core).
+      threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
+        CPU quota), or OMP_NUM_THREADS.
     """
     from .generation import Llama
     from .settings import Settings, resolve

@@ -91,6 +91,35 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_quota(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The CPUs' worth of time a container may use (`docker --cpus 2`, a Kubernetes CPU limit: its cgroup's
+    quota over its period, rounded up), or None where none is set. Such a container sees every CPU of its host
+    (its affinity mask too), so PyTorch would start a thread per host core and the quota would stall them all
+    in turn. cgroup v2's cpu.max ("200000 100000", or "max 100000"), else v1's cpu.cfs_quota_us (-1: none)."""
+    def read(*names):
+        for name in names:
+            try:
+                with open(os.path.join(root, name)) as f:
+                    return f.read().split()
+            except OSError:
+                continue
+        return None
+
+    try:
+        v2 = read("cpu.max")
+        if v2 is not None:
+            quota, period = (None, None) if v2[0] == "max" else (int(v2[0]), int(v2[1]))
+        else:
+            quota = read("cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")
+            period = read("cpu/cpu.cfs_period_us", "cpu,cpuacct/cpu.cfs_period_us")
+            quota, period = (int(quota[0]), int(period[0])) if quota and period else (None, None)
+    except (ValueError, IndexError):
+        return None
+    if not quota or quota <= 0 or not period or period <= 0:
+        return None
+    return max(1, -(-quota // period))
+
+
 def check_threads(threads) -> Optional[int]:
     """--threads: None (PyTorch's default: OMP_NUM_THREADS, else one per core) or 1 to usable_cpus(). More
     threads than CPUs is refused: every product waits for the last of its threads, so threads that share a core
@@ -111,13 +140,18 @@ def use_threads(threads, device: torch.device) -> None:
     on the CPU, ask for more threads together than it has CPUs, and fewer would do (more processes than CPUs at
     one thread each is the launch's choice, which --threads cannot change): said by each machine's first process."""
     threads = check_threads(threads)
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:  # PyTorch's default, within a container's quota
+        quota = cpu_quota()
+        if quota is not None and torch.get_num_threads() > quota:
+            threads = quota
+            logging.getLogger("llama_cli").info("%d threads: this container's CPU quota (--threads overrides)", quota)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     try:
         procs, first = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")) == 0
     except ValueError:
         return
-    cpus, each = usable_cpus(), torch.get_num_threads()
+    cpus, each = min(usable_cpus(), cpu_quota() or usable_cpus()), torch.get_num_threads()
     if first and device.type == "cpu" and procs > 1 and each > 1 and procs * each > cpus:
         logging.getLogger("llama_cli").warning(
             "%d processes on this machine x %d threads each is more threads than its %d CPUs, which slows every "

@@ -187,7 +187,8 @@ class Llama:
         quant.py; group_size along the input dimension, default per channel for int8 and 32 for int4).
         tokenizer: the one at tokenizer_path where the caller has loaded it already (not loaded again).
         kv_cache_dtype: the KV cache's type, "fp32", "bf16" or "fp16" (default: dtype's; engine.py).
-        threads: CPU threads of this process (torch.set_num_threads; default PyTorch's, one per core).
+        threads: CPU threads of this process (torch.set_num_threads; default PyTorch's, one per core, at most a
+        container's CPU quota: devices.use_threads).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)

@@ -100,7 +100,8 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type; bf16 or fp16 under fp32 halve its
         memory (rows x ctx positions). The scores are the same: a window attends over its own keys and values.
       quiet: no progress on stderr.
-      threads: CPU threads, 1 to the CPUs this process may use. Default is PyTorch's (one per core).
+      threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
+        CPU quota), or OMP_NUM_THREADS.
     """
     from . import distributed
     from .generation import Llama

@@ -895,6 +895,7 @@ def test_threads_past_the_cpus_of_a_torchrun_machine_are_warned_about(ckpt, monk
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(devices, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(devices, "cpu_quota", lambda: None)  # (a CI container's own quota left out)
     tok = str(ckpt / "tokenizer.model")
     for threads, warned in ((3, True), (2, False), (1, False)):
         if threads == 1:
@@ -910,6 +911,51 @@ def test_threads_past_the_cpus_of_a_torchrun_machine_are_warned_about(ckpt, monk
     with caplog.at_level("WARNING", logger="llama_cli"):
         Llama.build(str(ckpt), tok, 32, 1, threads=3)
     assert not [r for r in caplog.records if "threads each" in r.getMessage()]
+
+
+def test_cpu_quota_of_a_container(tmp_path):
+    """A container's CPU quota read from its cgroup (v2 cpu.max, else v1's cfs files), rounded up to whole
+    CPUs; none where unlimited, unreadable or malformed."""
+    from llama_cli.devices import cpu_quota
+
+    def root(files):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name, text in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+        return str(d)
+
+    assert cpu_quota(root({"cpu.max": "200000 100000\n"})) == 2
+    assert cpu_quota(root({"cpu.max": "150000 100000\n"})) == 2  # 1.5 CPUs of time: two threads
+    assert cpu_quota(root({"cpu.max": "max 100000\n"})) is None
+    assert cpu_quota(root({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"})) == 1
+    assert cpu_quota(root({"cpu,cpuacct/cpu.cfs_quota_us": "400000", "cpu,cpuacct/cpu.cfs_period_us": "100000"})) == 4
+    assert cpu_quota(root({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"})) is None
+    assert cpu_quota(root({"cpu.max": "lots\n"})) is None and cpu_quota(root({})) is None
+
+
+def test_default_threads_follow_a_container_quota(ckpt, monkeypatch, caplog, keep_threads):
+    """With neither --threads nor OMP_NUM_THREADS, a container's quota below PyTorch's default thread count
+    (one per host core, all of which a container sees) becomes the thread count, said in a log line; either
+    setting overrides it."""
+    import torch
+
+    from llama_cli import Llama, devices
+
+    tok = str(ckpt / "tokenizer.model")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(devices, "cpu_quota", lambda: 1)
+    torch.set_num_threads(2)
+    with caplog.at_level("INFO", logger="llama_cli"):
+        Llama.build(str(ckpt), tok, 32, 1)
+    assert torch.get_num_threads() == 1
+    assert "1 threads: this container's CPU quota (--threads overrides)" in caplog.text
+    torch.set_num_threads(2)
+    Llama.build(str(ckpt), tok, 32, 1, threads=2)  # asked for: kept
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    Llama.build(str(ckpt), tok, 32, 1)  # the environment's choice: kept
+    assert torch.get_num_threads() == 2
 
 
 def test_kv_cache_dtype_flag(capsys, ckpt):
