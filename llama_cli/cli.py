@@ -291,7 +291,7 @@ ALIASES = {"max_seq_len": ("ctx",), "ctx_size": ("max_seq_len", "ctx"), "n_ctx":
            "max_tokens": ("max_gen_len",), "temp": ("temperature",), "model": ("ckpt_dir", "src"),
            "checkpoint": ("ckpt_dir",), "file": ("prompts_file", "text_file"), "batch_size": ("max_batch_size",),
            "tokenizer": ("tokenizer_path",), "n_threads": ("threads",), "repeat_penalty": ("repetition_penalty",),
-           "p": ("prompt", "presence_penalty"), "m": ("ckpt_dir", "src"), "f": ("prompts_file", "text_file"),
+           "p": ("prompt",), "m": ("ckpt_dir", "src"), "f": ("prompts_file", "text_file"),
            "n": ("max_gen_len",), "c": ("max_seq_len", "ctx", "ckpt_dir"), "t": ("threads",), "s": ("seed", "stride",
            "shards"), "b": ("max_batch_size",), "r": ("stop", "repetition_penalty"), "o": ("output_file", "out"),
            "e": ("echo",), "l": ("logprobs",), "k": ("top_k", "kv_cache_dtype"), "g": ("group_size",),
@@ -335,6 +335,9 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
             guess = [a for a in ALIASES.get(name, ()) if a in params]
             guess = guess or difflib.get_close_matches(name, list(params), n=1)
             hint = f"did you mean --{guess[0]}? " if guess else ""
+            if name in ("p", "prompt", "prompts_file", "f") and command == "llama-cli chat":
+                raise UserError(f"unknown flag {flag}; chat takes your messages typed at its prompt or one a line on "
+                                "standard input: echo TEXT | llama-cli chat --ckpt_dir DIR")
             if name in COMMAND_FLAGS and command == "llama-cli" and not guess:
                 use = COMMAND_FLAGS[name]
                 raise UserError(f"unknown flag {flag}; that is a command here: llama-cli {use} (see llama-cli "

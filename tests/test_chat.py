@@ -239,3 +239,13 @@ def test_piped_chat_that_is_not_utf8_stops_at_that_line(chat_llama):
     assert proc.returncode == 2
     assert proc.stdout.decode().split("\n")[0] == want[0]["generation"]["content"]
     assert proc.stderr.decode().strip() == "llama-cli: error: standard input line 2 is not UTF-8 text; send UTF-8"
+
+
+@pytest.mark.parametrize("flag", ["-p", "--prompt", "-f", "--prompts_file"])
+def test_chat_says_where_its_messages_come_from(tmp_path, capsys, flag):
+    """A prompt flag given to chat (llama.cpp's -p, ours from completion) is answered with how chat takes its
+    messages, in one line, before anything loads."""
+    assert cli(["chat", "--ckpt_dir", str(tmp_path / "none"), flag, "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"llama-cli: error: unknown flag {flag}; chat takes your messages typed at its prompt or one a "
+                   "line on standard input: echo TEXT | llama-cli chat --ckpt_dir DIR")
