@@ -144,7 +144,7 @@ def use_threads(threads, device: torch.device) -> None:
         quota = cpu_quota()
         if quota is not None and torch.get_num_threads() > quota:
             threads = quota
-            logging.getLogger("llama_cli").info("%d threads: this container's CPU quota (--threads overrides)", quota)
+            logging.getLogger("llama_cli").info("%d thread(s): this container's CPU quota (--threads overrides)", quota)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     try:

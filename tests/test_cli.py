@@ -949,7 +949,7 @@ def test_default_threads_follow_a_container_quota(ckpt, monkeypatch, caplog, kee
     with caplog.at_level("INFO", logger="llama_cli"):
         Llama.build(str(ckpt), tok, 32, 1)
     assert torch.get_num_threads() == 1
-    assert "1 threads: this container's CPU quota (--threads overrides)" in caplog.text
+    assert "1 thread(s): this container's CPU quota (--threads overrides)" in caplog.text
     torch.set_num_threads(2)
     Llama.build(str(ckpt), tok, 32, 1, threads=2)  # asked for: kept
     assert torch.get_num_threads() == 2
