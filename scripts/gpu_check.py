@@ -626,8 +626,8 @@ def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
             RESULTS["notes"]["bf16_b1_best"] = max(v for (i, bb), v in out.items() if bb == 1 and "graphs" in i)
     profile_step(llama)
     profile_step(llama, "step_profile_b16", 16)  # the batch-16 target: the products' rate at 16 rows, attention
-    short_buckets(llama, out, wbytes, bw)
     RESULTS["notes"]["bf16_graphs"] = {str(b): out[("llama-cli CUDA graphs", b)] for b in (1, 16)}
+    short_buckets(llama, wbytes, bw)
     g1 = out[("llama-cli CUDA graphs", 1)]
     check("batch 1 CUDA graphs >= 85% of the copy-bandwidth ceiling", g1 * wbytes / bw >= 0.85,
           f"{g1:.1f} tok/s, {100 * g1 * wbytes / bw:.1f}%")
@@ -642,23 +642,32 @@ def decode_rows(folder: Path, tok: str, wbytes: int, bw: float):
     return llama
 
 
-def short_buckets(llama, out: dict, wbytes: int, bw: float):
+def candidate_rows(llama, impl: str, against: str, key: str, wbytes: int, bw: float):
+    """A candidate's captured decode rows at batch 1 and 16 (the table's prompts and length) on llama's engine,
+    each with its ratio to the plain captured row (decode_rows' notes, bf16_graphs) named `against`; kept in
+    the notes as key_b1 and key_b16."""
+    prompts, plain = table_prompts(), RESULTS["notes"].get("bf16_graphs", {})
+    for b in (1, 16):
+        ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, NEW,
+                                   lambda: llama.engine)
+        base = plain.get(str(b))
+        row(impl, b, rate, ttft, wbytes, bw,
+            f"capture {llama.engine.warmup_s:.1f} s" + (f"; {rate / base:.3f}x {against}" if base else ""))
+        RESULTS["notes"][f"{key}_b{b}"] = rate
+
+
+def short_buckets(llama, wbytes: int, bw: float):
     """The captured rows again with cache-length buckets from 64 positions instead of engine.MIN_BUCKET (256):
     a candidate for batch 16, where the table's steps (positions 16-271) read 256-320 positions of 16 rows'
     keys and values, ~2.2 GB a step against 13.5 of weights, ~1.6 GB from 64 (the live rows hold ~1.2)."""
     from llama_cli import engine
 
-    prompts, saved = table_prompts(), engine.MIN_BUCKET
+    saved = engine.MIN_BUCKET
     try:
         engine.MIN_BUCKET = 64
         ours_engine(llama, 16, PROMPT_LEN + NEW + 8, True, False)
-        for b in (1, 16):
-            ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, NEW,
-                                       lambda: llama.engine)
-            base = out.get(("llama-cli CUDA graphs", b))
-            row("llama-cli CUDA graphs, buckets from 64", b, rate, ttft, wbytes, bw,
-                f"capture {llama.engine.warmup_s:.1f} s" + (f"; {rate / base:.3f}x buckets from 256" if base else ""))
-            RESULTS["notes"][f"buckets_from_64_b{b}"] = rate
+        candidate_rows(llama, "llama-cli CUDA graphs, buckets from 64", "buckets from 256", "buckets_from_64", wbytes,
+                       bw)
     finally:
         engine.MIN_BUCKET = saved
 
@@ -677,7 +686,6 @@ def fused_rows(folder: Path, tok: str, wbytes: int, bw: float):
     if DRY and not triton_step.INTERPRETED:  # (a dry run with TRITON_INTERPRET=1 runs them on the CPU)
         return
     prompts = table_prompts()
-    plain = RESULTS["notes"].get("bf16_graphs", {})
     try:
         llama = Llama.build(str(folder), tok, PROMPT_LEN + NEW + 8, 16, cuda_graphs="off", compile="off",
                             dtype="bf16", device=DEV)
@@ -697,13 +705,7 @@ def fused_rows(folder: Path, tok: str, wbytes: int, bw: float):
             check(f"fused small ops (triton_step) == plain step, {name} logits (bf16 error)", err < 3e-2,
                   f"relative error {err:.2e}")
         ours_engine(llama, 16, PROMPT_LEN + NEW + 8, not DRY, False)
-        for b in (1, 16):
-            ttft, rate = time_generate(lambda n: llama.generate(prompts[:b], max_gen_len=n, temperature=0), b, NEW,
-                                       lambda: llama.engine)
-            base = plain.get(str(b))
-            row("llama-cli CUDA graphs + fused small ops", b, rate, ttft, wbytes, bw,
-                f"capture {llama.engine.warmup_s:.1f} s" + (f"; {rate / base:.3f}x plain graphs" if base else ""))
-            RESULTS["notes"][f"fused_small_ops_b{b}"] = rate
+        candidate_rows(llama, "llama-cli CUDA graphs + fused small ops", "plain graphs", "fused_small_ops", wbytes, bw)
         profile_step(llama, "step_profile_fused_small_ops")
         llama = None
         free()
