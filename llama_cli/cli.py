@@ -296,11 +296,21 @@ ALIASES = {"max_seq_len": ("ctx",), "ctx_size": ("max_seq_len", "ctx"), "n_ctx":
            "shards"), "b": ("max_batch_size",), "r": ("stop", "repetition_penalty"), "o": ("output_file", "out"),
            "e": ("echo",), "l": ("logprobs",), "k": ("top_k", "kv_cache_dtype"), "g": ("group_size",),
            "d": ("dtype", "device"), "ngl": ("device",), "n_gpu_layers": ("device",), "gpu_layers": ("device",)}
-# flags of other tools (llama.cpp's -i, -cnv) that are commands here, and how each command is run
-_CHAT = "chat --ckpt_dir DIR"
-COMMAND_FLAGS = {"interactive": _CHAT, "i": _CHAT, "conversation": _CHAT, "cnv": _CHAT, "chat": _CHAT,
-                 "perplexity": "perplexity --ckpt_dir DIR --text_file FILE",
-                 "convert": "convert --src FILE --out DIR"}
+
+
+def _is_command(use: str) -> str:
+    return f"that is a command here: llama-cli {use} (see llama-cli {use.split()[0]} --help)"
+
+
+# flags that mean something else in a command, and what to say there: flags of other tools (llama.cpp's -i, -cnv)
+# that are commands here, and the prompt flags that chat, which reads its messages, does not take
+_CHAT = _is_command("chat --ckpt_dir DIR")
+_MESSAGES = ("chat takes your messages typed at its prompt or one a line on standard input: echo TEXT | llama-cli "
+             "chat --ckpt_dir DIR")
+ELSEWHERE = {"llama-cli": {"interactive": _CHAT, "i": _CHAT, "conversation": _CHAT, "cnv": _CHAT, "chat": _CHAT,
+                           "perplexity": _is_command("perplexity --ckpt_dir DIR --text_file FILE"),
+                           "convert": _is_command("convert --src FILE --out DIR")},
+             "llama-cli chat": dict.fromkeys(("p", "prompt", "f", "prompts_file"), _MESSAGES)}
 
 
 def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: str = "llama-cli") -> list[str]:
@@ -332,16 +342,12 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
         if name not in params:
             import difflib
 
+            said = ELSEWHERE.get(command, {}).get(name)
+            if said:
+                raise UserError(f"unknown flag {flag}; {said}")
             guess = [a for a in ALIASES.get(name, ()) if a in params]
             guess = guess or difflib.get_close_matches(name, list(params), n=1)
             hint = f"did you mean --{guess[0]}? " if guess else ""
-            if name in ("p", "prompt", "prompts_file", "f") and command == "llama-cli chat":
-                raise UserError(f"unknown flag {flag}; chat takes your messages typed at its prompt or one a line on "
-                                "standard input: echo TEXT | llama-cli chat --ckpt_dir DIR")
-            if name in COMMAND_FLAGS and command == "llama-cli" and not guess:
-                use = COMMAND_FLAGS[name]
-                raise UserError(f"unknown flag {flag}; that is a command here: llama-cli {use} (see llama-cli "
-                                f"{use.split()[0]} --help)")
             raise UserError(f"unknown flag {flag}; {hint}see {command} --help for the flags")
         if not eq:
             if i + 1 >= len(argv):
