@@ -139,9 +139,8 @@ def use_threads(threads, device: torch.device) -> None:
     None leaves PyTorch's default). Warns where the processes that torchrun started on this machine, computing
     on the CPU, ask for more threads together than it has CPUs, and fewer would do (more processes than CPUs at
     one thread each is the launch's choice, which --threads cannot change): said by each machine's first process."""
-    threads = check_threads(threads)
+    threads, quota = check_threads(threads), cpu_quota()
     if threads is None and "OMP_NUM_THREADS" not in os.environ:  # PyTorch's default, within a container's quota
-        quota = cpu_quota()
         if quota is not None and torch.get_num_threads() > quota:
             threads = quota
             logging.getLogger("llama_cli").info("%d thread(s): this container's CPU quota (--threads overrides)", quota)
@@ -151,7 +150,8 @@ def use_threads(threads, device: torch.device) -> None:
         procs, first = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")) == 0
     except ValueError:
         return
-    cpus, each = min(usable_cpus(), cpu_quota() or usable_cpus()), torch.get_num_threads()
+    cpus, each = usable_cpus(), torch.get_num_threads()
+    cpus = min(cpus, quota) if quota is not None else cpus
     if first and device.type == "cpu" and procs > 1 and each > 1 and procs * each > cpus:
         logging.getLogger("llama_cli").warning(
             "%d processes on this machine x %d threads each is more threads than its %d CPUs, which slows every "
