@@ -45,3 +45,14 @@ def ops():
         pytest.skip(f"our CPU kernels are {why}")
     assert native.ready(), native._state.get("why")  # where they are for, they must build
     return torch.ops.llama_cli
+
+
+@pytest.fixture
+def keep_threads():
+    """torch's thread count put back after a test that sets it (--threads, Llama.build(threads=) set it for the
+    whole process)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)

@@ -853,15 +853,6 @@ def test_generation_cut_by_max_seq_len_warns_once(capsys, ckpt, schedule):
     assert err.count("ran into --max_seq_len") == 1 and f"{len(cut)} of 2 prompts" in err
 
 
-@pytest.fixture
-def keep_threads():
-    import torch
-
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_threads_flag(capsys, ckpt, tmp_path, keep_threads):
     """--threads N: the process computes on N threads (the load line says so) with the default's tokens; chat
     and perplexity take it too, and refuse a bad value in one line before loading anything."""

@@ -177,24 +177,20 @@ def test_kept_step_is_keyed_by_the_cache_size(tiny_ckpt):
     assert key(1, 512) == key(1, 512) and len({key(1, 512), key(1, 256), key(2, 512)}) == 3
 
 
-def test_kept_step_is_keyed_by_the_thread_count(tiny_ckpt):
+def test_kept_step_is_keyed_by_the_thread_count(tiny_ckpt, keep_threads):
     """Inductor's C++ kernels are made for the thread count they were compiled under (its cache key holds
     it), so a step kept under one --threads does not count as compiled under another (auto would expect a
     quick load and meet a whole compile)."""
     from llama_cli import compiled
 
     folder = tiny_ckpt[0]
-    saved = torch.get_num_threads()
-    try:
-        llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, compile="off", threads=1)
-        assert torch.get_num_threads() == 1
-        one = compiled.shape_key(llama.model, torch.float32, llama.device)
-        torch.set_num_threads(2)
-        assert compiled.shape_key(llama.model, torch.float32, llama.device) != one
-        torch.set_num_threads(1)
-        assert compiled.shape_key(llama.model, torch.float32, llama.device) == one
-    finally:
-        torch.set_num_threads(saved)
+    llama = Llama.build(str(folder), str(folder / "tokenizer.model"), 64, 1, compile="off", threads=1)
+    assert torch.get_num_threads() == 1
+    one = compiled.shape_key(llama.model, torch.float32, llama.device)
+    torch.set_num_threads(2)
+    assert compiled.shape_key(llama.model, torch.float32, llama.device) != one
+    torch.set_num_threads(1)
+    assert compiled.shape_key(llama.model, torch.float32, llama.device) == one
 
 
 def test_compiled_step_with_weights_kept_in_bf16(tmp_path, spm_path):
