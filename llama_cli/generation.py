@@ -237,8 +237,8 @@ class Llama:
                         kv_dtype=kv_dtype)
         kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
         kv = "" if kv_dtype == dtype else f" in {str(kv_dtype)[6:]}"
-        threads = torch.get_num_threads()
-        on = f"{device} ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else str(device)
+        n = torch.get_num_threads()  # (the threads argument may have been None: PyTorch's count)
+        on = f"{device} ({n} thread{'s' if n > 1 else ''})" if device.type == "cpu" else str(device)
         log.info("loaded %s (%d shard(s)) on %s as %s%s, rank %d of %d, KV cache %d x %d positions%s, in %.2f s",
                  ckpt_dir, len(files), on, str(dtype)[6:], kept, mp.rank, mp.world_size, max_batch_size,
                  engine.cache_len, kv, time.perf_counter() - start)
