@@ -73,7 +73,9 @@ class Files:
         (root / "folder").mkdir()
         self.paths = [str(root / n) for n in ("missing", "folder", "empty.txt", "binary.bin", "text.txt",
                                               "bad.jsonl", "good.jsonl", "surrogate.jsonl", "fake.gguf")]
-        self.paths += [str(self.model), str(self.two), str(self.quantized), "/nonexistent/dir/file"]
+        # a path that cannot be made, even by root: below a regular file (an absolute path such as
+        # /nonexistent/dir was made by runs as root, outside the fuzzer's folder)
+        self.paths += [str(self.model), str(self.two), str(self.quantized), str(root / "text.txt" / "dir" / "file")]
 
 
 def base_command(rng: random.Random, f: Files, out: Path) -> tuple[list[str], dict, str]:
