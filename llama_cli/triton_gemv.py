@@ -30,6 +30,11 @@ def available() -> bool:
     return triton is not None
 
 
+# Every launch of our kernels (these and triton_step's) asks for fused multiply-adds, as they were measured:
+# Triton <= 3.9 fuses by default, but warns that 3.10 will not (a multiply and an add apiece, slower) unless asked.
+FP_FUSION = {"enable_fp_fusion": True}
+
+
 def fits_device(device: torch.device) -> bool:
     """Whether our kernels are the default on `device` (quant.cuda_forms): NVIDIA GPUs of compute capability
     8.0 or more (sm_80 compiled in the tests, sm_90 timed); others keep the library kernels. A device that is
@@ -118,10 +123,10 @@ if triton is not None:
 def _launch(kernel, config, grid_n: int, rows: int, *args, **kw) -> None:
     """The autotuned kernel, or with config (a table entry's triton.Config) that configuration alone."""
     if config is None:
-        kernel[lambda meta: (triton.cdiv(grid_n, meta["BLOCK_N"]), rows)](*args, **kw)
+        kernel[lambda meta: (triton.cdiv(grid_n, meta["BLOCK_N"]), rows)](*args, **kw, **FP_FUSION)
     else:
         kernel.fn[(triton.cdiv(grid_n, config.kwargs["BLOCK_N"]), rows)](
-            *args, **kw, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            *args, **kw, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **FP_FUSION)
 
 
 def int4_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, config=None) -> torch.Tensor:

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from .triton_gemv import FP_FUSION
+
 try:
     import triton
     import triton.language as tl
@@ -137,7 +139,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = _rows(x)
     y = torch.empty_like(x2)
-    _rms_norm[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
+    _rms_norm[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]),
+                                **FP_FUSION)
     return y.view(x.shape)
 
 
@@ -145,7 +148,8 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: fl
     """(x + r, rms_norm(x + r, weight, eps))."""
     x2, r2 = _rows(x), _rows(r.to(x.dtype))
     h, y = torch.empty_like(x2), torch.empty_like(x2)
-    _add_rms_norm[(x2.shape[0],)](x2, r2, weight, h, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]))
+    _add_rms_norm[(x2.shape[0],)](x2, r2, weight, h, y, x2.shape[1], eps, BLOCK=triton.next_power_of_2(x2.shape[1]),
+                                    **FP_FUSION)
     return h.view(x.shape), y.view(x.shape)
 
 
@@ -155,7 +159,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     hidden = g2.shape[1] // 2
     y = torch.empty(g2.shape[0], hidden, dtype=gu.dtype, device=gu.device)
     block = min(1024, triton.next_power_of_2(hidden))
-    _silu_mul[(g2.shape[0], triton.cdiv(hidden, block))](g2, y, hidden, BLOCK=block)
+    _silu_mul[(g2.shape[0], triton.cdiv(hidden, block))](g2, y, hidden, BLOCK=block, **FP_FUSION)
     return y.view(*gu.shape[:-1], hidden)
 
 
@@ -169,7 +173,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     y = torch.empty(bsz, seqlen, heads, hd, dtype=x.dtype, device=x.device)
     c, s = cos.float().contiguous(), sin.float().contiguous()
     _rotary[(bsz * seqlen, heads)](x, c, s, y, x.stride(1), x.stride(2), heads, half,
-                                   BLOCK=triton.next_power_of_2(half))
+                                   BLOCK=triton.next_power_of_2(half), **FP_FUSION)
     return y
 
 
@@ -189,5 +193,5 @@ def rotary_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_
     pos = positions.reshape(-1).contiguous()
     _rotary_cache[(bsz * seqlen, hq + 2 * hkv)](qkv, c, s, y, cache_k, cache_v, rows.contiguous(), pos, qkv.stride(1),
                                                 hd, seqlen, hq, hkv, half, cache_k.stride(0), cache_k.stride(1),
-                                                BLOCK=triton.next_power_of_2(half))
+                                                BLOCK=triton.next_power_of_2(half), **FP_FUSION)
     return y

@@ -278,9 +278,14 @@ def spy_cache_rows(monkeypatch) -> list:
     return rows
 
 
+# what a launch may pass besides the kernel's own arguments: the compiler's options
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
 def record_launches(monkeypatch, module, names) -> list:
     """Replace the Triton kernels `names` of `module` by recorders of what their wrappers pass, (kernel, args,
-    kwargs) a launch, instead of launching: what the compile-for-a-GPU tests hand to Triton's compiler."""
+    keyword arguments, compiler options) a launch, instead of launching: what the compile-for-a-GPU tests hand to
+    Triton's compiler."""
     calls = []
 
     class Launch:
@@ -288,7 +293,10 @@ def record_launches(monkeypatch, module, names) -> list:
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.kernel, args, kw))
+            def launch(*args, **kw):
+                options = {k: kw.pop(k) for k in LAUNCH_OPTIONS if k in kw}
+                calls.append((self.kernel, args, kw, options))
+            return launch
 
     for name in names:
         monkeypatch.setattr(module, name, Launch(getattr(module, name)))

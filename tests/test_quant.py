@@ -401,7 +401,8 @@ def test_triton_kernels_compile_for_a_gpu(monkeypatch):
     the JIT specializes them (integers divisible by 16 and 16-byte aligned pointers marked so), in every
     configuration the autotuner tries (at the first shape; sm_80: the first configuration): each compiles, and
     loads the weights 16 bytes at a time, never a byte at a time (int4 loaded 8 at a time while the kernel
-    computed its row length as K // 2)."""
+    computed its row length as K // 2), with fused multiply-adds (asked for at each launch: Triton 3.10 stops
+    fusing by default)."""
     import re
 
     import triton
@@ -421,7 +422,8 @@ def test_triton_kernels_compile_for_a_gpu(monkeypatch):
         tg.int8_rows(torch.zeros(1, k, dtype=torch.bfloat16), q, s.bfloat16())
     types = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8", torch.int8: "i8"}
     compiled, seen = 0, set()
-    for kernel, args, kw in calls:
+    for kernel, args, kw, options in calls:
+        assert options == tg.FP_FUSION
         sig, attrs = {}, {}
         for i, (name, v) in enumerate(zip(kernel.fn.arg_names, args)):
             is_tensor = isinstance(v, torch.Tensor)
@@ -439,7 +441,9 @@ def test_triton_kernels_compile_for_a_gpu(monkeypatch):
                             attrs=attrs)
             for arch in (90, 80) if first and cfg is configs[0] else (90,):
                 ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                     options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}).asm["ptx"]
+                                     options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                              **options}).asm["ptx"]
+                assert "fma.rn.f32" in ptx, (kernel.fn.__name__, arch, cfg)
                 loads = set(re.findall(r"ld\.global(?:\.\w+)*", ptx))
                 assert "ld.global.v4.b32" in loads, (kernel.fn.__name__, arch, cfg, loads)
                 assert not [ld for ld in loads if re.search(r"\.[bus]8$", ld)], (kernel.fn.__name__, arch, cfg, loads)

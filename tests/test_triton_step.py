@@ -44,7 +44,8 @@ def test_small_op_kernels_agree_with_the_operations_they_replace(tmp_path, spm_p
 def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
     """Each kernel compiled for an H100 (sm_90) and an A100 (sm_80) by Triton's compiler and the ptxas in its
     wheel (no GPU needed; what the interpreter cannot tell), for the arguments the wrappers pass at the 7B shape
-    in bf16, as the JIT specializes them (integers and pointers divisible by 16 marked so)."""
+    in bf16, as the JIT specializes them (integers and pointers divisible by 16 marked so), with the fused
+    multiply-adds each launch asks for."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -65,7 +66,8 @@ def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
                     torch.tensor([[7], [9]]), 32, 32)
     types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
     compiled = 0
-    for kernel, args, kw in calls:
+    for kernel, args, kw, options in calls:
+        assert options == ts.FP_FUSION, (kernel.__name__, options)
         sig, attrs = {}, {}
         for i, (name, v) in enumerate(zip(kernel.arg_names, args)):
             if isinstance(v, torch.Tensor):
@@ -78,7 +80,8 @@ def test_small_op_kernels_compile_for_a_gpu(monkeypatch):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=kernel, signature={**sig, **{c: "constexpr" for c in kw}}, constexprs=kw, attrs=attrs)
         for arch in (90, 80):
-            ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+            ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                 options={"num_warps": 4, **options}).asm["ptx"]
             assert "st.global" in ptx, (kernel.__name__, arch)
             compiled += 1
     assert compiled == 5 * 2
