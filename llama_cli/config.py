@@ -71,9 +71,9 @@ class RunConfig:
         --dtype's (exact). bf16 or fp16 under fp32 halves the cache's memory and what a step reads of it, for
         faster decoding at long contexts on the CPU (keys and values rounded to it, as llama.cpp's f16 cache).
       threads: CPU threads per process, 1 to the CPUs it may use. Default is OMP_NUM_THREADS, else one per core
-        and at most a container's CPU quota (torchrun sets OMP_NUM_THREADS=1 for several processes a machine).
-        Give fewer than the cores where other work keeps some of them busy (a thread waiting on a busy core
-        slows every step).
+        and at most a container's CPU quota (torchrun sets OMP_NUM_THREADS=1 for several processes a machine),
+        fewer while other work keeps some cores busy (a thread waiting on a busy core slows every step), more
+        again when it stops. A number given here is kept whatever else runs.
       output: text (each prompt followed by its completion) or jsonl (one object per prompt with id,
         index, prompt, generation, tokens, finish_reason, and logprobs when asked).
       output_file: also append each result to this file as soon as it is done (flushed).

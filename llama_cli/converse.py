@@ -54,7 +54,7 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type. bf16 or fp16 under fp32 halves
         the cache's memory and speeds up long conversations on the CPU (keys and values rounded to it).
       threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
-        CPU quota), or OMP_NUM_THREADS.
+        CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
     from .generation import Llama
     from .settings import Settings, resolve

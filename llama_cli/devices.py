@@ -134,14 +134,20 @@ def check_threads(threads) -> Optional[int]:
     return threads
 
 
-def use_threads(threads, device: torch.device) -> None:
+_DEFAULT_THREADS: dict = {}  # "n": PyTorch's thread count when use_threads first met it
+
+
+def use_threads(threads, device: torch.device) -> bool:
     """Run this process's CPU work (PyTorch's and our kernels') on `threads` threads (check_threads' values;
     None leaves PyTorch's default). Warns where the processes that torchrun started on this machine, computing
     on the CPU, ask for more threads together than it has CPUs, and fewer would do (more processes than CPUs at
-    one thread each is the launch's choice, which --threads cannot change): said by each machine's first process."""
+    one thread each is the launch's choice, which --threads cannot change): said by each machine's first process.
+    Returns whether the count is ours to change (neither `threads` nor OMP_NUM_THREADS gave it: cpu_share.py)."""
     threads, quota = check_threads(threads), cpu_quota()
-    if threads is None and "OMP_NUM_THREADS" not in os.environ:  # PyTorch's default, within a container's quota
-        if quota is not None and torch.get_num_threads() > quota:
+    ours = threads is None and "OMP_NUM_THREADS" not in os.environ
+    if ours:  # PyTorch's default (as this process began: an earlier model's governor may have lowered it),
+        threads = _DEFAULT_THREADS.setdefault("n", torch.get_num_threads())  # within a container's quota
+        if quota is not None and threads > quota:
             threads = quota
             logging.getLogger("llama_cli").info("%d thread(s): this container's CPU quota (--threads overrides)", quota)
     if threads is not None and threads != torch.get_num_threads():
@@ -149,10 +155,11 @@ def use_threads(threads, device: torch.device) -> None:
     try:
         procs, first = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")) == 0
     except ValueError:
-        return
+        return ours
     cpus, each = usable_cpus(), torch.get_num_threads()
     cpus = min(cpus, quota) if quota is not None else cpus
     if first and device.type == "cpu" and procs > 1 and each > 1 and procs * each > cpus:
         logging.getLogger("llama_cli").warning(
             "%d processes on this machine x %d threads each is more threads than its %d CPUs, which slows every "
             "step; use --threads %d", procs, each, cpus, max(1, cpus // procs))
+    return ours

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import compiled as compile_cache
+from .cpu_share import ThreadGovernor
 from .devices import is_cuda
 from .errors import UserError
 from .model import Transformer, run_block, run_head
@@ -235,7 +236,8 @@ class _PrefillGraph:
 
 class Engine:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, *, compile: bool = False,
-                 cuda_graphs: bool = False, compile_key: Optional[str] = None, kv_dtype: Optional[torch.dtype] = None):
+                 cuda_graphs: bool = False, compile_key: Optional[str] = None, kv_dtype: Optional[torch.dtype] = None,
+                 adapt_threads: bool = False):
         self.model = model
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = model.device
@@ -300,6 +302,11 @@ class Engine:
             from .cpu_step import NativeStep
 
             self.native = NativeStep.prepare(model)
+        # fewer threads while other work keeps the CPUs busy (cpu_share.py): where the count is ours to choose
+        self.governor = None
+        if adapt_threads and self.device.type == "cpu" and not compile and model.mp.world_size == 1:
+            if torch.get_num_threads() > 1:
+                self.governor = ThreadGovernor(torch.get_num_threads())
 
     # -- the verbs ---------------------------------------------------------------------------------
 
@@ -308,14 +315,14 @@ class Engine:
         Returns the logits of each prompt's last token (n, vocab), or with all_logits a list of
         (len_i, vocab) logits for every position of each prompt."""
         self.prefills += 1
-        with self._attention():
+        with self._attention(), self._governed():
             return self._prefill(rows, prompts, all_logits)
 
     def decode(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Logits (n, vocab) for one new token in each of cache rows 0..n-1: tokens (n,) on the device,
         written at the host-side `positions` (one per row)."""
         self.steps += 1
-        with self._attention():
+        with self._attention(), self._governed():
             return self._decode(tokens, positions)
 
     def move_row(self, src: int, dst: int) -> None:
@@ -328,8 +335,18 @@ class Engine:
         self.prefills += 1
         for row, (src, n) in zip(rows, starts):
             self.model.move_cache_row(src, row, n)
-        with self._attention():
+        with self._attention(), self._governed():
             return self.model.prefill_packed(list(prompts), [int(r) for r in rows], [n for _, n in starts])
+
+    @contextlib.contextmanager
+    def _governed(self):
+        """A prefill or decode step, its CPU share told to the thread governor (cpu_share.py) where there is one."""
+        if self.governor is None:
+            yield
+            return
+        started = self.governor.start()
+        yield
+        self.governor.stop(started)
 
     # -- the ways to run a step ----------------------------------------------------------------------
 

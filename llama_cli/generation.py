@@ -188,7 +188,8 @@ class Llama:
         tokenizer: the one at tokenizer_path where the caller has loaded it already (not loaded again).
         kv_cache_dtype: the KV cache's type, "fp32", "bf16" or "fp16" (default: dtype's; engine.py).
         threads: CPU threads of this process (torch.set_num_threads; default PyTorch's, one per core, at most a
-        container's CPU quota: devices.use_threads).
+        container's CPU quota: devices.use_threads; then, with neither this nor OMP_NUM_THREADS given, fewer
+        while other work keeps the CPUs busy and more again when it stops: cpu_share.py).
         """
         start = time.perf_counter()
         _positive_int("max_seq_len", max_seq_len)
@@ -198,7 +199,7 @@ class Llama:
         check_choice(chat_format)  # before the minutes a load can take
         world_size, rank, local_rank = distributed.world()
         device = pick_device(device, local_rank)
-        use_threads(threads, device)
+        adapt_threads = use_threads(threads, device)
         default_dtype = dtype is None or dtype == "auto"
         dtype = pick_dtype(device, dtype)
         kv_dtype = _kv_dtype(kv_cache_dtype, dtype)
@@ -234,7 +235,7 @@ class Llama:
         key = compiled.shape_key(model, dtype, device, (max_batch_size, cache_length(max_seq_len)), kv_dtype)
         compiling = _compiling(model, weights, compile, device, max_batch_size, key, expected_tokens)
         engine = Engine(model, max_batch_size, max_seq_len, cuda_graphs=graphs, compile_key=key, compile=compiling,
-                        kv_dtype=kv_dtype)
+                        kv_dtype=kv_dtype, adapt_threads=adapt_threads)
         kept = "" if half is None or quantize is not None else f" (linear weights {str(half)[6:]} as stored)"
         kv = "" if kv_dtype == dtype else f" in {str(kv_dtype)[6:]}"
         n = torch.get_num_threads()  # (the threads argument may have been None: PyTorch's count)

@@ -101,7 +101,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
         memory (rows x ctx positions). The scores are the same: a window attends over its own keys and values.
       quiet: no progress on stderr.
       threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
-        CPU quota), or OMP_NUM_THREADS.
+        CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
     from . import distributed
     from .generation import Llama

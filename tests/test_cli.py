@@ -936,6 +936,7 @@ def test_default_threads_follow_a_container_quota(ckpt, monkeypatch, caplog, kee
     tok = str(ckpt / "tokenizer.model")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(devices, "cpu_quota", lambda: 1)
+    monkeypatch.setattr(devices, "_DEFAULT_THREADS", {})  # PyTorch's count taken afresh: the 2 set here
     torch.set_num_threads(2)
     with caplog.at_level("INFO", logger="llama_cli"):
         Llama.build(str(ckpt), tok, 32, 1)
