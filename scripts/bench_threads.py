@@ -25,6 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RATE = re.compile(r"([0-9]+) tokens in [0-9.]+ s: ([0-9.]+) tokens/s generating; first token after ([0-9.]+) s")
 
@@ -104,7 +107,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.prompts:
         a.prompts_file = write_prompts(a.prompts)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from llama_cli.devices import usable_cpus
+
+    cpus = usable_cpus()
     busy = a.busy or max(1, cpus // 2)
     rows = {"idle": [("default", None), (f"--threads {cpus}", cpus)],
             "busy": [("default", None), (f"--threads {cpus}", cpus), (f"--threads {max(1, cpus - busy)}",
