@@ -147,8 +147,3 @@ def resolve(base: Settings, overrides: dict, where: str = "") -> Settings:
             continue
         changes[key] = check(key, value, f'{where}: "{key}"' if where else f"--{key}")
     return replace(base, **changes)
-
-
-def from_flags(**flags) -> Settings:
-    """The flags' settings, checked (errors name the flag)."""
-    return resolve(Settings(), flags)
