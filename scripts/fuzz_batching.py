@@ -11,7 +11,7 @@ settings (prompts that begin alike or not, greedy or sampled with top_p/min_p an
 static schedule and then each prompt alone, and reports every prompt whose tokens, finish reason, text or
 log-probabilities (by more than 1e-3) differ, unless the two tokens where they part are a near-tie: greedy, within
 1e-3 of the logit scale (the tests' rule); sampled, the draw's number within 1e-3 of a boundary of the
-distribution's inverse (not for penalized prompts, whose logits the check does not recompute).
+distribution's inverse (penalized prompts: on the logits as their penalties leave them).
 Exits 1 when anything differed. The tests check chosen cases and a fixed 150 of these trials
 (test_scheduler.py); this looks further, for the cases nobody chose.
 """
@@ -91,12 +91,14 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
                          f"  alone   {b.logprobs}")
             continue
         k = next((i for i, (p, q) in enumerate(zip(a.tokens, b.tokens)) if p != q), None)
-        if k is not None and not r.settings.penalized:
+        if k is not None:
             prompt = llama.tokenizer.encode(r.prompt, bos=True, eos=False)
             ids = (b.tokens[:k] if opts.echo else prompt + b.tokens[:k])
             with torch.no_grad():
                 logits = llama.model(torch.tensor([ids], device=llama.device))[0, -1].float()
             draw = k - (len(prompt) if opts.echo else 0)
+            if r.settings.penalized:  # the logits the sampler saw: the prompt's and the draws' tokens penalized
+                logits = penalized(logits, r.settings, prompt, ids[len(prompt):])
             if (near_tie_gap(logits, a.tokens[k], b.tokens[k]) if r.settings.greedy
                     else draw_margin(logits, r.settings, draw)) <= 1e-3:
                 stats["near_ties"] += 1
@@ -104,6 +106,23 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
         found.append(f"prompt {r.index} ({where}; {r.settings}):\n  batched {a.tokens} {a.finish_reason}\n"
                      f"  alone   {b.tokens} {b.finish_reason}")
     return found
+
+
+def penalized(logits, s, prompt: list, generated: list):
+    """`logits` (vocab,) as the sampler penalizes them (sampling.apply_penalties) after `prompt` and the tokens
+    `generated` so far: every token of either is seen, those generated counted."""
+    import torch
+
+    from llama_cli.sampling import apply_penalties
+
+    seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+    seen[0, torch.tensor(prompt + generated, dtype=torch.long, device=logits.device)] = True
+    counts = torch.zeros(1, logits.shape[-1], device=logits.device)
+    for t in generated:
+        counts[0, t] += 1
+    per_row = [torch.tensor([v], device=logits.device) for v in (s.repetition_penalty, s.presence_penalty,
+                                                                  s.frequency_penalty)]
+    return apply_penalties(logits[None], seen, counts, *per_row)[0]
 
 
 def draw_margin(logits, s, draw: int) -> float:

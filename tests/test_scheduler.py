@@ -254,6 +254,35 @@ def test_random_configurations_batch_as_they_run_alone(monkeypatch, spm_path):
     assert stats["tokens"] > 2000 and {"length", "max_seq_len", "stop", "error"} <= set(stats)
 
 
+def test_fuzz_batching_penalizes_as_the_sampler_does(monkeypatch):
+    """fuzz_batching.py judges a sampled or greedy parting of a penalized prompt on the logits as its penalties
+    leave them (found at seed 24, trial 2293: a draw 6e-8 from a boundary of the penalized distribution was
+    reported as a difference). Its recomputation must be the sampler's: the prompt's tokens seen, the draws
+    seen and counted (one drawn twice)."""
+    import sys
+    from pathlib import Path
+
+    from llama_cli.sampling import Sampler, apply_penalties
+    from llama_cli.settings import Settings
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    monkeypatch.delitem(sys.modules, "fuzz_batching", raising=False)
+    from fuzz_batching import penalized
+
+    vocab, prompt, generated = 50, [1, 7, 7, 30], [4, 30, 4, 12]
+    s = Settings(temperature=0.7, repetition_penalty=1.3, presence_penalty=-0.5, frequency_penalty=0.7)
+    sampler = Sampler(3, vocab, torch.device("cpu"))
+    sampler.set_row(1, s, prompt)
+    for t in generated:
+        sampler.accept(torch.tensor([0, t, 0]))
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 4
+    want = apply_penalties(logits[None], sampler.seen[1:2], sampler.counts[1:2], sampler.repetition[1:2],
+                           sampler.presence[1:2], sampler.frequency[1:2])[0]
+    got = penalized(logits, s, prompt, generated)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, logits)  # the penalties did something
+
+
 def shared_requests(seed=0):
     """Prompts that begin alike: a long shared instruction then their own words, one prompt three times over,
     and some that share nothing."""
