@@ -364,6 +364,13 @@ class OutputLock:
             self._take()
 
 
+# Characters that JSON leaves raw in a string (json.dumps escapes those below 0x20) but that some readers take for
+# the end of a line: Python's str.splitlines (all three) and JavaScript, whose line terminators include U+2028 and
+# U+2029 (Go's JSON escapes those two for that reason). A model may write them (found in a random model's output
+# by scripts/fuzz_processes.py); escaped, each result stays one line for every reader, with the same JSON value.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 class ResultWriter:
     """Writes results to stdout (if given) in input order and, as they finish, to an output file."""
 
@@ -418,7 +425,7 @@ class ResultWriter:
 
     def format(self, r: Result) -> str:
         if self.fmt == "jsonl":
-            return json.dumps(r.record(), ensure_ascii=False) + "\n"
+            return json.dumps(r.record(), ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
         if r.error is not None:
             return f"[error: prompt {r.request.index + 1}: {r.error}]\n\n"
         if r.request.messages is not None:  # a dialog: the assistant's reply

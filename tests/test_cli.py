@@ -508,6 +508,30 @@ def test_file_names_that_are_not_utf8(capsys, ckpt, tmp_path):
     assert code == 0 and json.loads(out.read_text())["prompt"] == "Hi", err
 
 
+def test_jsonl_results_stay_one_line_for_every_reader(tmp_path):
+    """Found by scripts/fuzz_processes.py: a random model generated NEL (U+0085), which JSON leaves raw in a string,
+    and a reader splitting our JSONL with Python's str.splitlines cut the result in two (U+2028 and U+2029 alike,
+    for JavaScript's readers too). They are escaped: each result one line by any reader's rule, the values as they
+    were, and --resume takes the file back."""
+    from llama_cli.prompts import PromptRequest, Result, ResultWriter, scan_output
+    from llama_cli.settings import Settings
+
+    odd = "a\x85b\u2028c\u2029d \u00e9\u4e2d\n\r\x1c"
+    requests = [PromptRequest(i, f"p{i} {odd}", Settings(), id=f"id {odd}") for i in range(3)]
+    path = tmp_path / "out.jsonl"
+    w = ResultWriter("jsonl", None, str(path), False, [0, 1, 2])
+    for r in requests:
+        w.add(Result(r, generation=f"g{r.index} {odd}", finish_reason="length"))
+    w.close()
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 3  # str.splitlines breaks at NEL, U+2028, U+2029, \x1c too
+    assert "\u00e9\u4e2d" in text  # other characters stay as they are (UTF-8, not escaped)
+    got = [json.loads(line) for line in text.splitlines()]
+    assert [(g["id"], g["prompt"], g["generation"]) for g in got] == \
+        [(f"id {odd}", f"p{i} {odd}", f"g{i} {odd}") for i in range(3)]
+    assert scan_output(str(path), requests) == {0, 1, 2}
+
+
 def test_a_full_disk_while_writing_results(capsys, ckpt, tmp_path):
     """Found with /dev/full: a full disk under --output_file was the catch-all's "OSError: [Errno 28] ...", and
     closing the file failed again over it. Now one line that says the results written before are kept and
