@@ -109,20 +109,18 @@ def trial(rng: random.Random, folder: Path, spm: Path, device: str, stats: Count
 
 
 def penalized(logits, s, prompt: list, generated: list):
-    """`logits` (vocab,) as the sampler penalizes them (sampling.apply_penalties) after `prompt` and the tokens
-    `generated` so far: every token of either is seen, those generated counted."""
+    """`logits` (vocab,) as the sampler penalizes them after `prompt` and the tokens `generated` so far: a
+    one-row Sampler keeps the history (set_row, accept) as a run's does, sampling.apply_penalties applies it."""
     import torch
 
-    from llama_cli.sampling import apply_penalties
+    from llama_cli.sampling import Sampler, apply_penalties
 
-    seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-    seen[0, torch.tensor(prompt + generated, dtype=torch.long, device=logits.device)] = True
-    counts = torch.zeros(1, logits.shape[-1], device=logits.device)
+    sampler = Sampler(1, logits.shape[-1], logits.device)
+    sampler.set_row(0, s, prompt)
     for t in generated:
-        counts[0, t] += 1
-    per_row = [torch.tensor([v], device=logits.device) for v in (s.repetition_penalty, s.presence_penalty,
-                                                                  s.frequency_penalty)]
-    return apply_penalties(logits[None], seen, counts, *per_row)[0]
+        sampler.accept(torch.tensor([t], device=logits.device))
+    return apply_penalties(logits[None], sampler.seen, sampler.counts, sampler.repetition, sampler.presence,
+                           sampler.frequency)[0]
 
 
 def draw_margin(logits, s, draw: int) -> float:

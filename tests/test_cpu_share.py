@@ -107,8 +107,8 @@ def test_programs_already_running_take_their_cpus_before_the_first_step(caplog):
 @pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="Linux's /proc/loadavg is not here")
 def test_others_running_counts_another_programs_busy_threads():
     """The real look: two busy loops of another process are running (or waiting for a CPU) all along, so at
-    least one is seen in each of the three looks, whatever else the machine does; this process's own running
-    thread is not counted."""
+    least one is seen in each look, whatever else the machine does; this process's own running thread is not
+    counted."""
     assert cpu_share.others_running() >= 0
     loop = "import threading\nthreading.Thread(target=lambda: exec('while True: pass')).start()\nwhile True: pass"
     hog = subprocess.Popen([sys.executable, "-c", loop])

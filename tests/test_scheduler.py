@@ -257,8 +257,8 @@ def test_random_configurations_batch_as_they_run_alone(monkeypatch, spm_path):
 def test_fuzz_batching_penalizes_as_the_sampler_does(monkeypatch):
     """fuzz_batching.py judges a sampled or greedy parting of a penalized prompt on the logits as its penalties
     leave them (found at seed 24, trial 2293: a draw 6e-8 from a boundary of the penalized distribution was
-    reported as a difference). Its recomputation must be the sampler's: the prompt's tokens seen, the draws
-    seen and counted (one drawn twice)."""
+    reported as a difference). Its one-row replay must give what a row of a batch had: the prompt's tokens seen,
+    the draws seen and counted (one drawn twice)."""
     import sys
     from pathlib import Path
 
