@@ -2,8 +2,9 @@
 
 On a terminal it is a conversation: replies stream as they are generated, the history is kept
 (the oldest exchanges are dropped, with a note, when it would no longer fit --max_seq_len),
-`/reset` starts over, Ctrl-D (or `/exit`) leaves. With standard input piped, every line is one
-user message answered on its own, one reply per line of input.
+`/reset` starts over, Ctrl-D (or `/exit`) leaves. With standard input piped, every line that is not
+blank is one user message answered on its own. A reply may span lines; `--output jsonl` writes each
+as one JSON object on one line (what the completion command writes for a dialog), for scripts.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ HELP = "(/reset starts over, Ctrl-D leaves)"
 
 def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", temperature=0.6, top_p=0.9, top_k=0,
          min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=None,
-         max_seq_len=2048, max_gen_len=512, seed=1, device=None, dtype=None, kv_cache_dtype="auto",
+         max_seq_len=2048, max_gen_len=512, seed=1, output="text", device=None, dtype=None, kv_cache_dtype="auto",
          threads=None):
     """Chat with a model: interactively on a terminal, or one reply per line of piped standard input.
 
     Examples:
       llama-cli chat --ckpt_dir checkpoints/smollm2-135m
       echo "What is the capital of France?" | llama-cli chat --ckpt_dir checkpoints/smollm2-135m --temperature 0
+      llama-cli chat --ckpt_dir checkpoints/smollm2-135m --output jsonl < questions.txt > replies.jsonl
       llama-cli chat --ckpt_dir llama-2-7b-chat --system "Answer in one sentence."
 
     Args:
@@ -49,6 +51,9 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
       max_seq_len: the longest conversation kept, in tokens (older exchanges are dropped beyond it).
       max_gen_len: the longest reply, in tokens.
       seed: random seed.
+      output: text (each reply as it is, then a newline; a reply may span lines) or jsonl (each reply as one
+        object on one line, with messages, generation, message, tokens and finish_reason, or error for a
+        message too long for --max_seq_len). Piped, a message that did not fit makes the exit code 1 at the end.
       device: cpu, cuda, cuda:N or mps. Default is the GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type. bf16 or fp16 under fp32 halves
@@ -66,6 +71,8 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         raise UserError("--system takes a text")
     if system is not None:
         check_text(system, "--system")
+    if output not in ("text", "jsonl"):
+        raise UserError(f"--output must be text or jsonl, got {output!r}")
     from .cli import stdout_open
 
     stdout_open("the replies")
@@ -80,7 +87,7 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
                         chat_format=chat_format, kv_cache_dtype=kv_cache_dtype, threads=threads)
     llama.chat_format  # an unusable format is an error now, not at the first message
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    return converse(llama, settings, system, text_lines(sys.stdin), sys.stdout, sys.stderr, interactive)
+    return converse(llama, settings, system, text_lines(sys.stdin), sys.stdout, sys.stderr, interactive, output)
 
 
 def text_lines(stream) -> Iterable[str]:
@@ -93,10 +100,14 @@ def text_lines(stream) -> Iterable[str]:
 
 
 def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: IO, err: IO,
-             interactive: bool) -> int:
-    """The conversation loop (see the module docstring); returns the exit code."""
+             interactive: bool, output: str = "text") -> int:
+    """The conversation loop (see the module docstring); returns the exit code: 1 when piped messages did not
+    fit, else 0."""
+    from .prompts import PromptRequest, Result, json_line
+
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
+    answered = too_long = 0
     if interactive:
         err.write(f"llama-cli chat with {llama.chat_format.name} format {HELP}\n> ")
         err.flush()
@@ -123,11 +134,18 @@ def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: 
                 err.flush()
             continue
         dialog = (history if interactive else []) + [{"role": "user", "content": text}]
-        ids, dialog = fit(llama, base, dialog, settings.max_gen_len, err)
+        ids, dialog, problem = fit(llama, base, dialog, settings.max_gen_len, err)
+        request = PromptRequest(answered, text, settings, messages=base + dialog)
+        answered += 1
         if ids is None:
-            out.write("\n")
+            too_long += 1
+            out.write(json_line(Result(request, error=problem).record()) if output == "jsonl" else "\n")
+            out.flush()
         else:
-            reply = reply_to(llama, ids, settings, out)
+            reply, g = reply_to(llama, ids, settings, out if output == "text" else None)
+            if output == "jsonl":
+                out.write(json_line(Result(request, reply, g.tokens, finish_reason=g.finish_reason).record()))
+                out.flush()
             if interactive:
                 history = dialog + [{"role": "assistant", "content": reply}]
         if interactive:
@@ -135,13 +153,13 @@ def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: 
             err.flush()
     if interactive:
         err.write("\n")
-    return 0
+    return 1 if too_long and not interactive else 0
 
 
 def fit(llama, base: list, dialog: list, max_gen_len: int, err: IO):
-    """(prompt ids, dialog) for the newest turns that fit max_seq_len with room for a reply of up to
-    min(max_gen_len, a quarter of it) tokens; older exchanges are dropped with a note. (None, dialog)
-    when the message alone does not fit."""
+    """(prompt ids, dialog, None) for the newest turns that fit max_seq_len with room for a reply of up to
+    min(max_gen_len, a quarter of it) tokens; older exchanges are dropped with a note. (None, dialog, the
+    problem, also told on err) when the message alone does not fit."""
     room = min(max_gen_len, max(1, llama.max_seq_len // 4))
     dropped = 0
     while True:
@@ -149,20 +167,26 @@ def fit(llama, base: list, dialog: list, max_gen_len: int, err: IO):
         if len(ids) + room <= llama.max_seq_len:
             break
         if len(dialog) <= 1:
-            err.write(f"llama-cli: this message is {len(ids)} tokens, too long for --max_seq_len "
-                      f"{llama.max_seq_len} with room to reply; shorten it or raise --max_seq_len\n")
-            return None, dialog
+            problem = (f"this message is {len(ids)} tokens, too long for --max_seq_len {llama.max_seq_len} with "
+                       f"room to reply; shorten it or raise --max_seq_len")
+            err.write(f"llama-cli: {problem}\n")
+            return None, dialog, problem
         dialog = dialog[2:]  # the oldest user message and its reply
         dropped += 1
     if dropped:
         err.write(f"llama-cli: the conversation is full (--max_seq_len {llama.max_seq_len}); dropped the "
                   f"{dropped} oldest exchange(s)\n")
-    return ids, dialog
+    return ids, dialog, None
 
 
-def reply_to(llama, ids: list, settings, out: IO) -> str:
-    """Generate the reply to prompt ids, streaming it to `out`; returns its text."""
+def reply_to(llama, ids: list, settings, out: Optional[IO]):
+    """Generate the reply to prompt ids, streaming it to `out` (if given) with a newline after it; returns its
+    text and its Generated."""
     from .stopping import StopText
+
+    if out is None:
+        g = llama.generate_settings([ids], [settings])[0]
+        return (llama.tokenizer.decode(g.tokens) if g.text is None else g.text), g
 
     watch = StopText(llama.tokenizer, settings.stop)
     state = {"ids": [], "shown": "", "done": False}
@@ -187,4 +211,4 @@ def reply_to(llama, ids: list, settings, out: IO) -> str:
         out.write(text[len(state["shown"]):])
     out.write("\n")
     out.flush()
-    return text
+    return text, g

@@ -371,6 +371,11 @@ class OutputLock:
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+def json_line(record: dict) -> str:
+    """One result as a line of JSONL: UTF-8 as it is, the characters above as escapes."""
+    return json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+
+
 class ResultWriter:
     """Writes results to stdout (if given) in input order and, as they finish, to an output file."""
 
@@ -425,7 +430,7 @@ class ResultWriter:
 
     def format(self, r: Result) -> str:
         if self.fmt == "jsonl":
-            return json.dumps(r.record(), ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+            return json_line(r.record())
         if r.error is not None:
             return f"[error: prompt {r.request.index + 1}: {r.error}]\n\n"
         if r.request.messages is not None:  # a dialog: the assistant's reply

@@ -228,6 +228,59 @@ def test_piped_chat_answers_each_line_on_its_own(chat_llama):
         assert got == want[0]["generation"]["content"]
 
 
+def test_piped_chat_jsonl_is_one_line_a_reply_as_the_completion_command_writes_dialogs(chat_llama, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A reply may span lines, so piped text replies cannot be told apart by a script; --output jsonl writes
+    each as one object on one line: the record the completion command writes for the same dialog, or an error
+    entry for a message too long for --max_seq_len (which makes the exit code 1 at the end, the replies after it
+    still given). Blank lines get no reply and no index."""
+    folder, _ = chat_llama
+    long = "the cat runs under the blue tree " * 20
+    flags = ["--ckpt_dir", str(folder), "--temperature", "0", "--max_gen_len", "6", "--max_seq_len", "64", "--quiet"]
+
+    def chat(output):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"Hello world\n\n{long}\nThe cat\n".encode())))
+        assert cli(["chat", *flags, "--output", output]) == 1  # one message did not fit
+        out, err = capsys.readouterr()
+        assert "this message is" in err and "too long for --max_seq_len 64 with room to reply" in err
+        return out
+
+    records = [json.loads(line) for line in chat("jsonl").splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert records[1] == {"index": 1, "messages": [{"role": "user", "content": long}], "error": records[1]["error"]}
+    assert records[1]["error"].startswith("this message is ")
+    answered = [records[0], records[2]]
+    f = tmp_path / "dialogs.jsonl"
+    f.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in answered))
+    assert cli([*flags, "--prompts_file", str(f), "--output", "jsonl"]) == 0
+    want = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [{**r, "index": 0} for r in answered] == [{**w, "index": 0} for w in want]
+    assert [r["message"]["content"] for r in answered] == [r["generation"] for r in answered]
+    # text: the same replies, and an empty line for the message that did not fit
+    assert chat("text") == answered[0]["generation"] + "\n\n" + answered[1]["generation"] + "\n"
+
+
+def test_interactive_chat_jsonl_keeps_the_conversation(chat_llama):
+    """On a terminal, --output jsonl prints each reply as its record (the dialog as it was sent, history
+    included) instead of streaming it; the conversation goes on as in text."""
+    from llama_cli.converse import converse
+    from llama_cli.settings import Settings
+
+    _, llama = chat_llama
+    s = Settings(temperature=0.0, max_gen_len=6)
+    out, err = io.StringIO(), io.StringIO()
+    assert converse(llama, s, "Be brief.", ["Hello world\n", "The cat\n"], out, err, True, "jsonl") == 0
+    first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+    text = io.StringIO()
+    converse(llama, s, "Be brief.", ["Hello world\n", "The cat\n"], text, io.StringIO(), True)
+    assert text.getvalue() == first["generation"] + "\n" + second["generation"] + "\n"
+    assert second["messages"] == [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "Hello world"},
+                                  {"role": "assistant", "content": first["generation"]},
+                                  {"role": "user", "content": "The cat"}]
+    assert (first["index"], second["index"]) == (0, 1) and first["finish_reason"] in ("stop", "length")
+
+
 def test_piped_chat_that_is_not_utf8_stops_at_that_line(chat_llama):
     """Found by hand after scripts/fuzz_cli.py: a Latin-1 line reached the tokenizer as text it cannot take
     (exit 1 with pybind11's message); now the line is named, exit 2, and the replies before it stand."""
