@@ -410,7 +410,7 @@ def _cli(argv: list[str], debug: bool) -> int:
             fn, str_flags = _subcommands()[name]
             if any(a in ("--help", "-h") for a in argv):
                 return _help(fn, f"llama-cli {name}")
-            setup_logging(quiet="--quiet" in argv)
+            setup_logging(quiet="--quiet" in argv or os.environ.get("RANK", "0") != "0")  # rank 0 tells
             keep_quiet = "quiet" in inspect.signature(fn).parameters
             argv = literal_args([a for a in argv if a != "--debug" and (keep_quiet or a != "--quiet")], fn, str_flags,
                                 f"llama-cli {name}")

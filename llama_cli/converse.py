@@ -10,6 +10,7 @@ as one JSON object on one line (what the completion command writes for a dialog)
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import IO, Iterable, Optional
 
@@ -61,6 +62,7 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
       threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
         CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
+    from . import distributed
     from .generation import Llama
     from .settings import Settings, resolve
     from .tokenizer import find_tokenizer
@@ -75,7 +77,9 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         raise UserError(f"--output must be text or jsonl, got {output!r}")
     from .cli import stdout_open
 
-    stdout_open("the replies")
+    rank = distributed.world()[1]
+    if rank == 0:  # under torchrun rank 0 reads the messages and writes the replies; the others compute with it
+        stdout_open("the replies")
     settings = resolve(Settings(), {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                                     "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
                                     "frequency_penalty": frequency_penalty, "stop": stop or [],
@@ -86,8 +90,10 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
     llama = Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len, 1, seed=seed, device=device, dtype=dtype,
                         chat_format=chat_format, kv_cache_dtype=kv_cache_dtype, threads=threads)
     llama.chat_format  # an unusable format is an error now, not at the first message
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    return converse(llama, settings, system, text_lines(sys.stdin), sys.stdout, sys.stderr, interactive, output)
+    interactive = distributed.broadcast_json(sys.stdin is not None and sys.stdin.isatty(), llama.device)
+    lines = distributed.shared_lines(text_lines(sys.stdin) if rank == 0 else (), llama.device)
+    out, err = (sys.stdout, sys.stderr) if rank == 0 else (open(os.devnull, "w"), open(os.devnull, "w"))
+    return converse(llama, settings, system, lines, out, err, interactive, output)
 
 
 def text_lines(stream) -> Iterable[str]:

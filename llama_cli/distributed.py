@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import sys
-from typing import Optional
+import threading
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -119,3 +121,45 @@ def broadcast_json(obj, device: torch.device):
         data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
     dist.broadcast(data, src=0)
     return json.loads(bytes(data.cpu().tolist()).decode("utf-8"))
+
+
+HEARTBEAT_S = 60.0  # well inside NCCL's default collective timeout (10 minutes) and gloo's (30)
+
+
+def shared_lines(lines: Iterable[str], device: torch.device, heartbeat_s: float = HEARTBEAT_S) -> Iterator[str]:
+    """The lines rank 0 reads from `lines`, on every rank, each as rank 0 takes it (the other ranks never read
+    their own `lines`: under torchrun they would race rank 0 for the same standard input). A person may take
+    minutes to type a line: while rank 0 waits, it tells the others so every heartbeat_s seconds, so that no
+    rank waits in one collective long enough for it to time out. One process: `lines` itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield from lines
+        return
+    if dist.get_rank() != 0:
+        while (message := broadcast_json(None, device)) is not None:
+            if "line" in message:  # else a heartbeat
+                yield message["line"]
+        return
+    taken: queue.Queue = queue.Queue(maxsize=1)
+
+    def read() -> None:
+        try:
+            for line in lines:
+                taken.put(("line", line))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, raised there
+            taken.put(("error", e))
+        taken.put(("end", None))
+
+    threading.Thread(target=read, daemon=True, name="llama-cli stdin").start()
+    while True:
+        try:
+            kind, value = taken.get(timeout=heartbeat_s)
+        except queue.Empty:
+            broadcast_json({}, device)
+            continue
+        if kind == "error":
+            raise value
+        if kind == "end":
+            broadcast_json(None, device)
+            return
+        broadcast_json({"line": value}, device)
+        yield value

@@ -281,6 +281,41 @@ def test_interactive_chat_jsonl_keeps_the_conversation(chat_llama):
     assert (first["index"], second["index"]) == (0, 1) and first["finish_reason"] in ("stop", "length")
 
 
+def test_chat_under_torchrun_reads_on_rank_0_and_answers_as_one_process(tmp_path, spm_path):
+    """Found by hand: under torchrun every rank read the same standard input, each taking some of its lines,
+    and the ranks' collectives parted (gloo: "Connection closed by peer"). Rank 0 now reads and hands each line
+    to the others; the replies (sampled, default temperature) are one process's, printed once."""
+    folder, _ = make_model_folder(tmp_path / "two", spm_path, TINY, n_shards=2)
+    args = ["-m", "llama_cli", "chat", "--ckpt_dir", str(folder), "--max_gen_len", "6", "--max_seq_len", "64",
+            "--output", "jsonl", "--seed", "3"]
+    typed = "Hello world\n\nThe cat\nthe dog runs\n"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args], input=typed, env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args], input=typed, env=subprocess_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.stdout == one.stdout and len(one.stdout.splitlines()) == 3
+    assert two.stderr.count("llama-cli: loaded") == 1  # rank 0 alone tells
+
+
+def test_shared_lines_reach_every_rank_with_heartbeats_while_rank_0_waits(tmp_path):
+    """Rank 0 may wait minutes for a person to type; the other ranks wait in a collective meanwhile, which
+    times out (NCCL after 10 minutes) unless rank 0 tells them it is still waiting. Here a heartbeat every
+    0.05 s while lines come every 0.3 s: every rank gets rank 0's lines (a line that is not UTF-8 too, for
+    converse to refuse), none reads its own, and all take part in the same broadcasts."""
+    out = tmp_path / "lines"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "lines_worker.py"), str(out)], env=subprocess_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"lines.{r}").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["lines"] == ["hello\n", "caf\udce9 (not UTF-8)\n", "\n", "/exit\n"]
+    assert ranks[0]["heartbeats"] >= 8 and ranks[0]["broadcasts"] == ranks[0]["heartbeats"] + 5
+
+
 def test_piped_chat_that_is_not_utf8_stops_at_that_line(chat_llama):
     """Found by hand after scripts/fuzz_cli.py: a Latin-1 line reached the tokenizer as text it cannot take
     (exit 1 with pybind11's message); now the line is named, exit 2, and the replies before it stand."""
