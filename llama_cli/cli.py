@@ -411,6 +411,12 @@ def _cli(argv: list[str], debug: bool) -> int:
             if any(a in ("--help", "-h") for a in argv):
                 return _help(fn, f"llama-cli {name}")
             setup_logging(quiet="--quiet" in argv or os.environ.get("RANK", "0") != "0")  # rank 0 tells
+            if name in ONE_PROCESS and os.environ.get("WORLD_SIZE", "1") != "1":  # each would write the folder
+                e = UserError(f"llama-cli {name} runs in one process (it reads and writes whole checkpoints), and "
+                              f"WORLD_SIZE={os.environ['WORLD_SIZE']} makes this one of several: run it without "
+                              "torchrun (or unset WORLD_SIZE and RANK)")
+                e.every_rank = "MASTER_ADDR" not in os.environ  # not torchrun's: a stray RANK=1 must say it too
+                raise e
             keep_quiet = "quiet" in inspect.signature(fn).parameters
             argv = literal_args([a for a in argv if a != "--debug" and (keep_quiet or a != "--quiet")], fn, str_flags,
                                 f"llama-cli {name}")
@@ -469,6 +475,9 @@ def _fail(e: BaseException, code: int, debug: bool, original: BaseException = No
     hint = "" if debug or isinstance(e, LlamaCliError) else " (rerun with --debug for the traceback)"
     print(f"llama-cli: error: {prefix}{text}{hint}", file=sys.stderr)
     return code
+
+
+ONE_PROCESS = ("convert", "quantize", "reshard")  # commands that write a folder; the others run under torchrun
 
 
 def _subcommands() -> dict:

@@ -684,6 +684,32 @@ def test_a_launch_that_is_not_torchruns(capsys, ckpt, monkeypatch, env, needle):
     assert_one_line_error(code, err, 2, needle)
 
 
+@pytest.mark.parametrize("command", ["convert", "quantize", "reshard"])
+def test_folder_writing_commands_refuse_a_world_of_several(capsys, ckpt, tmp_path, monkeypatch, command):
+    """Found by hand: `torchrun --nproc_per_node 2 -m llama_cli reshard ...` had both processes write the one --out
+    folder; the second was refused by its lock (exit 2, saying nothing: not rank 0) and torchrun then killed the
+    first mid-write. These commands now refuse a world of several before any work: rank 0 says so under torchrun,
+    every rank where WORLD_SIZE is a stray (no MASTER_ADDR)."""
+    flags = {"convert": ["--src", str(ckpt)], "quantize": ["--ckpt_dir", str(ckpt), "--mode", "int8"],
+             "reshard": ["--ckpt_dir", str(ckpt), "--shards", "1"]}[command]
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, master, says in (("0", "127.0.0.1", True), ("1", "127.0.0.1", False), ("1", None, True)):
+        monkeypatch.setenv("RANK", rank)
+        if master:
+            monkeypatch.setenv("MASTER_ADDR", master)
+        else:
+            monkeypatch.delenv("MASTER_ADDR", raising=False)
+        code, _, err = run_cli(capsys, command, *flags, "--out", str(tmp_path / "out"))
+        if says:
+            assert_one_line_error(code, err, 2, f"llama-cli {command} runs in one process (it reads and writes whole "
+                                  "checkpoints), and WORLD_SIZE=2 makes this one of several: run it without torchrun")
+        else:
+            assert code == 2 and err == ""
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_process_waiting_for_the_others_says_where(ckpt):
     """One of two processes started with the meeting point set but without its peer waits (torch's default
     timeout): it says for whom and where, so a user whose other node never started knows what it waits for."""
