@@ -494,6 +494,6 @@ def _subcommands() -> dict:
             "quantize": (quantize_checkpoint, ("ckpt_dir", "out", "mode", "dtype", "tokenizer_path")),
             "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype")),
             "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "output", "device", "dtype",
-                            "kv_cache_dtype")),
+                            "kv_cache_dtype", "quantize", "compile", "cuda_graphs")),
             "perplexity": (perplexity, ("ckpt_dir", "text_file", "tokenizer_path", "output", "device", "dtype",
-                                        "kv_cache_dtype"))}
+                                        "kv_cache_dtype", "quantize"))}

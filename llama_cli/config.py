@@ -185,11 +185,9 @@ class RunConfig:
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         check_threads(self.threads)
         if self.quantize is not None or self.group_size is not None:
-            from .quant import check_mode
+            from .quant import check_flags  # (imports torch: only when asked)
 
-            if self.quantize is None:
-                raise UserError("--group_size goes with --quantize int8 or int4")
-            self.quantize, self.group_size = check_mode(self.quantize, self.group_size)
+            self.quantize, self.group_size = check_flags(self.quantize, self.group_size)
         _choice("output", self.output, ("text", "jsonl"))
         if self.resume and not self.output_file:
             raise UserError("--resume needs --output_file: the file whose finished prompts should be skipped")

@@ -25,7 +25,7 @@ HELP = "(/reset starts over, Ctrl-D leaves)"
 def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", temperature=0.6, top_p=0.9, top_k=0,
          min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, stop=None,
          max_seq_len=2048, max_gen_len=512, seed=1, output="text", device=None, dtype=None, kv_cache_dtype="auto",
-         threads=None):
+         quantize=None, group_size=None, compile="auto", cuda_graphs="auto", threads=None):
     """Chat with a model: interactively on a terminal, or one reply per line of piped standard input.
 
     Examples:
@@ -59,6 +59,10 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type. bf16 or fp16 under fp32 halves
         the cache's memory and speeds up long conversations on the CPU (keys and values rounded to it).
+      quantize: int8 or int4, to quantize the linear layers' weights at load (weight-only; see llama-cli --help).
+      group_size: weights per quantization group along the input dimension (see llama-cli --help).
+      compile: on, off or auto, as for llama-cli (see llama-cli --help).
+      cuda_graphs: on, off or auto (on CUDA GPUs), as for llama-cli.
       threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
         CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
@@ -76,6 +80,9 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
     if output not in ("text", "jsonl"):
         raise UserError(f"--output must be text or jsonl, got {output!r}")
     from .cli import stdout_open
+    from .quant import check_flags
+
+    quantize, group_size = check_flags(quantize, group_size)
 
     rank = distributed.world()[1]
     if rank == 0:  # under torchrun rank 0 reads the messages and writes the replies; the others compute with it
@@ -88,7 +95,8 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         raise UserError(f"--max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
     llama = Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len, 1, seed=seed, device=device, dtype=dtype,
-                        chat_format=chat_format, kv_cache_dtype=kv_cache_dtype, threads=threads)
+                        chat_format=chat_format, kv_cache_dtype=kv_cache_dtype, quantize=quantize,
+                        group_size=group_size, compile=compile, cuda_graphs=cuda_graphs, threads=threads)
     llama.chat_format  # an unusable format is an error now, not at the first message
     interactive = distributed.broadcast_json(sys.stdin is not None and sys.stdin.isatty(), llama.device)
     lines = distributed.shared_lines(text_lines(sys.stdin) if rank == 0 else (), llama.device)

@@ -208,10 +208,9 @@ class Llama:
             _warn_half_activations(dtype)
         graphs = decide_graphs(cuda_graphs, device)
         precheck_compile(compile)
-        if quantize is not None:
-            from .quant import check_mode
+        from .quant import check_flags
 
-            quantize, group_size = check_mode(quantize, group_size)
+        quantize, group_size = check_flags(quantize, group_size)
 
         files, params_path = checkpoint.find_checkpoint(ckpt_dir)
         args = checkpoint.load_args(params_path)

@@ -79,7 +79,8 @@ def text_ids(tokenizer, text: str, text_file) -> list[int]:
 
 
 def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stride=None, max_batch_size=4,
-               output="text", device=None, dtype=None, kv_cache_dtype="auto", quiet=False, threads=None):
+               output="text", device=None, dtype=None, kv_cache_dtype="auto", quantize=None, group_size=None,
+               quiet=False, threads=None):
     """Perplexity of a model on a text file: the last line on stdout is "perplexity: X.XXXX".
 
     Examples:
@@ -99,12 +100,16 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
       dtype: fp32, bf16 or fp16. Default is bf16 on GPUs, fp32 on cpu.
       kv_cache_dtype: auto (dtype's), fp32, bf16 or fp16: the KV cache's type; bf16 or fp16 under fp32 halve its
         memory (rows x ctx positions). The scores are the same: a window attends over its own keys and values.
+      quantize: int8 or int4, to quantize the linear layers' weights at load and score the model so (weight-only;
+        see llama-cli --help): the loss quantizing costs, without writing a quantized copy.
+      group_size: weights per quantization group along the input dimension (see llama-cli --help).
       quiet: no progress on stderr.
       threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
         CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
     from . import distributed
     from .generation import Llama
+    from .quant import check_flags
     from .tokenizer import find_tokenizer, load_tokenizer
 
     if ckpt_dir is None or text_file is None:
@@ -118,6 +123,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
         raise UserError(f"--stride {stride} is larger than --ctx {ctx}: tokens between windows would be skipped")
     if output not in ("text", "jsonl"):
         raise UserError(f"--output must be text or jsonl, got {output!r}")
+    quantize, group_size = check_flags(quantize, group_size)  # before the text is read
     world_size, rank, _ = distributed.world()
     if rank == 0:
         from .cli import stdout_open
@@ -133,7 +139,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
     try:
         llama = Llama.build(str(ckpt_dir), tokenizer_path, positions, rows, device=device, dtype=dtype,
                             compile="off", cuda_graphs="off", tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype,
-                            threads=threads)
+                            quantize=quantize, group_size=group_size, threads=threads)
     except UserError as e:  # the memory check names the generating command's flag for the context
         raise UserError(str(e).replace("--max_seq_len", "--ctx").replace("max_seq_len=", "ctx=")) from None
     if ids is None:  # under torchrun only rank 0 has read it

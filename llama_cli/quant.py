@@ -29,6 +29,13 @@ MODES = ("int8", "int4")
 INT4_DEFAULT_GROUP = 32  # measured both faster and better than 64 on SmolLM2-135M (docs/benchmarks.md)
 
 
+def check_flags(quantize, group_size) -> tuple[Optional[str], Optional[int]]:
+    """--quantize and --group_size as given to a command: (None, None) when not quantizing, else check_mode's."""
+    if quantize is None and group_size is not None:
+        raise UserError("--group_size goes with --quantize int8 or int4")
+    return (None, None) if quantize is None else check_mode(quantize, group_size)
+
+
 def check_mode(mode, group_size) -> tuple[str, Optional[int]]:
     """(mode, group size); the group size stays None (pick_group decides) when not given for int4."""
     if mode not in MODES:

@@ -300,6 +300,25 @@ def test_chat_under_torchrun_reads_on_rank_0_and_answers_as_one_process(tmp_path
     assert two.stderr.count("llama-cli: loaded") == 1  # rank 0 alone tells
 
 
+def test_chat_quantized_at_load_answers_as_the_quantized_copy(chat_llama, tmp_path, monkeypatch, capsys):
+    """chat takes --quantize (and --group_size, --compile, --cuda_graphs) as the completion command does: the
+    replies are those of the checkpoint `llama-cli quantize` writes; --group_size alone is refused before loading."""
+    folder, _ = chat_llama
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "q"), "--mode", "int4",
+                "--group_size", "32"]) == 0
+    flags = ["--temperature", "0", "--max_gen_len", "6", "--max_seq_len", "64", "--output", "jsonl", "--quiet",
+             "--tokenizer_path", str(folder / "tokenizer.model"), "--compile", "off"]
+    got = []
+    for ckpt, more in ((folder, ["--quantize", "int4", "--group_size", "32"]), (tmp_path / "q", [])):
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello world\nThe cat\n")))
+        assert cli(["chat", "--ckpt_dir", str(ckpt), *flags, *more]) == 0
+        got.append([json.loads(line)["tokens"] for line in capsys.readouterr().out.splitlines()])
+    assert got[0] == got[1] and len(got[0]) == 2
+    assert cli(["chat", "--ckpt_dir", str(tmp_path / "none"), "--group_size", "32"]) == 2
+    assert capsys.readouterr().err == "llama-cli: error: --group_size goes with --quantize int8 or int4\n"
+
+
 def test_shared_lines_reach_every_rank_with_heartbeats_while_rank_0_waits(tmp_path):
     """Rank 0 may wait minutes for a person to type; the other ranks wait in a collective meanwhile, which
     times out (NCCL after 10 minutes) unless rank 0 tells them it is still waiting. Here a heartbeat every

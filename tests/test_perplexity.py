@@ -79,6 +79,8 @@ def test_windows_cover_every_token_once():
     # llama.cpp's llama-perplexity -m MODEL -f FILE; -s was --stride here, read from a seed's 42 without a word
     (["-m", "model.gguf"], "unknown flag -m; did you mean --ckpt_dir?"), (["-f", "t.txt"], "did you mean --text_file?"),
     (["-s", "42"], "unknown flag -s; did you mean --stride?"),
+    (["--group_size", "32"], "--group_size goes with --quantize int8 or int4"),
+    (["--quantize", "int2"], "--quantize must be int8 or int4, got 'int2'"),
 ])
 def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
     folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY)
@@ -178,6 +180,24 @@ def test_perplexity_with_a_half_width_kv_cache(tmp_path, spm_path, capsys):
     assert got["bf16"] == got["auto"] == got["fp16"]
     assert cli([*argv, "--kv_cache_dtype", "int8"]) == 2
     assert "--kv_cache_dtype must be auto, fp32, bf16 or fp16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", [["int8"], ["int4", "--group_size", "64"]])
+def test_perplexity_quantized_at_load_is_that_of_the_quantized_copy(tmp_path, spm_path, capsys, mode):
+    """--quantize scores the model as quantized at load: the loss quantizing costs without writing a copy. The
+    same weights as `llama-cli quantize` writes, so the same perplexity; and not the unquantized one's."""
+    folder, _ = make_model_folder(tmp_path / "m", spm_path, TINY, seed=6)
+    (tmp_path / "t.txt").write_text(" ".join(corpus(60, seed=3)))
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "q"), "--mode", *mode]) == 0
+    capsys.readouterr()
+    got = {}
+    for name, ckpt, more in (("plain", folder, []), ("at load", folder, ["--quantize", *mode]),
+                             ("copy", tmp_path / "q", [])):
+        assert cli(["perplexity", "--ckpt_dir", str(ckpt), "--text_file", str(tmp_path / "t.txt"), "--ctx", "64",
+                    "--output", "jsonl", "--tokenizer_path", str(folder / "tokenizer.model"), *more]) == 0
+        got[name] = json.loads(capsys.readouterr().out)["perplexity"]
+    assert got["at load"] == pytest.approx(got["copy"], rel=1e-6)
+    assert got["at load"] != got["plain"] and got["at load"] == pytest.approx(got["plain"], rel=0.1)
 
 
 def test_perplexity_under_torchrun(tmp_path, spm_path):
