@@ -167,7 +167,11 @@ def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: 
             err.flush()
     if interactive:
         err.write("\n")
-    return 1 if too_long and not interactive else 0
+        return 0
+    if too_long:
+        err.write(f"llama-cli: {too_long} of {answered} message(s) could not run"
+                  f"{'; see their error entries' if output == 'jsonl' else ' (an empty reply each)'}\n")
+    return 1 if too_long else 0
 
 
 def fit(llama, base: list, dialog: list, max_gen_len: int, err: IO):

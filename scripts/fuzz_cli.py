@@ -155,7 +155,8 @@ def trial(rng: random.Random, f: Files, n: int) -> list[str]:
         wrong.append("a traceback")
     if any(EXCEPTION_NAMED.match(line) for line in errors):
         wrong.append("an unrecognised exception")
-    entries = p.returncode == 1 and any(line.endswith("could not run; see their error entries") for line in said)
+    # prompts (or chat's messages) too long for --max_seq_len: error entries, then a closing line
+    entries = p.returncode == 1 and any(re.search(r"\d+ of \d+ \w+(\(s\))? could not run", line) for line in said)
     if p.returncode != 0 and not errors and not entries:  # (prompts too long for --max_seq_len: error entries)
         wrong.append("no error line")
     if len(errors) > 1:

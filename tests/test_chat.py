@@ -243,6 +243,8 @@ def test_piped_chat_jsonl_is_one_line_a_reply_as_the_completion_command_writes_d
         assert cli(["chat", *flags, "--output", output]) == 1  # one message did not fit
         out, err = capsys.readouterr()
         assert "this message is" in err and "too long for --max_seq_len 64 with room to reply" in err
+        closing = "; see their error entries" if output == "jsonl" else " (an empty reply each)"
+        assert err.endswith(f"llama-cli: 1 of 3 message(s) could not run{closing}\n")
         return out
 
     records = [json.loads(line) for line in chat("jsonl").splitlines()]
