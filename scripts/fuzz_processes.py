@@ -5,11 +5,12 @@
 Each trial makes a tiny random checkpoint (dim 64 or 128, 1-2 layers, 2-8 heads, 1 to all of them KV heads,
 fp32 or bf16, in 1, 2 or 4 shards) and a JSONL prompt file (its prompts sometimes after one shared beginning),
 then runs the same `llama-cli` command (greedy or sampled at a fixed seed, continuous or static, dense or
-quantized at load, an fp32 or bf16 KV cache) in one process and under torchrun on 2 or 4, and compares the
-tokens. A configuration the processes cannot split must
-be refused with llama-cli's one-line error (torchrun then exits 1); anything else that differs is printed. Exits 1
-when anything differed. (Found: a KV head split over shards read from one shard only; int8 row scales taken over
-one process's columns.)
+quantized at load, an fp32 or bf16 KV cache; or, one trial in four, `llama-cli chat` with the prompts piped as
+messages) in one process and under torchrun on 2 or 4, and compares the tokens. A configuration the processes
+cannot split must be refused with llama-cli's one-line error (torchrun then exits 1); anything else that differs
+is printed. Exits 1 when anything differed. (Found: a KV head split over shards read from one shard only; int8
+row scales taken over one process's columns. Found by hand, then added here: chat's ranks each reading standard
+input.)
 """
 
 import argparse
@@ -40,25 +41,29 @@ def trial(rng: random.Random, folder: Path, spm: Path, port: int) -> list[str]:
                       dtype=rng.choice([torch.float32, torch.bfloat16]))
     prompts = folder / "prompts.jsonl"
     head = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14))) + " " if rng.random() < 0.3 else ""
-    prompts.write_text("".join(json.dumps({"prompt": head + " ".join(rng.choice(WORDS)
-                                                                     for _ in range(rng.randint(1, 12))),
-                                           "max_gen_len": rng.choice([1, 5, 20, 60])}) + "\n"
-                               for _ in range(rng.randint(1, 9))))
-    args = ["--ckpt_dir", folder, "--prompts_file", prompts, "--output", "jsonl", "--quiet",
-            "--temperature", rng.choice([0, 0, 0.8]), "--seed", rng.randrange(100),
-            "--schedule", rng.choice(["continuous", "static"]), "--max_seq_len", rng.choice([48, 96]),
-            "--max_batch_size", rng.choice([1, 3, 4]),
-            *rng.choice([[], [], ["--quantize", "int8"], ["--quantize", "int4"],
-                         ["--quantize", "int8", "--group_size", "32"]]),
-            *rng.choice([[], [], ["--kv_cache_dtype", "bf16"]])]
+    texts = [head + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 9))]
+    prompts.write_text("".join(json.dumps({"prompt": t, "max_gen_len": rng.choice([1, 5, 20, 60])}) + "\n"
+                               for t in texts))
+    common = ["--output", "jsonl", "--quiet", "--temperature", rng.choice([0, 0, 0.8]), "--seed", rng.randrange(100),
+              "--max_seq_len", rng.choice([48, 96]),
+              *rng.choice([[], [], ["--quantize", "int8"], ["--quantize", "int4"],
+                           ["--quantize", "int8", "--group_size", "32"]]),
+              *rng.choice([[], [], ["--kv_cache_dtype", "bf16"]])]
+    if rng.random() < 0.25:  # chat: rank 0 reads the messages (piped, a blank line among them) and hands them on
+        args, stdin = ["chat", "--ckpt_dir", folder, *common, "--max_gen_len", rng.choice([1, 5, 20, 60])], \
+            "\n".join(texts[:1] + [""] + texts[1:]) + "\n"
+    else:
+        args, stdin = ["--ckpt_dir", folder, "--prompts_file", prompts, *common, "--schedule",
+                       rng.choice(["continuous", "static"]), "--max_batch_size", rng.choice([1, 3, 4])], ""
     args = [str(a) for a in args]
     procs = rng.choice([2, 2, 4])
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "llama_cli", *args], capture_output=True, text=True, env=env)
+    one = subprocess.run([sys.executable, "-m", "llama_cli", *args], input=stdin, capture_output=True, text=True,
+                         env=env)
     many = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                            f"--master_port={port}", "-m", "llama_cli", *args],
-                          capture_output=True, text=True, env=env)
-    where = f"{params}, {shards} shard(s), {procs} processes, {' '.join(args[6:])}"
+                          input=stdin, capture_output=True, text=True, env=env)
+    where = f"{params}, {shards} shard(s), {procs} processes, {' '.join(a for a in args if a != str(folder))}"
     refused = [line for line in many.stderr.splitlines() if line.startswith("llama-cli: error:")]
     if one.returncode in (0, 1) and many.returncode != 0 and refused and not many.stdout:
         return []  # a split the processes cannot make, refused in one line (one process may have error entries: 1)
