@@ -2,7 +2,7 @@
 
 On a terminal it is a conversation: replies stream as they are generated, the history is kept
 (the oldest exchanges are dropped, with a note, when it would no longer fit --max_seq_len),
-`/reset` starts over, Ctrl-D (or `/exit`) leaves. With standard input piped, every line that is not
+Ctrl-C stops a reply where it is (in one process), `/reset` starts over, Ctrl-D (or `/exit`) leaves. With standard input piped, every line that is not
 blank is one user message answered on its own. A reply may span lines; `--output jsonl` writes each
 as one JSON object on one line (what the completion command writes for a dialog), for scripts.
 """
@@ -19,7 +19,7 @@ from .settings import check_text
 
 log = logging.getLogger("llama_cli")
 
-HELP = "(/reset starts over, Ctrl-D leaves)"
+HELP = "(Ctrl-C stops a reply, /reset starts over, Ctrl-D leaves)"
 
 
 def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", temperature=0.6, top_p=0.9, top_k=0,
@@ -119,11 +119,16 @@ def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: 
     fit, else 0."""
     from .prompts import PromptRequest, Result, json_line
 
+    from .distributed import world
+
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
     answered = too_long = 0
+    # Ctrl-C stops a reply on a terminal; under torchrun each process would stop at a step of its own
+    stoppable = interactive and world()[0] == 1
     if interactive:
-        err.write(f"llama-cli chat with {llama.chat_format.name} format {HELP}\n> ")
+        err.write(f"llama-cli chat with {llama.chat_format.name} format "
+                  f"{HELP if stoppable else HELP.replace('Ctrl-C stops a reply, ', '')}\n> ")
         err.flush()
     for n, raw in enumerate(lines, 1):
         text = raw.rstrip("\r\n")
@@ -156,12 +161,14 @@ def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: 
             out.write(json_line(Result(request, error=problem).record()) if output == "jsonl" else "\n")
             out.flush()
         else:
-            reply, g = reply_to(llama, ids, settings, out if output == "text" else None)
+            reply, g = reply_to(llama, ids, settings, out if output == "text" else None, stoppable)
             if output == "jsonl":
                 out.write(json_line(Result(request, reply, g.tokens, finish_reason=g.finish_reason).record()))
                 out.flush()
-            if interactive:
-                history = dialog + [{"role": "assistant", "content": reply}]
+            if g.finish_reason == "interrupted":
+                err.write("(reply stopped)\n")
+            if interactive:  # a reply stopped before its first word leaves the message out, as if never sent
+                history = dialog + [{"role": "assistant", "content": reply}] if reply else dialog[:-1]
         if interactive:
             err.write("> ")
             err.flush()
@@ -197,12 +204,14 @@ def fit(llama, base: list, dialog: list, max_gen_len: int, err: IO):
     return ids, dialog, None
 
 
-def reply_to(llama, ids: list, settings, out: Optional[IO]):
+def reply_to(llama, ids: list, settings, out: Optional[IO], stoppable: bool = False):
     """Generate the reply to prompt ids, streaming it to `out` (if given) with a newline after it; returns its
-    text and its Generated."""
+    text and its Generated. stoppable: Ctrl-C (KeyboardInterrupt) ends the reply where it is, with
+    finish_reason "interrupted" and the text shown so far."""
+    from .generation import Generated
     from .stopping import StopText
 
-    if out is None:
+    if out is None and not stoppable:  # no per-step look needed: the loop reads tokens back less often on a GPU
         g = llama.generate_settings([ids], [settings])[0]
         return (llama.tokenizer.decode(g.tokens) if g.text is None else g.text), g
 
@@ -219,14 +228,21 @@ def reply_to(llama, ids: list, settings, out: Optional[IO]):
         state["done"] = watch.update(state["ids"])
         text = watch.safe_text()
         if text.startswith(state["shown"]) and len(text) > len(state["shown"]):
-            out.write(text[len(state["shown"]):])
-            out.flush()
+            if out is not None:
+                out.write(text[len(state["shown"]):])
+                out.flush()
             state["shown"] = text
 
-    g = llama.generate_settings([ids], [settings], on_step=step)[0]
+    try:
+        g = llama.generate_settings([ids], [settings], on_step=step)[0]
+    except KeyboardInterrupt:
+        if not stoppable:
+            raise
+        g = Generated(state["ids"], None, "interrupted", state["shown"])
     text = g.text if g.text is not None else llama.tokenizer.decode(g.tokens)
-    if text.startswith(state["shown"]):
-        out.write(text[len(state["shown"]):])
-    out.write("\n")
-    out.flush()
+    if out is not None:
+        if text.startswith(state["shown"]):
+            out.write(text[len(state["shown"]):])
+        out.write("\n")
+        out.flush()
     return text, g

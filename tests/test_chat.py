@@ -216,6 +216,56 @@ def test_interactive_conversation_keeps_history_resets_and_trims(chat_llama):
     assert "dropped the" in err.getvalue() and out.getvalue().count("\n") == 8
 
 
+def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(chat_llama, monkeypatch):
+    """On a terminal, Ctrl-C during a reply stops it where it is (it used to end the chat, its history lost): the
+    words shown stay the reply, in the history, and the next message is answered. Piped, Ctrl-C ends the run."""
+    from llama_cli.converse import converse
+    from llama_cli.settings import Settings
+
+    _, llama = chat_llama
+    s = Settings(temperature=0.0, max_gen_len=12)
+    plain = llama.generate_settings
+    calls = []
+
+    def ctrl_c_at_step_4(prompts, settings, on_step=None, **kw):
+        calls.append(prompts[0])
+        if len(calls) > 1:
+            return plain(prompts, settings, on_step=on_step, **kw)
+        steps = []
+
+        def step(tokens):
+            steps.append(tokens)
+            on_step(tokens)
+            if len(steps) == 4:
+                raise KeyboardInterrupt
+
+        return plain(prompts, settings, on_step=step, **kw)
+
+    monkeypatch.setattr(llama, "generate_settings", ctrl_c_at_step_4)
+    for output in ("text", "jsonl"):
+        calls.clear()
+        out, err = io.StringIO(), io.StringIO()
+        assert converse(llama, s, None, ["Hello world\n", "The cat\n"], out, err, True, output) == 0
+        assert "Ctrl-C stops a reply" in err.getvalue() and err.getvalue().count("(reply stopped)") == 1
+        if output == "jsonl":
+            first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+            assert first["finish_reason"] == "interrupted" and len(first["tokens"]) == 4
+            stopped = first["generation"]
+        else:
+            stopped, answer = out.getvalue().split("\n")[:2]
+        whole = llama.chat_completion([[{"role": "user", "content": "Hello world"}]], temperature=0,
+                                      max_gen_len=12)[0]["generation"]["content"]
+        assert stopped and whole.startswith(stopped) and stopped != whole  # the first 4 tokens' words
+        # the second message was sent with the stopped reply in the history
+        want = llama.encode_dialog([{"role": "user", "content": "Hello world"},
+                                    {"role": "assistant", "content": stopped}, {"role": "user", "content": "The cat"}])
+        assert calls[1] == want
+    monkeypatch.setattr(llama, "generate_settings", ctrl_c_at_step_4)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # piped: a script's Ctrl-C ends the run (exit 130 in cli)
+        converse(llama, s, None, ["Hello world\n", "The cat\n"], io.StringIO(), io.StringIO(), False)
+
+
 def test_piped_chat_answers_each_line_on_its_own(chat_llama):
     folder, llama = chat_llama
     proc = subprocess.run([sys.executable, "-m", "llama_cli", "chat", "--ckpt_dir", str(folder), "--temperature", "0",
