@@ -406,7 +406,7 @@ def _cli(argv: list[str], debug: bool) -> int:
             print(f"llama-cli {__version__}")
             return 0
         if argv and argv[0] in _subcommands():
-            name, argv = argv[0], argv[1:]
+            name, argv = argv[0], ["--quiet" if a == "-q" else a for a in argv[1:]]  # -q is --quiet everywhere
             fn, str_flags = _subcommands()[name]
             if any(a in ("--help", "-h") for a in argv):
                 return _help(fn, f"llama-cli {name}")
@@ -457,8 +457,8 @@ def _help(fn, name: str) -> int:
     import fire.trace
 
     text = fire.helptext.HelpText(fn, fire.trace.FireTrace(fn, name=name))
-    # fire offers "-x" for each flag whose first letter is its own; literal_args takes -q alone (see ALIASES)
-    print(re.sub(r"(?m)^(\s+)-(?!q,)[a-z], --", r"\1--", text))
+    # fire offers "-x" for each flag whose first letter is its own; we take -q for --quiet alone (see ALIASES)
+    print(re.sub(r"(?m)^(\s+)-[a-z], (--(?!quiet\b))", r"\1\2", text))
     return 0
 
 

@@ -408,3 +408,16 @@ def test_chat_says_where_its_messages_come_from(tmp_path, capsys, flag):
     err = capsys.readouterr().err.strip()
     assert err == (f"llama-cli: error: unknown flag {flag}; chat takes your messages typed at its prompt or one a "
                    "line on standard input: echo TEXT | llama-cli chat --ckpt_dir DIR")
+
+
+def test_dash_q_is_quiet_in_chat_too(chat_llama, monkeypatch, capsys):
+    """-q is --quiet in every command (README); in chat, whose only flag beginning with q is --quantize, fire's help
+    offered -q for --quantize and the command refused -q as an unknown flag."""
+    folder, _ = chat_llama
+    assert cli(["chat", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--quantize" in text and "-q, --quantize" not in text
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello world\n")))
+    assert cli(["chat", "--ckpt_dir", str(folder), "--temperature", "0", "--max_gen_len", "4", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and err == ""
