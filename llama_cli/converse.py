@@ -2,9 +2,10 @@
 
 On a terminal it is a conversation: replies stream as they are generated, the history is kept
 (the oldest exchanges are dropped, with a note, when it would no longer fit --max_seq_len),
-Ctrl-C stops a reply where it is (in one process), `/reset` starts over, Ctrl-D (or `/exit`) leaves. With standard input piped, every line that is not
-blank is one user message answered on its own. A reply may span lines; `--output jsonl` writes each
-as one JSON object on one line (what the completion command writes for a dialog), for scripts.
+Ctrl-C stops a reply where it is (in one process), `/reset` starts over, Ctrl-D (or `/exit`) leaves.
+With standard input piped, every line that is not blank is one user message answered on its own. A
+reply may span lines; `--output jsonl` writes each as one JSON object on one line (what the completion
+command writes for a dialog), for scripts.
 """
 
 from __future__ import annotations
@@ -117,9 +118,8 @@ def converse(llama, settings, system: Optional[str], lines: Iterable[str], out: 
              interactive: bool, output: str = "text") -> int:
     """The conversation loop (see the module docstring); returns the exit code: 1 when piped messages did not
     fit, else 0."""
-    from .prompts import PromptRequest, Result, json_line
-
     from .distributed import world
+    from .prompts import PromptRequest, Result, json_line
 
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
@@ -235,8 +235,8 @@ def reply_to(llama, ids: list, settings, out: Optional[IO], stoppable: bool = Fa
 
     try:
         g = llama.generate_settings([ids], [settings], on_step=step)[0]
-    except KeyboardInterrupt:
-        if not stoppable:
+    except KeyboardInterrupt as e:
+        if not stoppable or type(e) is not KeyboardInterrupt:  # SIGTERM (cli.Terminated) still ends the run
             raise
         g = Generated(state["ids"], None, "interrupted", state["shown"])
     text = g.text if g.text is not None else llama.tokenizer.decode(g.tokens)

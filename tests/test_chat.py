@@ -264,6 +264,14 @@ def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(chat_llama, monkeypat
     calls.clear()
     with pytest.raises(KeyboardInterrupt):  # piped: a script's Ctrl-C ends the run (exit 130 in cli)
         converse(llama, s, None, ["Hello world\n", "The cat\n"], io.StringIO(), io.StringIO(), False)
+    from llama_cli.cli import Terminated
+
+    def terminated(*a, **kw):
+        raise Terminated
+
+    monkeypatch.setattr(llama, "generate_settings", terminated)
+    with pytest.raises(Terminated):  # `kill` (SIGTERM, a KeyboardInterrupt of ours) ends even a terminal's chat
+        converse(llama, s, None, ["Hello world\n"], io.StringIO(), io.StringIO(), True)
 
 
 def test_piped_chat_answers_each_line_on_its_own(chat_llama):
