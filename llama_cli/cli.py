@@ -124,7 +124,17 @@ def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
         def on_result(result):
             if streamer is not None:
                 streamer.finish(result)
-            writer.add(result)
+            if world_size == 1:
+                return writer.add(result)  # a closed standard output (`| head`) ends the run here: exit 0
+            try:
+                writer.add(result)
+                gone = False
+            except BrokenPipeError:
+                gone = True
+            # under torchrun the other ranks are told at the same result, and all stop there (exit 0): left
+            # going, they failed at their next collective with rank 0 gone ("Connection closed by peer")
+            if distributed.broadcast_json(gone, llama.device):
+                raise BrokenPipeError
 
         stats = schedule(llama, pending, opts, on_result=on_result, on_progress=progress.update,
                          on_step=streamer.step if streamer else None)

@@ -772,6 +772,23 @@ def test_torchrun_two_processes(tmp_path, spm_path):
     assert "initializing model parallel" not in err and "llama-cli:" not in err  # --quiet: fairscale's lines too
 
 
+def test_torchrun_stops_cleanly_when_standard_output_is_closed(tmp_path, spm_path):
+    """Found by hand: `torchrun ... -m llama_cli --prompts_file p.txt | head -1` stopped rank 0 (exit 0, as one
+    process does) while the other ranks went on and failed at their next collective ("Connection closed by peer"),
+    torchrun exiting 1 with its report. Rank 0 now tells the others at the same result, and all stop there."""
+    folder, _ = make_model_folder(tmp_path / "two", spm_path, TINY, n_shards=2)
+    f = tmp_path / "p.txt"
+    f.write_text("".join(f"Prompt number {i} says hello\n" for i in range(30)))
+    p = torchrun("--ckpt_dir", folder, "--prompts_file", f, "--output", "jsonl", "--max_batch_size", "1",
+                 "--max_seq_len", "128", "--max_gen_len", "40", "--temperature", "0",
+                 launcher_args=["--standalone", "--nproc_per_node", "2"])
+    assert json.loads(p.stdout.readline())["index"] == 0
+    p.stdout.close()  # as `head -1` does once it has its line
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 0, err[-3000:]
+    assert "30 prompt(s)" not in err and "Connection closed" not in err and "error" not in err.lower()
+
+
 def test_two_launchers_multi_node_on_loopback(tmp_path, spm_path):
     from helpers import free_port
 
