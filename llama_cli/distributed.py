@@ -126,11 +126,13 @@ def broadcast_json(obj, device: torch.device):
 HEARTBEAT_S = 60.0  # well inside NCCL's default collective timeout (10 minutes) and gloo's (30)
 
 
-def shared_lines(lines: Iterable[str], device: torch.device, heartbeat_s: float = HEARTBEAT_S) -> Iterator[str]:
+def shared_lines(lines: Iterable[str], device: torch.device, heartbeat_s: float = HEARTBEAT_S,
+                 stop=None) -> Iterator[str]:
     """The lines rank 0 reads from `lines`, on every rank, each as rank 0 takes it (the other ranks never read
     their own `lines`: under torchrun they would race rank 0 for the same standard input). A person may take
     minutes to type a line: while rank 0 waits, it tells the others so every heartbeat_s seconds, so that no
-    rank waits in one collective long enough for it to time out. One process: `lines` itself."""
+    rank waits in one collective long enough for it to time out. stop (rank 0's): a callable, true when no more
+    lines are wanted (its standard output closed): the lines end there on every rank. One process: `lines`."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield from lines
         return
@@ -158,7 +160,7 @@ def shared_lines(lines: Iterable[str], device: torch.device, heartbeat_s: float 
             continue
         if kind == "error":
             raise value
-        if kind == "end":
+        if kind == "end" or (stop is not None and stop()):
             broadcast_json(None, device)
             return
         broadcast_json({"line": value}, device)

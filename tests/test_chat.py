@@ -358,6 +358,20 @@ def test_chat_under_torchrun_reads_on_rank_0_and_answers_as_one_process(tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.stdout == one.stdout and len(one.stdout.splitlines()) == 3
     assert two.stderr.count("llama-cli: loaded") == 1  # rank 0 alone tells
+    # standard output closed by its reader (`| head -1`): every rank's chat ends at the next message, exit 0 (rank
+    # 0 alone used to stop, the others failing at their next collective without it)
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "llama_cli", "chat", "--ckpt_dir", str(folder), "--max_gen_len", "40",
+                          "--max_seq_len", "128", "--temperature", "0", "--output", "jsonl"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=subprocess_env(), cwd=REPO)
+    p.stdin.write("".join(f"Message number {i} says hello\n" for i in range(40)))
+    p.stdin.close()
+    assert json.loads(p.stdout.readline())["index"] == 0
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 0, err[-3000:]
+    assert "Connection closed" not in err and "error" not in err.lower()
 
 
 def test_chat_quantized_at_load_answers_as_the_quantized_copy(chat_llama, tmp_path, monkeypatch, capsys):
