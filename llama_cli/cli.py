@@ -75,7 +75,7 @@ def run(cfg: RunConfig, stdin=None, stdout=None) -> int:
 
 def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
     from . import distributed
-    from .prompts import PromptRequest, ResultWriter
+    from .prompts import PromptRequest, ReaderEnds, ResultWriter
     from .scheduler import Options, run_continuous, run_static
 
     stdout = stdout or sys.stdout
@@ -113,7 +113,9 @@ def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
     writer = ResultWriter(cfg.output, None if cfg.stream else sink, cfg.output_file if rank == 0 else None,
                           cfg.echo, [r.index for r in pending])
     progress = Progress(len(pending), enabled=rank == 0 and not cfg.quiet and not cfg.stream and len(pending) > 1)
-    streamer = Streamer(llama.tokenizer, pending[0], sink, cfg.echo) if cfg.stream else None
+    # (under torchrun a reader that ends stops every rank at one result: on_result)
+    streamer = Streamer(llama.tokenizer, pending[0], ReaderEnds(sink) if world_size > 1 else sink, cfg.echo) \
+        if cfg.stream else None
     # A prompt given on the command line that cannot run is a usage error; in a file it gets an error entry.
     opts = Options(cfg.logprobs, cfg.echo, strict=cfg.strict or bool(cfg.prompt), share_prefixes=cfg.share_prefixes)
     warm0 = llama.engine.warmup_s
@@ -127,8 +129,8 @@ def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
             if world_size == 1:
                 return writer.add(result)  # a closed standard output (`| head`) ends the run here: exit 0
             try:
-                writer.add(result)
-                gone = False
+                writer.add(result)  # (with --output_file the run goes on into the file: no error)
+                gone = streamer is not None and streamer.out.closed_by_reader() and writer.file is None
             except BrokenPipeError:
                 gone = True
             # under torchrun the other ranks are told at the same result, and all stop there (exit 0): left

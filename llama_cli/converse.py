@@ -69,6 +69,7 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
     """
     from . import distributed
     from .generation import Llama
+    from .prompts import ReaderEnds
     from .settings import Settings, resolve
     from .tokenizer import find_tokenizer
 
@@ -103,39 +104,12 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
     if llama.model.mp.world_size == 1:
         out, err, stop = sys.stdout, sys.stderr, None  # a closed standard output (`| head`) ends the chat: exit 0
     elif rank == 0:  # it ends every rank's chat at the next message instead, the others told (shared_lines)
-        out, err = _Closable(sys.stdout), sys.stderr
+        out, err = ReaderEnds(sys.stdout), sys.stderr
         stop = out.closed_by_reader
     else:
         out, err, stop = open(os.devnull, "w"), open(os.devnull, "w"), None
     lines = distributed.shared_lines(text_lines(sys.stdin) if rank == 0 else (), llama.device, stop=stop)
     return converse(llama, settings, system, lines, out, err, interactive, output)
-
-
-class _Closable:
-    """Standard output whose reader may end (`| head`): writes after that go nowhere, and it says so."""
-
-    def __init__(self, stream):
-        self.stream, self.gone = stream, False
-
-    def closed_by_reader(self) -> bool:
-        return self.gone
-
-    def write(self, text: str) -> None:
-        self._do(self.stream.write, text)
-
-    def flush(self) -> None:
-        self._do(self.stream.flush)
-
-    def _do(self, fn, *args) -> None:
-        if self.gone:
-            return
-        try:
-            fn(*args)
-        except BrokenPipeError:
-            from .prompts import silence
-
-            self.gone = True
-            silence(self.stream)
 
 
 def text_lines(stream) -> Iterable[str]:

@@ -334,6 +334,32 @@ def silence(stream) -> None:
         pass
 
 
+class ReaderEnds:
+    """Standard output whose reader may end (`| head`) under torchrun: writes after that go nowhere (silenced)
+    instead of failing rank 0 alone, and closed_by_reader() tells, so that every rank can stop at one point."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def closed_by_reader(self) -> bool:
+        return self.gone
+
+    def write(self, text: str) -> None:
+        self._do(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._do(self.stream.flush)
+
+    def _do(self, fn, *args) -> None:
+        if self.gone:
+            return
+        try:
+            fn(*args)
+        except BrokenPipeError:
+            self.gone = True
+            silence(self.stream)
+
+
 class OutputLock:
     """An exclusive lock (flock) on a regular --output_file while this run may write it: two runs appending to one
     file would each answer the prompts, and --resume would find every result twice. Released when the process ends.
