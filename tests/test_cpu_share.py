@@ -106,18 +106,22 @@ def test_programs_already_running_take_their_cpus_before_the_first_step(caplog):
 
 @pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="Linux's /proc/loadavg is not here")
 def test_others_running_counts_another_programs_busy_threads():
-    """The real look: two busy loops of another process are running (or waiting for a CPU) all along, so at
-    least one is seen in each look, whatever else the machine does; this process's own running thread is not
-    counted."""
+    """The real look: two busy loops in two other processes (no GIL between them) are running, or waiting for a
+    CPU, all along once each has said it started, so at least one is seen in each look, whatever else the machine
+    does; this process's own running thread is not counted. (Its first form started one process of two threads
+    and looked 0.5 s later: on a loaded machine the process had not yet started, or its threads took turns at the
+    GIL, and the look saw 0.)"""
     assert cpu_share.others_running() >= 0
-    loop = "import threading\nthreading.Thread(target=lambda: exec('while True: pass')).start()\nwhile True: pass"
-    hog = subprocess.Popen([sys.executable, "-c", loop])
+    loop = "print('started', flush=True)\nwhile True: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", loop], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
-        time.sleep(0.5)
+        for hog in hogs:
+            assert hog.stdout.readline() == "started\n"
         assert cpu_share.others_running() >= 1
     finally:
-        hog.kill()
-        hog.wait()
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def test_threads_come_back_when_the_other_work_ends():
