@@ -283,6 +283,48 @@ def test_fuzz_batching_penalizes_as_the_sampler_does(monkeypatch):
     assert not torch.equal(got, logits)  # the penalties did something
 
 
+def test_fuzz_batching_counts_a_tie_at_a_filters_edge_as_a_near_tie(monkeypatch):
+    """fuzz_batching.py's filter_margin: where two tokens tie at the edge of what top_k, top_p or min_p keep, a
+    nudge of 1e-5 decides which one the sampler keeps (so a batch's rounding may draw another token, found at
+    seed 27, trial 1718); the margin is then below the 1e-3 rule, and well above it where nothing ties."""
+    import sys
+    from pathlib import Path
+
+    from llama_cli.sampling import filtered_probs
+    from llama_cli.settings import Settings
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    monkeypatch.delitem(sys.modules, "fuzz_batching", raising=False)
+    from fuzz_batching import filter_margin
+
+    def kept(logits, s):
+        probs, order = filtered_probs(torch.softmax(logits / s.temperature, -1)[None], s.top_p, top_k=s.top_k,
+                                      min_p=s.min_p)
+        return set(order[0][probs[0] > 0].tolist())
+
+    def S(**kw):  # noqa: N802 (sampled, no filter but those given)
+        return Settings(**{"temperature": 1.0, "top_p": 1.0, **kw})
+
+    base = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
+    # top_k 3: tokens 2 and 3 tie at the edge
+    tie, s = base.clone(), S(top_k=3)
+    tie[3] = 2.0
+    up, down = tie.clone(), tie.clone()
+    up[3] += 1e-5
+    down[3] -= 1e-5
+    assert kept(up, s) != kept(down, s) and filter_margin(tie, s) < 1e-3 < filter_margin(base, s)
+    # top_p: the mass before token 2 just at p
+    probs = torch.softmax(base, -1)
+    s = S(top_p=(probs[0] + probs[1]).item())
+    assert kept(base, S(top_p=s.top_p + 1e-5)) != kept(base, S(top_p=s.top_p - 1e-5))
+    assert filter_margin(base, s) < 1e-3 < filter_margin(base, S(top_p=0.8))
+    # min_p: token 1's probability just at min_p times the largest
+    ratio = (probs[1] / probs[0]).item()
+    assert kept(base, S(min_p=ratio + 1e-5)) != kept(base, S(min_p=ratio - 1e-5))
+    assert filter_margin(base, S(min_p=ratio)) < 1e-3 < filter_margin(base, S(min_p=0.3))
+    assert filter_margin(base, S()) == float("inf")  # nothing filtered
+
+
 def shared_requests(seed=0):
     """Prompts that begin alike: a long shared instruction then their own words, one prompt three times over,
     and some that share nothing."""
