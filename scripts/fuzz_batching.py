@@ -147,12 +147,14 @@ def filter_margin(logits, s) -> float:
     1718: two logits at the third place equal to 5 digits, top_k 3). inf where no filter is on."""
     import torch
 
+    from helpers import near_tie_gap
+
     margins = [float("inf")]
-    vals = torch.sort(logits.float(), descending=True).values
+    vals, order = torch.sort(logits.float(), descending=True)
     probs = torch.softmax(vals / max(s.temperature, 1e-6), -1)
     vocab = vals.numel()
     if s.top_k and s.top_k < vocab:
-        margins.append((vals[s.top_k - 1] - vals[s.top_k]).item() / logits.abs().max().item())
+        margins.append(near_tie_gap(logits, order[s.top_k - 1].item(), order[s.top_k].item()))
         probs = torch.where(torch.arange(vocab) < s.top_k, probs, 0.0)
         probs = probs / probs.sum()
     if s.top_p < 1.0:

@@ -302,12 +302,12 @@ def test_fuzz_batching_counts_a_tie_at_a_filters_edge_as_a_near_tie(monkeypatch)
                                       min_p=s.min_p)
         return set(order[0][probs[0] > 0].tolist())
 
-    def S(**kw):  # noqa: N802 (sampled, no filter but those given)
+    def sampled(**kw):  # no filter but those given
         return Settings(**{"temperature": 1.0, "top_p": 1.0, **kw})
 
     base = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
     # top_k 3: tokens 2 and 3 tie at the edge
-    tie, s = base.clone(), S(top_k=3)
+    tie, s = base.clone(), sampled(top_k=3)
     tie[3] = 2.0
     up, down = tie.clone(), tie.clone()
     up[3] += 1e-5
@@ -315,14 +315,14 @@ def test_fuzz_batching_counts_a_tie_at_a_filters_edge_as_a_near_tie(monkeypatch)
     assert kept(up, s) != kept(down, s) and filter_margin(tie, s) < 1e-3 < filter_margin(base, s)
     # top_p: the mass before token 2 just at p
     probs = torch.softmax(base, -1)
-    s = S(top_p=(probs[0] + probs[1]).item())
-    assert kept(base, S(top_p=s.top_p + 1e-5)) != kept(base, S(top_p=s.top_p - 1e-5))
-    assert filter_margin(base, s) < 1e-3 < filter_margin(base, S(top_p=0.8))
+    s = sampled(top_p=(probs[0] + probs[1]).item())
+    assert kept(base, sampled(top_p=s.top_p + 1e-5)) != kept(base, sampled(top_p=s.top_p - 1e-5))
+    assert filter_margin(base, s) < 1e-3 < filter_margin(base, sampled(top_p=0.8))
     # min_p: token 1's probability just at min_p times the largest
     ratio = (probs[1] / probs[0]).item()
-    assert kept(base, S(min_p=ratio + 1e-5)) != kept(base, S(min_p=ratio - 1e-5))
-    assert filter_margin(base, S(min_p=ratio)) < 1e-3 < filter_margin(base, S(min_p=0.3))
-    assert filter_margin(base, S()) == float("inf")  # nothing filtered
+    assert kept(base, sampled(min_p=ratio + 1e-5)) != kept(base, sampled(min_p=ratio - 1e-5))
+    assert filter_margin(base, sampled(min_p=ratio)) < 1e-3 < filter_margin(base, sampled(min_p=0.3))
+    assert filter_margin(base, sampled()) == float("inf")  # nothing filtered
 
 
 def shared_requests(seed=0):
