@@ -173,7 +173,7 @@ def _build(build: Path) -> None:
             pass  # a ninja on PATH, if any
         from torch.utils import cpp_extension
 
-        log.info("building our CPU kernels for this machine (once, about 9 s on 2 cores) in %s", build)
+        log.info("building our CPU kernels for this machine (once per machine, 10-20 s) in %s", build)
         if held:
             (build / "lock").unlink(missing_ok=True)  # torch's, left by a killed build (no build holds it now)
         cpp_extension.load("llama_cli_native", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
