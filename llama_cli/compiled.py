@@ -73,7 +73,10 @@ def setup() -> None:
 # probes (before compiling anything) and records the outcome; where every vector ISA the CPU claims
 # passed, that run and later ones tell inductor so (config.cpp.vec_isa_ok), which is exactly what the
 # probe finds. (The setting is part of inductor's cache key: the first run must set it too, or the
-# second would miss the cache.)
+# second would miss the cache.) Its finer checks (AVX-512 BF16, VNNI, AMX, AMX-FP16) still build and load
+# a library each, whatever vec_isa_ok says: six new Python processes, 0.7-1.2 s of each warm start on an
+# AMX Xeon. The record also lists the probe libraries that loaded (_probe_load): on the same machine the
+# same library loads again, so a listed one that is still there counts as loaded without a new process.
 def _isa_fingerprint() -> Optional[tuple[str, list[str]]]:
     """(fingerprint of CPU flags, compiler and torch; the ISAs the CPU claims), or None off x86 Linux."""
     import platform
@@ -109,18 +112,50 @@ def _reuse_isa_probe() -> None:
             rec = json.loads(_isa_record().read_text())
         except (OSError, ValueError):
             rec = None
-        if not rec or rec.get("fingerprint") != fp[0]:
-            from torch._inductor import cpu_vec_isa as v
+        from torch._inductor import cpu_vec_isa as v
 
-            rec = {"fingerprint": fp[0], "passed": [str(isa) for isa in v.valid_vec_isa_list()]}  # the probe
-            try:
-                _isa_record().parent.mkdir(parents=True, exist_ok=True)
-                _isa_record().write_text(json.dumps(rec) + "\n")
-            except OSError:
-                pass
+        real = getattr(v.VecISA, "_probe_load", None)  # (another torch may have none: then it probes as before)
+        if real is not None and real is not _probe_load:
+            _probes["real"] = real
+            v.VecISA._probe_load = _probe_load
+        if not isinstance(rec, dict) or rec.get("fingerprint") != fp[0]:
+            rec = {"fingerprint": fp[0], "loaded": []}
+            _probes.update(record=_isa_record(), rec=rec)
+            rec["passed"] = [str(isa) for isa in v.valid_vec_isa_list()]  # the probe (its loads listed)
+            _write_record(_isa_record(), rec)
+        _probes.update(record=_isa_record(), rec=rec)
         if rec.get("passed") == fp[1] and fp[1]:
             config.cpp.vec_isa_ok = True
     except (ImportError, AttributeError):  # another torch's internals: inductor probes as usual
+        pass
+
+
+_probes: dict = {}  # "real": inductor's VecISA._probe_load; "record": the record's path; "rec": its contents
+
+
+def _probe_load(isa, output_path: str) -> bool:
+    """Inductor's check that a probe library loads (a new Python process that loads it), skipped for a library
+    that loaded before on this machine (listed in the record under its fingerprint) and is still there."""
+    rec = _probes.get("rec", {})
+    loaded = rec.get("loaded") if isinstance(rec.get("loaded"), list) else []
+    if output_path in loaded and os.path.isfile(output_path):
+        return True
+    ok = _probes["real"](isa, output_path)
+    if ok and "rec" in _probes:
+        rec["loaded"] = sorted({str(p) for p in loaded} | {output_path})
+        if "passed" in rec:  # (the first probe writes the record once it is done)
+            _write_record(_probes["record"], rec)
+    return ok
+
+
+def _write_record(path: Path, rec: dict) -> None:
+    """Write the record whole or not at all (runs started together may write it at once)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+    except OSError:
         pass
 
 

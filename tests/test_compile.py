@@ -163,6 +163,53 @@ def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch
     assert json.loads(record.read_text())["fingerprint"] == fp[0]
 
 
+PROBE_COUNT = """
+import subprocess, sys
+spawned = []
+real = subprocess.run
+def run(cmd, *a, **k):
+    if isinstance(cmd, list) and cmd[:2] == [sys.executable, "-c"]:
+        spawned.append(cmd)
+    return real(cmd, *a, **k)
+subprocess.run = run
+from llama_cli import compiled
+compiled.setup()
+from torch._inductor import cpu_vec_isa as v
+print(v.pick_vec_isa(), len(spawned))
+"""
+
+
+def test_isa_probe_libraries_that_loaded_are_not_loaded_again(tmp_path):
+    """Inductor's finer vector-ISA checks (AVX-512 BF16, VNNI, AMX) load a probe library each in a new Python
+    process, in every process, whatever vec_isa_ok says. A library that loaded before on this machine (listed in
+    our record) counts as loaded: a later process spawns none of those processes and picks the same ISA; a record
+    made on another machine (CPU, compiler, torch) counts for nothing."""
+    import json
+    import platform
+
+    env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path)}
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_VEC_ISA_OK"):
+        env.pop(name, None)
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", PROBE_COUNT], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        isa, spawned = proc.stdout.strip().rsplit(" ", 1)
+        return isa, int(spawned)
+
+    first, spawned = run()
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return  # nothing recorded there
+    loaded = json.loads((tmp_path / "compiled" / "vec_isa.json").read_text())["loaded"]
+    assert len(loaded) == spawned >= 1  # at least the base probe of each ISA the CPU claims
+    assert run() == (first, 0)
+    record = tmp_path / "compiled" / "vec_isa.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "fingerprint": "another machine"}))
+    assert run() == (first, spawned)  # a record made elsewhere: every library is loaded again, and listed
+    assert json.loads(record.read_text())["loaded"] == loaded
+
+
 def test_kept_step_is_keyed_by_the_cache_size(tiny_ckpt):
     """The compiled graph holds the KV cache's shape (module state), so a step kept for one cache size
     does not count as compiled for another (that run would compile, not load)."""
