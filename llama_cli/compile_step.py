@@ -55,7 +55,7 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
         raise UserError(f"--max_seq_len must be an integer of at least 2, got {max_seq_len!r}")
     if ckpt_dir is None:
         raise UserError("--ckpt_dir is required: the checkpoint folder whose decoding step to compile")
-    why = compiled.room_problem(compiled.inductor_dir())
+    why = compiled.compile_room_problem()
     if why is not None:
         raise UserError(f"cannot compile: {why}; make room there, or set LLAMA_CLI_CACHE to another folder")
     tokenizer_path = tokenizer_path or find_tokenizer(str(ckpt_dir))

@@ -118,7 +118,7 @@ def decide_compile(compile, device: torch.device, max_batch_size: int, key: Opti
     if compile == "off" or (compile == "auto" and not _auto_compiles(device, max_batch_size, key, expected_tokens,
                                                                      quantized, kernels, native_step)):
         return False
-    why = compile_cache.room_problem(compile_cache.inductor_dir())  # where inductor keeps what it compiles
+    why = compile_cache.compile_room_problem()  # where inductor keeps what it compiles
     if why is None:
         return True
     if compile == "on":
@@ -131,7 +131,7 @@ def precheck_compile(compile) -> None:
     """--compile on where inductor's cache has no room (or a bad --compile value): said before the minutes a
     load can take; decide_compile asks again after it."""
     if _mode("--compile", compile) == "on":
-        why = compile_cache.room_problem(compile_cache.inductor_dir())
+        why = compile_cache.compile_room_problem()
         if why is not None:
             raise _no_room(why)
 

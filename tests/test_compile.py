@@ -113,6 +113,8 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
 
     if sys.platform == "linux" and platform.machine() == "x86_64":  # the vector-ISA probe's outcome, kept
         assert (tmp_path / "cache" / "compiled" / "vec_isa.json").is_file()
+        # and the precompiled header inductor's C++ was compiled against, kept beside it (not in /tmp)
+        assert list((tmp_path / "cache" / "inductor" / "precompiled_headers").glob("*.h.gch"))
     proc = subprocess.run(cmd + ["--ckpt_dir", str(folder), "--prompt", "Hello", "--max_gen_len", "200",
                                  "--max_seq_len", "256",
                                  "--max_batch_size", "1", "--temperature", "0"], env=env, cwd=REPO,
@@ -295,8 +297,9 @@ def test_module_guards_are_skipped_only_for_uniform_layers_and_own_code(tmp_path
 def test_a_cache_without_room_is_said_before_any_work(tmp_path, monkeypatch, capsys, caplog, tiny_ckpt):
     """Found with a full disk: --compile on failed only when inductor first wrote its cache ("No space left on
     device", nothing more), our CPU kernels spent their 9 s build before ninja failed. Now a cache folder
-    without ROOM_MB free is told at once: --compile on (and llama-cli compile) refuse with what to do, --compile
-    auto leaves compiling off with a warning, and the kernels are not built (the portable products run)."""
+    without ROOM_MB free (a compile: HEADER_ROOM_MB, until a precompiled header is kept) is told at once: --compile
+    on (and llama-cli compile) refuse with what to do, --compile auto leaves compiling off with a warning, and the
+    kernels are not built (the portable products run)."""
     import shutil
 
     from llama_cli import compiled, native
@@ -312,6 +315,12 @@ def test_a_cache_without_room_is_said_before_any_work(tmp_path, monkeypatch, cap
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real._replace(free=5 * 2**20))
     why = compiled.room_problem(tmp_path / "cache" / "inductor")
     assert why == f"the disk holding {tmp_path / 'cache' / 'inductor'} has 5 MB free (about 64 MB are needed there)"
+    # a compile also needs room for a precompiled header (~150 MB), unless one is kept there already
+    assert compiled.compile_room_problem() == why.replace("about 64 MB", "about 256 MB")
+    compiled.header_dir().mkdir(parents=True)
+    (compiled.header_dir() / "c0.h.gch").write_text("x")
+    assert compiled.compile_room_problem() == why
+    (compiled.header_dir() / "c0.h.gch").unlink()
 
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="cannot compile the decode step: the disk holding .* has 5 MB free .*"
