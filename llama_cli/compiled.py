@@ -3,10 +3,10 @@
 The engine compiles one transformer layer and the output layer (engine.py); inductor keeps what
 it compiled in its on-disk cache, which we place under ~/.cache/llama-cli/inductor (or
 $LLAMA_CLI_CACHE/inductor; TORCHINDUCTOR_CACHE_DIR, when set, wins) so it survives reboots
-and /tmp cleaners; so do the precompiled headers it compiles its C++ against (setup). Beside it, one marker file per model shape says "compiled before": with
-`--compile auto` a run whose shape has a marker compiles at once (a cache hit: a second or two),
-one without compiles only when the job is long enough to pay for it. `llama-cli compile` makes
-the marker ahead of time.
+and /tmp cleaners; so do the precompiled headers it compiles its C++ against (setup). Beside it,
+one marker file per model shape says "compiled before": with `--compile auto` a run whose shape
+has a marker compiles at once (a cache hit: a second or two), one without compiles only when the
+job is long enough to pay for it. `llama-cli compile` makes the marker ahead of time.
 """
 
 from __future__ import annotations
