@@ -145,12 +145,13 @@ def _reuse_isa_probe() -> None:
         if real is not None and real is not _probe_load:
             _probes["real"] = real
             v.VecISA._probe_load = _probe_load
-        if not isinstance(rec, dict) or rec.get("fingerprint") != fp[0]:
+        fresh = not isinstance(rec, dict) or rec.get("fingerprint") != fp[0]
+        if fresh:
             rec = {"fingerprint": fp[0], "loaded": []}
-            _probes.update(record=_isa_record(), rec=rec)
+        _probes.update(record=_isa_record(), rec=rec)
+        if fresh:
             rec["passed"] = [str(isa) for isa in v.valid_vec_isa_list()]  # the probe (its loads listed)
             _write_record(_isa_record(), rec)
-        _probes.update(record=_isa_record(), rec=rec)
         if rec.get("passed") == fp[1] and fp[1]:
             config.cpp.vec_isa_ok = True
     except (ImportError, AttributeError):  # another torch's internals: inductor probes as usual
@@ -163,12 +164,12 @@ _probes: dict = {}  # "real": inductor's VecISA._probe_load; "record": the recor
 def _probe_load(isa, output_path: str) -> bool:
     """Inductor's check that a probe library loads (a new Python process that loads it), skipped for a library
     that loaded before on this machine (listed in the record under its fingerprint) and is still there."""
-    rec = _probes.get("rec", {})
+    rec = _probes["rec"]  # (set with the patch, in _reuse_isa_probe)
     loaded = rec.get("loaded") if isinstance(rec.get("loaded"), list) else []
     if output_path in loaded and os.path.isfile(output_path):
         return True
     ok = _probes["real"](isa, output_path)
-    if ok and "rec" in _probes:
+    if ok:
         rec["loaded"] = sorted({str(p) for p in loaded} | {output_path})
         if "passed" in rec:  # (the first probe writes the record once it is done)
             _write_record(_probes["record"], rec)
