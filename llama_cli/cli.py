@@ -145,15 +145,21 @@ def _run(cfg: RunConfig, stdin, stdout, held: list) -> int:
     gen_s = time.perf_counter() - t1
     progress.close()
     log.info("%s", summary(stats, gen_s, llama.engine.warmup_s - warm0, load_s))
+    return _closing_lines(stats, len(pending), cfg.max_seq_len)
+
+
+def _closing_lines(stats, n: int, max_seq_len: int) -> int:
+    """What a run of n prompts has to say after its summary (shared beginnings, prompts cut by --max_seq_len,
+    prompts that could not run), on stderr; the exit code: 1 where some prompts got error entries."""
     if stats.shared_prompts:
         log.info("%d of %d prompts began as another in the batch did: %d prompt tokens copied, not computed "
-                 "(--noshare_prefixes computes them)", stats.shared_prompts, len(pending), stats.shared_tokens)
+                 "(--noshare_prefixes computes them)", stats.shared_prompts, n, stats.shared_tokens)
     if stats.cut_by_max_seq_len:
         log.warning("%d of %d prompts ran into --max_seq_len %d before their max_gen_len (finish_reason "
                     "\"max_seq_len\"); raise --max_seq_len for longer completions", stats.cut_by_max_seq_len,
-                    len(pending), cfg.max_seq_len)
+                    n, max_seq_len)
     if stats.errors:
-        log.warning("%d of %d prompts could not run; see their error entries", stats.errors, len(pending))
+        log.warning("%d of %d prompts could not run; see their error entries", stats.errors, n)
         return 1
     return 0
 
