@@ -264,17 +264,23 @@ def _busy_share(clock, seconds: float) -> float:
 def test_the_run_clock_falls_behind_only_while_another_program_holds_the_cpu():
     """RunClock, the governor's default on Linux: with a busy loop of another process on this thread's one
     CPU, it advances about half as fast as the wall clock; alone, or sleeping (as a read from a cold disk
-    waits), as fast (where the thread's CPU time would stand still)."""
+    waits), as fast (where the thread's CPU time would stand still). "Alone" is not in our hands: the suite's other
+    worker, or anything else on the machine, may be scheduled on that CPU for a while (on CI one such look read
+    0.845), and that only ever slows this clock. So it looks up to five times and keeps the best look."""
     clock = cpu_share.RunClock()
     saved = os.sched_getaffinity(0)
     cpu = min(saved)
     os.sched_setaffinity(0, {cpu})  # this thread only
     try:
-        alone = _busy_share(clock, 0.3)
-        wall, run, cpu_time = time.perf_counter(), clock(), time.thread_time()
-        time.sleep(0.2)
-        slept = (clock() - run) / (time.perf_counter() - wall)
-        assert time.thread_time() - cpu_time < 0.05
+        alone = slept = 0.0
+        for _ in range(5):
+            alone = max(alone, _busy_share(clock, 0.3))
+            wall, run, cpu_time = time.perf_counter(), clock(), time.thread_time()
+            time.sleep(0.2)
+            slept = max(slept, (clock() - run) / (time.perf_counter() - wall))
+            assert time.thread_time() - cpu_time < 0.05
+            if alone > 0.85 and slept > 0.9:
+                break
         loop = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
         hog = subprocess.Popen([sys.executable, "-c", loop])
         try:
