@@ -469,15 +469,44 @@ def _cli(argv: list[str], debug: bool) -> int:
         return _fail(e, 1, debug, prefix=f"{type(e).__name__}: ")
 
 
+# the flags each command cannot run without (each command's own check says so when one is missing): --help marks
+# them "Required" where fire would say "Default: None"
+REQUIRED = {"llama-cli": ("ckpt_dir",), "llama-cli chat": ("ckpt_dir",), "llama-cli compile": ("ckpt_dir",),
+            "llama-cli convert": ("src", "out"), "llama-cli perplexity": ("ckpt_dir", "text_file"),
+            "llama-cli quantize": ("ckpt_dir", "out", "mode"), "llama-cli reshard": ("ckpt_dir", "out", "shards")}
+
+
 def _help(fn, name: str) -> int:
-    """fire's help text, on stdout (fire itself writes it to stderr)."""
+    """fire's help text, tidied, on stdout (fire itself writes it to stderr)."""
     import fire.helptext
     import fire.trace
 
-    text = fire.helptext.HelpText(fn, fire.trace.FireTrace(fn, name=name))
-    # fire offers "-x" for each flag whose first letter is its own; we take -q for --quiet alone (see ALIASES)
-    print(re.sub(r"(?m)^(\s+)-[a-z], (--(?!quiet\b))", r"\1\2", text))
+    print(tidy_help(fire.helptext.HelpText(fn, fire.trace.FireTrace(fn, name=name)), name))
     return 0
+
+
+def tidy_help(text: str, name: str) -> str:
+    """fire's help text for command `name` as a user should read it: no "VALUE" choices (fire lists the flags of
+    RunConfig, a class, once more as values), no one-letter flags but -q, no Python quoting of names and types,
+    and required flags marked so."""
+    text = text.replace(f"'{name}'", name)  # fire quotes a name with a space in it
+    text = re.sub(r"\nVALUES\n.*", "\n", text, flags=re.S).replace(f"{name} VALUE | <flags>", f"{name} <flags>")
+    # fire offers "-x" for each flag whose first letter is its own; we take -q for --quiet alone (see ALIASES)
+    text = re.sub(r"(?m)^(\s+)-[a-z], (--(?!quiet\b))", r"\1\2", text)
+    blocks = re.split(r"(?m)^(?=    -)", text)
+    for i, block in enumerate(blocks):
+        flag = re.match(r" +(?:-q, )?--(\w+)", block)
+        if flag is None:
+            continue
+        block = re.sub(r"(?m)^ +Type: Optional\[\]\n", "", block)  # a flag without a type, whose default is None
+        block = re.sub(r"Type: Optional\['(Optional\[\w+\])'\]", r"Type: \1", block)
+        block = re.sub(r"(?m)^( +(?:Type|Default): )'([^'\n]*)'$", r"\1\2", block)
+        if "Default: <factory>" in block:  # a list: the flag given any number of times
+            block = block.replace("Type: list", "Type: str, repeatable").replace("Default: <factory>", "Default: None")
+        if flag.group(1) in REQUIRED.get(name, ()):
+            block = re.sub(r"Type: Optional\[(\w+)\]", r"Type: \1", block).replace("Default: None", "Required")
+        blocks[i] = block
+    return "".join(blocks).rstrip() + "\n"
 
 
 def _fail(e: BaseException, code: int, debug: bool, original: BaseException = None, prefix: str = "") -> int:

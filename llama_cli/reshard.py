@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+from .errors import UserError
+
 
 log = logging.getLogger("llama_cli")
 
@@ -36,6 +38,8 @@ def reshard(ckpt_dir=None, out=None, shards=None, dtype=None, tokenizer_path=Non
     from .devices import pick_dtype
 
     files, params, args = checkpoint.open_for_rewrite(ckpt_dir, out, tokenizer_path)
+    if shards is None:
+        raise UserError("--shards is required: how many shards to write (the number of processes the copy is for)")
     start = time.perf_counter()
     reader = checkpoint.CheckpointReader(files, args)
     stored = reader.shard(0)["norm.weight"].dtype

@@ -833,6 +833,44 @@ def test_help_shows_every_flag_with_its_whole_text():
         assert f"llama-cli {name} --" in text, name
 
 
+def test_help_reads_as_a_users_text_with_required_flags_marked(capsys):
+    """Every command's --help: no Python quoting or fire's "VALUE" choices (RunConfig's flags listed again as if
+    they were values), and each flag the command cannot run without says "Required", not "Default: None"."""
+    from llama_cli.cli import REQUIRED, _subcommands
+
+    for command in ["", *_subcommands()]:
+        name = f"llama-cli {command}".strip()
+        code, out, _ = run_cli(capsys, *([command] if command else []), "--help")
+        assert code == 0
+        for wart in ("VALUE", "Optional[]", "Optional['", "<factory>", "Type: '", "Default: '", f"'{name}'"):
+            assert wart not in out, (name, wart)
+        assert f"SYNOPSIS\n    {name} <flags>" in out
+        blocks = {b.split("=", 1)[0].split("--")[-1]: b for b in re.split(r"\n(?=    -)", out.split("\nFLAGS\n")[1])}
+        assert REQUIRED[name] and set(REQUIRED[name]) <= set(blocks), name
+        for flag, block in blocks.items():
+            required = flag in REQUIRED[name]
+            assert ("\n        Required\n" in block) == required, (name, flag)
+            assert ("Default:" in block) != required, (name, flag)
+            assert "Optional" not in block or not required, (name, flag)
+
+
+def test_each_required_flag_is_required(capsys, ckpt, tmp_path):
+    """What --help marks required is what each command asks for: left out alone, the error names it."""
+    from llama_cli.cli import REQUIRED
+
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score.\n")
+    given = {"ckpt_dir": ckpt, "out": tmp_path / "new", "mode": "int8", "shards": 1, "src": ckpt,
+             "text_file": text}
+    for name, flags in REQUIRED.items():
+        command = name.split()[1:]
+        for missing in flags:
+            args = [a for f in flags if f != missing for a in (f"--{f}", given[f])]
+            code, _, err = run_cli(capsys, *command, *args)
+            assert code == 2 and f"--{missing}" in err, (name, missing, err)
+            assert not (tmp_path / "new").exists()
+
+
 def test_version(capsys):
     from llama_cli import __version__
 
