@@ -331,6 +331,22 @@ ELSEWHERE = {"llama-cli": {"interactive": _CHAT, "i": _CHAT, "conversation": _CH
              "llama-cli chat": dict.fromkeys(("p", "prompt", "f", "prompts_file"), _MESSAGES)}
 
 
+def _positional(arg: str, command: str) -> UserError:
+    """The error for a value given without a flag, naming the flag it most likely belongs to."""
+    see = f"(see {command} --help)"
+    what = None
+    if command == "llama-cli convert" and os.path.exists(arg):
+        what = "the file or folder to convert goes after --src"
+    elif os.path.isfile(os.path.join(arg, "params.json")):
+        what = "a checkpoint folder goes after --ckpt_dir"
+    elif command == "llama-cli perplexity" and os.path.isfile(arg):
+        what = "the text to score goes after --text_file"
+    elif command == "llama-cli":
+        what = "text to complete goes after --prompt"
+    return UserError(f"unexpected argument {arg!r}; {what or command + ' takes flags only, each value after its flag'}"
+                     f" {see}")
+
+
 def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: str = "llama-cli") -> list[str]:
     """Check argv against fn's flags and rewrite it so fire takes text as text.
 
@@ -348,8 +364,7 @@ def literal_args(argv: list[str], fn=RunConfig, str_flags=_STR_FLAGS, command: s
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("-") or arg in ("-", "--"):
-            raise UserError(f"unexpected argument {arg!r}; text to complete goes after --prompt "
-                            "(see llama-cli --help)")
+            raise _positional(arg, command)
         flag, eq, value = arg.partition("=")
         name = flag.lstrip("-").replace("-", "_")
         name = short.get(name, name) if flag.startswith("-") and not flag.startswith("--") else name

@@ -435,6 +435,27 @@ def test_bad_flags(capsys, ckpt, args, needle):
     assert out == ""
 
 
+def test_a_value_without_its_flag_is_pointed_to_the_flag(capsys, ckpt, tmp_path):
+    """A value given without a flag (`llama-cli convert model.gguf out`): each command says which flag it likely
+    belongs to, or that it takes flags only; never the completion command's "--prompt" for a subcommand."""
+    text = tmp_path / "t.txt"
+    text.write_text("Some text.\n")
+    cases = [(["Hello"], "text to complete goes after --prompt (see llama-cli --help)"),
+             ([ckpt], "a checkpoint folder goes after --ckpt_dir (see llama-cli --help)"),
+             (["chat", ckpt], "a checkpoint folder goes after --ckpt_dir (see llama-cli chat --help)"),
+             (["convert", text, tmp_path / "out"], "the file or folder to convert goes after --src"),
+             (["convert", "--src", text, tmp_path / "out"],
+              "llama-cli convert takes flags only, each value after its flag (see llama-cli convert --help)"),
+             (["perplexity", "--ckpt_dir", ckpt, text], "the text to score goes after --text_file"),
+             (["quantize", ckpt, tmp_path / "q"], "a checkpoint folder goes after --ckpt_dir"),
+             (["reshard", "--ckpt_dir", ckpt, "2"], "llama-cli reshard takes flags only")]
+    for args, needle in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, 2, needle)
+        assert "--prompt" not in err or args == ["Hello"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "q").exists()
+
+
 def test_bad_prompt_files(capsys, ckpt, tmp_path):
     cases = {
         "latin1.txt": (b"hello\ncaf\xe9\n", "line 2 is not UTF-8"),
