@@ -65,15 +65,17 @@ def args_from_params(params: dict) -> tuple[ModelArgs, list[str]]:
         from .quant import check_mode
 
         q = kwargs["quantization"]
-        mode, group = check_mode(q.get("mode"), q.get("group_size"))
+        keys = ("params.json: quantization.mode", "params.json: quantization.group_size")
+        mode, group = check_mode(q.get("mode"), q.get("group_size"), keys)
         kwargs["quantization"] = {"mode": mode, "group_size": group}
         if q.get("embeddings") is not None:  # the token embeddings (and a tied output layer) in a form of their own
             e = q["embeddings"]
             if not isinstance(e, dict) or e.get("group_size") is None:
                 raise UserError("params.json: quantization.embeddings must be like "
                                 "{\"mode\": \"int8\", \"group_size\": 32}")
+            keys = tuple(k.replace("quantization.", "quantization.embeddings.") for k in keys)
             kwargs["quantization"]["embeddings"] = dict(zip(("mode", "group_size"),
-                                                            check_mode(e.get("mode"), e.get("group_size"))))
+                                                            check_mode(e.get("mode"), e.get("group_size"), keys)))
     return ModelArgs(**kwargs), unknown
 
 

@@ -36,22 +36,23 @@ def check_flags(quantize, group_size) -> tuple[Optional[str], Optional[int]]:
     return (None, None) if quantize is None else check_mode(quantize, group_size)
 
 
-def check_mode(mode, group_size) -> tuple[str, Optional[int]]:
-    """(mode, group size); the group size stays None (pick_group decides) when not given for int4."""
+def check_mode(mode, group_size, names=("--quantize", "--group_size")) -> tuple[str, Optional[int]]:
+    """(mode, group size); the group size stays None (pick_group decides) when not given for int4. names: what
+    the mode and the group size are called where they were given (flags, or params.json's keys)."""
     if mode not in MODES:
-        raise UserError(f"--quantize must be int8 or int4, got {mode!r}")
+        raise UserError(f"{names[0]} must be int8 or int4, got {mode!r}")
     if group_size is None:
         return mode, 0 if mode == "int8" else None
     allowed = (0, 32, 64, 128, 256) if mode == "int8" else (32, 64, 128, 256)
     if isinstance(group_size, bool) or group_size not in allowed:
-        raise UserError(f"--group_size for {mode} must be one of {', '.join(map(str, allowed))} "
+        raise UserError(f"{names[1]} for {mode} must be one of {', '.join(map(str, allowed))} "
                         f"(0: one group per output row), got {group_size!r}")
     return mode, group_size
 
 
-def pick_group(mode: str, group_size: Optional[int], in_sizes, processes: int = 1) -> int:
+def pick_group(mode: str, group_size: Optional[int], in_sizes, processes: int = 1, flag: str = "--quantize") -> int:
     """The group size to use: the one asked for, else 0 (per row) for int8 and 32 for int4. in_sizes: the
-    linear layers' input sizes, as each of `processes` processes holds them."""
+    linear layers' input sizes, as each of `processes` processes holds them; flag: the mode's flag."""
     if group_size is not None:
         return group_size
     if mode == "int8":
@@ -59,7 +60,7 @@ def pick_group(mode: str, group_size: Optional[int], in_sizes, processes: int = 
     if any(n % INT4_DEFAULT_GROUP for n in in_sizes):
         per = f" per process on {processes} processes" if processes > 1 else ""
         raise UserError(f"int4's groups of {INT4_DEFAULT_GROUP} do not divide this model's input sizes{per} "
-                        f"{sorted(set(in_sizes))}; use --quantize int8" + (" or fewer processes" if per else ""))
+                        f"{sorted(set(in_sizes))}; use {flag} int8" + (" or fewer processes" if per else ""))
     return INT4_DEFAULT_GROUP
 
 

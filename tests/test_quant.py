@@ -1,6 +1,7 @@
 """Weight-only int8/int4: the forms round-trip within their step, the quantized model is exactly the
 model on the dequantized weights (checked against HF transformers), compiled = eager, bad input refused."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -457,7 +458,10 @@ def test_quantize_refusals(tmp_path, spm_path, capsys):
                 "--group_size", "128"]) == 2
     assert "--group_size 128 does not divide the input size 64" in capsys.readouterr().err
     assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "b"), "--mode", "int2"]) == 2
-    assert "int8 or int4" in capsys.readouterr().err
+    assert "--mode must be int8 or int4, got 'int2'" in capsys.readouterr().err  # the flag as this command names it
+    assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "b"), "--mode", "int4",
+                "--group_size", "48"]) == 2
+    assert "--group_size for int4 must be one of 32, 64, 128, 256" in capsys.readouterr().err
     assert cli(["quantize", "--ckpt_dir", str(folder), "--out", str(tmp_path / "b"), "--mode", "int8",
                 "--shards", "0"]) == 2  # not taken for the default
     assert "--shards must be a positive integer, got 0" in capsys.readouterr().err
@@ -467,6 +471,19 @@ def test_quantize_refusals(tmp_path, spm_path, capsys):
     assert "already quantized" in capsys.readouterr().err
     assert cli(["--ckpt_dir", str(tmp_path / "c"), "--prompt", "Hi", "--quantize", "int8"]) == 2
     assert "already quantized" in capsys.readouterr().err
+    params = json.loads((tmp_path / "c" / "params.json").read_text())
+    for where, bad, said in [((), {"mode": "int3"}, "params.json: quantization.mode must be int8 or int4, got 'int3'"),
+                             (("embeddings",), {"group_size": 48},
+                              "params.json: quantization.embeddings.group_size for int8 must be one of 0, 32")]:
+        changed = json.loads(json.dumps(params))
+        part = changed["quantization"]
+        for key in where:
+            part = part[key]
+        part.update(bad)
+        (tmp_path / "c" / "params.json").write_text(json.dumps(changed))
+        assert cli(["--ckpt_dir", str(tmp_path / "c"), "--prompt", "Hi"]) == 2
+        assert said in capsys.readouterr().err
+    (tmp_path / "c" / "params.json").write_text(json.dumps(params))
     sd = torch.load(tmp_path / "c" / "consolidated.00.pth", weights_only=True)  # values stored in another type
     sd["layers.0.feed_forward.w1.weight.q"] = sd["layers.0.feed_forward.w1.weight.q"].float()
     torch.save(sd, tmp_path / "c" / "consolidated.00.pth")

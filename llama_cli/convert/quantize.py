@@ -46,7 +46,7 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
 
     if out is None or mode is None:
         raise UserError("quantize needs --ckpt_dir, --out (the folder to write) and --mode int8 or int4")
-    mode, group_size = check_mode(mode, group_size)
+    mode, group_size = check_mode(mode, group_size, ("--mode", "--group_size"))
     files, params, args = checkpoint.open_for_rewrite(ckpt_dir, out, tokenizer_path)
     if args.quantization is not None:
         raise UserError(f"{ckpt_dir} is already quantized ({args.quantization['mode']}, group size "
@@ -55,7 +55,7 @@ def quantize_checkpoint(ckpt_dir=None, out=None, mode=None, group_size=None, sha
 
     in_sizes = {name: shape[1] for name, (shape, _) in checkpoint.weight_table(args).items()
                 if checkpoint.is_linear(name)}
-    group_size = pick_group(mode, group_size, in_sizes.values())
+    group_size = pick_group(mode, group_size, in_sizes.values(), flag="--mode")
     for name, n in in_sizes.items():
         if group_size and n % group_size:
             raise UserError(f"--group_size {group_size} does not divide the input size {n} of '{name}'; "
