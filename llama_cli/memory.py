@@ -105,8 +105,10 @@ def preflight(args: ModelArgs, world_size: int, device: torch.device, dtype: tor
     fits = int((free / sharing - weights) // per_row)
     hint = (f"--max_batch_size {fits}" if fits >= 1 else
             f"--max_seq_len {int((free / sharing - weights) // (per_row / max_seq_len))}")
+    # one row (one prompt, or chat, which has no --max_batch_size): its length is all there is to lower
+    size, lower = ((f"max_batch_size={max_batch_size} x max_seq_len={max_seq_len}", "--max_batch_size or --max_seq_len")
+                   if max_batch_size > 1 else (f"one row of max_seq_len={max_seq_len}", "--max_seq_len"))
     raise UserError(
-        f"the KV cache needs {kv / GiB:.2f} GiB (max_batch_size={max_batch_size} x max_seq_len={max_seq_len}) "
-        f"on top of {weights / GiB:.2f} GiB of weights per process, but only {free / GiB:.2f} GiB is free on {where}; "
-        f"lower --max_batch_size or --max_seq_len (e.g. {hint})"
+        f"the KV cache needs {kv / GiB:.2f} GiB ({size}) on top of {weights / GiB:.2f} GiB of weights per process, "
+        f"but only {free / GiB:.2f} GiB is free on {where}; lower {lower} (e.g. {hint})"
         + (", or hold it in half the bytes (--kv_cache_dtype bf16)" if kv_dtype == torch.float32 else ""))

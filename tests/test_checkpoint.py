@@ -335,3 +335,7 @@ def test_weights_that_do_not_fit_are_refused_with_numbers():
     with pytest.raises(UserError, match=r"KV cache needs 8\.00 GiB .*--max_batch_size \d+\)$"):
         preflight(args, 2, torch.device("cpu"), torch.float32, 32, 1024, free=12 * 1024 ** 3,
                   linear_dtype=torch.bfloat16, kv_dtype=torch.bfloat16)
+    # one row (one prompt, or chat, which has no --max_batch_size): only its length is named
+    with pytest.raises(UserError, match=r"KV cache needs 64\.00 GiB \(one row of max_seq_len=131072\) on top of "
+                                        r"12\.\d\d GiB .*; lower --max_seq_len \(e\.g\. --max_seq_len 7062\)$"):
+        preflight(args, 1, torch.device("cpu"), torch.bfloat16, 1, 131072, free=16 * 1024 ** 3)
