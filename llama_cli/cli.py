@@ -554,7 +554,7 @@ def _subcommands() -> dict:
     return {"reshard": (reshard, ("ckpt_dir", "out", "dtype", "tokenizer_path")),
             "convert": (convert, ("src", "out", "dtype")),
             "quantize": (quantize_checkpoint, ("ckpt_dir", "out", "mode", "dtype", "tokenizer_path")),
-            "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype")),
+            "compile": (compile_step, ("ckpt_dir", "tokenizer_path", "device", "dtype", "kv_cache_dtype", "quantize")),
             "chat": (chat, ("ckpt_dir", "tokenizer_path", "system", "chat_format", "output", "device", "dtype",
                             "kv_cache_dtype", "quantize", "compile", "cuda_graphs")),
             "perplexity": (perplexity, ("ckpt_dir", "text_file", "tokenizer_path", "output", "device", "dtype",

@@ -15,7 +15,7 @@ log = logging.getLogger("llama_cli")
 
 
 def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_len=512, device=None, dtype=None,
-                 threads=None):
+                 kv_cache_dtype="auto", quantize=None, group_size=None, threads=None):
     """Compile the decoding step of a checkpoint now, so that later runs start with it.
 
     Example:
@@ -27,9 +27,9 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
     layer one native call) is faster still, and --compile auto does not compile or use a compiled step
     (this command says so; --compile on does).
 
-    The step is kept for one KV cache size and, on the CPU, one thread count: compile with the
-    --max_batch_size, --max_seq_len (rounded up to 64) and --threads that the runs will use (their defaults
-    are the same as a run's).
+    The step is kept for one model form, KV cache and, on the CPU, thread count: compile with the
+    --max_batch_size, --max_seq_len (rounded up to 64), --dtype, --kv_cache_dtype, --quantize, --group_size and
+    --threads that the runs will use (their defaults are the same as a run's).
 
     Args:
       ckpt_dir: the checkpoint folder (consolidated.NN.pth + params.json).
@@ -38,6 +38,10 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
       max_seq_len: the --max_seq_len of the runs that will use it (default 512, as a run's).
       device: cpu, cuda, cuda:N or mps. Default is this rank's GPU if there is one, else cpu.
       dtype: fp32, bf16 or fp16, as you will run it. Default is bf16 on GPUs, fp32 on cpu.
+      kv_cache_dtype: auto, fp32, bf16 or fp16, as you will run it (auto: as --dtype).
+      quantize: int8 or int4, where the runs quantize the weights as they load (a folder written by
+        llama-cli quantize needs none).
+      group_size: with --quantize, as the runs give it.
       threads: CPU threads, as you will run it (the compiled CPU step is made for its thread count). Default is
         one per core (at most a container's CPU quota), or OMP_NUM_THREADS.
     """
@@ -61,7 +65,8 @@ def compile_step(ckpt_dir=None, tokenizer_path=None, max_batch_size=1, max_seq_l
     tokenizer_path = tokenizer_path or find_tokenizer(str(ckpt_dir))
     start = time.perf_counter()
     llama = Llama.build(str(ckpt_dir), str(tokenizer_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, compile="on", cuda_graphs="off", threads=threads)
+                        device=device, dtype=dtype, compile="on", cuda_graphs="off", threads=threads,
+                        kv_cache_dtype=kv_cache_dtype, quantize=quantize, group_size=group_size)
     if NativeStep.replaces_compiling(llama.model):
         log.warning("on this machine %s decodes faster uncompiled (each layer one native call, with our CPU kernels): "
                     "--compile auto will not use this compiled step; --compile on does", ckpt_dir)

@@ -134,6 +134,31 @@ def test_compile_subcommand_then_auto_uses_the_kept_step(tmp_path, tiny_ckpt):
         assert "--compile auto will not use this compiled step" in proc.stderr
 
 
+def test_compile_ahead_for_runs_that_quantize_at_load_with_a_half_width_cache(tmp_path, tiny_ckpt):
+    """llama-cli compile takes the run's --quantize, --group_size and --kv_cache_dtype: a later run with the same
+    ones finds the step kept (a job of 100 tokens, which for eager int8 steps compiles only when kept); a run with
+    a cache of another width does not (it stays eager). Without our kernels, as on CPUs they are not built for."""
+    env = {**subprocess_env(), "LLAMA_CLI_CACHE": str(tmp_path / "cache"), "LLAMA_CLI_NATIVE": "0"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    folder = tiny_ckpt[0]
+    cmd = [sys.executable, "-m", "llama_cli"]
+    form = ["--max_seq_len", "256", "--quantize", "int8", "--group_size", "32", "--kv_cache_dtype", "bf16"]
+    proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder), *form], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    run = cmd + ["--ckpt_dir", str(folder), "--prompt", "Hello", "--max_gen_len", "100", "--max_batch_size", "1",
+                 "--temperature", "0"]
+    proc = subprocess.run(run + form, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled the decode step for 1 row(s)" in proc.stderr
+    proc = subprocess.run(run + form[:-1] + ["fp32"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled the decode step" not in proc.stderr
+    proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder), "--quantize", "int3"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.strip() == "llama-cli: error: --quantize must be int8 or int4, got 'int3'"
+
+
 def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch):
     """Inductor's vector-ISA probe runs once per machine (recorded); its outcome tells inductor to skip the
     probe only when recorded on this CPU, compiler and torch, and when every ISA the CPU claims passed."""
