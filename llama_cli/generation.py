@@ -117,12 +117,13 @@ def _warn_half_activations(dtype: torch.dtype) -> None:
 def _compiling(model, weights: str, compile, device, max_batch_size: int, key: str,
                expected_tokens: Optional[int]) -> bool:
     """Whether the decode step is compiled (engine.decide_compile), for `weights` as _weights_for_device
-    returned; warns where CUDA weights then dequantize on every step."""
+    returned; warns where CUDA weights then dequantize on every step (not for a job of no decode steps,
+    expected_tokens 0: perplexity's prefills dequantize as they would in any batch)."""
     dequantizing = weights == "dequantizing"
     native_step = NativeStep.replaces_compiling(model)  # then auto does not compile
     compiling = decide_compile(compile, device, max_batch_size, key, expected_tokens, dequantizing,
                                kernels=weights == "kernels", native_step=native_step)
-    if is_cuda(device) and dequantizing and not compiling:
+    if is_cuda(device) and dequantizing and not compiling and expected_tokens != 0:
         from .quant import cuda_forms
 
         hint = ("use --max_batch_size 1 or 2 (int8 then runs on our Triton kernel, nothing to compile)"

@@ -139,6 +139,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
     try:
         llama = Llama.build(str(ckpt_dir), tokenizer_path, positions, rows, device=device, dtype=dtype,
                             compile="off", cuda_graphs="off", tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype,
+                            expected_tokens=0,  # prefills only
                             quantize=quantize, group_size=group_size, threads=threads)
     except UserError as e:  # the memory check names the generating command's flag for the context
         raise UserError(str(e).replace("--max_seq_len", "--ctx").replace("max_seq_len=", "ctx=")) from None

@@ -250,6 +250,10 @@ def test_int8_on_cuda_warns_when_not_compiled(tmp_path, spm_path, monkeypatch, c
             assert "--quantize int4" in caplog.text and "Triton" in caplog.text
         else:
             assert "dequantized on every step" not in caplog.text, (mode, rows)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llama_cli"):  # perplexity: no decode steps, nothing to say
+        Llama.build(str(folder), tok, 64, 4, quantize="int8", compile="off", expected_tokens=0)
+    assert "dequantized on every step" not in caplog.text
     import llama_cli.triton_gemv as triton_gemv
 
     monkeypatch.setattr(triton_gemv, "available", lambda: False)  # (or a GPU older than sm_80): compiling is the way
