@@ -103,7 +103,8 @@ def _weights_for_device(model: Transformer, args, quantize: Optional[str], group
 
 
 def _warn_past_context(max_seq_len: int, context_length: int) -> None:
-    log.warning("max_seq_len %d is past the %d positions this model was trained for (context_length in its "
+    # no flag named: the generating commands' --max_seq_len is perplexity's --ctx
+    log.warning("a context of %d positions is past the %d this model was trained for (context_length in its "
                 "params.json); text generated or scored beyond them tends to degrade", max_seq_len, context_length)
 
 

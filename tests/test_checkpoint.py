@@ -162,7 +162,7 @@ def test_max_seq_len_past_the_trained_context_warns(tmp_path, spm_path, caplog):
         msgs = [r.getMessage() for r in caplog.records if "trained for" in r.getMessage()]
         assert len(msgs) == int(warned), (seq, msgs)
         if warned:
-            assert "max_seq_len 64 is past the 48 positions" in msgs[0]
+            assert "a context of 64 positions is past the 48 this model was trained for" in msgs[0]
     assert not [r for r in caplog.records if "unknown" in r.getMessage()]
     from llama_cli.cli import cli
 
