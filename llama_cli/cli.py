@@ -328,7 +328,9 @@ _MESSAGES = ("chat takes your messages typed at its prompt or one a line on stan
 ELSEWHERE = {"llama-cli": {"interactive": _CHAT, "i": _CHAT, "conversation": _CHAT, "cnv": _CHAT, "chat": _CHAT,
                            "perplexity": _is_command("perplexity --ckpt_dir DIR --text_file FILE"),
                            "convert": _is_command("convert --src FILE --out DIR")},
-             "llama-cli chat": dict.fromkeys(("p", "prompt", "f", "prompts_file"), _MESSAGES)}
+             "llama-cli chat": {**dict.fromkeys(("p", "prompt", "f", "prompts_file"), _MESSAGES),
+                                "stream": "chat's text replies stream as they are generated; there is nothing to "
+                                          "turn on"}}
 
 
 def _positional(arg: str, command: str) -> UserError:

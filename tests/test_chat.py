@@ -432,6 +432,14 @@ def test_chat_says_where_its_messages_come_from(tmp_path, capsys, flag):
                    "line on standard input: echo TEXT | llama-cli chat --ckpt_dir DIR")
 
 
+def test_chat_says_its_replies_stream_without_a_flag(tmp_path, capsys):
+    """--stream (the completion command's) given to chat: its text replies always stream; said so, not "did you
+    mean --system?"."""
+    assert cli(["chat", "--ckpt_dir", str(tmp_path / "none"), "--stream"]) == 2
+    assert capsys.readouterr().err.strip() == ("llama-cli: error: unknown flag --stream; chat's text replies stream "
+                                               "as they are generated; there is nothing to turn on")
+
+
 def test_dash_q_is_quiet_in_chat_too(chat_llama, monkeypatch, capsys):
     """-q is --quiet in every command (README); in chat, whose only flag beginning with q is --quantize, fire's help
     offered -q for --quantize and the command refused -q as an unknown flag."""
