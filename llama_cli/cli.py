@@ -304,8 +304,8 @@ def setup_logging(quiet: bool) -> None:
 # tokens, -c context, -t threads, -s seed, -b batch, -r reverse prompt, -o output), else the flag it would be
 # here: we take no one-letter flags but -q and -h, so that another tool's habit is never taken for another flag
 # of ours (`-f prompts.txt` as --frequency_penalty, `-s 42` as perplexity's --stride).
-ALIASES = {"max_seq_len": ("ctx",), "ctx_size": ("max_seq_len", "ctx"), "n_ctx": ("max_seq_len", "ctx"),
-           "context": ("max_seq_len", "ctx"), "n_predict": ("max_gen_len",), "max_new_tokens": ("max_gen_len",),
+ALIASES = {"max_seq_len": ("ctx",), "ctx": ("max_seq_len",), "ctx_size": ("max_seq_len", "ctx"),
+           "n_ctx": ("max_seq_len", "ctx"), "context": ("max_seq_len", "ctx"), "n_predict": ("max_gen_len",), "max_new_tokens": ("max_gen_len",),
            "max_tokens": ("max_gen_len",), "temp": ("temperature",), "model": ("ckpt_dir", "src"),
            "checkpoint": ("ckpt_dir",), "file": ("prompts_file", "text_file"), "batch_size": ("max_batch_size",),
            "tokenizer": ("tokenizer_path",), "n_threads": ("threads",), "repeat_penalty": ("repetition_penalty",),
@@ -330,7 +330,9 @@ ELSEWHERE = {"llama-cli": {"interactive": _CHAT, "i": _CHAT, "conversation": _CH
                            "convert": _is_command("convert --src FILE --out DIR")},
              "llama-cli chat": {**dict.fromkeys(("p", "prompt", "f", "prompts_file"), _MESSAGES),
                                 "stream": "chat's text replies stream as they are generated; there is nothing to "
-                                          "turn on"}}
+                                          "turn on",
+                                "output_file": "chat writes its replies to standard output; redirect it: "
+                                               "llama-cli chat ... > FILE"}}
 
 
 def _positional(arg: str, command: str) -> UserError:

@@ -434,10 +434,14 @@ def test_chat_says_where_its_messages_come_from(tmp_path, capsys, flag):
 
 def test_chat_says_its_replies_stream_without_a_flag(tmp_path, capsys):
     """--stream (the completion command's) given to chat: its text replies always stream; said so, not "did you
-    mean --system?"."""
+    mean --system?". --output_file: standard output is where they go; --ctx: --max_seq_len."""
     assert cli(["chat", "--ckpt_dir", str(tmp_path / "none"), "--stream"]) == 2
     assert capsys.readouterr().err.strip() == ("llama-cli: error: unknown flag --stream; chat's text replies stream "
                                                "as they are generated; there is nothing to turn on")
+    assert cli(["chat", "--ckpt_dir", str(tmp_path / "none"), "--output_file", "f.txt"]) == 2
+    assert "chat writes its replies to standard output; redirect it" in capsys.readouterr().err
+    assert cli(["chat", "--ckpt_dir", str(tmp_path / "none"), "--ctx", "100"]) == 2  # llama.cpp's name
+    assert "unknown flag --ctx; did you mean --max_seq_len?" in capsys.readouterr().err
 
 
 def test_dash_q_is_quiet_in_chat_too(chat_llama, monkeypatch, capsys):

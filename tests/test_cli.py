@@ -409,7 +409,8 @@ def test_missing_and_empty_ckpt_dir(capsys, tmp_path):
     (["--seed", "-1"], "--seed must be an integer >= 0"), (["--seed", str(2**64)], "--seed must be an integer <= "),
     (["--prompt", "   "], "empty"), (["--bogus", "1"], "unknown flag --bogus; see llama-cli --help"),
     (["--tempreature", "0"], "unknown flag --tempreature; did you mean --temperature? see llama-cli --help"),
-    (["--max_new_tokens", "9"], "did you mean --max_gen_len?"), (["-p", "Hi"], "did you mean --prompt?"),
+    (["--max_new_tokens", "9"], "did you mean --max_gen_len?"),
+    (["--ctx", "64"], "did you mean --max_seq_len?"), (["-p", "Hi"], "did you mean --prompt?"),
     # llama.cpp's one-letter flags are hinted at; none is taken for another of ours (-f was --frequency_penalty)
     (["-f", "prompts.txt"], "unknown flag -f; did you mean --prompts_file?"),
     (["-n", "5"], "did you mean --max_gen_len?"),
