@@ -305,7 +305,8 @@ def setup_logging(quiet: bool) -> None:
 # here: we take no one-letter flags but -q and -h, so that another tool's habit is never taken for another flag
 # of ours (`-f prompts.txt` as --frequency_penalty, `-s 42` as perplexity's --stride).
 ALIASES = {"max_seq_len": ("ctx",), "ctx": ("max_seq_len",), "ctx_size": ("max_seq_len", "ctx"),
-           "n_ctx": ("max_seq_len", "ctx"), "context": ("max_seq_len", "ctx"), "n_predict": ("max_gen_len",), "max_new_tokens": ("max_gen_len",),
+           "n_ctx": ("max_seq_len", "ctx"), "context": ("max_seq_len", "ctx"), "n_predict": ("max_gen_len",),
+           "max_new_tokens": ("max_gen_len",),
            "max_tokens": ("max_gen_len",), "temp": ("temperature",), "model": ("ckpt_dir", "src"),
            "checkpoint": ("ckpt_dir",), "file": ("prompts_file", "text_file"), "batch_size": ("max_batch_size",),
            "tokenizer": ("tokenizer_path",), "n_threads": ("threads",), "repeat_penalty": ("repetition_penalty",),
