@@ -858,7 +858,8 @@ def test_help_shows_every_flag_with_its_whole_text():
 def test_help_reads_as_a_users_text_with_required_flags_marked(capsys):
     """Every command's --help: no Python quoting or fire's "VALUE" choices (RunConfig's flags listed again as if
     they were values), and each flag the command cannot run without says "Required", not "Default: None"."""
-    from llama_cli.cli import REQUIRED, _subcommands
+    from llama_cli.cli import _subcommands
+    from llama_cli.flags import REQUIRED
 
     for command in ["", *_subcommands()]:
         name = f"llama-cli {command}".strip()
@@ -878,7 +879,7 @@ def test_help_reads_as_a_users_text_with_required_flags_marked(capsys):
 
 def test_each_required_flag_is_required(capsys, ckpt, tmp_path):
     """What --help marks required is what each command asks for: left out alone, the error names it."""
-    from llama_cli.cli import REQUIRED
+    from llama_cli.flags import REQUIRED
 
     text = tmp_path / "t.txt"
     text.write_text("Some text to score.\n")
