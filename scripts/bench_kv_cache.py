@@ -64,10 +64,12 @@ def main() -> None:
             for k in a.kinds}
     vocab = next(iter(runs.values()))[1].tokenizer.n_words
     if a.gguf:
-        from llama_cpp import Llama as LlamaCpp
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_quant import llama_cpp_model
 
-        runs["llama.cpp (its f16 cache)"] = (theirs, LlamaCpp(model_path=a.gguf, n_ctx=seq, n_batch=512,
-                                                               n_threads=torch.get_num_threads(), verbose=False))
+        lc, _ = llama_cpp_model(Path(a.gguf), n_ctx=seq, n_batch=512)
+        if lc is not None:
+            runs["llama.cpp (its f16 cache)"] = (theirs, lc)
     print(f"{a.ckpt_dir}; {a.new_tokens} greedy decode steps after each prompt; tokens/s, median / best of "
           f"{a.rounds} rounds; {torch.get_num_threads()} threads\n")
     print("| prompt tokens | " + " | ".join(runs) + " |")

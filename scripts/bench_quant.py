@@ -15,7 +15,8 @@ activations), then
   uncompiled (the native step: one C++ call a layer, what --compile auto runs) and compiled; with
   --portable also without our CPU kernels (LLAMA_CLI_NATIVE=0, as where they are not built); and
   of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with
-  as many threads as torch uses; --rounds rounds, the forms interleaved within each round, medians reported
+  as many threads as torch uses (tried first in a child process: where its AMX or repacked products crash, as
+  llama-cpp-python 0.3.36's AMX product did on an Intel Xeon VM, it is measured without them, and says so); --rounds rounds, the forms interleaved within each round, medians reported
   (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair);
 - with --prefill N: prompt processing, the tokens/s of one prompt of N random tokens (llama-bench's pp N),
   for fp32, the Q4_1 file as it is and int8, uncompiled (what a run does), and llama.cpp's on the same file
@@ -224,7 +225,7 @@ def speed(a, asis: Path, dense: Path, half: Path, gguf: Path) -> None:
 
 def llama_cpp_model(gguf: Path, **kw):
     """(llama.cpp on the GGUF with as many threads as torch uses, its row name), or (None, None) where
-    llama-cpp-python (an optional bench dependency) is not installed."""
+    llama-cpp-python (an optional bench dependency) is not installed or crashes on this machine."""
     import torch
 
     try:
@@ -232,9 +233,60 @@ def llama_cpp_model(gguf: Path, **kw):
     except ImportError:
         print("llama.cpp: not measured (pip install -e .[bench] installs llama-cpp-python)", file=sys.stderr)
         return None, None
+    name = f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"
+    extra = llama_cpp_works(gguf)
+    if extra is None:
+        print(f"llama.cpp: not measured ({name} crashed on this machine, with and without its extra buffer "
+              "types)", file=sys.stderr)
+        return None, None
+    if not extra:
+        without_extra_buffers()
+        name += ", its AMX/repacked path off (that one crashed here)"
+        print(f"llama.cpp: its AMX/repacked matrix products crashed on this machine (llama-cpp-python "
+              f"{llama_cpp.__version__}); measured without them", file=sys.stderr)
     threads = torch.get_num_threads()
     lc = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
-    return lc, f"llama.cpp {llama_cpp.__version__} Q4_1 (the GGUF)"
+    return lc, name
+
+
+PROBE = """
+import sys
+import llama_cpp
+if sys.argv[2] == "off":
+    sys.path.insert(0, sys.argv[3])
+    from bench_quant import without_extra_buffers
+    without_extra_buffers()
+m = llama_cpp.Llama(model_path=sys.argv[1], n_threads=2, n_ctx=64, n_batch=32, verbose=False)
+m.eval(m.tokenize(b"Once upon a time, there was a little"))
+"""
+
+
+def llama_cpp_works(gguf: Path):
+    """Whether llama.cpp runs a few tokens of the GGUF in a child process: True as it is, False only without its
+    extra buffer types (its AMX and repacked matrix products: llama-cpp-python 0.3.36's AMX product crashed on
+    an Intel Xeon (Sapphire Rapids) VM with SmolLM2's Q4_1 file, killing the whole benchmark), None not at all."""
+    import subprocess
+
+    for extra in (True, False):
+        proc = subprocess.run([sys.executable, "-c", PROBE, str(gguf), "on" if extra else "off",
+                               str(Path(__file__).resolve().parent)], capture_output=True, timeout=300)
+        if proc.returncode == 0:
+            return extra
+    return None
+
+
+def without_extra_buffers() -> None:
+    """Models llama-cpp-python loads from now on skip llama.cpp's extra buffer types (AMX, repacked weights)."""
+    import llama_cpp.llama as module
+
+    real = module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = real()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
 
 
 def interleaved(runners: dict, rounds: int) -> dict:
