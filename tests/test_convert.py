@@ -106,6 +106,15 @@ def test_hf_refusals(tmp_path, capsys):
     (tmp_path / "f.bin").write_bytes(b"not gguf")
     assert cli(["convert", "--src", str(tmp_path / "f.bin"), "--out", str(tmp_path / "o")]) == 2
     assert "neither a GGUF" in capsys.readouterr().err
+    empty = tmp_path / "empty"  # a folder that is neither kind
+    empty.mkdir()
+    assert cli(["convert", "--src", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "has no config.json; a HuggingFace model folder holds config.json" in capsys.readouterr().err
+    (empty / "params.json").write_text("{}")  # a Meta checkpoint folder: ours already
+    assert cli(["convert", "--src", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "is a Meta checkpoint folder (params.json) already, nothing to convert: run it with --ckpt_dir" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     gelu = tmp_path / "gelu"  # a llama config with another activation: it would run as another model
     gelu.mkdir()
     (gelu / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,

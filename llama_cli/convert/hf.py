@@ -35,6 +35,10 @@ def read_config(src: str) -> dict:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except OSError:
+        if os.path.isfile(os.path.join(src, "params.json")):  # ours already: nothing to convert
+            raise UserError(f"{src} is a Meta checkpoint folder (params.json) already, nothing to convert: run it "
+                            "with --ckpt_dir, or rewrite it with llama-cli reshard (shards, --dtype) or llama-cli "
+                            "quantize") from None
         raise UserError(f"{src} has no config.json; a HuggingFace model folder holds config.json and "
                         "*.safetensors") from None
     except ValueError as e:
