@@ -107,7 +107,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
       threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
         CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
-    from . import distributed
+    from . import checkpoint, distributed
     from .generation import Llama
     from .quant import check_flags
     from .tokenizer import find_tokenizer, load_tokenizer
@@ -124,6 +124,7 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
     if output not in ("text", "jsonl"):
         raise UserError(f"--output must be text or jsonl, got {output!r}")
     quantize, group_size = check_flags(quantize, group_size)  # before the text is read
+    checkpoint.find_checkpoint(str(ckpt_dir))  # a GGUF file, an HF folder: said first, as runs do
     world_size, rank, _ = distributed.world()
     if rank == 0:
         from .cli import stdout_open

@@ -91,6 +91,17 @@ def test_perplexity_bad_input(tmp_path, spm_path, capsys, args, needle):
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_folder_to_convert_is_named_before_the_tokenizer(tmp_path, capsys):
+    """An HF folder (or a GGUF file) as --ckpt_dir: perplexity says to convert it, as every other command does; it
+    used to look for the tokenizer first ("tokenizer file ... does not exist")."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "t.txt").write_text("hello world")
+    assert cli(["perplexity", "--ckpt_dir", str(tmp_path / "hf"), "--text_file", str(tmp_path / "t.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is a HuggingFace model folder (config.json), not a Meta checkpoint; convert it first" in err, err
+
+
 def test_text_from_a_pipe(tmp_path, spm_path, capsys):
     """--text_file <(command): a pipe scores as the same text in a file does (it used to be refused)."""
     import os
