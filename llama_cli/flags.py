@@ -134,7 +134,7 @@ REQUIRED = {"llama-cli": ("ckpt_dir",), "llama-cli chat": ("ckpt_dir",), "llama-
 def tidy_help(text: str, name: str) -> str:
     """fire's help text for command `name` as a user should read it: no "VALUE" choices (fire lists the flags of
     RunConfig, a class, once more as values), no one-letter flags but -q, no Python quoting of names and types,
-    and required flags marked so."""
+    switches shown as they are given (--echo, --noshare_prefixes), and required flags marked so."""
     text = text.replace(f"'{name}'", name)  # fire quotes a name with a space in it
     text = re.sub(r"\nVALUES\n.*", "\n", text, flags=re.S).replace(f"{name} VALUE | <flags>", f"{name} <flags>")
     # fire offers "-x" for each flag whose first letter is its own; we take -q for --quiet alone (see ALIASES)
@@ -149,6 +149,11 @@ def tidy_help(text: str, name: str) -> str:
         block = re.sub(r"(?m)^( +(?:Type|Default): )'([^'\n]*)'$", r"\1\2", block)
         if "Default: <factory>" in block:  # a list: the flag given any number of times
             block = block.replace("Type: list", "Type: str, repeatable").replace("Default: <factory>", "Default: None")
+        switch = re.search(r"(?m)^ +Default: (True|False)$", block)
+        if switch:  # given alone (--echo), or --noX where it is on by default; -q is --quiet in every command
+            on = flag.group(1)
+            head = ("-q, " if on == "quiet" else "") + f"--{on}" + (f" / --no{on}" if switch.group(1) == "True" else "")
+            block = re.sub(rf"^    (?:-q, )?--{on}={on.upper()}", "    " + head, block)
         if flag.group(1) in REQUIRED.get(name, ()):
             block = re.sub(r"Type: Optional\[(\w+)\]", r"Type: \1", block).replace("Default: None", "Required")
         blocks[i] = block

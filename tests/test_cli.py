@@ -839,7 +839,7 @@ def test_help_shows_every_flag_with_its_whole_text():
 
     for f in dataclasses.fields(RunConfig):
         assert f"--{f.name}" in proc.stdout, f.name
-    assert not re.search(r"(?m)^\s+-[a-z], --", proc.stdout)  # no one-letter flags offered (only -q is taken)
+    assert not re.search(r"(?m)^\s+-(?!q, --quiet\n)[a-z], --", proc.stdout)  # no one-letter flags but -q (--quiet)
     text = " ".join(proc.stdout.split())
     assert "static (Meta's way, where each batch runs until its longest completion ends)" in text
     # fire's help cuts a text at a line that looks like "name: ..." (a colon): every flag's text runs to its end
@@ -868,13 +868,21 @@ def test_help_reads_as_a_users_text_with_required_flags_marked(capsys):
         for wart in ("VALUE", "Optional[]", "Optional['", "<factory>", "Type: '", "Default: '", f"'{name}'"):
             assert wart not in out, (name, wart)
         assert f"SYNOPSIS\n    {name} <flags>" in out
-        blocks = {b.split("=", 1)[0].split("--")[-1]: b for b in re.split(r"\n(?=    -)", out.split("\nFLAGS\n")[1])}
+        blocks = {re.match(r"\s*(?:-q, )?--(\w+)", b).group(1): b
+                  for b in re.split(r"\n(?=    -)", out.split("\nFLAGS\n")[1])}
         assert REQUIRED[name] and set(REQUIRED[name]) <= set(blocks), name
         for flag, block in blocks.items():
             required = flag in REQUIRED[name]
             assert ("\n        Required\n" in block) == required, (name, flag)
             assert ("Default:" in block) != required, (name, flag)
             assert "Optional" not in block or not required, (name, flag)
+            head = block.strip().splitlines()[0]
+            if re.search(r"Default: (True|False)\n", block):  # a switch, shown as given: --echo, --noshare_prefixes
+                assert "=" not in head and (("--no" in head) == ("Default: True" in block)), (name, head)
+            else:
+                assert head == f"--{flag}={flag.upper()}", (name, head)
+        if "quiet" in blocks:
+            assert "-q, --quiet\n" in out, name
 
 
 def test_each_required_flag_is_required(capsys, ckpt, tmp_path):
