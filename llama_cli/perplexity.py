@@ -107,24 +107,12 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
       threads: CPU threads, 1 to the CPUs this process may use. Default is one per core (at most a container's
         CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
-    from . import checkpoint, distributed
+    from . import distributed
     from .generation import Llama
-    from .quant import check_flags
     from .tokenizer import find_tokenizer, load_tokenizer
 
-    if ckpt_dir is None or text_file is None:
-        raise UserError("perplexity needs --ckpt_dir (the model) and --text_file (the text to score)")
-    given = (("stride", stride),) if stride is not None else ()  # 0 is refused, not taken for the default
-    for name, value in (("ctx", ctx), ("max_batch_size", max_batch_size)) + given:
-        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "ctx" else 1):
-            raise UserError(f"--{name} must be an integer >= {2 if name == 'ctx' else 1}, got {value!r}")
-    stride = ctx if stride is None else stride
-    if stride > ctx:
-        raise UserError(f"--stride {stride} is larger than --ctx {ctx}: tokens between windows would be skipped")
-    if output not in ("text", "jsonl"):
-        raise UserError(f"--output must be text or jsonl, got {output!r}")
-    quantize, group_size = check_flags(quantize, group_size)  # before the text is read
-    checkpoint.find_checkpoint(str(ckpt_dir))  # a GGUF file, an HF folder: said first, as runs do
+    stride, quantize, group_size = _checked(ckpt_dir, text_file, ctx, stride, max_batch_size, output, quantize,
+                                            group_size)
     world_size, rank, _ = distributed.world()
     if rank == 0:
         from .cli import stdout_open
@@ -164,3 +152,24 @@ def perplexity(ckpt_dir=None, text_file=None, tokenizer_path=None, ctx=512, stri
         else:
             print(f"perplexity: {ppl:.4f}")
     return 0
+
+
+def _checked(ckpt_dir, text_file, ctx, stride, max_batch_size, output, quantize, group_size):
+    """perplexity's flags checked before anything is read: (stride, quantize, group_size) as it runs them."""
+    from . import checkpoint
+    from .quant import check_flags
+
+    if ckpt_dir is None or text_file is None:
+        raise UserError("perplexity needs --ckpt_dir (the model) and --text_file (the text to score)")
+    given = (("stride", stride),) if stride is not None else ()  # 0 is refused, not taken for the default
+    for name, value in (("ctx", ctx), ("max_batch_size", max_batch_size)) + given:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "ctx" else 1):
+            raise UserError(f"--{name} must be an integer >= {2 if name == 'ctx' else 1}, got {value!r}")
+    stride = ctx if stride is None else stride
+    if stride > ctx:
+        raise UserError(f"--stride {stride} is larger than --ctx {ctx}: tokens between windows would be skipped")
+    if output not in ("text", "jsonl"):
+        raise UserError(f"--output must be text or jsonl, got {output!r}")
+    quantize, group_size = check_flags(quantize, group_size)  # before the text is read
+    checkpoint.find_checkpoint(str(ckpt_dir))  # a GGUF file, an HF folder: said first, as runs do
+    return stride, quantize, group_size
