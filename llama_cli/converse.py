@@ -68,33 +68,18 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         CPU quota; fewer while other work keeps some cores busy), or OMP_NUM_THREADS.
     """
     from . import distributed
+    from .cli import stdout_open
     from .generation import Llama
     from .prompts import ReaderEnds
-    from .settings import Settings, resolve
     from .tokenizer import find_tokenizer
 
-    if ckpt_dir is None:
-        raise UserError("--ckpt_dir is required: the checkpoint folder to chat with")
-    if system is not None and not isinstance(system, str):
-        raise UserError("--system takes a text")
-    if system is not None:
-        check_text(system, "--system")
-    if output not in ("text", "jsonl"):
-        raise UserError(f"--output must be text or jsonl, got {output!r}")
-    from .cli import stdout_open
-    from .quant import check_flags
-
-    quantize, group_size = check_flags(quantize, group_size)
-
+    settings, quantize, group_size = _checked(ckpt_dir, system, output, quantize, group_size, max_seq_len, {
+        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+        "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty, "stop": stop or [], "max_gen_len": max_gen_len})
     rank = distributed.world()[1]
     if rank == 0:  # under torchrun rank 0 reads the messages and writes the replies; the others compute with it
         stdout_open("the replies")
-    settings = resolve(Settings(), {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-                                    "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
-                                    "frequency_penalty": frequency_penalty, "stop": stop or [],
-                                    "max_gen_len": max_gen_len})
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise UserError(f"--max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     tokenizer_path = str(tokenizer_path or find_tokenizer(str(ckpt_dir)))
     llama = Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len, 1, seed=seed, device=device, dtype=dtype,
                         chat_format=chat_format, kv_cache_dtype=kv_cache_dtype, quantize=quantize,
@@ -110,6 +95,26 @@ def chat(ckpt_dir=None, tokenizer_path=None, system=None, chat_format="auto", te
         out, err, stop = open(os.devnull, "w"), open(os.devnull, "w"), None
     lines = distributed.shared_lines(text_lines(sys.stdin) if rank == 0 else (), llama.device, stop=stop)
     return converse(llama, settings, system, lines, out, err, interactive, output)
+
+
+def _checked(ckpt_dir, system, output, quantize, group_size, max_seq_len, sampling: dict):
+    """chat's flags checked before anything loads: (the reply settings, quantize, group_size) as it runs them."""
+    from .quant import check_flags
+    from .settings import Settings, resolve
+
+    if ckpt_dir is None:
+        raise UserError("--ckpt_dir is required: the checkpoint folder to chat with")
+    if system is not None and not isinstance(system, str):
+        raise UserError("--system takes a text")
+    if system is not None:
+        check_text(system, "--system")
+    if output not in ("text", "jsonl"):
+        raise UserError(f"--output must be text or jsonl, got {output!r}")
+    quantize, group_size = check_flags(quantize, group_size)
+    settings = resolve(Settings(), sampling)
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise UserError(f"--max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    return settings, quantize, group_size
 
 
 def text_lines(stream) -> Iterable[str]:
