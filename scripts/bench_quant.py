@@ -16,7 +16,8 @@ activations), then
   --portable also without our CPU kernels (LLAMA_CLI_NATIVE=0, as where they are not built); and
   of llama.cpp (llama-cpp-python, where installed: `pip install -e .[bench]`) on the same GGUF file with
   as many threads as torch uses (tried first in a child process: where its AMX or repacked products crash, as
-  llama-cpp-python 0.3.36's AMX product did on an Intel Xeon VM, it is measured without them, and says so); --rounds rounds, the forms interleaved within each round, medians reported
+  llama-cpp-python 0.3.36's AMX product did on an Intel Xeon VM, it is measured without them, and says so);
+  --rounds rounds, the forms interleaved within each round, medians reported
   (this VM's speed drifts by tens of percent over minutes; interleaving keeps the ratios fair);
 - with --prefill N: prompt processing, the tokens/s of one prompt of N random tokens (llama-bench's pp N),
   for fp32, the Q4_1 file as it is and int8, uncompiled (what a run does), and llama.cpp's on the same file

@@ -156,7 +156,8 @@ def test_compile_ahead_for_runs_that_quantize_at_load_with_a_half_width_cache(tm
     assert "compiled the decode step" not in proc.stderr
     proc = subprocess.run(cmd + ["compile", "--ckpt_dir", str(folder), "--quantize", "int3"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and proc.stderr.strip() == "llama-cli: error: --quantize must be int8 or int4, got 'int3'"
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "llama-cli: error: --quantize must be int8 or int4, got 'int3'"
 
 
 def test_isa_probe_outcome_is_reused_only_where_it_matches(tmp_path, monkeypatch):
